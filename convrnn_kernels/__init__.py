@@ -1,0 +1,29 @@
+"""convrnn_kernels: hand-written CPU and CUDA kernels for the layers of convolutional and
+recurrent networks, registered with the PyTorch dispatcher (namespace ``convrnn``) and
+differentiable.
+
+>>> import convrnn_kernels as ck
+>>> y = ck.max_pool2d(x, 3, stride=2)          # like torch.nn.functional.max_pool2d
+>>> pool = ck.nn.MaxPool2d(3, stride=2)        # like torch.nn.MaxPool2d
+"""
+import torch
+
+from . import _C  # noqa: F401  (loading it registers the convrnn ops)
+from .ops.avg_pool2d import avg_pool2d
+from .ops.local_response_norm import local_response_norm
+from .ops.max_pool2d import max_pool2d
+from . import nn, reference  # noqa: E402
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info():
+    """What this build contains: "cuda" (CUDA kernels compiled in), "cuda_archs", "openmp",
+    "version", "torch" (the running torch), "torch_built_against", "cpu_kernels" (the CPU
+    kernel variant the loader picked on this machine)."""
+    info = dict(_C.build_info())
+    info["torch"] = torch.__version__
+    return info
+
+
+__all__ = ["max_pool2d", "avg_pool2d", "local_response_norm", "nn", "reference", "build_info"]

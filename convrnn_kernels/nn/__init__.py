@@ -1,0 +1,8 @@
+"""Drop-in torch.nn modules backed by the convrnn kernels.
+
+Each subclasses its torch.nn namesake, so the constructor signature, attributes, repr,
+state_dict and isinstance checks are torch's; only forward runs our kernels."""
+from .normalization import LocalResponseNorm
+from .pooling import AvgPool2d, MaxPool2d
+
+__all__ = ["MaxPool2d", "AvgPool2d", "LocalResponseNorm"]

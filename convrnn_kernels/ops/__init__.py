@@ -1,0 +1,1 @@
+"""One module per op: its functional wrapper, fake (meta) kernel and autograd formula."""

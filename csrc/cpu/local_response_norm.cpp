@@ -1,0 +1,221 @@
+// CPU local_response_norm forward and backward.
+//
+// Contiguous (N, C, S) input: one task per (image, block of kBlock spatial positions).  The
+// task squares its C x kBlock panel once into a float buffer, then for each channel sums the
+// window rows with loops over the contiguous positions (vectorised).  The backward keeps
+// two more panels, s^-beta and t = g x s^(-beta-1), and sums t over each channel's users.
+// channels_last (N, S, C): one task per spatial position; the loops run over the
+// contiguous channels, with the squares (and t) zero-padded so every window is a plain
+// shifted sum.  All arithmetic is in float (double for float64 input).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "local_response_norm.h"
+
+namespace convrnn {
+namespace {
+
+using at::Tensor;
+constexpr int64_t kBlock = 128;
+
+template <typename A>
+struct LrnConstA {
+  int64_t size;
+  A alpha_over_size, beta, k, grad_coef;
+  explicit LrnConstA(const LrnConst& c)
+      : size(c.size), alpha_over_size(A(c.alpha_over_size)), beta(A(c.beta)), k(A(c.k)), grad_coef(A(c.grad_coef)) {}
+};
+
+// ---- contiguous: panels of C rows x nb positions, row stride S in the tensor ----
+
+template <int MODE, typename T>
+CONVRNN_CPU_CLONES void forward_panel(const T* __restrict x, T* __restrict y, int64_t C, int64_t S, int64_t nb,
+                                      const LrnConstA<acc_t<T>>& p, acc_t<T>* __restrict sq, acc_t<T>* __restrict sum) {
+  using A = acc_t<T>;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const A v = static_cast<A>(x[c * S + b]);
+      sq[c * nb + b] = v * v;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t lo = std::max<int64_t>(0, lrn_window_first(c, p.size));
+    const int64_t hi = std::min<int64_t>(C - 1, lrn_window_last(c, p.size));
+    for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
+    for (int64_t j = lo; j <= hi; ++j) {
+      for (int64_t b = 0; b < nb; ++b) sum[b] += sq[j * nb + b];
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const A s = lrn_scale(sum[b], p.alpha_over_size, p.k);
+      y[c * S + b] = static_cast<T>(static_cast<A>(x[c * S + b]) * lrn_inv_pow<MODE>(s, p.beta));
+    }
+  }
+}
+
+template <int MODE, typename T>
+CONVRNN_CPU_CLONES void backward_panel(const T* __restrict go, const T* __restrict x, T* __restrict gi, int64_t C,
+                                       int64_t S, int64_t nb, const LrnConstA<acc_t<T>>& p, acc_t<T>* __restrict sq,
+                                       acc_t<T>* __restrict ip, acc_t<T>* __restrict t, acc_t<T>* __restrict sum) {
+  using A = acc_t<T>;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const A v = static_cast<A>(x[c * S + b]);
+      sq[c * nb + b] = v * v;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {  // ip = s^-beta, t = g x s^(-beta-1)
+    const int64_t lo = std::max<int64_t>(0, lrn_window_first(c, p.size));
+    const int64_t hi = std::min<int64_t>(C - 1, lrn_window_last(c, p.size));
+    for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
+    for (int64_t j = lo; j <= hi; ++j) {
+      for (int64_t b = 0; b < nb; ++b) sum[b] += sq[j * nb + b];
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const A s = lrn_scale(sum[b], p.alpha_over_size, p.k);
+      const A r = lrn_inv_pow<MODE>(s, p.beta);
+      ip[c * nb + b] = r;
+      t[c * nb + b] = static_cast<A>(go[c * S + b]) * static_cast<A>(x[c * S + b]) * r / s;
+    }
+  }
+  for (int64_t j = 0; j < C; ++j) {
+    const int64_t lo = std::max<int64_t>(0, lrn_users_first(j, p.size));
+    const int64_t hi = std::min<int64_t>(C - 1, lrn_users_last(j, p.size));
+    for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
+    for (int64_t c = lo; c <= hi; ++c) {
+      for (int64_t b = 0; b < nb; ++b) sum[b] += t[c * nb + b];
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const A g = static_cast<A>(go[j * S + b]), v = static_cast<A>(x[j * S + b]);
+      gi[j * S + b] = static_cast<T>(g * ip[j * nb + b] - p.grad_coef * v * sum[b]);
+    }
+  }
+}
+
+// ---- channels_last: one row of C contiguous channels; pad holds zeros around the row ----
+
+template <int MODE, typename T>
+CONVRNN_CPU_CLONES void forward_row(const T* __restrict x, T* __restrict y, int64_t C, const LrnConstA<acc_t<T>>& p,
+                                    acc_t<T>* __restrict sqp, acc_t<T>* __restrict sum) {
+  using A = acc_t<T>;
+  const int64_t before = p.size / 2;  // sqp[before + c] = x_c^2, zeros around
+  for (int64_t c = 0; c < C; ++c) {
+    const A v = static_cast<A>(x[c]);
+    sqp[before + c] = v * v;
+  }
+  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
+  for (int64_t d = 0; d < p.size; ++d) {  // win(c) = padded [c, c + size)
+    for (int64_t c = 0; c < C; ++c) sum[c] += sqp[c + d];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    y[c] = static_cast<T>(static_cast<A>(x[c]) * lrn_inv_pow<MODE>(lrn_scale(sum[c], p.alpha_over_size, p.k), p.beta));
+  }
+}
+
+template <int MODE, typename T>
+CONVRNN_CPU_CLONES void backward_row(const T* __restrict go, const T* __restrict x, T* __restrict gi, int64_t C,
+                                     const LrnConstA<acc_t<T>>& p, acc_t<T>* __restrict sqp, acc_t<T>* __restrict tp,
+                                     acc_t<T>* __restrict ip, acc_t<T>* __restrict sum) {
+  using A = acc_t<T>;
+  const int64_t before = p.size / 2, t_before = (p.size - 1) / 2;  // tp[t_before + c] = t_c
+  for (int64_t c = 0; c < C; ++c) {
+    const A v = static_cast<A>(x[c]);
+    sqp[before + c] = v * v;
+  }
+  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
+  for (int64_t d = 0; d < p.size; ++d) {
+    for (int64_t c = 0; c < C; ++c) sum[c] += sqp[c + d];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const A s = lrn_scale(sum[c], p.alpha_over_size, p.k);
+    const A r = lrn_inv_pow<MODE>(s, p.beta);
+    ip[c] = r;
+    tp[t_before + c] = static_cast<A>(go[c]) * static_cast<A>(x[c]) * r / s;
+  }
+  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
+  for (int64_t d = 0; d < p.size; ++d) {  // users(j) = padded [j, j + size)
+    for (int64_t c = 0; c < C; ++c) sum[c] += tp[c + d];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    gi[c] = static_cast<T>(static_cast<A>(go[c]) * ip[c] - p.grad_coef * static_cast<A>(x[c]) * sum[c]);
+  }
+}
+
+// Runs the forward (go == nullptr) or backward over the whole tensor.
+template <typename T>
+void run(const T* go, const T* x, T* out, const Lrn& g, const LrnConst& c) {
+  using A = acc_t<T>;
+  const LrnConstA<A> p(c);
+  with_lrn_pow(c.pow_mode, [&](auto mode_c) {
+    constexpr int MODE = decltype(mode_c)::value;
+    if (g.channels_last) {
+      const int64_t padded = g.C + p.size - 1;
+      at::parallel_for(0, g.N * g.S, std::max<int64_t>(1, 2048 / g.C), [&](int64_t begin, int64_t end) {
+        std::vector<A> sqp(padded, A(0)), tp(go ? padded : 0, A(0)), ip(go ? g.C : 0), sum(g.C);
+        for (int64_t r = begin; r < end; ++r) {
+          if (go) {
+            backward_row<MODE, T>(go + r * g.C, x + r * g.C, out + r * g.C, g.C, p, sqp.data(), tp.data(), ip.data(),
+                                  sum.data());
+          } else {
+            forward_row<MODE, T>(x + r * g.C, out + r * g.C, g.C, p, sqp.data(), sum.data());
+          }
+        }
+      });
+      return;
+    }
+    const int64_t blocks = (g.S + kBlock - 1) / kBlock;
+    at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> sq(g.C * kBlock), ip(go ? g.C * kBlock : 0), t(go ? g.C * kBlock : 0), sum(kBlock);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / blocks, b0 = (task % blocks) * kBlock, nb = std::min(kBlock, g.S - b0);
+        const int64_t off = n * g.C * g.S + b0;
+        if (go) {
+          backward_panel<MODE, T>(go + off, x + off, out + off, g.C, g.S, nb, p, sq.data(), ip.data(), t.data(),
+                                  sum.data());
+        } else {
+          forward_panel<MODE, T>(x + off, out + off, g.C, g.S, nb, p, sq.data(), sum.data());
+        }
+      }
+    });
+  });
+}
+
+at::MemoryFormat lrn_format(const Lrn& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+Tensor lrn_cpu(const Tensor& input, int64_t size, double alpha, double beta, double k) {
+  const Lrn g = lrn_geometry("local_response_norm", input, size);
+  const Tensor x = input.contiguous(lrn_format(g));
+  Tensor out = at::empty(x.sizes(), x.options().memory_format(lrn_format(g)));
+  if (out.numel() == 0) return out;
+  CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.local_response_norm", [&] {
+    run<scalar_t>(nullptr, x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, lrn_const(size, alpha, beta, k));
+  });
+  return out;
+}
+
+Tensor lrn_backward_cpu(const Tensor& grad_output, const Tensor& input, int64_t size, double alpha, double beta,
+                        double k) {
+  const Lrn g = lrn_geometry("local_response_norm_backward", input, size);
+  check_same("local_response_norm_backward", "grad_output", grad_output, "input", input);
+  check_shape("local_response_norm_backward", "grad_output", grad_output, input.sizes());
+  const Tensor x = input.contiguous(lrn_format(g));
+  const Tensor go = grad_output.contiguous(lrn_format(g));
+  Tensor gi = at::empty(x.sizes(), x.options().memory_format(lrn_format(g)));
+  if (gi.numel() == 0) return gi;
+  CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.local_response_norm_backward", [&] {
+    run<scalar_t>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), g,
+                  lrn_const(size, alpha, beta, k));
+  });
+  return gi;
+}
+
+}  // namespace
+}  // namespace convrnn
+
+TORCH_LIBRARY_IMPL(convrnn, CPU, m) {
+  m.impl("local_response_norm", &convrnn::lrn_cpu);
+  m.impl("local_response_norm_backward", &convrnn::lrn_backward_cpu);
+}

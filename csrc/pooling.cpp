@@ -1,0 +1,102 @@
+// Schemas of the pooling ops and the argument checks their CPU and CUDA wrappers share.
+#include "pooling.h"
+
+#include <torch/library.h>
+
+namespace convrnn {
+
+namespace {
+
+std::string pair_str(at::IntArrayRef v) {
+  return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
+}
+
+void check_pair(const char* op, const char* arg, at::IntArrayRef v) {
+  TORCH_CHECK(v.size() == 2, "convrnn.", op, ": ", arg, " must be an int or a pair of ints, but got ",
+              v.size(), " values");
+}
+
+}  // namespace
+
+Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                       bool ceil_mode) {
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4, "convrnn.", op,
+              ": input must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, but got shape ", input.sizes());
+  const bool batched = input.dim() == 4;
+  const int64_t off = batched ? 1 : 0;
+  TORCH_CHECK(input.size(off) > 0 && input.size(off + 1) > 0 && input.size(off + 2) > 0, "convrnn.", op,
+              ": input must have non-zero channels, height and width (only the batch may be empty), but got shape ",
+              input.sizes());
+  check_floating(op, "input", input);
+  check_pair(op, "kernel_size", kernel_size);
+  check_pair(op, "stride", stride);
+  check_pair(op, "padding", padding);
+  check_pair(op, "dilation", dilation);
+  TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, "convrnn.", op,
+              ": kernel_size must be greater than zero, but got ", pair_str(kernel_size));
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "convrnn.", op, ": stride must be greater than zero, but got ",
+              pair_str(stride));
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "convrnn.", op,
+              ": dilation must be greater than zero, but got ", pair_str(dilation));
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "convrnn.", op, ": padding must be non-negative, but got ",
+              pair_str(padding));
+  for (int i = 0; i < 2; ++i) {
+    const int64_t effective = dilation[i] * (kernel_size[i] - 1) + 1;
+    TORCH_CHECK(padding[i] <= effective / 2, "convrnn.", op,
+                ": padding must be at most half of the effective kernel size, but got padding ", pair_str(padding),
+                " for kernel_size ", pair_str(kernel_size), " and dilation ", pair_str(dilation));
+  }
+
+  Pool2d g;
+  g.batched = batched;
+  g.N = batched ? input.size(0) : 1;
+  g.C = input.size(off);
+  g.H = input.size(off + 1);
+  g.W = input.size(off + 2);
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.OH = pool_output_size(g.H, g.kh, g.sh, g.ph, g.dh, ceil_mode);
+  g.OW = pool_output_size(g.W, g.kw, g.sw, g.pw, g.dw, ceil_mode);
+  TORCH_CHECK(g.OH > 0 && g.OW > 0, "convrnn.", op, ": input of size ", g.H, "x", g.W,
+              " is too small for kernel_size ", pair_str(kernel_size), " with padding ", pair_str(padding),
+              " and dilation ", pair_str(dilation), ": the output would be ", g.OH, "x", g.OW);
+  g.format = image_format(input);
+  return g;
+}
+
+Pool2d pool2d_backward_geometry(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation, bool ceil_mode) {
+  Pool2d g = pool2d_geometry(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+  check_same(op, "grad_output", grad_output, "input", input);
+  check_shape(op, "grad_output", grad_output, g.output_sizes());
+  return g;
+}
+
+at::Tensor pool2d_empty(const Pool2d& g, std::vector<int64_t> sizes, const at::TensorOptions& opts) {
+  return at::empty(sizes, opts.memory_format(g.batched ? g.format : at::MemoryFormat::Contiguous));
+}
+
+}  // namespace convrnn
+
+TORCH_LIBRARY_FRAGMENT(convrnn, m) {
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor input, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+      "bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def(
+      "avg_pool2d_backward(Tensor grad_output, Tensor input, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+}

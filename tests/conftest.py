@@ -1,0 +1,36 @@
+"""pytest configuration: the device fixture (cuda params skip without a GPU), a fixture that
+saves and restores the torch RNG state around every test, and the
+hypothesis profile (small max_examples, no deadline, derandomised so runs are repeatable).
+
+Select another hypothesis profile with HYPOTHESIS_PROFILE=thorough (more examples)."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from helpers import DEVICES
+
+_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("convrnn", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_HEALTH, print_blob=True)
+settings.register_profile("thorough", max_examples=300, deadline=None, derandomize=False, database=None,
+                          suppress_health_check=_HEALTH, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "convrnn"))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def rng_state():
+    """Every test starts from seed 0 and leaves the global RNG state as it found it."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(0)
+    yield
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

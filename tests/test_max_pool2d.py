@@ -1,0 +1,286 @@
+"""convrnn max_pool2d (functional, dispatcher ops, module) against torch.nn.functional and the
+reference: values, indices, gradients, special values, formats, bad input, opcheck, compile."""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+from helpers import (ALL_DTYPES, BAD_DTYPES, COMPILE_BACKEND, FLOAT_DTYPES, HALF_DTYPES, MAX_CONFIGS, SPECIAL_KINDS,
+                     assert_close, assert_half_ok, assert_same_format, cfg_id, dtype_id, forward_backward, import_ck,
+                     make_input, needs_cuda, num_threads, raises_op_arg, special_input)
+
+ck = import_ck("max_pool2d", "nn", "reference")
+OPS = torch.ops.convrnn
+
+
+def _pool(f, k, s, p, d, ceil):
+    return lambda t: f(t, k, s, p, d, ceil, return_indices=True)
+
+
+def _check_against_torch(x, cfg_args, what=""):
+    """Ours vs torch (same dtype, same device) and vs the reference: values and indices exact,
+    gradients close (float32/64) or within the half-precision rule."""
+    (out, idx), gx, gout = forward_backward(_pool(ck.max_pool2d, *cfg_args), x)
+    (eout, eidx), egx, _ = forward_backward(_pool(F.max_pool2d, *cfg_args), x, gout)
+    torch.testing.assert_close(out, eout, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what} values: {m}")
+    assert idx.dtype == torch.int64 and torch.equal(idx, eidx), f"{what}: indices differ from torch's"
+    assert_same_format(out, x, what)
+    assert_same_format(gx, x, what + " grad")
+    if x.dtype in HALF_DTYPES:
+        _, gx32, _ = forward_backward(_pool(F.max_pool2d, *cfg_args), x.float(), gout.float())
+        assert_half_ok(gx, egx, gx32, what + " grad")
+    else:
+        assert_close(gx, egx, what + " grad")
+    return out, idx, gx, gout
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cfg", MAX_CONFIGS, ids=cfg_id)
+def test_matches_torch_and_reference(device, cfg, dtype, channels_last):
+    shape, *args = cfg
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last needs a 4-D input")
+    x = make_input(shape, dtype, device, channels_last=channels_last)
+    out, idx, gx, gout = _check_against_torch(x, args)
+    rout, ridx = ck.reference.max_pool2d(x, *args, return_indices=True)
+    assert torch.equal(out, rout) and torch.equal(idx, ridx)
+    assert torch.equal(ck.max_pool2d(x, *args), out)          # return_indices=False path
+    if dtype in FLOAT_DTYPES:
+        _, rgx, _ = forward_backward(lambda t: ck.reference.max_pool2d(t, *args), x, gout)
+        assert_close(gx, rgx, "grad vs reference")
+
+
+@pytest.mark.parametrize("kind", SPECIAL_KINDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("cfg", [MAX_CONFIGS[i] for i in (0, 2, 6, 7, 10)], ids=cfg_id)
+def test_ties_nan_and_inf(device, cfg, dtype, kind):
+    """Ties pick the first maximum, a NaN wins (the last one), all -inf windows give their
+    first in-image tap, as torch on the same device."""
+    shape, *args = cfg
+    for channels_last in (False, True):
+        x = special_input(kind, shape, dtype, device, seed=7)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        _check_against_torch(x, args, f"{kind} channels_last={channels_last}")
+
+
+def test_window_without_image_tap(device):
+    """k=2, dilation 3, padding 1 on H=2: the first window's taps (-1 and 2) all miss the
+    image.  Its value is -inf and no gradient flows anywhere (torch's CPU backward writes
+    into the next plane here, so this is judged against the definition, not torch)."""
+    x = torch.arange(8.0, device=device).reshape(1, 2, 2, 2).requires_grad_()
+    out = ck.max_pool2d(x, (2, 1), 1, (1, 0), (3, 1))
+    assert out.shape == (1, 2, 1, 2) and bool((out == -float("inf")).all())
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(gx, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("cfg", [((2, 3, 8, 8), 2, 2, 0), ((2, 3, 9, 7), 3, 2, 1), ((3, 8, 8), 3, 1, 1)], ids=cfg_id)
+def test_indices_work_with_max_unpool2d(device, cfg):
+    shape, k, s, p = cfg
+    x = make_input(shape, device=device, distinct=True)
+    out, idx = ck.max_pool2d(x, k, s, p, return_indices=True)
+    eout, eidx = F.max_pool2d(x, k, s, p, return_indices=True)
+    size = x.shape[-2:]
+    assert torch.equal(F.max_unpool2d(out, idx, k, s, p, output_size=size),
+                       F.max_unpool2d(eout, eidx, k, s, p, output_size=size))
+
+
+@pytest.mark.parametrize("cfg", [MAX_CONFIGS[i] for i in (2, 3, 6, 7, 8, 9)], ids=cfg_id)
+def test_gradcheck(device, cfg):
+    shape, k, s, p, d, ceil = cfg
+    shape = shape[:-2] + tuple(min(n, 7) for n in shape[-2:])  # tiny
+    shape = (1,) * (len(shape) - 3) + shape[-3:]
+    x = make_input(shape, torch.float64, device, distinct=True).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ck.max_pool2d(t, k, s, p, d, ceil), (x,), eps=1e-6, atol=1e-6)
+    xl = make_input((1, 2, 5, 6), torch.float64, device, channels_last=True, distinct=True).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ck.max_pool2d(t, 3, 2, 1), (xl,), eps=1e-6, atol=1e-6)
+
+
+@given(n=st.integers(0, 2), c=st.integers(1, 4), h=st.integers(1, 11), w=st.integers(1, 11),
+       kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       dh=st.integers(1, 3), dw=st.integers(1, 3), ceil=st.booleans(), channels_last=st.booleans(),
+       dtype=st.sampled_from(FLOAT_DTYPES), ties=st.booleans(), data=st.data())
+def test_random_shapes_and_options(device, n, c, h, w, kh, kw, sh, sw, dh, dw, ceil, channels_last, dtype,
+                                   ties, data):
+    ph, pw = data.draw(st.integers(0, kh // 2)), data.draw(st.integers(0, kw // 2))
+    args = ((kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil)
+    x = special_input("ties", (n, c, h, w), dtype, device) if ties else make_input((n, c, h, w), dtype, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        eout, eidx = F.max_pool2d(x, *args, return_indices=True)
+    except RuntimeError:  # torch rejects it (window too large): so must we
+        with pytest.raises((RuntimeError, ValueError), match="max_pool2d"):
+            ck.max_pool2d(x, *args)
+        return
+    if eidx.numel() and int(eidx.max()) >= h * w:
+        return  # a window with no tap in the image: see test_window_without_image_tap
+    _check_against_torch(x, args, f"random {args}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_backward_is_deterministic(device, channels_last):
+    x = special_input("ties", (4, 8, 24, 24), torch.float32, device, seed=11)  # overlapping windows, ties
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with num_threads(2):
+        _, g1, gout = forward_backward(lambda t: ck.max_pool2d(t, 3, 1, 1), x)
+        _, g2, _ = forward_backward(lambda t: ck.max_pool2d(t, 3, 1, 1), x, gout)
+        g3 = OPS.max_pool2d_backward(gout, x, [3, 3], [1, 1], [1, 1], [1, 1], False)
+    assert torch.equal(g1, g2) and torch.equal(g1, g3)
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced", "expanded"])
+def test_non_contiguous_input(device, view):
+    base = make_input((2, 6, 11, 10), torch.float32, device, seed=4)
+    x = {"transposed": base.transpose(2, 3),
+         "sliced": base[:, ::2, 1:, ::2],
+         "expanded": base[:1, :1].expand(2, 3, 11, 10)}[view]
+    assert not x.is_contiguous()
+    _check_against_torch(x, ((3, 2), (2, 1), (1, 1), 1, True), view)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_empty_batch(device, channels_last):
+    x = make_input((0, 3, 8, 8), torch.float32, device, channels_last=channels_last)
+    x.requires_grad_()
+    out, idx = ck.max_pool2d(x, 3, 2, 1, return_indices=True)
+    eout, eidx = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert out.shape == eout.shape and idx.shape == eidx.shape and out.dtype == x.dtype
+    (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert gx.shape == x.shape
+
+
+def test_argument_forms(device):
+    """int, 1- and 2-sequences, stride None or () all mean what they mean for F.max_pool2d."""
+    x = make_input((2, 3, 9, 8), device=device)
+    expected = F.max_pool2d(x, 3, 2, 1)
+    for k in (3, (3,), [3, 3], (3, 3)):
+        for s in (2, (2,), [2, 2]):
+            assert torch.equal(ck.max_pool2d(x, k, s, (1, 1)), expected)
+    assert torch.equal(ck.max_pool2d(x, 2), F.max_pool2d(x, 2))
+    assert torch.equal(ck.max_pool2d(x, (2, 3), None), F.max_pool2d(x, (2, 3)))
+    assert torch.equal(ck.max_pool2d(x, kernel_size=2, stride=()), F.max_pool2d(x, 2))
+    out = ck.max_pool2d(input=x, kernel_size=3, stride=2, padding=1, dilation=1, ceil_mode=True, return_indices=False)
+    assert torch.equal(out, F.max_pool2d(x, 3, 2, 1, ceil_mode=True))
+
+
+def test_dispatcher_ops(device):
+    x = make_input((2, 3, 9, 8), torch.float64, device)
+    out, idx = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True, True)
+    eout, eidx = F.max_pool2d(x, 3, 2, 1, 1, True, return_indices=True)
+    assert torch.equal(out, eout) and torch.equal(idx, eidx)
+    out2, empty = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True, False)
+    assert torch.equal(out2, eout) and empty.numel() == 0 and empty.dtype == torch.int64
+    _, egx, gout = forward_backward(lambda t: F.max_pool2d(t, 3, 2, 1, 1, True), x)
+    assert_close(OPS.max_pool2d_backward(gout, x, [3, 3], [2, 2], [1, 1], [1, 1], True), egx)
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+BAD_ARGS = [  # (input shape, kwargs, argument named in the message)
+    ((1, 1, 4, 4), dict(kernel_size=0), "kernel_size"),
+    ((1, 1, 4, 4), dict(kernel_size=(0, 2)), "kernel_size"),
+    ((1, 1, 4, 4), dict(kernel_size=(2, -1)), "kernel_size"),
+    ((1, 1, 4, 4), dict(kernel_size=2, stride=0), "stride"),
+    ((1, 1, 4, 4), dict(kernel_size=2, stride=(1, -1)), "stride"),
+    ((1, 1, 4, 4), dict(kernel_size=2, dilation=0), "dilation"),
+    ((1, 1, 4, 4), dict(kernel_size=2, dilation=(1, -2)), "dilation"),
+    ((1, 1, 4, 4), dict(kernel_size=2, padding=2), "padding"),
+    ((1, 1, 8, 8), dict(kernel_size=3, padding=(0, 3)), "padding"),
+    ((1, 1, 4, 4), dict(kernel_size=2, padding=-1), "padding"),
+    ((1, 1, 2, 2), dict(kernel_size=3), "kernel_size"),                     # window larger than the input
+    ((1, 1, 2, 6), dict(kernel_size=(2, 2), dilation=(2, 1)), "kernel_size"),  # dilated window too large
+    ((4, 4), dict(kernel_size=2), "input"),
+    ((1, 1, 1, 4, 4), dict(kernel_size=2), "input"),
+]
+
+
+@pytest.mark.parametrize("shape,kwargs,arg", BAD_ARGS, ids=[f"{a}-{i}" for i, (_, _, a) in enumerate(BAD_ARGS)])
+def test_bad_arguments(device, shape, kwargs, arg):
+    x = torch.randn(shape, device=device)
+    with raises_op_arg("max_pool2d", arg):
+        ck.max_pool2d(x, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=dtype_id)
+def test_bad_dtype(device, dtype):
+    x = torch.ones(1, 1, 4, 4, dtype=dtype, device=device)
+    with pytest.raises(TypeError, match=r"(?s)convrnn\.max_pool2d.*input"):
+        ck.max_pool2d(x, 2)
+    with pytest.raises(TypeError, match=r"(?s)convrnn\.max_pool2d.*input"):
+        OPS.max_pool2d_backward(torch.ones(1, 1, 2, 2, device=device), x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+def test_backward_bad_grad_output(device):
+    x = make_input((1, 2, 6, 6), device=device)
+    args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    with raises_op_arg("max_pool2d", "grad_output"):
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 2, device=device), x, *args)
+    with raises_op_arg("max_pool2d", "grad_output"):
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3, device=device, dtype=torch.float64), x, *args)
+
+
+@needs_cuda
+def test_backward_tensors_on_different_devices():
+    x = make_input((1, 2, 6, 6), device="cuda")
+    with raises_op_arg("max_pool2d", "grad_output"):
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3), x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+# ---- dispatcher integration: opcheck and torch.compile ------------------------------------
+
+@pytest.mark.parametrize("channels_last,return_indices", [(False, True), (True, False)])
+def test_opcheck(device, channels_last, return_indices):
+    x = make_input((2, 3, 7, 6), torch.float32, device, channels_last=channels_last, distinct=True)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    torch.library.opcheck(OPS.max_pool2d.default, (x.requires_grad_(), *args, return_indices))
+    gout = make_input((2, 3, 4, 3), torch.float32, device, channels_last=channels_last, seed=2)
+    torch.library.opcheck(OPS.max_pool2d_backward.default, (gout, x.detach(), *args))
+
+
+def test_torch_compile(device):
+    torch._dynamo.reset()
+    pool = ck.nn.MaxPool2d(3, stride=2, padding=1)
+
+    def model(t):
+        return ck.max_pool2d(pool(t) * 2, (2, 1), ceil_mode=True, return_indices=True)
+
+    compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
+    x = make_input((2, 3, 9, 8), torch.float32, device, distinct=True)
+    (out, idx), gx, gout = forward_backward(compiled, x)
+    (eout, eidx), egx, _ = forward_backward(model, x, gout)
+    assert torch.equal(out, eout) and torch.equal(idx, eidx)
+    assert_close(gx, egx, "compiled grad")
+
+
+# ---- module --------------------------------------------------------------------------------
+
+MODULE_ARGS = [((3,), {}), ((3, 2, 1), {}), ((2,), dict(stride=1, dilation=2, ceil_mode=True)),
+               (((3, 2),), dict(stride=(2, 1), padding=(1, 0), return_indices=True))]
+
+
+@pytest.mark.parametrize("args,kwargs", MODULE_ARGS)
+def test_module_matches_torch_nn(device, args, kwargs):
+    ours, theirs = ck.nn.MaxPool2d(*args, **kwargs), torch.nn.MaxPool2d(*args, **kwargs)
+    assert isinstance(ours, torch.nn.MaxPool2d)
+    assert repr(ours) == repr(theirs)
+    for name in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.state_dict() == {} and list(ours.parameters()) == []
+    x = make_input((2, 3, 9, 8), device=device)
+    got, expected = ours(x), theirs(x)
+    if isinstance(expected, tuple):
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    else:
+        assert torch.equal(got, expected)
+
+
+def test_module_signature():
+    assert inspect.signature(ck.nn.MaxPool2d) == inspect.signature(torch.nn.MaxPool2d)
+    m = ck.nn.MaxPool2d(kernel_size=2, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False)
+    assert m.stride == torch.nn.MaxPool2d(2).stride
