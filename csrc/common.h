@@ -41,12 +41,15 @@ CONVRNN_HD bool max_takes(A v, A best) {
   return v > best || v != v;
 }
 
-CONVRNN_HD int64_t div_floor(int64_t a, int64_t b) {
-  int64_t q = a / b;
+// Floor and ceiling division for signed integers (32-bit on the GPU where sizes allow).
+template <typename I>
+CONVRNN_HD I div_floor(I a, I b) {
+  I q = a / b;
   return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-CONVRNN_HD int64_t div_ceil(int64_t a, int64_t b) {
+template <typename I>
+CONVRNN_HD I div_ceil(I a, I b) {
   return -div_floor(-a, b);
 }
 

@@ -19,6 +19,13 @@ Lrn lrn_geometry(const char* op, const at::Tensor& input, int64_t size) {
   return g;
 }
 
+Lrn lrn_backward_geometry(const char* op, const at::Tensor& grad_output, const at::Tensor& input, int64_t size) {
+  const Lrn g = lrn_geometry(op, input, size);
+  check_same(op, "grad_output", grad_output, "input", input);
+  check_shape(op, "grad_output", grad_output, input.sizes());
+  return g;
+}
+
 }  // namespace convrnn
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {

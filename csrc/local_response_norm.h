@@ -76,6 +76,14 @@ struct Lrn {
   bool channels_last;
 };
 
+inline at::MemoryFormat lrn_format(const Lrn& g) {
+  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// Validates input and size for op `op` and returns the geometry.
 Lrn lrn_geometry(const char* op, const at::Tensor& input, int64_t size);
+
+// The backward's checks: lrn_geometry's, and grad_output matching input.
+Lrn lrn_backward_geometry(const char* op, const at::Tensor& grad_output, const at::Tensor& input, int64_t size);
 
 }  // namespace convrnn

@@ -81,7 +81,7 @@ Pool2d pool2d_backward_geometry(const char* op, const at::Tensor& grad_output, c
 }
 
 at::Tensor pool2d_empty(const Pool2d& g, std::vector<int64_t> sizes, const at::TensorOptions& opts) {
-  return at::empty(sizes, opts.memory_format(g.batched ? g.format : at::MemoryFormat::Contiguous));
+  return at::empty(sizes, opts.memory_format(kernel_format(g)));
 }
 
 }  // namespace convrnn

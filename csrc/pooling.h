@@ -11,7 +11,7 @@ namespace convrnn {
 // floor-or-ceil((in + 2p - d(k-1) - 1) / s) + 1, and in ceil mode the last window must start
 // inside the input or its left padding.
 CONVRNN_HD int64_t pool_output_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
-  int64_t out = div_floor(in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0), s) + 1;
+  int64_t out = div_floor<int64_t>(in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0), s) + 1;
   if (ceil_mode && (out - 1) * s >= in + p) {
     --out;
   }
@@ -24,11 +24,21 @@ struct Taps {
   int64_t lo, hi;
 };
 
-CONVRNN_HD Taps window_taps(int64_t start, int64_t in, int64_t k, int64_t d) {
-  int64_t lo = start < 0 ? div_ceil(-start, d) : 0;
-  int64_t hi = div_ceil(in - start, d);
+template <typename I>
+CONVRNN_HD Taps window_taps(I start, I in, I k, I d) {
+  I lo = start < 0 ? div_ceil<I>(-start, d) : 0;
+  I hi = div_ceil<I>(in - start, d);
   hi = hi < k ? hi : k;
   return {lo, hi < lo ? lo : hi};
+}
+
+// Output positions [lo, hi) along one dimension whose windows (extent = d(k-1) + 1)
+// contain input position i: the gather form of the backward, as torch's CUDA kernels.
+template <typename I>
+CONVRNN_HD Taps covering_outputs(I i, I p, I extent, I s, I out) {
+  const I lo = (i + p < extent) ? I(0) : (i + p - extent) / s + 1;
+  const I hi = (i + p) / s + 1;
+  return {lo, hi < out ? hi : out};
 }
 
 // Averaging window along one dimension (no dilation): torch counts the taps inside the
@@ -47,8 +57,8 @@ CONVRNN_HD int64_t avg_window_count(int64_t start, int64_t in, int64_t k, int64_
 // Output positions [lo, hi) along one dimension whose windows are entirely inside the input,
 // so their loops need no bounds checks (the CPU kernels vectorise over them).
 CONVRNN_HD Taps interior_outputs(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p, int64_t d) {
-  int64_t lo = div_ceil(p, s);
-  int64_t hi = div_floor(in - 1 + p - d * (k - 1), s) + 1;
+  int64_t lo = div_ceil<int64_t>(p, s);
+  int64_t hi = div_floor<int64_t>(in - 1 + p - d * (k - 1), s) + 1;
   lo = lo < out ? lo : out;
   hi = hi < out ? hi : out;
   return {lo, hi < lo ? lo : hi};
@@ -64,6 +74,16 @@ struct Pool2d {
     return batched ? std::vector<int64_t>{N, C, OH, OW} : std::vector<int64_t>{C, OH, OW};
   }
 };
+
+// The layout the kernels run in: the input's suggested memory format for 4-D input,
+// contiguous (C, H, W) for unbatched input.
+inline at::MemoryFormat kernel_format(const Pool2d& g) {
+  return g.batched ? g.format : at::MemoryFormat::Contiguous;
+}
+
+inline bool is_channels_last(const Pool2d& g) {
+  return kernel_format(g) == at::MemoryFormat::ChannelsLast;
+}
 
 // Validates input and arguments for pooling op `op` (messages name the op and the argument)
 // and returns the geometry.  max_pool bounds padding by half the effective (dilated) kernel,

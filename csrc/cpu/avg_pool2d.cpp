@@ -58,7 +58,7 @@ void forward_nchw(const T* x, T* y, const Pool2d& g, const AvgOpts& o) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t plane = r / g.OH, hstart = (r % g.OH) * g.sh - g.ph;
         const T* xp = x + plane * g.H * g.W;
-        const Taps th = window_taps(hstart, g.H, g.kh, 1);
+        const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, 1);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           if (ow == in.lo && in.hi > in.lo) {
             avg_row_interior<T, SW>(xp, g.W, hstart, th, in.lo * g.sw - g.pw, in.hi - in.lo, g.sw, g.kw, &sum[ow]);
@@ -66,7 +66,7 @@ void forward_nchw(const T* x, T* y, const Pool2d& g, const AvgOpts& o) {
             continue;
           }
           const int64_t wstart = ow * g.sw - g.pw;
-          sum[ow] = avg_window_sum<T, int64_t>(xp, g.W, 1, hstart, wstart, th, window_taps(wstart, g.W, g.kw, 1));
+          sum[ow] = avg_window_sum<T, int64_t>(xp, g.W, 1, hstart, wstart, th, window_taps<int64_t>(wstart, g.W, g.kw, 1));
         }
         T* yr = y + r * g.OW;
         for (int64_t ow = 0; ow < g.OW; ++ow) {
@@ -92,7 +92,7 @@ void backward_nchw(const T* go, T* gi, const Pool2d& g, const AvgOpts& o) {
         std::fill(acc, acc + HW, A(0));
         for (int64_t oh = 0; oh < g.OH; ++oh) {
           const int64_t hstart = oh * g.sh - g.ph;
-          const Taps th = window_taps(hstart, g.H, g.kh, 1);
+          const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, 1);
           const T* gr = go + (p * g.OH + oh) * g.OW;
           for (int64_t ow = 0; ow < g.OW; ++ow) {
             share[ow] = avg_grad_share(static_cast<A>(gr[ow]), divisor_at(g, o, hstart, ow * g.sw - g.pw));
@@ -104,7 +104,7 @@ void backward_nchw(const T* go, T* gi, const Pool2d& g, const AvgOpts& o) {
               continue;
             }
             const int64_t wstart = ow * g.sw - g.pw;
-            const Taps tw = window_taps(wstart, g.W, g.kw, 1);
+            const Taps tw = window_taps<int64_t>(wstart, g.W, g.kw, 1);
             for (int64_t t = th.lo; t < th.hi; ++t) {
               for (int64_t u = tw.lo; u < tw.hi; ++u) acc[(hstart + t) * g.W + wstart + u] += share[ow];
             }
@@ -139,8 +139,8 @@ void forward_channels_last(const T* x, T* y, const Pool2d& g, const AvgOpts& o) 
     std::vector<A> sum(g.C);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh - g.ph, wstart = q % g.OW * g.sw - g.pw;
-      sum_pixel_channels<T>(x + n * g.H * g.W * g.C, g.W, g.C, g.C, hstart, window_taps(hstart, g.H, g.kh, 1), wstart,
-                            window_taps(wstart, g.W, g.kw, 1), sum.data());
+      sum_pixel_channels<T>(x + n * g.H * g.W * g.C, g.W, g.C, g.C, hstart, window_taps<int64_t>(hstart, g.H, g.kh, 1), wstart,
+                            window_taps<int64_t>(wstart, g.W, g.kw, 1), sum.data());
       const A div = static_cast<A>(divisor_at(g, o, hstart, wstart));
       for (int64_t c = 0; c < g.C; ++c) y[q * g.C + c] = static_cast<T>(sum[c] / div);
     }
@@ -162,10 +162,10 @@ void backward_channels_last(const T* go, T* gi, const Pool2d& g, const AvgOpts& 
       for (int64_t pix = 0; pix < HW; ++pix) std::fill(acc + pix * astride, acc + pix * astride + nc, A(0));
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const int64_t hstart = oh * g.sh - g.ph;
-        const Taps th = window_taps(hstart, g.H, g.kh, 1);
+        const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, 1);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t wstart = ow * g.sw - g.pw;
-          const Taps tw = window_taps(wstart, g.W, g.kw, 1);
+          const Taps tw = window_taps<int64_t>(wstart, g.W, g.kw, 1);
           const int64_t div = divisor_at(g, o, hstart, wstart);
           const T* gop = go + ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
           for (int64_t c = 0; c < nc; ++c) share[c] = avg_grad_share(static_cast<A>(gop[c]), div);

@@ -181,10 +181,6 @@ void run(const T* go, const T* x, T* out, const Lrn& g, const LrnConst& c) {
   });
 }
 
-at::MemoryFormat lrn_format(const Lrn& g) {
-  return g.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 Tensor lrn_cpu(const Tensor& input, int64_t size, double alpha, double beta, double k) {
   const Lrn g = lrn_geometry("local_response_norm", input, size);
   const Tensor x = input.contiguous(lrn_format(g));
@@ -198,9 +194,7 @@ Tensor lrn_cpu(const Tensor& input, int64_t size, double alpha, double beta, dou
 
 Tensor lrn_backward_cpu(const Tensor& grad_output, const Tensor& input, int64_t size, double alpha, double beta,
                         double k) {
-  const Lrn g = lrn_geometry("local_response_norm_backward", input, size);
-  check_same("local_response_norm_backward", "grad_output", grad_output, "input", input);
-  check_shape("local_response_norm_backward", "grad_output", grad_output, input.sizes());
+  const Lrn g = lrn_backward_geometry("local_response_norm_backward", grad_output, input, size);
   const Tensor x = input.contiguous(lrn_format(g));
   const Tensor go = grad_output.contiguous(lrn_format(g));
   Tensor gi = at::empty(x.sizes(), x.options().memory_format(lrn_format(g)));

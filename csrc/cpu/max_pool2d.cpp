@@ -55,12 +55,12 @@ CONVRNN_CPU_CLONES void max_row_interior(const T* __restrict plane, int64_t W, i
 template <typename T, int SW, bool WITH_ARG>
 void max_row(const T* plane, const Pool2d& g, int64_t oh, acc_t<T>* best, int64_t* arg) {
   const int64_t hstart = oh * g.sh - g.ph;
-  const Taps th = window_taps(hstart, g.H, g.kh, g.dh);
+  const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
   const Taps in = interior_outputs(g.W, g.OW, g.kw, g.sw, g.pw, g.dw);
   auto border = [&](int64_t ow) {
     const int64_t wstart = ow * g.sw - g.pw;
     int64_t a;
-    max_window<T, int64_t>(plane, g.W, 1, hstart, wstart, th, window_taps(wstart, g.W, g.kw, g.dw), g.dh, g.dw,
+    max_window<T, int64_t>(plane, g.W, 1, hstart, wstart, th, window_taps<int64_t>(wstart, g.W, g.kw, g.dw), g.dh, g.dw,
                            best[ow], a);
     if (WITH_ARG) arg[ow] = a;
   };
@@ -161,7 +161,7 @@ void forward_channels_last(const T* x, T* y, int64_t* idx, const Pool2d& g) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / (g.OH * g.OW), oh = (q / g.OW) % g.OH, ow = q % g.OW;
       const int64_t hstart = oh * g.sh - g.ph, wstart = ow * g.sw - g.pw;
-      const Taps th = window_taps(hstart, g.H, g.kh, g.dh), tw = window_taps(wstart, g.W, g.kw, g.dw);
+      const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh), tw = window_taps<int64_t>(wstart, g.W, g.kw, g.dw);
       const T* img = x + n * g.H * g.W * g.C;
       if (idx) {
         max_pixel_channels<T, true>(img, g.W, g.C, g.C, hstart, th, g.dh, wstart, tw, g.dw, best.data(), arg.data());
@@ -191,11 +191,11 @@ void backward_channels_last(const T* go, const T* x, T* gi, const Pool2d& g) {
       const T* img = x + n * HW * g.C + c0;
       for (int64_t oh = 0; oh < g.OH; ++oh) {
         const int64_t hstart = oh * g.sh - g.ph;
-        const Taps th = window_taps(hstart, g.H, g.kh, g.dh);
+        const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t wstart = ow * g.sw - g.pw;
           max_pixel_channels<T, true>(img, g.W, g.C, nc, hstart, th, g.dh, wstart,
-                                      window_taps(wstart, g.W, g.kw, g.dw), g.dw, best.data(), arg.data());
+                                      window_taps<int64_t>(wstart, g.W, g.kw, g.dw), g.dw, best.data(), arg.data());
           const T* gop = go + ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
           for (int64_t c = 0; c < nc; ++c) acc[arg[c] * astride + c] += static_cast<A>(gop[c]);
         }

@@ -21,14 +21,6 @@ void with_col_stride(int64_t sw, F&& f) {
   }
 }
 
-inline bool is_channels_last(const Pool2d& g) {
-  return g.batched && g.format == at::MemoryFormat::ChannelsLast;
-}
-
-inline at::MemoryFormat kernel_format(const Pool2d& g) {
-  return g.batched ? g.format : at::MemoryFormat::Contiguous;
-}
-
 // channels_last backward work split: one task per (image, block of channels), so no two
 // tasks touch the same grad_input element and each task scatters in a fixed order.
 constexpr int64_t kChannelBlock = 64;

@@ -1,0 +1,40 @@
+// Launch helpers shared by the CUDA kernels: grid sizing for grid-stride loops and the
+// choice of 32- or 64-bit index arithmetic.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+
+namespace convrnn {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 16;  // grid-stride loops cover the rest
+
+inline unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks)));
+}
+
+// Calls f with a zero of the index type: int32_t when every linear index (plus one grid
+// stride, so the loop counter cannot overflow) fits, else int64_t.  32-bit division is
+// several times cheaper, and index decomposition is most of a pooling kernel's arithmetic.
+template <typename F>
+void with_index_type(int64_t max_index, F&& f) {
+  if (max_index + kMaxBlocks * kThreads < std::numeric_limits<int32_t>::max()) {
+    f(int32_t(0));
+  } else {
+    f(int64_t(0));
+  }
+}
+
+#define CONVRNN_GRID_STRIDE(index_t, i, n)                                                 \
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<index_t>(blockDim.x) * gridDim.x)
+
+}  // namespace convrnn
