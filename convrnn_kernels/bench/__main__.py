@@ -11,8 +11,8 @@ import torch
 
 from . import load_cases
 from .core import DIRECTIONS, DTYPES, FORMATS, Config, Rooflines, groups, run
-from .report import (Progress, compute_peaks, header, make_meta, render, results_table, summarize, summary_table,
-                     write_json)
+from .report import (Progress, compute_peaks, header, load_average, make_meta, render, results_table,
+                     summarize, summary_table, write_json)
 
 
 def _present_devices() -> List[str]:
@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         _list(cases, cfg)
         return 0
 
+    load = load_average()  # before the rooflines below add their own load
     # Rooflines first, on a quiet machine: the copy bandwidth of every device, and the matmul
     # peak only where some selected case declares its FLOPs.
     roof = Rooflines(args.quick)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         if any(c.flops for c in cases):
             for dt in cfg.dtypes:
                 roof.flops_gflops(torch.device(d), DTYPES[dt])
-    meta = make_meta(cfg.devices, args.quick, roof)
+    meta = make_meta(cfg.devices, args.quick, roof, load)
     print(header(meta) + ("\n" + compute_peaks(meta) if roof.compute else ""), flush=True)
 
     progress = Progress(len(list(groups(cases, cfg))), enabled=not args.no_progress)
@@ -84,9 +85,12 @@ def main(argv=None) -> int:
     summary = summarize(rows, cases)
     print("\n" + results_table(rows))
     print("\nGeomean over shapes, against the project's goals:\n" + summary_table(summary))
-    write_json(args.out, make_meta(cfg.devices, args.quick, roof), rows, summary)
+    write_json(args.out, meta, rows, summary)
     print(f"\nwrote {os.path.abspath(args.out)}")
 
+    skipped = sum(r["check"] == "SKIP" for r in rows)
+    if skipped:
+        print(f"{skipped} rows skipped: torch itself cannot run them (see the JSON's error field)")
     bad = [r for r in rows if r["check"] in ("FAIL", "ERROR")]
     if bad:
         print(f"{len(bad)} of {len(rows)} rows disagree with torch or raised (FAIL/ERROR); not timed")

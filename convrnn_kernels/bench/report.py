@@ -92,17 +92,18 @@ def device_names(devices: Sequence[str]) -> Dict[str, str]:
     return {d: cpu_name() if d == "cpu" else torch.cuda.get_device_name(torch.device(d)) for d in devices}
 
 
-def _load() -> Optional[float]:
+def load_average() -> Optional[float]:
+    """1-minute load average: other work on the CPUs makes CPU timings noisy."""
     try:
         return os.getloadavg()[0]
     except OSError:
         return None
 
 
-def make_meta(devices: Sequence[str], quick: bool, roof) -> dict:
+def make_meta(devices: Sequence[str], quick: bool, roof, load: Optional[float]) -> dict:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "torch": torch.__version__, "git_commit": git_commit(), "devices": device_names(devices),
-            "threads": torch.get_num_threads(), "quick": quick, "load_average_1min": _load(),
+            "threads": torch.get_num_threads(), "quick": quick, "load_average_1min": load,
             "roofline_gbps": {d: v["gbps"] for d, v in roof.copy.items()},
             "roofline_detail": roof.copy, "compute_peak_gflops": roof.compute,
             "bytes_formula": BYTES_FORMULA}
@@ -133,6 +134,10 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _speedup(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _ms(v) -> str:
     if v is None:
         return "-"
@@ -146,7 +151,8 @@ def render(columns, rows: List[dict]) -> str:
     """Aligned text table; columns are (title, function of a row); numbers align right."""
     cells = [[fn(r) for _, fn in columns] for r in rows]
     widths = [max([len(t)] + [len(c[i]) for c in cells]) for i, (t, _) in enumerate(columns)]
-    right = [bool(cells) and all(_NUMERIC.fullmatch(c[i]) for c in cells) for i in range(len(columns))]
+    right = [any(c[i] != "-" for c in cells) and all(_NUMERIC.fullmatch(c[i]) for c in cells)
+             for i in range(len(columns))]
 
     def line(values):
         return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
@@ -158,7 +164,7 @@ def results_table(rows: List[dict]) -> str:
                ("format", lambda r: r["format"]), ("dtype", lambda r: r["dtype"]),
                ("device", lambda r: r["device"]), ("direction", lambda r: r["direction"]),
                ("ours ms", lambda r: _ms(r["ours_ms"])), ("torch ms", lambda r: _ms(r["torch_ms"])),
-               ("speed-up", lambda r: _num(r["speedup"], ".2f") + ("x" if r["speedup"] else "")),
+               ("speed-up", lambda r: _speedup(r["speedup"])),
                ("GB/s", lambda r: _num(r["gbps"], ".1f")), ("% roofline", lambda r: _num(r["roofline_pct"], ".1f"))]
     if any(r["flops"] for r in rows):
         columns += [("GFLOP/s", lambda r: _num(r["gflops"], ".1f")),
@@ -207,7 +213,7 @@ def summary_table(summary: List[dict]) -> str:
         return "; ".join(f"{g['goal']}: {'met' if g['met'] else 'MISSED'}" for g in s["goals"]) or "-"
     columns = [(k, lambda s, k=k: s[k]) for k in GROUP_KEYS]
     columns += [("shapes ok", lambda s: f"{s['shapes_ok']}/{s['shapes']}"),
-                ("geomean speed-up", lambda s: _num(s["geomean_speedup"], ".2f") + ("x" if s["geomean_speedup"] else "")),
+                ("geomean speed-up", lambda s: _speedup(s["geomean_speedup"])),
                 ("geomean % roofline", lambda s: _num(s["geomean_roofline_pct"], ".1f")),
                 ("goal", goal_text)]
     return render(columns, summary)
