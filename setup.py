@@ -113,7 +113,7 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
     openmp = sys.platform.startswith("linux")
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: Python's own CFLAGS carry -g
     cxx += ["-fno-math-errno"]
     if openmp:
         cxx += ["-fopenmp"]

@@ -30,4 +30,12 @@ CONVRNN_HD void max_window(const T* data, index_t W, index_t cstride, index_t hs
   }
 }
 
+// Windows that tile the input exactly (stride == kernel, no padding or dilation, sizes
+// divisible): every input element lies in exactly one window, so the backward can write
+// each window whole (gradient at the argmax, zeros elsewhere) instead of zero-fill + scatter.
+inline bool tiles_exactly(const Pool2d& g) {
+  return g.kh == g.sh && g.kw == g.sw && g.ph == 0 && g.pw == 0 && g.dh == 1 && g.dw == 1 && g.H == g.OH * g.kh &&
+         g.W == g.OW * g.kw;
+}
+
 }  // namespace convrnn

@@ -41,12 +41,9 @@ Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef 
               ": dilation must be greater than zero, but got ", pair_str(dilation));
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "convrnn.", op, ": padding must be non-negative, but got ",
               pair_str(padding));
-  for (int i = 0; i < 2; ++i) {
-    const int64_t effective = dilation[i] * (kernel_size[i] - 1) + 1;
-    TORCH_CHECK(padding[i] <= effective / 2, "convrnn.", op,
-                ": padding must be at most half of the effective kernel size, but got padding ", pair_str(padding),
-                " for kernel_size ", pair_str(kernel_size), " and dilation ", pair_str(dilation));
-  }
+  TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, "convrnn.", op,
+              ": padding must be at most half of kernel_size, but got padding ", pair_str(padding), " for kernel_size ",
+              pair_str(kernel_size));
 
   Pool2d g;
   g.batched = batched;

@@ -32,6 +32,13 @@ CONVRNN_HD Taps window_taps(I start, I in, I k, I d) {
   return {lo, hi < lo ? lo : hi};
 }
 
+// A window can hold no in-image tap at all (a dilated kernel straddling a small image):
+// its max is -inf, its index points outside the image (as torch's), and it passes no
+// gradient back.
+CONVRNN_HD bool has_taps(Taps th, Taps tw) {
+  return th.hi > th.lo && tw.hi > tw.lo;
+}
+
 // Output positions [lo, hi) along one dimension whose windows (extent = d(k-1) + 1)
 // contain input position i: the gather form of the backward, as torch's CUDA kernels.
 template <typename I>
@@ -86,8 +93,7 @@ inline bool is_channels_last(const Pool2d& g) {
 }
 
 // Validates input and arguments for pooling op `op` (messages name the op and the argument)
-// and returns the geometry.  max_pool bounds padding by half the effective (dilated) kernel,
-// avg_pool by half the kernel.
+// and returns the geometry.  Padding is bounded by half the kernel, as torch does.
 Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        bool ceil_mode);

@@ -115,7 +115,7 @@ def forward_backward(fn, x, gout=None, seed=1):
 
 def half_atol(dtype, ref):
     """One ulp (machine epsilon times magnitude) of the largest |ref|, at least of 1."""
-    scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    scale = max(1.0, float(ref.detach().abs().max())) if ref.numel() else 1.0
     return torch.finfo(dtype).eps * scale
 
 
@@ -174,6 +174,10 @@ MAX_CONFIGS = [
     ((1, 1, 5, 5), 2, 2, 1, 1, True),                   # ceil mode drops the last window
     ((2, 1, 4, 4), 5, 1, 2, 1, False),                  # window larger than the input
     ((1, 3, 6, 6), 1, 1, 0, 1, False),                  # 1x1 kernel
+    ((1, 3, 5, 70), 3, 1, 1, 1, False),                 # wide rows: vectorised interior + tails
+    ((2, 2, 6, 67), (2, 3), 2, 1, (1, 2), True),        # wide, stride 2, dilation
+    ((1, 2, 4, 71), (1, 4), (1, 3), (0, 2), 1, True),   # wide, stride 3
+    ((2, 37, 5, 6), 3, 2, 1, 1, False),                 # many channels (channels_last vectors + tail)
 ]
 
 # avg pool geometry: (shape, kernel_size, stride, padding); crossed with the options below
@@ -186,6 +190,10 @@ AVG_GEOMETRIES = [
     ((3, 7, 9), (2, 4), (3, 1), (1, 2)),         # unbatched (C, H, W)
     ((1, 1, 5, 5), 2, 2, 1),                     # ceil mode drops the last window
     ((2, 1, 4, 4), 5, 2, 2),                     # window larger than the input
+    ((1, 3, 5, 70), 3, 1, 1),                    # wide rows: vectorised interior + tails
+    ((2, 2, 6, 67), (2, 3), 2, (1, 1)),          # wide, stride 2
+    ((1, 2, 4, 71), (1, 4), (1, 3), (0, 2)),     # wide, stride 3
+    ((2, 37, 5, 6), 3, 2, 1),                    # many channels (channels_last vectors + tail)
 ]
 AVG_OPTIONS = [  # (ceil_mode, count_include_pad, divisor_override)
     (False, True, None), (True, True, None), (False, False, None), (True, False, None),
@@ -202,6 +210,8 @@ LRN_CONFIGS = [
     ((2, 3, 4, 4), 7, 1.0, 1.0, 0.5),        # size larger than C
     ((2, 6, 4, 4), 4, 2.0, 0.75, 1.0),       # strong normalisation, even size
     ((3, 10, 2, 3), 6, 0.05, 1.5, 3.0),      # beta > 1
+    ((2, 37, 3, 5), 5, 1e-2, 0.75, 1.0),     # many channels
+    ((1, 4, 3, 70), 3, 0.2, 0.75, 1.0),      # wide rows
 ]
 
 
@@ -235,3 +245,17 @@ def special_input(kind, shape, dtype=torch.float32, device="cpu", seed=0):
 
 
 SPECIAL_KINDS = ["ties", "nan", "nan_ties", "inf", "neg_inf", "all_neg_inf"]
+
+
+def grad_output_variants(out):
+    """grad_outputs in the layouts autograd hands to a backward: expanded from a sum (all
+    strides 0), the other memory format, transposed, and broadcast over the batch."""
+    g = grad_output_like(out, seed=3)
+    other = torch.contiguous_format if g.dim() == 4 and g.is_contiguous(memory_format=torch.channels_last) \
+        and not g.is_contiguous() else (torch.channels_last if g.dim() == 4 else torch.contiguous_format)
+    return {
+        "sum": torch.ones((), dtype=out.dtype, device=out.device).expand(out.shape),
+        "other_format": g.contiguous(memory_format=other),
+        "transposed": g.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "batch_broadcast": g[:1].expand(out.shape),
+    }

@@ -9,8 +9,8 @@ from hypothesis import given, strategies as st
 
 from helpers import (ALL_DTYPES, AVG_GEOMETRIES, AVG_OPTIONS, BAD_DTYPES, COMPILE_BACKEND, FLOAT_DTYPES,
                      HALF_DTYPES, assert_close, assert_half_ok, assert_same_format, cfg_id, dtype_id,
-                     forward_backward, import_ck, make_input, needs_cuda, num_threads, raises_op_arg,
-                     special_input)
+                     forward_backward, grad_output_variants, import_ck, make_input, needs_cuda, num_threads,
+                     raises_op_arg, special_input)
 
 ck = import_ck("avg_pool2d", "nn", "reference")
 OPS = torch.ops.convrnn
@@ -82,7 +82,7 @@ def test_gradcheck(device, opts):
 @given(n=st.integers(0, 2), c=st.integers(1, 4), h=st.integers(1, 11), w=st.integers(1, 11),
        kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
        ceil=st.booleans(), cip=st.booleans(), div=st.sampled_from([None, None, 1, 3, -4]),
-       channels_last=st.booleans(), dtype=st.sampled_from(FLOAT_DTYPES), data=st.data())
+       channels_last=st.booleans(), dtype=st.sampled_from(ALL_DTYPES), data=st.data())
 def test_random_shapes_and_options(device, n, c, h, w, kh, kw, sh, sw, ceil, cip, div, channels_last, dtype,
                                    data):
     ph, pw = data.draw(st.integers(0, kh // 2)), data.draw(st.integers(0, kw // 2))
@@ -119,6 +119,16 @@ def test_non_contiguous_input(device, view):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_non_contiguous_grad_output(device, channels_last):
+    x = make_input((2, 5, 9, 8), torch.float32, device, channels_last=channels_last).requires_grad_()
+    out, eout = ck.avg_pool2d(x, 3, 2, 1, True, False), F.avg_pool2d(x, 3, 2, 1, True, False)
+    for name, gout in grad_output_variants(out).items():
+        (gx,) = torch.autograd.grad(out, x, gout, retain_graph=True)
+        (egx,) = torch.autograd.grad(eout, x, gout, retain_graph=True)
+        assert_close(gx, egx, name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_empty_batch(device, channels_last):
     x = make_input((0, 3, 8, 8), torch.float32, device, channels_last=channels_last).requires_grad_()
     out = ck.avg_pool2d(x, 3, 2, 1)
@@ -145,7 +155,8 @@ def test_dispatcher_ops(device):
     x = make_input((2, 3, 9, 8), torch.float64, device)
     args = ([3, 3], [2, 2], [1, 1], True, False, None)
     assert_close(OPS.avg_pool2d(x, *args), F.avg_pool2d(x, 3, 2, 1, True, False))
-    assert_close(OPS.avg_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, 4), F.avg_pool2d(x, 3, 2, 1, divisor_override=4))
+    assert_close(OPS.avg_pool2d(x, [3, 3], [2, 2], [1, 1], False, True, 4),
+                 F.avg_pool2d(x, 3, 2, 1, divisor_override=4))
     _, egx, gout = forward_backward(lambda t: F.avg_pool2d(t, 3, 2, 1, True, False), x)
     assert_close(OPS.avg_pool2d_backward(gout, x, *args), egx)
 

@@ -98,25 +98,56 @@ void forward_nchw(const T* x, T* y, int64_t* idx, const Pool2d& g) {
   });
 }
 
+// Tiled windows (tiles_exactly): output row oh writes its kh input rows whole.
+template <typename T, int SW>
+CONVRNN_CPU_CLONES void tiled_row_backward(const T* __restrict go, const int64_t* __restrict arg, T* __restrict gi,
+                                           int64_t W, int64_t oh, int64_t OW, int64_t kh, int64_t sw_runtime) {
+  const int64_t sw = SW > 0 ? SW : sw_runtime;  // == kw
+  for (int64_t t = 0; t < kh; ++t) {
+    for (int64_t u = 0; u < sw; ++u) {
+      const int64_t base = (oh * kh + t) * W + u;
+      T* __restrict dst = gi + base;
+      for (int64_t i = 0; i < OW; ++i) dst[i * sw] = arg[i] == base + i * sw ? go[i] : static_cast<T>(0);
+    }
+  }
+}
+
 template <typename T>
 void backward_nchw(const T* go, const T* x, T* gi, const Pool2d& g) {
   using A = acc_t<T>;
-  const int64_t planes = g.N * g.C, HW = g.H * g.W;
+  constexpr bool direct = std::is_same<T, A>::value;
+  const int64_t HW = g.H * g.W;
+  const bool tiled = tiles_exactly(g);
+  std::vector<char> col_has_tap(g.OW);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const Taps tw = window_taps<int64_t>(ow * g.sw - g.pw, g.W, g.kw, g.dw);
+    col_has_tap[ow] = tw.hi > tw.lo;
+  }
   with_col_stride(g.sw, [&](auto sw_c) {
     constexpr int SW = decltype(sw_c)::value;
-    at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> best(g.OW);
+    at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> best(g.OW), local(direct || tiled ? 0 : HW);
       std::vector<int64_t> arg(g.OW);
-      std::vector<A> local(std::is_same<T, A>::value ? 0 : HW);
       for (int64_t p = begin; p < end; ++p) {
-        A* acc = std::is_same<T, A>::value ? reinterpret_cast<A*>(gi + p * HW) : local.data();
-        std::fill(acc, acc + HW, A(0));
         const T* gop = go + p * g.OH * g.OW;
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          max_row<T, SW, true>(x + p * HW, g, oh, best.data(), arg.data());
-          for (int64_t ow = 0; ow < g.OW; ++ow) acc[arg[ow]] += static_cast<A>(gop[oh * g.OW + ow]);
+        if (tiled) {
+          for (int64_t oh = 0; oh < g.OH; ++oh) {
+            max_row<T, SW, true>(x + p * HW, g, oh, best.data(), arg.data());
+            tiled_row_backward<T, SW>(gop + oh * g.OW, arg.data(), gi + p * HW, g.W, oh, g.OW, g.kh, g.sw);
+          }
+          continue;
         }
-        if (!std::is_same<T, A>::value) {
+        A* acc = direct ? reinterpret_cast<A*>(gi + p * HW) : local.data();
+        std::fill(acc, acc + HW, A(0));
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const Taps th = window_taps<int64_t>(oh * g.sh - g.ph, g.H, g.kh, g.dh);
+          if (th.hi <= th.lo) continue;  // no in-image tap: no gradient (see has_taps)
+          max_row<T, SW, true>(x + p * HW, g, oh, best.data(), arg.data());
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            if (col_has_tap[ow]) acc[arg[ow]] += static_cast<A>(gop[oh * g.OW + ow]);
+          }
+        }
+        if (!direct) {
           for (int64_t i = 0; i < HW; ++i) gi[p * HW + i] = static_cast<T>(acc[i]);
         }
       }
@@ -194,8 +225,9 @@ void backward_channels_last(const T* go, const T* x, T* gi, const Pool2d& g) {
         const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t wstart = ow * g.sw - g.pw;
-          max_pixel_channels<T, true>(img, g.W, g.C, nc, hstart, th, g.dh, wstart,
-                                      window_taps<int64_t>(wstart, g.W, g.kw, g.dw), g.dw, best.data(), arg.data());
+          const Taps tw = window_taps<int64_t>(wstart, g.W, g.kw, g.dw);
+          if (!has_taps(th, tw)) continue;
+          max_pixel_channels<T, true>(img, g.W, g.C, nc, hstart, th, g.dh, wstart, tw, g.dw, best.data(), arg.data());
           const T* gop = go + ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
           for (int64_t c = 0; c < nc; ++c) acc[arg[c] * astride + c] += static_cast<A>(gop[c]);
         }

@@ -7,7 +7,8 @@
 //  - windows that tile the input exactly (stride == kernel, no padding or dilation, sizes
 //    divisible): one thread per output writes its whole window, the gradient at the argmax
 //    and zeros elsewhere; one pass, no memset.
-//  - otherwise: an argmax kernel writes each output's argmax to a scratch buffer, then a
+//  - otherwise: an argmax kernel writes each output's argmax (-1 for a window with no
+//    in-image tap) to a scratch buffer, then a
 //    gather kernel gives each input element the sum of grad_output over the outputs whose
 //    argmax it is, visiting them in a fixed order (torch's CUDA scheme).
 #include <torch/library.h>
@@ -68,8 +69,12 @@ __global__ void argmax_kernel(const T* __restrict__ x, index_t* __restrict__ arg
                               index_t total) {
   CONVRNN_GRID_STRIDE(index_t, e, total) {
     acc_t<T> best;
+    index_t arg;
     Pos<index_t> p;
-    window_of<CL>(x, d, e, best, argmax[e], p);
+    window_of<CL>(x, d, e, best, arg, p);
+    const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
+    const bool taps = has_taps(window_taps<index_t>(hstart, d.H, d.kh, d.dh), window_taps<index_t>(wstart, d.W, d.kw, d.dw));
+    argmax[e] = taps ? arg : index_t(-1);  // -1 matches no input element: no gradient
   }
 }
 
@@ -90,11 +95,6 @@ __global__ void gather_kernel(const T* __restrict__ go, const index_t* __restric
     }
     gi[i] = static_cast<T>(sum);
   }
-}
-
-bool tiles_exactly(const Pool2d& g) {
-  return g.kh == g.sh && g.kw == g.sw && g.ph == 0 && g.pw == 0 && g.dh == 1 && g.dw == 1 && g.H == g.OH * g.kh &&
-         g.W == g.OW * g.kw;
 }
 
 std::tuple<Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
