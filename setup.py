@@ -114,7 +114,7 @@ def _extensions():
 
     openmp = sys.platform.startswith("linux")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: Python's own CFLAGS carry -g
-    cxx += ["-fno-math-errno"]
+    cxx += ["-fno-math-errno", "--param", "vect-partial-vector-usage=1"]
     if openmp:
         cxx += ["-fopenmp"]
     nvcc = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]

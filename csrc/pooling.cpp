@@ -1,4 +1,5 @@
 // Schemas of the pooling ops and the argument checks their CPU and CUDA wrappers share.
+#include "max_pool2d.h"
 #include "pooling.h"
 
 #include <torch/library.h>
@@ -77,6 +78,21 @@ Pool2d pool2d_backward_geometry(const char* op, const at::Tensor& grad_output, c
   return g;
 }
 
+void check_argmax(const char* op, const at::Tensor& argmax, const at::Tensor& grad_output, const Pool2d& g) {
+  const auto dtype = argmax_dtype(g);
+  TORCH_CHECK(argmax.sizes() == grad_output.sizes(), "convrnn.", op,
+              ": argmax must be the forward's saved argmax (max_pool2d with save_argmax=True), of shape ",
+              grad_output.sizes(), ", but got shape ", argmax.sizes());
+  TORCH_CHECK_TYPE(argmax.scalar_type() == dtype, "convrnn.", op, ": argmax must have dtype ", dtype, ", but got ",
+                   argmax.scalar_type());
+  TORCH_CHECK(argmax.device() == grad_output.device(), "convrnn.", op, ": argmax is on ", argmax.device(),
+              " but grad_output is on ", grad_output.device(), "; expected all tensors on one device");
+}
+
+at::Tensor empty_argmax(const Pool2d& g, const at::TensorOptions& opts, bool wanted) {
+  return wanted ? pool2d_empty(g, g.output_sizes(), opts.dtype(argmax_dtype(g))) : at::empty({0}, opts.dtype(argmax_dtype(g)));
+}
+
 at::Tensor pool2d_empty(const Pool2d& g, std::vector<int64_t> sizes, const at::TensorOptions& opts) {
   return at::empty(sizes, opts.memory_format(kernel_format(g)));
 }
@@ -84,11 +100,14 @@ at::Tensor pool2d_empty(const Pool2d& g, std::vector<int64_t> sizes, const at::T
 }  // namespace convrnn
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {
+  // Returns (output, indices, argmax): indices (int64, torch's) only when return_indices,
+  // argmax (the window-local tap numbers the backward reads) only when save_argmax; each is
+  // an empty tensor otherwise.
   m.def(
       "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
-      "bool ceil_mode, bool return_indices) -> (Tensor, Tensor)");
+      "bool ceil_mode, bool return_indices, bool save_argmax) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "max_pool2d_backward(Tensor grad_output, Tensor input, int[2] kernel_size, int[2] stride, "
+      "max_pool2d_backward(Tensor grad_output, Tensor input, Tensor argmax, int[2] kernel_size, int[2] stride, "
       "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   m.def(
       "avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "

@@ -26,8 +26,14 @@ struct Taps {
 
 template <typename I>
 CONVRNN_HD Taps window_taps(I start, I in, I k, I d) {
-  I lo = start < 0 ? div_ceil<I>(-start, d) : 0;
-  I hi = div_ceil<I>(in - start, d);
+  I lo, hi;
+  if (d == 1) {  // no divisions: the common case, and per pixel in channels_last kernels
+    lo = start < 0 ? -start : 0;
+    hi = in - start;
+  } else {
+    lo = start < 0 ? div_ceil<I>(-start, d) : 0;
+    hi = div_ceil<I>(in - start, d);
+  }
   hi = hi < k ? hi : k;
   return {lo, hi < lo ? lo : hi};
 }

@@ -159,7 +159,8 @@ def test_backward_is_deterministic(device, channels_last):
     with num_threads(2):
         _, g1, gout = forward_backward(lambda t: ck.max_pool2d(t, 3, 1, 1), x)
         _, g2, _ = forward_backward(lambda t: ck.max_pool2d(t, 3, 1, 1), x, gout)
-        g3 = OPS.max_pool2d_backward(gout, x, [3, 3], [1, 1], [1, 1], [1, 1], False)
+        args = ([3, 3], [1, 1], [1, 1], [1, 1], False)
+        g3 = OPS.max_pool2d_backward(gout, x, saved_argmax(x, args), *args)
     assert torch.equal(g1, g2) and torch.equal(g1, g3)
 
 
@@ -210,13 +211,22 @@ def test_argument_forms(device):
 
 def test_dispatcher_ops(device):
     x = make_input((2, 3, 9, 8), torch.float64, device)
-    out, idx = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True, True)
+    args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
+    out, idx, argmax = OPS.max_pool2d(x, *args, True, True)
     eout, eidx = F.max_pool2d(x, 3, 2, 1, 1, True, return_indices=True)
     assert torch.equal(out, eout) and torch.equal(idx, eidx)
-    out2, empty = OPS.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True, False)
-    assert torch.equal(out2, eout) and empty.numel() == 0 and empty.dtype == torch.int64
+    assert argmax.dtype == torch.uint8 and argmax.shape == out.shape
+    out2, empty, empty2 = OPS.max_pool2d(x, *args, False, False)
+    assert torch.equal(out2, eout) and empty.numel() == 0 and empty.dtype == torch.int64 and empty2.numel() == 0
     _, egx, gout = forward_backward(lambda t: F.max_pool2d(t, 3, 2, 1, 1, True), x)
-    assert_close(OPS.max_pool2d_backward(gout, x, [3, 3], [2, 2], [1, 1], [1, 1], True), egx)
+    assert_close(OPS.max_pool2d_backward(gout, x, argmax, *args), egx)
+    with raises_op_arg("max_pool2d_backward", "argmax"):  # the forward did not save it
+        OPS.max_pool2d_backward(gout, x, empty2, *args)
+
+
+def saved_argmax(x, args):
+    """The argmax the forward saves for the backward (max_pool2d with save_argmax=True)."""
+    return OPS.max_pool2d(x.detach(), *args, False, True)[2]
 
 
 # ---- bad input -------------------------------------------------------------------------
@@ -253,23 +263,28 @@ def test_bad_dtype(device, dtype):
     with pytest.raises(TypeError, match=r"(?s)convrnn\.max_pool2d.*input"):
         ck.max_pool2d(x, 2)
     with pytest.raises(TypeError, match=r"(?s)convrnn\.max_pool2d.*input"):
-        OPS.max_pool2d_backward(torch.ones(1, 1, 2, 2, device=device), x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        OPS.max_pool2d_backward(torch.ones(1, 1, 2, 2, device=device), x, torch.zeros(1, 1, 2, 2, dtype=torch.uint8),
+                                [2, 2], [2, 2], [0, 0], [1, 1], False)
 
 
 def test_backward_bad_grad_output(device):
     x = make_input((1, 2, 6, 6), device=device)
     args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    argmax = saved_argmax(x, args)
     with raises_op_arg("max_pool2d", "grad_output"):
-        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 2, device=device), x, *args)
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 2, device=device), x, argmax, *args)
     with raises_op_arg("max_pool2d", "grad_output"):
-        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3, device=device, dtype=torch.float64), x, *args)
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3, device=device, dtype=torch.float64), x, argmax, *args)
+    with raises_op_arg("max_pool2d", "argmax"):
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3, device=device), x, argmax.int(), *args)
 
 
 @needs_cuda
 def test_backward_tensors_on_different_devices():
     x = make_input((1, 2, 6, 6), device="cuda")
     with raises_op_arg("max_pool2d", "grad_output"):
-        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3), x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+        args = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+        OPS.max_pool2d_backward(torch.ones(1, 2, 3, 3), x, saved_argmax(x, args), *args)
 
 
 # ---- dispatcher integration: opcheck and torch.compile ------------------------------------
@@ -278,10 +293,10 @@ def test_backward_tensors_on_different_devices():
 def test_opcheck(device, channels_last, return_indices):
     x = make_input((2, 3, 7, 6), torch.float32, device, channels_last=channels_last, distinct=True)
     args = ([3, 3], [2, 2], [1, 1], [1, 1], True)
-    torch.library.opcheck(OPS.max_pool2d.default, (x.requires_grad_(), *args, return_indices))
-    out, _ = OPS.max_pool2d(x.detach(), *args, False)
+    torch.library.opcheck(OPS.max_pool2d.default, (x.requires_grad_(), *args, return_indices, True))
+    out, _, argmax = OPS.max_pool2d(x.detach(), *args, False, True)
     gout = make_input(tuple(out.shape), torch.float32, device, channels_last=channels_last, seed=2)
-    torch.library.opcheck(OPS.max_pool2d_backward.default, (gout, x.detach(), *args))
+    torch.library.opcheck(OPS.max_pool2d_backward.default, (gout, x.detach(), argmax, *args))
 
 
 def test_torch_compile(device):

@@ -1,18 +1,20 @@
 // CPU max_pool2d forward and backward.
 //
-// NCHW: the forward is one task per output row (plane, oh).  Outputs whose windows lie
-// inside the image ("interior", most of them) run max_row_interior: a branch-free loop over
-// ow that the compiler vectorises, templated on the column stride so that stride-2 loads
-// become shuffles rather than gathers.  The few border outputs use the scalar window scan
-// that the CUDA kernel also runs (max_window).
-// channels_last: one task per output pixel; the loops run over the contiguous channels.
-// Backward saves nothing but the input: it recomputes each window's argmax with the same
-// functions and adds grad_output there, in a fixed serial order per plane (NCHW) or per
-// (image, channel block) (channels_last), so it is deterministic without atomics.
+// NCHW forward: one task per output row (plane, oh).  Outputs whose windows lie inside the
+// image ("interior", most of them) run max_row_interior: a branch-free loop over ow that the
+// compiler vectorises, templated on the column stride so that stride-2 loads become shuffles
+// rather than gathers.  The few border outputs use the scalar window scan that the CUDA
+// kernel also runs (max_window).
+// channels_last forward: one task per output pixel; the loops run over contiguous channels.
+// When autograd needs it, the forward saves each window's argmax as a tap number (one byte,
+// see max_pool2d.h).  The backward reads those instead of the input:
+//  - windows that tile the input (tiles_exactly) write each window whole, the gradient at
+//    the argmax and zeros elsewhere, in parallel over rows / pixels: no zero fill, no scatter;
+//  - otherwise grad_input is zeroed and the gradients scattered in a fixed serial order per
+//    plane (NCHW) or per (image, channel block) (channels_last): deterministic, no atomics.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "cpu/pool_loops.h"
@@ -23,214 +25,278 @@ namespace {
 
 using at::Tensor;
 
-// Output columns [0, n) of one row, all taps inside the image: best[i] / arg[i] become the
-// max / argmax over the window starting at row `hstart`, column c0 + i*sw.  Taps are
+// Output columns [0, n) of one row, every tap inside the image: best[i] / tap[i] become the
+// max / tap-number argmax of the window starting at row hstart, column c0 + i*sw.  Taps are
 // visited in row-major order and combined with max_takes, so the result equals max_window.
-template <typename T, int SW, bool WITH_ARG>
+template <typename T, int SW, bool WITH_TAP>
 CONVRNN_CPU_CLONES void max_row_interior(const T* __restrict plane, int64_t W, int64_t hstart, Taps th, int64_t dh,
                                          int64_t c0, int64_t n, int64_t sw_runtime, int64_t kw, int64_t dw,
-                                         acc_t<T>* __restrict best, int64_t* __restrict arg) {
+                                         acc_t<T>* __restrict best, int32_t* __restrict tap) {
   using A = acc_t<T>;
   const int64_t sw = SW > 0 ? SW : sw_runtime;
-  const int64_t first = (hstart + th.lo * dh) * W + c0;
   for (int64_t i = 0; i < n; ++i) {
     best[i] = -static_cast<A>(INFINITY);
-    if (WITH_ARG) arg[i] = first + i * sw;
+    if (WITH_TAP) tap[i] = static_cast<int32_t>(th.lo * kw);
   }
   for (int64_t t = th.lo; t < th.hi; ++t) {
     for (int64_t u = 0; u < kw; ++u) {
-      const int64_t base = (hstart + t * dh) * W + c0 + u * dw;
-      const T* __restrict src = plane + base;
+      const T* __restrict src = plane + (hstart + t * dh) * W + c0 + u * dw;
+      const int32_t id = static_cast<int32_t>(t * kw + u);
       for (int64_t i = 0; i < n; ++i) {
         const A v = static_cast<A>(src[i * sw]);
         const bool take = v > best[i] || v != v;
         best[i] = take ? v : best[i];
-        if (WITH_ARG) arg[i] = take ? base + i * sw : arg[i];
+        if (WITH_TAP) tap[i] = take ? id : tap[i];
       }
     }
   }
 }
 
-// Max (and argmax) over every output column of output row oh of one plane.
-template <typename T, int SW, bool WITH_ARG>
-void max_row(const T* plane, const Pool2d& g, int64_t oh, acc_t<T>* best, int64_t* arg) {
+// Max (and tap) over every output column of output row oh of one plane.
+template <typename T, int SW, bool WITH_TAP>
+void max_row(const T* plane, const Pool2d& g, int64_t oh, acc_t<T>* best, int32_t* tap) {
   const int64_t hstart = oh * g.sh - g.ph;
   const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
   const Taps in = interior_outputs(g.W, g.OW, g.kw, g.sw, g.pw, g.dw);
   auto border = [&](int64_t ow) {
     const int64_t wstart = ow * g.sw - g.pw;
-    int64_t a;
-    max_window<T, int64_t>(plane, g.W, 1, hstart, wstart, th, window_taps<int64_t>(wstart, g.W, g.kw, g.dw), g.dh, g.dw,
-                           best[ow], a);
-    if (WITH_ARG) arg[ow] = a;
+    int64_t t;
+    max_window<T, int64_t>(plane, g.W, 1, hstart, wstart, th, window_taps<int64_t>(wstart, g.W, g.kw, g.dw), g.kw,
+                           g.dh, g.dw, best[ow], t);
+    if (WITH_TAP) tap[ow] = static_cast<int32_t>(t);
   };
   for (int64_t ow = 0; ow < in.lo; ++ow) border(ow);
   if (in.hi > in.lo) {
-    max_row_interior<T, SW, WITH_ARG>(plane, g.W, hstart, th, g.dh, in.lo * g.sw - g.pw, in.hi - in.lo, g.sw, g.kw,
-                                      g.dw, best + in.lo, WITH_ARG ? arg + in.lo : nullptr);
+    max_row_interior<T, SW, WITH_TAP>(plane, g.W, hstart, th, g.dh, in.lo * g.sw - g.pw, in.hi - in.lo, g.sw, g.kw,
+                                      g.dw, best + in.lo, WITH_TAP ? tap + in.lo : nullptr);
   }
   for (int64_t ow = in.hi; ow < g.OW; ++ow) border(ow);
 }
 
-template <typename T>
-void forward_nchw(const T* x, T* y, int64_t* idx, const Pool2d& g) {
+// Which output columns have at least one in-image tap (the same for every row).
+std::vector<char> columns_with_taps(const Pool2d& g) {
+  std::vector<char> has(g.OW);
+  for (int64_t ow = 0; ow < g.OW; ++ow) {
+    const Taps tw = window_taps<int64_t>(ow * g.sw - g.pw, g.W, g.kw, g.dw);
+    has[ow] = tw.hi > tw.lo;
+  }
+  return has;
+}
+
+template <typename T, typename tap_t>
+void forward_nchw(const T* x, T* y, int64_t* idx, tap_t* taps, const Pool2d& g) {
   using A = acc_t<T>;
-  const int64_t rows = g.N * g.C * g.OH;
+  const bool with_tap = idx != nullptr || taps != nullptr;
+  const std::vector<char> col_ok = columns_with_taps(g);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.OW * g.kh * g.kw));
   with_col_stride(g.sw, [&](auto sw_c) {
     constexpr int SW = decltype(sw_c)::value;
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.C * g.OH, grain, [&](int64_t begin, int64_t end) {
       std::vector<A> best(g.OW);
-      std::vector<int64_t> arg(idx ? g.OW : 0);
+      std::vector<int32_t> tap(with_tap ? g.OW : 0);
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t plane = r / g.OH, oh = r % g.OH;
+        const int64_t plane = r / g.OH, oh = r % g.OH, hstart = oh * g.sh - g.ph;
         const T* xp = x + plane * g.H * g.W;
-        if (idx) {
-          max_row<T, SW, true>(xp, g, oh, best.data(), arg.data());
-          std::copy(arg.begin(), arg.end(), idx + r * g.OW);
+        if (with_tap) {
+          max_row<T, SW, true>(xp, g, oh, best.data(), tap.data());
         } else {
           max_row<T, SW, false>(xp, g, oh, best.data(), nullptr);
         }
-        T* yr = y + r * g.OW;
-        for (int64_t i = 0; i < g.OW; ++i) yr[i] = static_cast<T>(best[i]);
+        for (int64_t i = 0; i < g.OW; ++i) y[r * g.OW + i] = static_cast<T>(best[i]);
+        if (taps != nullptr) {
+          const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
+          const bool row_ok = th.hi > th.lo;
+          for (int64_t i = 0; i < g.OW; ++i) {
+            taps[r * g.OW + i] = row_ok && col_ok[i] ? static_cast<tap_t>(tap[i]) : no_tap<tap_t>();
+          }
+        }
+        if (idx != nullptr) {
+          for (int64_t i = 0; i < g.OW; ++i) {
+            idx[r * g.OW + i] = tap_index<int64_t>(tap[i], hstart, i * g.sw - g.pw, g.kw, g.dh, g.dw, g.W);
+          }
+        }
       }
     });
   });
 }
 
-// Tiled windows (tiles_exactly): output row oh writes its kh input rows whole.
-template <typename T, int SW>
-CONVRNN_CPU_CLONES void tiled_row_backward(const T* __restrict go, const int64_t* __restrict arg, T* __restrict gi,
-                                           int64_t W, int64_t oh, int64_t OW, int64_t kh, int64_t sw_runtime) {
-  const int64_t sw = SW > 0 ? SW : sw_runtime;  // == kw
+// Tiled windows: output row oh writes its kh input rows whole.  Each iteration stores all
+// kw columns of one window, so for kw = 2 the stores interleave into full vectors.
+template <typename T, int KW, typename tap_t>
+CONVRNN_CPU_CLONES void tiled_row_backward(const T* __restrict go, const tap_t* __restrict taps, T* __restrict gi,
+                                           int64_t W, int64_t oh, int64_t OW, int64_t kh, int64_t kw_runtime) {
+  const int64_t kw = KW > 0 ? KW : kw_runtime;
   for (int64_t t = 0; t < kh; ++t) {
-    for (int64_t u = 0; u < sw; ++u) {
-      const int64_t base = (oh * kh + t) * W + u;
-      T* __restrict dst = gi + base;
-      for (int64_t i = 0; i < OW; ++i) dst[i * sw] = arg[i] == base + i * sw ? go[i] : static_cast<T>(0);
+    T* __restrict dst = gi + (oh * kh + t) * W;
+    const int32_t id0 = static_cast<int32_t>(t * kw);
+    for (int64_t i = 0; i < OW; ++i) {  // 32-bit tap arithmetic: 16 lanes, like the floats
+      const T g = go[i];
+      const int32_t rel = static_cast<int32_t>(taps[i]) - id0;
+      for (int32_t u = 0; u < static_cast<int32_t>(kw); ++u) dst[i * kw + u] = rel == u ? g : static_cast<T>(0);
     }
   }
 }
 
-template <typename T>
-void backward_nchw(const T* go, const T* x, T* gi, const Pool2d& g) {
+// Tiled windows, channels_last: output pixel (n, oh, ow) writes its window, all channels.
+template <typename T, typename tap_t>
+CONVRNN_CPU_CLONES void tiled_pixel_backward(const T* __restrict go, const tap_t* __restrict taps, T* __restrict img,
+                                             int64_t W, int64_t C, int64_t oh, int64_t ow, int64_t kh, int64_t kw) {
+  for (int64_t t = 0; t < kh; ++t) {
+    for (int64_t u = 0; u < kw; ++u) {
+      T* __restrict dst = img + ((oh * kh + t) * W + ow * kw + u) * C;
+      const tap_t id = static_cast<tap_t>(t * kw + u);
+      for (int64_t c = 0; c < C; ++c) {
+        const T g = go[c];
+        dst[c] = taps[c] == id ? g : static_cast<T>(0);
+      }
+    }
+  }
+}
+
+// Non-tiled windows: adds grad_output of n outputs to their argmax taps, serially so the
+// order is fixed.  Output i's window starts at plane offset first + i*step and its gradient
+// goes to acc[(first + i*step + off[tap]) * acc_stride + i*acc_inc]: NCHW walks a row of
+// outputs (step = sw), channels_last walks the channels of one pixel (acc_inc = 1).
+template <typename T, typename tap_t>
+void scatter_add(const T* __restrict go, const tap_t* __restrict taps, acc_t<T>* __restrict acc, int64_t n,
+                 int64_t first, int64_t step, int64_t acc_stride, int64_t acc_inc, const int64_t* __restrict off) {
+  for (int64_t i = 0; i < n; ++i) {
+    const tap_t t = taps[i];
+    if (t != no_tap<tap_t>()) {
+      acc[(first + i * step + off[t]) * acc_stride + i * acc_inc] += static_cast<acc_t<T>>(go[i]);
+    }
+  }
+}
+
+// Offset of each tap number from its window's first tap, in elements of the plane.
+std::vector<int64_t> tap_offsets(const Pool2d& g) {
+  std::vector<int64_t> off(g.kh * g.kw);
+  for (int64_t t = 0; t < g.kh; ++t) {
+    for (int64_t u = 0; u < g.kw; ++u) off[t * g.kw + u] = t * g.dh * g.W + u * g.dw;
+  }
+  return off;
+}
+
+template <typename T, typename tap_t>
+void backward_nchw(const T* go, const tap_t* taps, T* gi, const Pool2d& g) {
   using A = acc_t<T>;
   constexpr bool direct = std::is_same<T, A>::value;
   const int64_t HW = g.H * g.W;
-  const bool tiled = tiles_exactly(g);
-  std::vector<char> col_has_tap(g.OW);
-  for (int64_t ow = 0; ow < g.OW; ++ow) {
-    const Taps tw = window_taps<int64_t>(ow * g.sw - g.pw, g.W, g.kw, g.dw);
-    col_has_tap[ow] = tw.hi > tw.lo;
-  }
-  with_col_stride(g.sw, [&](auto sw_c) {
-    constexpr int SW = decltype(sw_c)::value;
-    at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> best(g.OW), local(direct || tiled ? 0 : HW);
-      std::vector<int64_t> arg(g.OW);
-      for (int64_t p = begin; p < end; ++p) {
-        const T* gop = go + p * g.OH * g.OW;
-        if (tiled) {
-          for (int64_t oh = 0; oh < g.OH; ++oh) {
-            max_row<T, SW, true>(x + p * HW, g, oh, best.data(), arg.data());
-            tiled_row_backward<T, SW>(gop + oh * g.OW, arg.data(), gi + p * HW, g.W, oh, g.OW, g.kh, g.sw);
-          }
-          continue;
+  if (tiles_exactly(g)) {
+    with_col_stride(g.sw, [&](auto sw_c) {
+      constexpr int SW = decltype(sw_c)::value;
+      at::parallel_for(0, g.N * g.C * g.OH, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          tiled_row_backward<T, SW, tap_t>(go + r * g.OW, taps + r * g.OW, gi + (r / g.OH) * HW, g.W, r % g.OH, g.OW,
+                                           g.kh, g.sw);
         }
-        A* acc = direct ? reinterpret_cast<A*>(gi + p * HW) : local.data();
-        std::fill(acc, acc + HW, A(0));
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const Taps th = window_taps<int64_t>(oh * g.sh - g.ph, g.H, g.kh, g.dh);
-          if (th.hi <= th.lo) continue;  // no in-image tap: no gradient (see has_taps)
-          max_row<T, SW, true>(x + p * HW, g, oh, best.data(), arg.data());
-          for (int64_t ow = 0; ow < g.OW; ++ow) {
-            if (col_has_tap[ow]) acc[arg[ow]] += static_cast<A>(gop[oh * g.OW + ow]);
-          }
-        }
-        if (!direct) {
-          for (int64_t i = 0; i < HW; ++i) gi[p * HW + i] = static_cast<T>(acc[i]);
-        }
-      }
+      });
     });
+    return;
+  }
+  const std::vector<int64_t> off = tap_offsets(g);
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> local(direct ? 0 : HW);
+    for (int64_t p = begin; p < end; ++p) {
+      A* acc = direct ? reinterpret_cast<A*>(gi + p * HW) : local.data();
+      std::fill(acc, acc + HW, A(0));
+      const T* gop = go + p * g.OH * g.OW;
+      const tap_t* tp = taps + p * g.OH * g.OW;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        scatter_add<T, tap_t>(gop + oh * g.OW, tp + oh * g.OW, acc, g.OW, (oh * g.sh - g.ph) * g.W - g.pw, g.sw, 1, 0,
+                              off.data());
+      }
+      if (!direct) {
+        for (int64_t i = 0; i < HW; ++i) gi[p * HW + i] = static_cast<T>(acc[i]);
+      }
+    }
   });
 }
 
-// channels_last: max (and argmax) over the window of one output pixel for channels [0, nc)
-// of an NHWC image; element (ih, iw, c) is img[(ih*W + iw)*C + c].
-template <typename T, bool WITH_ARG>
+// channels_last: max (and tap) over the window of one output pixel for channels [0, nc) of
+// an NHWC image; element (ih, iw, c) is img[(ih*W + iw)*C + c].
+template <typename T, bool WITH_TAP>
 CONVRNN_CPU_CLONES void max_pixel_channels(const T* __restrict img, int64_t W, int64_t C, int64_t nc, int64_t hstart,
-                                           Taps th, int64_t dh, int64_t wstart, Taps tw, int64_t dw,
-                                           acc_t<T>* __restrict best, int64_t* __restrict arg) {
+                                           Taps th, int64_t dh, int64_t wstart, Taps tw, int64_t dw, int64_t kw,
+                                           acc_t<T>* __restrict best, int32_t* __restrict tap) {
   using A = acc_t<T>;
-  const int64_t first = (hstart + th.lo * dh) * W + wstart + tw.lo * dw;
   for (int64_t c = 0; c < nc; ++c) {
     best[c] = -static_cast<A>(INFINITY);
-    if (WITH_ARG) arg[c] = first;
+    if (WITH_TAP) tap[c] = static_cast<int32_t>(th.lo * kw + tw.lo);
   }
   for (int64_t t = th.lo; t < th.hi; ++t) {
     for (int64_t u = tw.lo; u < tw.hi; ++u) {
-      const int64_t pix = (hstart + t * dh) * W + wstart + u * dw;
-      const T* __restrict src = img + pix * C;
+      const T* __restrict src = img + ((hstart + t * dh) * W + wstart + u * dw) * C;
+      const int32_t id = static_cast<int32_t>(t * kw + u);
       for (int64_t c = 0; c < nc; ++c) {
         const A v = static_cast<A>(src[c]);
         const bool take = v > best[c] || v != v;
         best[c] = take ? v : best[c];
-        if (WITH_ARG) arg[c] = take ? pix : arg[c];
+        if (WITH_TAP) tap[c] = take ? id : tap[c];
       }
     }
   }
 }
 
-template <typename T>
-void forward_channels_last(const T* x, T* y, int64_t* idx, const Pool2d& g) {
+template <typename T, typename tap_t>
+void forward_channels_last(const T* x, T* y, int64_t* idx, tap_t* taps, const Pool2d& g) {
   using A = acc_t<T>;
-  const int64_t pixels = g.N * g.OH * g.OW;
+  const bool with_tap = idx != nullptr || taps != nullptr;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.C * g.kh * g.kw));
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * g.OH * g.OW, grain, [&](int64_t begin, int64_t end) {
     std::vector<A> best(g.C);
-    std::vector<int64_t> arg(idx ? g.C : 0);
+    std::vector<int32_t> tap(with_tap ? g.C : 0);
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q / (g.OH * g.OW), oh = (q / g.OW) % g.OH, ow = q % g.OW;
-      const int64_t hstart = oh * g.sh - g.ph, wstart = ow * g.sw - g.pw;
+      const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh - g.ph, wstart = q % g.OW * g.sw - g.pw;
       const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh), tw = window_taps<int64_t>(wstart, g.W, g.kw, g.dw);
       const T* img = x + n * g.H * g.W * g.C;
-      if (idx) {
-        max_pixel_channels<T, true>(img, g.W, g.C, g.C, hstart, th, g.dh, wstart, tw, g.dw, best.data(), arg.data());
-        std::copy(arg.begin(), arg.end(), idx + q * g.C);
+      if (with_tap) {
+        max_pixel_channels<T, true>(img, g.W, g.C, g.C, hstart, th, g.dh, wstart, tw, g.dw, g.kw, best.data(),
+                                    tap.data());
       } else {
-        max_pixel_channels<T, false>(img, g.W, g.C, g.C, hstart, th, g.dh, wstart, tw, g.dw, best.data(), nullptr);
+        max_pixel_channels<T, false>(img, g.W, g.C, g.C, hstart, th, g.dh, wstart, tw, g.dw, g.kw, best.data(),
+                                     nullptr);
       }
       for (int64_t c = 0; c < g.C; ++c) y[q * g.C + c] = static_cast<T>(best[c]);
+      if (taps != nullptr) {
+        const bool ok = has_taps(th, tw);
+        for (int64_t c = 0; c < g.C; ++c) taps[q * g.C + c] = ok ? static_cast<tap_t>(tap[c]) : no_tap<tap_t>();
+      }
+      if (idx != nullptr) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          idx[q * g.C + c] = tap_index<int64_t>(tap[c], hstart, wstart, g.kw, g.dh, g.dw, g.W);
+        }
+      }
     }
   });
 }
 
-template <typename T>
-void backward_channels_last(const T* go, const T* x, T* gi, const Pool2d& g) {
+template <typename T, typename tap_t>
+void backward_channels_last(const T* go, const tap_t* taps, T* gi, const Pool2d& g) {
   using A = acc_t<T>;
   constexpr bool direct = std::is_same<T, A>::value;
-  const int64_t HW = g.H * g.W, block = std::min<int64_t>(g.C, kChannelBlock);
-  const int64_t blocks = (g.C + block - 1) / block;
+  const int64_t HW = g.H * g.W;
+  if (tiles_exactly(g)) {  // each output pixel writes its own window, all channels
+    at::parallel_for(0, g.N * g.OH * g.OW, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / (g.OH * g.OW), oh = (q / g.OW) % g.OH, ow = q % g.OW;
+        tiled_pixel_backward<T, tap_t>(go + q * g.C, taps + q * g.C, gi + n * HW * g.C, g.W, g.C, oh, ow, g.kh, g.kw);
+      }
+    });
+    return;
+  }
+  const std::vector<int64_t> off = tap_offsets(g);
+  const int64_t block = std::min<int64_t>(g.C, kChannelBlock), blocks = (g.C + block - 1) / block;
   at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> best(block), local(direct ? 0 : HW * block);
-    std::vector<int64_t> arg(block);
+    std::vector<A> local(direct ? 0 : HW * block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * block, nc = std::min(block, g.C - c0);
       A* acc = direct ? reinterpret_cast<A*>(gi + n * HW * g.C + c0) : local.data();
       const int64_t astride = direct ? g.C : nc;
       for (int64_t pix = 0; pix < HW; ++pix) std::fill(acc + pix * astride, acc + pix * astride + nc, A(0));
-      const T* img = x + n * HW * g.C + c0;
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        const int64_t hstart = oh * g.sh - g.ph;
-        const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const int64_t wstart = ow * g.sw - g.pw;
-          const Taps tw = window_taps<int64_t>(wstart, g.W, g.kw, g.dw);
-          if (!has_taps(th, tw)) continue;
-          max_pixel_channels<T, true>(img, g.W, g.C, nc, hstart, th, g.dh, wstart, tw, g.dw, best.data(), arg.data());
-          const T* gop = go + ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
-          for (int64_t c = 0; c < nc; ++c) acc[arg[c] * astride + c] += static_cast<A>(gop[c]);
-        }
+      for (int64_t q = n * g.OH * g.OW; q < (n + 1) * g.OH * g.OW; ++q) {
+        const int64_t first = ((q / g.OW) % g.OH * g.sh - g.ph) * g.W + q % g.OW * g.sw - g.pw;
+        scatter_add<T, tap_t>(go + q * g.C + c0, taps + q * g.C + c0, acc, nc, first, 0, astride, 1, off.data());
       }
       if (!direct) {
         for (int64_t pix = 0; pix < HW; ++pix) {
@@ -241,44 +307,53 @@ void backward_channels_last(const T* go, const T* x, T* gi, const Pool2d& g) {
   });
 }
 
-std::tuple<Tensor, Tensor> max_pool2d_cpu(const Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                          at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode,
-                                          bool return_indices) {
+std::tuple<Tensor, Tensor, Tensor> max_pool2d_cpu(const Tensor& input, at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, bool ceil_mode, bool return_indices,
+                                                  bool save_argmax) {
   const Pool2d g = pool2d_geometry("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode);
   const Tensor x = input.contiguous(kernel_format(g));
   Tensor out = pool2d_empty(g, g.output_sizes(), x.options());
   Tensor indices = return_indices ? pool2d_empty(g, g.output_sizes(), x.options().dtype(at::kLong))
                                   : at::empty({0}, x.options().dtype(at::kLong));
-  if (out.numel() == 0) return {out, indices};
+  Tensor argmax = empty_argmax(g, x.options(), save_argmax);
+  if (out.numel() == 0) return {out, indices, argmax};
   int64_t* idx = return_indices ? indices.data_ptr<int64_t>() : nullptr;
   CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.max_pool2d", [&] {
-    if (is_channels_last(g)) {
-      forward_channels_last<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx, g);
-    } else {
-      forward_nchw<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx, g);
-    }
+    with_tap_type(g, [&](auto tap_zero) {
+      using tap_t = decltype(tap_zero);
+      tap_t* taps = save_argmax ? static_cast<tap_t*>(argmax.data_ptr()) : nullptr;
+      if (is_channels_last(g)) {
+        forward_channels_last<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx, taps, g);
+      } else {
+        forward_nchw<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx, taps, g);
+      }
+    });
   });
-  return {out, indices};
+  return {out, indices, argmax};
 }
 
-Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input, at::IntArrayRef kernel_size,
-                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               bool ceil_mode) {
-  const Pool2d g =
-      pool2d_backward_geometry("max_pool2d_backward", grad_output, input, kernel_size, stride, padding, dilation, ceil_mode);
+Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& argmax,
+                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, bool ceil_mode) {
+  const Pool2d g = pool2d_backward_geometry("max_pool2d_backward", grad_output, input, kernel_size, stride, padding,
+                                            dilation, ceil_mode);
+  check_argmax("max_pool2d_backward", argmax, grad_output, g);
   const auto fmt = kernel_format(g);
-  const Tensor x = input.contiguous(fmt);
   const Tensor go = grad_output.contiguous(fmt);
-  Tensor grad_input = at::empty(input.sizes(), x.options().memory_format(fmt));
+  const Tensor am = argmax.contiguous(fmt);
+  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
   if (grad_input.numel() == 0) return grad_input;
-  CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.max_pool2d_backward", [&] {
-    if (is_channels_last(g)) {
-      backward_channels_last<scalar_t>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                       grad_input.data_ptr<scalar_t>(), g);
-    } else {
-      backward_nchw<scalar_t>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                              grad_input.data_ptr<scalar_t>(), g);
-    }
+  CONVRNN_DISPATCH_FLOATING(go.scalar_type(), "convrnn.max_pool2d_backward", [&] {
+    with_tap_type(g, [&](auto tap_zero) {
+      using tap_t = decltype(tap_zero);
+      const tap_t* taps = static_cast<const tap_t*>(am.const_data_ptr());
+      if (is_channels_last(g)) {
+        backward_channels_last<scalar_t>(go.const_data_ptr<scalar_t>(), taps, grad_input.data_ptr<scalar_t>(), g);
+      } else {
+        backward_nchw<scalar_t>(go.const_data_ptr<scalar_t>(), taps, grad_input.data_ptr<scalar_t>(), g);
+      }
+    });
   });
   return grad_input;
 }
