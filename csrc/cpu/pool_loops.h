@@ -21,6 +21,21 @@ void with_col_stride(int64_t sw, F&& f) {
   }
 }
 
+// Row loops run in chunks of kChunk outputs with compile-time length, the last chunk shifted
+// back to end at the row's end (overlapping its predecessor), so every output goes through
+// one vectorised fixed-length loop with its accumulators in registers and no scalar tail:
+// rows here are short (27 to 56 outputs), and a scalar tail cost more than the vector body.
+// Only for rows of at least kChunk outputs, and only for work that may be done twice.
+constexpr int64_t kChunk = 16;
+
+// Chunk helpers must be inlined into the cloned (CONVRNN_CPU_CLONES) row functions to get
+// their vector width and compile-time strides.
+#define CONVRNN_INLINE inline __attribute__((always_inline))
+
+inline int64_t chunk_start(int64_t i0, int64_t n) {
+  return i0 + kChunk <= n ? i0 : n - kChunk;
+}
+
 // channels_last backward work split: one task per (image, block of channels), so no two
 // tasks touch the same grad_input element and each task scatters in a fixed order.
 constexpr int64_t kChannelBlock = 64;
