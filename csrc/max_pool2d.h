@@ -62,14 +62,6 @@ CONVRNN_HD index_t tap_index(index_t tap, index_t hstart, index_t wstart, index_
   return (hstart + t * dh) * W + wstart + (tap - t * kw) * dw;
 }
 
-// Windows that tile the input exactly (stride == kernel, no padding or dilation, sizes
-// divisible): every input element lies in exactly one window, so the backward can write
-// each window whole (gradient at the argmax, zeros elsewhere) instead of zero-fill + scatter.
-inline bool tiles_exactly(const Pool2d& g) {
-  return g.kh == g.sh && g.kw == g.sw && g.ph == 0 && g.pw == 0 && g.dh == 1 && g.dw == 1 && g.H == g.OH * g.kh &&
-         g.W == g.OW * g.kw;
-}
-
 inline at::ScalarType argmax_dtype(const Pool2d& g) {
   return byte_taps(g) ? at::kByte : at::kInt;
 }

@@ -98,6 +98,14 @@ inline bool is_channels_last(const Pool2d& g) {
   return kernel_format(g) == at::MemoryFormat::ChannelsLast;
 }
 
+// Windows that tile the input exactly (stride == kernel, no padding or dilation, sizes
+// divisible): every input element lies in exactly one window, so a backward can write each
+// window whole instead of zero-filling grad_input and scattering into it.
+inline bool tiles_exactly(const Pool2d& g) {
+  return g.kh == g.sh && g.kw == g.sw && g.ph == 0 && g.pw == 0 && g.dh == 1 && g.dw == 1 && g.H == g.OH * g.kh &&
+         g.W == g.OW * g.kw;
+}
+
 // Validates input and arguments for pooling op `op` (messages name the op and the argument)
 // and returns the geometry.  Padding is bounded by half the kernel, as torch does.
 Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,

@@ -118,43 +118,84 @@ void backward_nchw(const T* go, T* gi, const Pool2d& g, const AvgOpts& o) {
   });
 }
 
-// channels_last: sums of channels [0, nc) over the window of one output pixel.
+// channels_last: y[c] = (sum over the window of one output pixel) / div, for all C channels,
+// in blocks of kChannelBlock whose sums stay in registers.
 template <typename T>
-CONVRNN_CPU_CLONES void sum_pixel_channels(const T* __restrict img, int64_t W, int64_t C, int64_t nc, int64_t hstart,
-                                           Taps th, int64_t wstart, Taps tw, acc_t<T>* __restrict sum) {
-  for (int64_t c = 0; c < nc; ++c) sum[c] = 0;
-  for (int64_t t = th.lo; t < th.hi; ++t) {
-    for (int64_t u = tw.lo; u < tw.hi; ++u) {
-      const T* __restrict src = img + ((hstart + t) * W + wstart + u) * C;
-      for (int64_t c = 0; c < nc; ++c) sum[c] += static_cast<acc_t<T>>(src[c]);
+CONVRNN_CPU_CLONES void avg_pixel_channels(const T* __restrict img, int64_t W, int64_t C, int64_t hstart, Taps th,
+                                           int64_t wstart, Taps tw, int64_t div, T* __restrict y) {
+  using A = acc_t<T>;
+  A sum[kChannelBlock];
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+    const int64_t m = std::min(kChannelBlock, C - c0);
+    for (int64_t c = 0; c < m; ++c) sum[c] = 0;
+    for (int64_t t = th.lo; t < th.hi; ++t) {
+      for (int64_t u = tw.lo; u < tw.hi; ++u) {
+        const T* __restrict src = img + ((hstart + t) * W + wstart + u) * C + c0;
+        for (int64_t c = 0; c < m; ++c) sum[c] += static_cast<A>(src[c]);
+      }
     }
+    for (int64_t c = 0; c < m; ++c) y[c0 + c] = static_cast<T>(sum[c] / static_cast<A>(div));
   }
 }
 
 template <typename T>
 void forward_channels_last(const T* x, T* y, const Pool2d& g, const AvgOpts& o) {
-  using A = acc_t<T>;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.C * g.kh * g.kw));
   at::parallel_for(0, g.N * g.OH * g.OW, grain, [&](int64_t begin, int64_t end) {
-    std::vector<A> sum(g.C);
     for (int64_t q = begin; q < end; ++q) {
       const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh - g.ph, wstart = q % g.OW * g.sw - g.pw;
-      sum_pixel_channels<T>(x + n * g.H * g.W * g.C, g.W, g.C, g.C, hstart, window_taps<int64_t>(hstart, g.H, g.kh, 1), wstart,
-                            window_taps<int64_t>(wstart, g.W, g.kw, 1), sum.data());
-      const A div = static_cast<A>(divisor_at(g, o, hstart, wstart));
-      for (int64_t c = 0; c < g.C; ++c) y[q * g.C + c] = static_cast<T>(sum[c] / div);
+      avg_pixel_channels<T>(x + n * g.H * g.W * g.C, g.W, g.C, hstart, window_taps<int64_t>(hstart, g.H, g.kh, 1),
+                            wstart, window_taps<int64_t>(wstart, g.W, g.kw, 1), divisor_at(g, o, hstart, wstart),
+                            y + q * g.C);
     }
   });
+}
+
+// channels_last: spreads grad/divisor of one output pixel over the taps th x tw of its window
+// for channels [0, nc), adding into (ADD) or writing (tiled windows) dst, whose pixels are
+// `stride` elements apart.
+template <typename T, typename D, bool ADD>
+CONVRNN_CPU_CLONES void spread_pixel_channels(const T* __restrict go, D* __restrict dst, int64_t W, int64_t stride,
+                                              int64_t nc, int64_t hstart, Taps th, int64_t wstart, Taps tw,
+                                              int64_t div) {
+  using A = acc_t<T>;
+  A share[kChannelBlock];
+  for (int64_t c0 = 0; c0 < nc; c0 += kChannelBlock) {
+    const int64_t m = std::min(kChannelBlock, nc - c0);
+    for (int64_t c = 0; c < m; ++c) share[c] = avg_grad_share(static_cast<A>(go[c0 + c]), div);
+    for (int64_t t = th.lo; t < th.hi; ++t) {
+      for (int64_t u = tw.lo; u < tw.hi; ++u) {
+        D* __restrict d = dst + ((hstart + t) * W + wstart + u) * stride + c0;
+        for (int64_t c = 0; c < m; ++c) {
+          if (ADD) {
+            d[c] += static_cast<D>(share[c]);
+          } else {
+            d[c] = static_cast<D>(share[c]);
+          }
+        }
+      }
+    }
+  }
 }
 
 template <typename T>
 void backward_channels_last(const T* go, T* gi, const Pool2d& g, const AvgOpts& o) {
   using A = acc_t<T>;
   constexpr bool direct = std::is_same<T, A>::value;
-  const int64_t HW = g.H * g.W, block = std::min<int64_t>(g.C, kChannelBlock);
-  const int64_t blocks = (g.C + block - 1) / block;
+  const int64_t HW = g.H * g.W;
+  if (tiles_exactly(g)) {  // each output pixel writes its own window, all channels
+    at::parallel_for(0, g.N * g.OH * g.OW, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh, wstart = q % g.OW * g.sw;
+        spread_pixel_channels<T, T, false>(go + q * g.C, gi + n * HW * g.C, g.W, g.C, g.C, hstart, Taps{0, g.kh},
+                                           wstart, Taps{0, g.kw}, divisor_at(g, o, hstart, wstart));
+      }
+    });
+    return;
+  }
+  const int64_t block = std::min<int64_t>(g.C, kChannelBlock), blocks = (g.C + block - 1) / block;
   at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> share(block), local(direct ? 0 : HW * block);
+    std::vector<A> local(direct ? 0 : HW * block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * block, nc = std::min(block, g.C - c0);
       A* acc = direct ? reinterpret_cast<A*>(gi + n * HW * g.C + c0) : local.data();
@@ -165,16 +206,9 @@ void backward_channels_last(const T* go, T* gi, const Pool2d& g, const AvgOpts& 
         const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, 1);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t wstart = ow * g.sw - g.pw;
-          const Taps tw = window_taps<int64_t>(wstart, g.W, g.kw, 1);
-          const int64_t div = divisor_at(g, o, hstart, wstart);
-          const T* gop = go + ((n * g.OH + oh) * g.OW + ow) * g.C + c0;
-          for (int64_t c = 0; c < nc; ++c) share[c] = avg_grad_share(static_cast<A>(gop[c]), div);
-          for (int64_t t = th.lo; t < th.hi; ++t) {
-            for (int64_t u = tw.lo; u < tw.hi; ++u) {
-              A* dst = acc + ((hstart + t) * g.W + wstart + u) * astride;
-              for (int64_t c = 0; c < nc; ++c) dst[c] += share[c];
-            }
-          }
+          spread_pixel_channels<T, A, true>(go + ((n * g.OH + oh) * g.OW + ow) * g.C + c0, acc, g.W, astride, nc,
+                                            hstart, th, wstart, window_taps<int64_t>(wstart, g.W, g.kw, 1),
+                                            divisor_at(g, o, hstart, wstart));
         }
       }
       if (!direct) {
