@@ -25,6 +25,14 @@
 #define CONVRNN_CPU_CLONES
 #endif
 
+// Helpers of a cloned function must be inlined into it to get its vector width (and its
+// compile-time strides); a plain inline hint is not always taken.
+#if defined(__GNUC__)
+#define CONVRNN_INLINE inline __attribute__((always_inline))
+#else
+#define CONVRNN_INLINE inline
+#endif
+
 // The four floating dtypes every op supports; half types compute in float (opmath).
 #define CONVRNN_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

@@ -69,7 +69,9 @@ inline at::ScalarType argmax_dtype(const Pool2d& g) {
 // The forward's argmax output: pooled-size in the output's format when wanted, else empty.
 at::Tensor empty_argmax(const Pool2d& g, const at::TensorOptions& opts, bool wanted);
 
-// Host-side checks of the backward's saved argmax.
-void check_argmax(const char* op, const at::Tensor& argmax, const at::Tensor& grad_output, const Pool2d& g);
+// The backward's checks (pool2d_backward_geometry's, and the saved argmax) and geometry.
+Pool2d max_pool2d_backward_geometry(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& argmax,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool ceil_mode);
 
 }  // namespace convrnn

@@ -78,15 +78,20 @@ Pool2d pool2d_backward_geometry(const char* op, const at::Tensor& grad_output, c
   return g;
 }
 
-void check_argmax(const char* op, const at::Tensor& argmax, const at::Tensor& grad_output, const Pool2d& g) {
-  const auto dtype = argmax_dtype(g);
+Pool2d max_pool2d_backward_geometry(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& argmax,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, bool ceil_mode) {
+  const char* op = "max_pool2d_backward";
+  const Pool2d g =
+      pool2d_backward_geometry(op, grad_output, input, kernel_size, stride, padding, dilation, ceil_mode);
   TORCH_CHECK(argmax.sizes() == grad_output.sizes(), "convrnn.", op,
               ": argmax must be the forward's saved argmax (max_pool2d with save_argmax=True), of shape ",
               grad_output.sizes(), ", but got shape ", argmax.sizes());
-  TORCH_CHECK_TYPE(argmax.scalar_type() == dtype, "convrnn.", op, ": argmax must have dtype ", dtype, ", but got ",
-                   argmax.scalar_type());
+  TORCH_CHECK_TYPE(argmax.scalar_type() == argmax_dtype(g), "convrnn.", op, ": argmax must have dtype ",
+                   argmax_dtype(g), ", but got ", argmax.scalar_type());
   TORCH_CHECK(argmax.device() == grad_output.device(), "convrnn.", op, ": argmax is on ", argmax.device(),
               " but grad_output is on ", grad_output.device(), "; expected all tensors on one device");
+  return g;
 }
 
 at::Tensor empty_argmax(const Pool2d& g, const at::TensorOptions& opts, bool wanted) {

@@ -30,23 +30,35 @@ struct LrnConstA {
 
 // ---- contiguous: panels of C rows x nb positions, row stride S in the tensor ----
 
+// sq[c][b] = x_c^2 over the panel.
+template <typename T>
+CONVRNN_INLINE void square_panel(const T* __restrict x, int64_t C, int64_t S, int64_t nb, acc_t<T>* __restrict sq) {
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const acc_t<T> v = static_cast<acc_t<T>>(x[c * S + b]);
+      sq[c * nb + b] = v * v;
+    }
+  }
+}
+
+// sum[b] = sum of rows [max(0, lo), min(C-1, hi)] of panel v.
+template <typename A>
+CONVRNN_INLINE void sum_rows(const A* __restrict v, int64_t C, int64_t nb, int64_t lo, int64_t hi, A* __restrict sum) {
+  lo = std::max<int64_t>(0, lo);
+  hi = std::min<int64_t>(C - 1, hi);
+  for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
+  for (int64_t j = lo; j <= hi; ++j) {
+    for (int64_t b = 0; b < nb; ++b) sum[b] += v[j * nb + b];
+  }
+}
+
 template <int MODE, typename T>
 CONVRNN_CPU_CLONES void forward_panel(const T* __restrict x, T* __restrict y, int64_t C, int64_t S, int64_t nb,
                                       const LrnConstA<acc_t<T>>& p, acc_t<T>* __restrict sq, acc_t<T>* __restrict sum) {
   using A = acc_t<T>;
+  square_panel(x, C, S, nb, sq);
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const A v = static_cast<A>(x[c * S + b]);
-      sq[c * nb + b] = v * v;
-    }
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t lo = std::max<int64_t>(0, lrn_window_first(c, p.size));
-    const int64_t hi = std::min<int64_t>(C - 1, lrn_window_last(c, p.size));
-    for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
-    for (int64_t j = lo; j <= hi; ++j) {
-      for (int64_t b = 0; b < nb; ++b) sum[b] += sq[j * nb + b];
-    }
+    sum_rows(sq, C, nb, lrn_window_first(c, p.size), lrn_window_last(c, p.size), sum);
     for (int64_t b = 0; b < nb; ++b) {
       const A s = lrn_scale(sum[b], p.alpha_over_size, p.k);
       y[c * S + b] = static_cast<T>(static_cast<A>(x[c * S + b]) * lrn_inv_pow<MODE>(s, p.beta));
@@ -59,19 +71,9 @@ CONVRNN_CPU_CLONES void backward_panel(const T* __restrict go, const T* __restri
                                        int64_t S, int64_t nb, const LrnConstA<acc_t<T>>& p, acc_t<T>* __restrict sq,
                                        acc_t<T>* __restrict ip, acc_t<T>* __restrict t, acc_t<T>* __restrict sum) {
   using A = acc_t<T>;
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const A v = static_cast<A>(x[c * S + b]);
-      sq[c * nb + b] = v * v;
-    }
-  }
+  square_panel(x, C, S, nb, sq);
   for (int64_t c = 0; c < C; ++c) {  // ip = s^-beta, t = g x s^(-beta-1)
-    const int64_t lo = std::max<int64_t>(0, lrn_window_first(c, p.size));
-    const int64_t hi = std::min<int64_t>(C - 1, lrn_window_last(c, p.size));
-    for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
-    for (int64_t j = lo; j <= hi; ++j) {
-      for (int64_t b = 0; b < nb; ++b) sum[b] += sq[j * nb + b];
-    }
+    sum_rows(sq, C, nb, lrn_window_first(c, p.size), lrn_window_last(c, p.size), sum);
     for (int64_t b = 0; b < nb; ++b) {
       const A s = lrn_scale(sum[b], p.alpha_over_size, p.k);
       const A r = lrn_inv_pow<MODE>(s, p.beta);
@@ -80,12 +82,7 @@ CONVRNN_CPU_CLONES void backward_panel(const T* __restrict go, const T* __restri
     }
   }
   for (int64_t j = 0; j < C; ++j) {
-    const int64_t lo = std::max<int64_t>(0, lrn_users_first(j, p.size));
-    const int64_t hi = std::min<int64_t>(C - 1, lrn_users_last(j, p.size));
-    for (int64_t b = 0; b < nb; ++b) sum[b] = 0;
-    for (int64_t c = lo; c <= hi; ++c) {
-      for (int64_t b = 0; b < nb; ++b) sum[b] += t[c * nb + b];
-    }
+    sum_rows(t, C, nb, lrn_users_first(j, p.size), lrn_users_last(j, p.size), sum);
     for (int64_t b = 0; b < nb; ++b) {
       const A g = static_cast<A>(go[j * S + b]), v = static_cast<A>(x[j * S + b]);
       gi[j * S + b] = static_cast<T>(g * ip[j * nb + b] - p.grad_coef * v * sum[b]);
@@ -93,21 +90,32 @@ CONVRNN_CPU_CLONES void backward_panel(const T* __restrict go, const T* __restri
   }
 }
 
-// ---- channels_last: one row of C contiguous channels; pad holds zeros around the row ----
+// ---- channels_last: one row of C contiguous channels; padded buffers hold zeros around it ----
+
+// sum[c] = sum over d in [0, size) of padded[c + d]: every window a plain shifted sum.
+template <typename A>
+CONVRNN_INLINE void shifted_sums(const A* __restrict padded, int64_t C, int64_t size, A* __restrict sum) {
+  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
+  for (int64_t d = 0; d < size; ++d) {
+    for (int64_t c = 0; c < C; ++c) sum[c] += padded[c + d];
+  }
+}
+
+// sqp[size/2 + c] = x_c^2 (win(c) = padded [c, c + size)).
+template <typename T>
+CONVRNN_INLINE void square_row(const T* __restrict x, int64_t C, int64_t size, acc_t<T>* __restrict sqp) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t<T> v = static_cast<acc_t<T>>(x[c]);
+    sqp[size / 2 + c] = v * v;
+  }
+}
 
 template <int MODE, typename T>
 CONVRNN_CPU_CLONES void forward_row(const T* __restrict x, T* __restrict y, int64_t C, const LrnConstA<acc_t<T>>& p,
                                     acc_t<T>* __restrict sqp, acc_t<T>* __restrict sum) {
   using A = acc_t<T>;
-  const int64_t before = p.size / 2;  // sqp[before + c] = x_c^2, zeros around
-  for (int64_t c = 0; c < C; ++c) {
-    const A v = static_cast<A>(x[c]);
-    sqp[before + c] = v * v;
-  }
-  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
-  for (int64_t d = 0; d < p.size; ++d) {  // win(c) = padded [c, c + size)
-    for (int64_t c = 0; c < C; ++c) sum[c] += sqp[c + d];
-  }
+  square_row(x, C, p.size, sqp);
+  shifted_sums(sqp, C, p.size, sum);
   for (int64_t c = 0; c < C; ++c) {
     y[c] = static_cast<T>(static_cast<A>(x[c]) * lrn_inv_pow<MODE>(lrn_scale(sum[c], p.alpha_over_size, p.k), p.beta));
   }
@@ -118,25 +126,16 @@ CONVRNN_CPU_CLONES void backward_row(const T* __restrict go, const T* __restrict
                                      const LrnConstA<acc_t<T>>& p, acc_t<T>* __restrict sqp, acc_t<T>* __restrict tp,
                                      acc_t<T>* __restrict ip, acc_t<T>* __restrict sum) {
   using A = acc_t<T>;
-  const int64_t before = p.size / 2, t_before = (p.size - 1) / 2;  // tp[t_before + c] = t_c
-  for (int64_t c = 0; c < C; ++c) {
-    const A v = static_cast<A>(x[c]);
-    sqp[before + c] = v * v;
-  }
-  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
-  for (int64_t d = 0; d < p.size; ++d) {
-    for (int64_t c = 0; c < C; ++c) sum[c] += sqp[c + d];
-  }
+  const int64_t t_before = (p.size - 1) / 2;  // tp[t_before + c] = t_c: users(j) = padded [j, j + size)
+  square_row(x, C, p.size, sqp);
+  shifted_sums(sqp, C, p.size, sum);
   for (int64_t c = 0; c < C; ++c) {
     const A s = lrn_scale(sum[c], p.alpha_over_size, p.k);
     const A r = lrn_inv_pow<MODE>(s, p.beta);
     ip[c] = r;
     tp[t_before + c] = static_cast<A>(go[c]) * static_cast<A>(x[c]) * r / s;
   }
-  for (int64_t c = 0; c < C; ++c) sum[c] = 0;
-  for (int64_t d = 0; d < p.size; ++d) {  // users(j) = padded [j, j + size)
-    for (int64_t c = 0; c < C; ++c) sum[c] += tp[c + d];
-  }
+  shifted_sums(tp, C, p.size, sum);
   for (int64_t c = 0; c < C; ++c) {
     gi[c] = static_cast<T>(static_cast<A>(go[c]) * ip[c] - p.grad_coef * static_cast<A>(x[c]) * sum[c]);
   }

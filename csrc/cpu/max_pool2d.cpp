@@ -351,9 +351,8 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cpu(const Tensor& input, at::IntAr
 Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& argmax,
                                at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool ceil_mode) {
-  const Pool2d g = pool2d_backward_geometry("max_pool2d_backward", grad_output, input, kernel_size, stride, padding,
-                                            dilation, ceil_mode);
-  check_argmax("max_pool2d_backward", argmax, grad_output, g);
+  const Pool2d g =
+      max_pool2d_backward_geometry(grad_output, input, argmax, kernel_size, stride, padding, dilation, ceil_mode);
   const auto fmt = kernel_format(g);
   const Tensor go = grad_output.contiguous(fmt);
   const Tensor am = argmax.contiguous(fmt);

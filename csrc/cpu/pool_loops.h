@@ -28,10 +28,6 @@ void with_col_stride(int64_t sw, F&& f) {
 // Only for rows of at least kChunk outputs, and only for work that may be done twice.
 constexpr int64_t kChunk = 16;
 
-// Chunk helpers must be inlined into the cloned (CONVRNN_CPU_CLONES) row functions to get
-// their vector width and compile-time strides.
-#define CONVRNN_INLINE inline __attribute__((always_inline))
-
 inline int64_t chunk_start(int64_t i0, int64_t n) {
   return i0 + kChunk <= n ? i0 : n - kChunk;
 }

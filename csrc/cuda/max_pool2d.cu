@@ -120,9 +120,8 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
 Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, const Tensor& argmax,
                                 at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, bool ceil_mode) {
-  const Pool2d g = pool2d_backward_geometry("max_pool2d_backward", grad_output, input, kernel_size, stride, padding,
-                                            dilation, ceil_mode);
-  check_argmax("max_pool2d_backward", argmax, grad_output, g);
+  const Pool2d g =
+      max_pool2d_backward_geometry(grad_output, input, argmax, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto fmt = kernel_format(g);
