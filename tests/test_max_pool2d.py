@@ -340,3 +340,27 @@ def test_module_signature():
     assert inspect.signature(ck.nn.MaxPool2d) == inspect.signature(torch.nn.MaxPool2d)
     m = ck.nn.MaxPool2d(kernel_size=2, stride=None, padding=0, dilation=1, return_indices=False, ceil_mode=False)
     assert m.stride == torch.nn.MaxPool2d(2).stride
+
+
+# Rows of 16+ interior outputs take the CPU's chunked AVX-512 stride-2 path (where the CPU
+# has AVX-512) and the long vectorised loops; the small shapes above mostly do not.
+WIDE = [((9, 112), 2, 2, 0, 1, False), ((7, 55), 3, 2, 0, 1, False), ((8, 112), 3, 2, 1, 1, False),
+        ((6, 71), 3, 2, 1, 1, True), ((5, 80), (2, 3), 2, (1, 1), (1, 2), False), ((5, 40), 3, (1, 2), 1, 1, False)]
+
+
+@pytest.mark.parametrize("hw,k,s,p,d,ceil", WIDE)
+@pytest.mark.parametrize("kind", ["random", "ties", "nan"])
+def test_wide_rows_match_torch(device, hw, k, s, p, d, ceil, kind):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, *hw, generator=g)
+    if kind == "ties":
+        x = torch.randint(0, 3, (2, 3, *hw), generator=g).float()
+    elif kind == "nan":
+        x[torch.rand(x.shape, generator=g) < 0.05] = float("nan")
+    x = x.to(device).requires_grad_()
+    out, idx = ck.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    eout, eidx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    assert torch.equal(idx, eidx)
+    assert_close(out, eout, "values")
+    gout = torch.randn(out.shape, generator=g).to(device)
+    assert_close(torch.autograd.grad(out, x, gout)[0], torch.autograd.grad(eout, x, gout)[0])

@@ -17,6 +17,10 @@
 
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "cpu/pool_loops.h"
 #include "max_pool2d.h"
 
@@ -54,6 +58,46 @@ CONVRNN_CPU_CLONES void max_row_interior(const T* __restrict plane, int64_t W, i
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define CONVRNN_HAVE_AVX512_S2 1
+// float, column stride 2, AVX-512: the scan above for 16 outputs at a time, with their max
+// and tap in registers across all taps instead of in memory (the long loop above loads and
+// stores both for every tap).  The 16 stride-2 columns come from two overlapping loads and
+// one two-source permute; the loads end exactly at the last column used, never past it.
+// Rows of n >= 16 outputs; the last chunk is shifted back to end at n (chunk_start).  Its
+// own target attribute (not target_clones): called only where the CPU has AVX-512.
+template <bool WITH_TAP>
+__attribute__((target("avx512f"))) void max_row_interior_f32_s2_avx512(const float* plane, int64_t W, int64_t hstart,
+                                                                       Taps th, int64_t dh, int64_t c0, int64_t n,
+                                                                       int64_t kw, int64_t dw, float* best,
+                                                                       int32_t* tap) {
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t s = chunk_start(i0, n);
+    __m512 b = _mm512_set1_ps(-INFINITY);
+    __m512i tp = _mm512_set1_epi32(static_cast<int32_t>(th.lo * kw));
+    for (int64_t t = th.lo; t < th.hi; ++t) {
+      const float* row = plane + (hstart + t * dh) * W + c0 + 2 * s;
+      for (int64_t u = 0; u < kw; ++u) {
+        const __m512 lo = _mm512_loadu_ps(row + u * dw);       // columns 0..15
+        const __m512 hi = _mm512_loadu_ps(row + u * dw + 15);  // columns 15..30
+        const __m512 v = _mm512_permutex2var_ps(lo, evens, hi);
+        const __mmask16 take = _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        b = _mm512_mask_blend_ps(take, b, v);
+        if (WITH_TAP) tp = _mm512_mask_blend_epi32(take, tp, _mm512_set1_epi32(static_cast<int32_t>(t * kw + u)));
+      }
+    }
+    _mm512_storeu_ps(best + s, b);
+    if (WITH_TAP) _mm512_storeu_si512(tap + s, tp);
+  }
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#endif
+
 // Max (and tap) over every output column of output row oh of one plane.
 template <typename T, int SW, bool WITH_TAP>
 void max_row(const T* plane, const Pool2d& g, int64_t oh, acc_t<T>* best, int32_t* tap) {
@@ -68,6 +112,13 @@ void max_row(const T* plane, const Pool2d& g, int64_t oh, acc_t<T>* best, int32_
     if (WITH_TAP) tap[ow] = static_cast<int32_t>(t);
   };
   for (int64_t ow = 0; ow < in.lo; ++ow) border(ow);
+#ifdef CONVRNN_HAVE_AVX512_S2
+  if (std::is_same<T, float>::value && SW == 2 && in.hi - in.lo >= kChunk && cpu_has_avx512f()) {
+    max_row_interior_f32_s2_avx512<WITH_TAP>(reinterpret_cast<const float*>(plane), g.W, hstart, th, g.dh,
+                                             in.lo * g.sw - g.pw, in.hi - in.lo, g.kw, g.dw,
+                                             reinterpret_cast<float*>(best) + in.lo, WITH_TAP ? tap + in.lo : nullptr);
+  } else
+#endif
   if (in.hi > in.lo) {
     max_row_interior<T, SW, WITH_TAP>(plane, g.W, hstart, th, g.dh, in.lo * g.sw - g.pw, in.hi - in.lo, g.sw, g.kw,
                                       g.dw, best + in.lo, WITH_TAP ? tap + in.lo : nullptr);
