@@ -12,6 +12,7 @@ from . import _C  # noqa: F401  (loading it registers the convrnn ops)
 from .ops.avg_pool2d import avg_pool2d
 from .ops.local_response_norm import local_response_norm
 from .ops.max_pool2d import max_pool2d
+from .ops.rnn_cells import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from . import nn, reference  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -26,4 +27,5 @@ def build_info():
     return info
 
 
-__all__ = ["max_pool2d", "avg_pool2d", "local_response_norm", "nn", "reference", "build_info"]
+__all__ = ["max_pool2d", "avg_pool2d", "local_response_norm", "lstm_cell", "gru_cell", "rnn_tanh_cell",
+           "rnn_relu_cell", "nn", "reference", "build_info"]

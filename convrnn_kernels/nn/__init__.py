@@ -4,5 +4,6 @@ Each subclasses its torch.nn namesake, so the constructor signature, attributes,
 state_dict and isinstance checks are torch's; only forward runs our kernels."""
 from .normalization import LocalResponseNorm
 from .pooling import AvgPool2d, MaxPool2d
+from .rnn import GRUCell, LSTMCell, RNNCell
 
-__all__ = ["MaxPool2d", "AvgPool2d", "LocalResponseNorm"]
+__all__ = ["MaxPool2d", "AvgPool2d", "LocalResponseNorm", "RNNCell", "GRUCell", "LSTMCell"]

@@ -1,0 +1,160 @@
+// Gate arithmetic of the fused LSTM, GRU and vanilla RNN cells, shared by the CPU and CUDA
+// kernels.  The matrix products (x W_ih^T, h W_hh^T) are torch's; everything after them
+// is one of these per element.  Gate order and layout are torch's: LSTM i, f, g, o and GRU
+// r, z, n, each a block of H columns of the (B, 4H) or (B, 3H) gate matrices.
+#pragma once
+
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+
+namespace convrnn {
+
+// ---- activations ----
+// float on the CPU uses its own exp, branch-free so the compiler vectorises the gate loops
+// (libm's expf is a call per element); everything else uses the math library.
+
+#if !defined(__CUDA_ARCH__)
+// exp(x) for float: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite), exp(r) by its degree-6
+// Taylor polynomial (relative error < 2e-7 on that range), 2^n through the exponent bits.
+inline float exp_poly(float x) {
+  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  const float n = std::rint(x * 1.44269504088896341f);
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.0f / 720.0f;
+  p = std::fma(p, r, 1.0f / 120.0f);
+  p = std::fma(p, r, 1.0f / 24.0f);
+  p = std::fma(p, r, 1.0f / 6.0f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+#endif
+
+CONVRNN_HD float sigmoid_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + expf(-x));
+#else
+  return 1.0f / (1.0f + exp_poly(-x));
+#endif
+}
+
+CONVRNN_HD double sigmoid_of(double x) {
+  return 1.0 / (1.0 + exp(-x));
+}
+
+CONVRNN_HD float tanh_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  // |x| < 0.25: the odd Taylor series to x^9 (error < 1e-8 relative); beyond, 1 - 2/(e^2x + 1)
+  // with the sign restored.  Both computed, one selected: no branch to stop vectorisation.
+  const float a = std::fabs(x), x2 = x * x;
+  float p = 62.0f / 2835.0f;
+  p = std::fma(p, x2, -17.0f / 315.0f);
+  p = std::fma(p, x2, 2.0f / 15.0f);
+  p = std::fma(p, x2, -1.0f / 3.0f);
+  const float small = std::fma(p * x2, x, x);
+  const float big = std::copysign(1.0f - 2.0f / (exp_poly(2.0f * a) + 1.0f), x);
+  return a < 0.25f ? small : big;
+#endif
+}
+
+CONVRNN_HD double tanh_of(double x) {
+  return tanh(x);
+}
+
+// ---- LSTM ----
+
+template <typename A>
+struct LstmGates {
+  A i, f, g, o;
+};
+
+// Activated gates from the pre-activations (both products and both biases summed).
+template <typename A>
+CONVRNN_HD LstmGates<A> lstm_gates(A pi, A pf, A pg, A po) {
+  return {sigmoid_of(pi), sigmoid_of(pf), tanh_of(pg), sigmoid_of(po)};
+}
+
+// c' = f c + i g; h' = o tanh(c').
+template <typename A>
+CONVRNN_HD void lstm_update(const LstmGates<A>& a, A cx, A& hy, A& cy) {
+  cy = a.f * cx + a.i * a.g;
+  hy = a.o * tanh_of(cy);
+}
+
+// Gradients of the pre-activations (d_pre, in gate order) and of c, from the gradients of
+// h' and c' and the saved activated gates.
+template <typename A>
+CONVRNN_HD void lstm_backward(const LstmGates<A>& a, A cx, A cy, A ghy, A gcy, A d_pre[4], A& gcx) {
+  const A tc = tanh_of(cy);
+  const A gc = ghy * a.o * (A(1) - tc * tc) + gcy;
+  d_pre[0] = gc * a.g * a.i * (A(1) - a.i);
+  d_pre[1] = gc * cx * a.f * (A(1) - a.f);
+  d_pre[2] = gc * a.i * (A(1) - a.g * a.g);
+  d_pre[3] = ghy * tc * a.o * (A(1) - a.o);
+  gcx = gc * a.f;
+}
+
+// ---- GRU ----
+// r = s(xr + hr), z = s(xz + hz), n = tanh(xn + r hn), h' = (1 - z) n + z h, where x* and
+// h* include their biases; the forward saves r, z, n and hn for the backward.
+
+template <typename A>
+CONVRNN_HD void gru_forward(A xr, A xz, A xn, A hr, A hz, A hn, A hx, A& r, A& z, A& n, A& hy) {
+  r = sigmoid_of(xr + hr);
+  z = sigmoid_of(xz + hz);
+  n = tanh_of(xn + r * hn);
+  hy = (A(1) - z) * n + z * hx;
+}
+
+// Gradients of the input-side pre-activations dx[3], the hidden-side ones dh[3] (they differ
+// only in n: dh_n = dx_n r) and of h through the cell's own update (z ghy).
+template <typename A>
+CONVRNN_HD void gru_backward(A r, A z, A n, A hn, A hx, A ghy, A dx[3], A dh[3], A& ghx) {
+  const A dn = ghy * (A(1) - z) * (A(1) - n * n);
+  const A dz = ghy * (hx - n) * z * (A(1) - z);
+  const A dr = dn * hn * r * (A(1) - r);
+  dx[0] = dr;
+  dx[1] = dz;
+  dx[2] = dn;
+  dh[0] = dr;
+  dh[1] = dz;
+  dh[2] = dn * r;
+  ghx = ghy * z;
+}
+
+// ---- vanilla RNN: h' = tanh(pre) or relu(pre) ----
+
+template <typename A>
+CONVRNN_HD A rnn_activation(A pre, bool relu) {
+  return relu ? (pre > A(0) ? pre : A(0)) : tanh_of(pre);
+}
+
+// d pre from d h' and h' itself: tanh' = 1 - h'^2, relu' = [h' > 0].
+template <typename A>
+CONVRNN_HD A rnn_activation_grad(A ghy, A hy, bool relu) {
+  return relu ? (hy > A(0) ? ghy : A(0)) : ghy * (A(1) - hy * hy);
+}
+
+// ---- host-side checks (rnn_cells.cpp) ----
+
+struct CellDims {
+  int64_t B, H;
+};
+
+// gates_x and gates_h are (B, gates*H) of one dtype and device; biases, when given, (gates*H).
+CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates_x, const at::Tensor& gates_h,
+                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+
+// t is (B, H) like the cell's state.
+void check_state(const char* op, const char* arg, const at::Tensor& t, const CellDims& d, const at::Tensor& ref);
+
+}  // namespace convrnn
