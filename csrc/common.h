@@ -10,8 +10,13 @@
 #include <cstdint>
 #include <string>
 
+// Shared arithmetic is always inlined: on the CPU it must end up inside the cloned
+// (CONVRNN_CPU_CLONES) loops to be vectorised at their width; a call out of them runs the
+// baseline x86-64 code, where rint or fma are library calls.
 #if defined(__CUDACC__)
 #define CONVRNN_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define CONVRNN_HD inline __attribute__((always_inline))
 #else
 #define CONVRNN_HD inline
 #endif

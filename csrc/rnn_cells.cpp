@@ -14,6 +14,7 @@ CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates
               ": gates_x must be a (batch, ", gates, " * hidden_size) matrix, but got shape ", gates_x.sizes());
   check_same(op, "gates_h", gates_h, "gates_x", gates_x);
   check_shape(op, "gates_h", gates_h, gates_x.sizes());
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "convrnn.", op, ": b_ih and b_hh must be given together");
   const CellDims d{gates_x.size(0), gates_x.size(1) / gates};
   for (const auto& [name, b] : {std::pair<const char*, const std::optional<at::Tensor>&>{"b_ih", b_ih}, {"b_hh", b_hh}}) {
     if (b.has_value()) {
@@ -22,6 +23,13 @@ CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates
     }
   }
   return d;
+}
+
+CellDims check_workspace(const char* op, const at::Tensor& workspace) {
+  check_floating(op, "workspace", workspace);
+  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0, "convrnn.", op,
+              ": workspace must be the forward's (batch, 4 * hidden_size) workspace, but got shape ", workspace.sizes());
+  return {workspace.size(0), workspace.size(1) / 4};
 }
 
 void check_state(const char* op, const char* arg, const at::Tensor& t, const CellDims& d, const at::Tensor& ref) {

@@ -18,8 +18,8 @@ namespace convrnn {
 #if !defined(__CUDA_ARCH__)
 // exp(x) for float: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite), exp(r) by its degree-6
 // Taylor polynomial (relative error < 2e-7 on that range), 2^n through the exponent bits.
-inline float exp_poly(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+CONVRNN_HD float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // not fmin/fmax: their NaN rules block vectorising
   const float n = std::rint(x * 1.44269504088896341f);
   float r = std::fma(n, -0.693359375f, x);
   r = std::fma(n, 2.12194440e-4f, r);
@@ -61,7 +61,8 @@ CONVRNN_HD float tanh_of(float x) {
   p = std::fma(p, x2, 2.0f / 15.0f);
   p = std::fma(p, x2, -1.0f / 3.0f);
   const float small = std::fma(p * x2, x, x);
-  const float big = std::copysign(1.0f - 2.0f / (exp_poly(2.0f * a) + 1.0f), x);
+  const float mag = 1.0f - 2.0f / (exp_poly(2.0f * a) + 1.0f);
+  const float big = x < 0.0f ? -mag : mag;
   return a < 0.25f ? small : big;
 #endif
 }
@@ -150,9 +151,18 @@ struct CellDims {
   int64_t B, H;
 };
 
-// gates_x and gates_h are (B, gates*H) of one dtype and device; biases, when given, (gates*H).
+// gates_x and gates_h are (B, gates*H) of one dtype and device; biases, both or neither,
+// (gates*H).
 CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates_x, const at::Tensor& gates_h,
                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+
+// The backward's workspace: (B, 4H) from the forward; returns (B, H).
+CellDims check_workspace(const char* op, const at::Tensor& workspace);
+
+// Kernels index biases as contiguous vectors.
+inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
 
 // t is (B, H) like the cell's state.
 void check_state(const char* op, const char* arg, const at::Tensor& t, const CellDims& d, const at::Tensor& ref);

@@ -131,14 +131,14 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& gates_x, const Te
                                                  const OptTensor& b_ih, const OptTensor& b_hh) {
   const char* op = "lstm_cell_fused";
   const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh);
+  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
   check_state(op, "cx", cx, d, gates_x);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "convrnn.", op, ": b_ih and b_hh must be given together");
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), c = cx.contiguous();
   Tensor hy = at::empty({d.B, d.H}, gx.options()), cy = at::empty({d.B, d.H}, gx.options());
   Tensor ws = at::empty({d.B, 4 * d.H}, gx.options());
   if (hy.numel() == 0) return {hy, cy, ws};
   CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.lstm_cell_fused", [&] {
-    const scalar_t *bi = ptr_or_null<scalar_t>(b_ih), *bh = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t *bi = ptr_or_null<scalar_t>(bi_c), *bh = ptr_or_null<scalar_t>(bh_c);
     const int64_t H = d.H;
     for_rows(d.B, 4 * H, [&](int64_t b) {
       auto row = [&](auto bias) {
@@ -156,10 +156,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& gates_x, const Te
 std::tuple<Tensor, Tensor> lstm_cell_backward_cpu(const OptTensor& grad_hy, const OptTensor& grad_cy, const Tensor& cx,
                                                   const Tensor& cy, const Tensor& workspace) {
   const char* op = "lstm_cell_fused_backward";
-  check_floating(op, "workspace", workspace);
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0, "convrnn.", op,
-              ": workspace must be the forward's (batch, 4 * hidden_size) workspace, but got shape ", workspace.sizes());
-  const CellDims d{workspace.size(0), workspace.size(1) / 4};
+  const CellDims d = check_workspace(op, workspace);
   check_state(op, "cx", cx, d, workspace);
   check_state(op, "cy", cy, d, workspace);
   const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
@@ -184,13 +181,13 @@ std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& gates_x, const Tensor& gat
                                         const OptTensor& b_ih, const OptTensor& b_hh) {
   const char* op = "gru_cell_fused";
   const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh);
+  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
   check_state(op, "hx", hx, d, gates_x);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "convrnn.", op, ": b_ih and b_hh must be given together");
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), h = hx.contiguous();
   Tensor hy = at::empty({d.B, d.H}, gx.options()), ws = at::empty({d.B, 4 * d.H}, gx.options());
   if (hy.numel() == 0) return {hy, ws};
   CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.gru_cell_fused", [&] {
-    const scalar_t *bi = ptr_or_null<scalar_t>(b_ih), *bh = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t *bi = ptr_or_null<scalar_t>(bi_c), *bh = ptr_or_null<scalar_t>(bh_c);
     const int64_t H = d.H;
     for_rows(d.B, 3 * H, [&](int64_t b) {
       auto row = [&](auto bias) {
@@ -208,10 +205,7 @@ std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& gates_x, const Tensor& gat
 std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hx,
                                                          const Tensor& workspace) {
   const char* op = "gru_cell_fused_backward";
-  check_floating(op, "workspace", workspace);
-  TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0, "convrnn.", op,
-              ": workspace must be the forward's (batch, 4 * hidden_size) workspace, but got shape ", workspace.sizes());
-  const CellDims d{workspace.size(0), workspace.size(1) / 4};
+  const CellDims d = check_workspace(op, workspace);
   check_state(op, "hx", hx, d, workspace);
   check_state(op, "grad_hy", grad_hy, d, workspace);
   const Tensor ghy = grad_hy.contiguous(), h = hx.contiguous(), ws = workspace.contiguous();
@@ -233,12 +227,12 @@ Tensor rnn_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const OptTenso
                     bool relu) {
   const char* op = "rnn_cell_fused";
   const CellDims d = check_cell_gates(op, 1, gates_x, gates_h, b_ih, b_hh);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "convrnn.", op, ": b_ih and b_hh must be given together");
+  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous();
   Tensor hy = at::empty({d.B, d.H}, gx.options());
   if (hy.numel() == 0) return hy;
   CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.rnn_cell_fused", [&] {
-    const scalar_t *bi = ptr_or_null<scalar_t>(b_ih), *bh = ptr_or_null<scalar_t>(b_hh);
+    const scalar_t *bi = ptr_or_null<scalar_t>(bi_c), *bh = ptr_or_null<scalar_t>(bh_c);
     const int64_t H = d.H;
     for_rows(d.B, H, [&](int64_t b) {
       auto row = [&](auto bias) {
