@@ -57,3 +57,23 @@ def test_sanitizer_indices():
     a = ck.max_pool2d(x, 3, 2, 1, return_indices=True)
     b = ck.max_pool2d(x.cuda(), 3, 2, 1, return_indices=True)
     assert torch.equal(a[1], b[1].cpu())
+
+
+@pytest.mark.parametrize("cell", ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sanitizer_cells(cell, dtype):
+    gates = {"lstm_cell": 4, "gru_cell": 3}.get(cell, 1)
+    b, i, h = 3, 5, 7
+    args = [torch.randn(b, i), torch.randn(b, h)] + ([torch.randn(b, h)] if cell == "lstm_cell" else [])
+    args += [torch.randn(gates * h, i), torch.randn(gates * h, h), torch.randn(gates * h), torch.randn(gates * h)]
+    outs = []
+    for dev in ("cpu", "cuda"):
+        t = [a.to(dev, dtype).requires_grad_() for a in args]
+        fn = getattr(ck, cell)
+        y = fn(t[0], (t[1], t[2]), *t[3:]) if cell == "lstm_cell" else fn(*t)
+        y = sum(y) if isinstance(y, tuple) else y
+        y.sum().backward()
+        outs.append([y.float().cpu()] + [a.grad.float().cpu() for a in t])
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else {}
+    for a, b_ in zip(*outs):
+        torch.testing.assert_close(a, b_, **tol)

@@ -9,7 +9,7 @@ from typing import List
 
 from .core import Case
 
-CASE_MODULES = ("pooling", "lrn")
+CASE_MODULES = ("pooling", "lrn", "rnn")
 
 
 def load_cases(quick: bool = False) -> List[Case]:
