@@ -159,6 +159,16 @@ CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates
 // The backward's workspace: (B, 4H) from the forward; returns (B, H).
 CellDims check_workspace(const char* op, const at::Tensor& workspace);
 
+template <typename T>
+const T* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// An optional incoming gradient (undefined when autograd had none for that output).
+inline at::Tensor zeros_if_absent(const std::optional<at::Tensor>& t, const at::Tensor& like) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::zeros_like(like);
+}
+
 // Kernels index biases as contiguous vectors.
 inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;

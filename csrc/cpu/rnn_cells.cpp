@@ -15,11 +15,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-template <typename T>
-const T* ptr_or_null(const OptTensor& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
 // Sum of the two products and both biases for gate column k of a row.
 template <typename T, bool BIAS>
 CONVRNN_INLINE acc_t<T> pre(const T* gx, const T* gh, const T* bi, const T* bh, int64_t k) {
@@ -121,10 +116,6 @@ void for_rows(int64_t B, int64_t work_per_row, F&& f) {
   at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_row)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) f(b);
   });
-}
-
-Tensor zeros_if_absent(const OptTensor& t, const Tensor& like) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::zeros_like(like);
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,

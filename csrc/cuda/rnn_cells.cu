@@ -15,11 +15,6 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-template <typename T>
-const T* ptr_or_null(const OptTensor& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
 // Pre-activation of gate column k of row b: both products, and both biases when given.
 template <typename T, typename index_t>
 __device__ __forceinline__ acc_t<T> pre_at(const T* gx, const T* gh, const T* bi, const T* bh, index_t row,
@@ -131,10 +126,6 @@ __global__ void rnn_backward_kernel(const T* __restrict__ ghy, const T* __restri
     KERNEL<scalar_t, index_t><<<blocks_for(total), kThreads, 0, stream>>>(__VA_ARGS__);       \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
   })
-
-Tensor zeros_if_absent(const OptTensor& t, const Tensor& like) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::zeros_like(like);
-}
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,
                                                   const OptTensor& b_ih, const OptTensor& b_hh) {
