@@ -31,7 +31,7 @@ tail -3 "$out/tests.log" | tee -a "$out/summary.txt"
 
 step "compute-sanitizer memcheck (small CUDA subset)"
 if command -v compute-sanitizer > /dev/null; then
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     $py -m pytest tests -q -p no:cacheprovider -k "cuda and sanitizer" > "$out/sanitizer.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$out/sanitizer.log" | tail -3 | tee -a "$out/summary.txt"
 else
