@@ -7,8 +7,21 @@
 
 namespace convrnn {
 
+namespace {
+
+void check_states(const char* op, const CellDims& d, const at::Tensor& ref, const char* ref_name,
+                  std::initializer_list<NamedTensor> states) {
+  for (const auto& [name, t] : states) {
+    check_same(op, name, *t, ref_name, ref);
+    check_shape(op, name, *t, {d.B, d.H});
+  }
+}
+
+}  // namespace
+
 CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates_x, const at::Tensor& gates_h,
-                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                          std::initializer_list<NamedTensor> states) {
   check_floating(op, "gates_x", gates_x);
   TORCH_CHECK(gates_x.dim() == 2 && gates_x.size(1) % gates == 0, "convrnn.", op,
               ": gates_x must be a (batch, ", gates, " * hidden_size) matrix, but got shape ", gates_x.sizes());
@@ -22,19 +35,24 @@ CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates
       check_shape(op, name, *b, {gates * d.H});
     }
   }
+  check_states(op, d, gates_x, "gates_x", states);
   return d;
 }
 
-CellDims check_workspace(const char* op, const at::Tensor& workspace) {
+CellDims check_cell_backward(const char* op, const at::Tensor& workspace, std::initializer_list<NamedTensor> states) {
   check_floating(op, "workspace", workspace);
   TORCH_CHECK(workspace.dim() == 2 && workspace.size(1) % 4 == 0, "convrnn.", op,
               ": workspace must be the forward's (batch, 4 * hidden_size) workspace, but got shape ", workspace.sizes());
-  return {workspace.size(0), workspace.size(1) / 4};
+  const CellDims d{workspace.size(0), workspace.size(1) / 4};
+  check_states(op, d, workspace, "workspace", states);
+  return d;
 }
 
-void check_state(const char* op, const char* arg, const at::Tensor& t, const CellDims& d, const at::Tensor& ref) {
-  check_same(op, arg, t, "gates_x", ref);
-  check_shape(op, arg, t, {d.B, d.H});
+void check_rnn_backward(const char* op, const at::Tensor& grad_hy, const at::Tensor& hy) {
+  check_floating(op, "hy", hy);
+  TORCH_CHECK(hy.dim() == 2, "convrnn.", op, ": hy must be (batch, hidden_size), but got shape ", hy.sizes());
+  check_same(op, "grad_hy", grad_hy, "hy", hy);
+  check_shape(op, "grad_hy", grad_hy, hy.sizes());
 }
 
 }  // namespace convrnn

@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 
 #include "common.h"
 
@@ -151,13 +153,20 @@ struct CellDims {
   int64_t B, H;
 };
 
-// gates_x and gates_h are (B, gates*H) of one dtype and device; biases, both or neither,
-// (gates*H).
-CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates_x, const at::Tensor& gates_h,
-                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+// A state tensor and the argument name its errors use.
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
-// The backward's workspace: (B, 4H) from the forward; returns (B, H).
-CellDims check_workspace(const char* op, const at::Tensor& workspace);
+// Forward checks: gates_x and gates_h are (B, gates*H) of one dtype and device; biases, both
+// or neither, (gates*H); every state (B, H).
+CellDims check_cell_gates(const char* op, int64_t gates, const at::Tensor& gates_x, const at::Tensor& gates_h,
+                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                          std::initializer_list<NamedTensor> states = {});
+
+// Backward checks of the LSTM and GRU: the forward's (B, 4H) workspace, every state (B, H).
+CellDims check_cell_backward(const char* op, const at::Tensor& workspace, std::initializer_list<NamedTensor> states);
+
+// Backward checks of the vanilla RNN: grad_hy matches hy, a (B, H) matrix.
+void check_rnn_backward(const char* op, const at::Tensor& grad_hy, const at::Tensor& hy);
 
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {

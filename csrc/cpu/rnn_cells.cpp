@@ -121,9 +121,8 @@ void for_rows(int64_t B, int64_t work_per_row, F&& f) {
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,
                                                  const OptTensor& b_ih, const OptTensor& b_hh) {
   const char* op = "lstm_cell_fused";
-  const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh);
+  const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh, {{"cx", &cx}});
   const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  check_state(op, "cx", cx, d, gates_x);
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), c = cx.contiguous();
   Tensor hy = at::empty({d.B, d.H}, gx.options()), cy = at::empty({d.B, d.H}, gx.options());
   Tensor ws = at::empty({d.B, 4 * d.H}, gx.options());
@@ -147,12 +146,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& gates_x, const Te
 std::tuple<Tensor, Tensor> lstm_cell_backward_cpu(const OptTensor& grad_hy, const OptTensor& grad_cy, const Tensor& cx,
                                                   const Tensor& cy, const Tensor& workspace) {
   const char* op = "lstm_cell_fused_backward";
-  const CellDims d = check_workspace(op, workspace);
-  check_state(op, "cx", cx, d, workspace);
-  check_state(op, "cy", cy, d, workspace);
   const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
-  check_state(op, "grad_hy", ghy, d, workspace);
-  check_state(op, "grad_cy", gcy, d, workspace);
+  const CellDims d =
+      check_cell_backward(op, workspace, {{"cx", &cx}, {"cy", &cy}, {"grad_hy", &ghy}, {"grad_cy", &gcy}});
   const Tensor c = cx.contiguous(), c2 = cy.contiguous(), ws = workspace.contiguous();
   Tensor gg = at::empty({d.B, 4 * d.H}, ws.options()), gcx = at::empty({d.B, d.H}, ws.options());
   if (gcx.numel() == 0) return {gg, gcx};
@@ -171,9 +167,8 @@ std::tuple<Tensor, Tensor> lstm_cell_backward_cpu(const OptTensor& grad_hy, cons
 std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& hx,
                                         const OptTensor& b_ih, const OptTensor& b_hh) {
   const char* op = "gru_cell_fused";
-  const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh);
+  const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh, {{"hx", &hx}});
   const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  check_state(op, "hx", hx, d, gates_x);
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), h = hx.contiguous();
   Tensor hy = at::empty({d.B, d.H}, gx.options()), ws = at::empty({d.B, 4 * d.H}, gx.options());
   if (hy.numel() == 0) return {hy, ws};
@@ -196,9 +191,7 @@ std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& gates_x, const Tensor& gat
 std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hx,
                                                          const Tensor& workspace) {
   const char* op = "gru_cell_fused_backward";
-  const CellDims d = check_workspace(op, workspace);
-  check_state(op, "hx", hx, d, workspace);
-  check_state(op, "grad_hy", grad_hy, d, workspace);
+  const CellDims d = check_cell_backward(op, workspace, {{"hx", &hx}, {"grad_hy", &grad_hy}});
   const Tensor ghy = grad_hy.contiguous(), h = hx.contiguous(), ws = workspace.contiguous();
   Tensor gx = at::empty({d.B, 3 * d.H}, ws.options()), gh = at::empty({d.B, 3 * d.H}, ws.options());
   Tensor ghx = at::empty({d.B, d.H}, ws.options());
@@ -239,10 +232,7 @@ Tensor rnn_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const OptTenso
 
 Tensor rnn_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hy, bool relu) {
   const char* op = "rnn_cell_fused_backward";
-  check_floating(op, "hy", hy);
-  TORCH_CHECK(hy.dim() == 2, "convrnn.", op, ": hy must be (batch, hidden_size), but got shape ", hy.sizes());
-  check_same(op, "grad_hy", grad_hy, "hy", hy);
-  check_shape(op, "grad_hy", grad_hy, hy.sizes());
+  check_rnn_backward(op, grad_hy, hy);
   const Tensor g = grad_hy.contiguous(), h = hy.contiguous();
   Tensor gpre = at::empty(h.sizes(), h.options());
   if (gpre.numel() == 0) return gpre;

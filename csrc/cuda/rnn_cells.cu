@@ -130,9 +130,8 @@ __global__ void rnn_backward_kernel(const T* __restrict__ ghy, const T* __restri
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,
                                                   const OptTensor& b_ih, const OptTensor& b_hh) {
   const char* op = "lstm_cell_fused";
-  const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh);
+  const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh, {{"cx", &cx}});
   const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  check_state(op, "cx", cx, d, gates_x);
   const c10::cuda::CUDAGuard guard(gates_x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), c = cx.contiguous();
@@ -152,14 +151,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_cuda(const Tensor& gates_x, const T
 std::tuple<Tensor, Tensor> lstm_cell_backward_cuda(const OptTensor& grad_hy, const OptTensor& grad_cy,
                                                    const Tensor& cx, const Tensor& cy, const Tensor& workspace) {
   const char* op = "lstm_cell_fused_backward";
-  const CellDims d = check_workspace(op, workspace);
-  check_state(op, "cx", cx, d, workspace);
-  check_state(op, "cy", cy, d, workspace);
+  const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
+  const CellDims d =
+      check_cell_backward(op, workspace, {{"cx", &cx}, {"cy", &cy}, {"grad_hy", &ghy}, {"grad_cy", &gcy}});
   const c10::cuda::CUDAGuard guard(workspace.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
-  check_state(op, "grad_hy", ghy, d, workspace);
-  check_state(op, "grad_cy", gcy, d, workspace);
   const Tensor c = cx.contiguous(), c2 = cy.contiguous(), ws = workspace.contiguous();
   Tensor gg = at::empty({d.B, 4 * d.H}, ws.options()), gcx = at::empty({d.B, d.H}, ws.options());
   const int64_t total = gcx.numel();
@@ -176,9 +172,8 @@ std::tuple<Tensor, Tensor> lstm_cell_backward_cuda(const OptTensor& grad_hy, con
 std::tuple<Tensor, Tensor> gru_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const Tensor& hx,
                                          const OptTensor& b_ih, const OptTensor& b_hh) {
   const char* op = "gru_cell_fused";
-  const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh);
+  const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh, {{"hx", &hx}});
   const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  check_state(op, "hx", hx, d, gates_x);
   const c10::cuda::CUDAGuard guard(gates_x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), h = hx.contiguous();
@@ -197,9 +192,7 @@ std::tuple<Tensor, Tensor> gru_cell_cuda(const Tensor& gates_x, const Tensor& ga
 std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cuda(const Tensor& grad_hy, const Tensor& hx,
                                                           const Tensor& workspace) {
   const char* op = "gru_cell_fused_backward";
-  const CellDims d = check_workspace(op, workspace);
-  check_state(op, "hx", hx, d, workspace);
-  check_state(op, "grad_hy", grad_hy, d, workspace);
+  const CellDims d = check_cell_backward(op, workspace, {{"hx", &hx}, {"grad_hy", &grad_hy}});
   const c10::cuda::CUDAGuard guard(workspace.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor ghy = grad_hy.contiguous(), h = hx.contiguous(), ws = workspace.contiguous();
@@ -237,10 +230,7 @@ Tensor rnn_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const OptTens
 
 Tensor rnn_cell_backward_cuda(const Tensor& grad_hy, const Tensor& hy, bool relu) {
   const char* op = "rnn_cell_fused_backward";
-  check_floating(op, "hy", hy);
-  TORCH_CHECK(hy.dim() == 2, "convrnn.", op, ": hy must be (batch, hidden_size), but got shape ", hy.sizes());
-  check_same(op, "grad_hy", grad_hy, "hy", hy);
-  check_shape(op, "grad_hy", grad_hy, hy.sizes());
+  check_rnn_backward(op, grad_hy, hy);
   const c10::cuda::CUDAGuard guard(hy.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const Tensor g = grad_hy.contiguous(), h = hy.contiguous();
