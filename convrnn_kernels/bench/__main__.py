@@ -39,6 +39,7 @@ def parse_args(argv):
     p.add_argument("--formats", help="comma list of nchw,channels_last (default both)")
     p.add_argument("--directions", help="comma list of forward,forward+backward (default both)")
     p.add_argument("--quick", action="store_true", help="batch / 4 and short measurements: a smoke run")
+    p.add_argument("--seconds", type=float, help="measurement time per row (default 1, 0.15 with --quick)")
     p.add_argument("--out", default="bench-results.json", help="JSON file to write (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     ops = _choice(parser, args.ops, list(dict.fromkeys(c.op for c in all_cases)), "ops")
     cases = [c for c in all_cases if c.op in ops]
     cfg = Config(devices=args.devices, dtypes=args.dtypes, formats=args.formats,
-                 directions=args.directions, quick=args.quick)
+                 directions=args.directions, quick=args.quick, seconds=args.seconds)
     if args.list:
         _list(cases, cfg)
         return 0
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         if any(c.flops for c in cases):
             for dt in cfg.dtypes:
                 roof.flops_gflops(torch.device(d), DTYPES[dt])
-    meta = make_meta(cfg.devices, args.quick, roof, load)
+    meta = make_meta(cfg.devices, args.quick, roof, load, args.seconds)
     print(header(meta) + ("\n" + compute_peaks(meta) if roof.compute else ""), flush=True)
 
     progress = Progress(len(list(groups(cases, cfg))), enabled=not args.no_progress)

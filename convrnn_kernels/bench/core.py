@@ -176,12 +176,14 @@ def time_steps(steps: Sequence[Step], reps: int, device: torch.device,
     return marks
 
 
-def time_adaptive(steps: Sequence[Step], device, quick: bool, flush=None) -> Tuple[List[List[float]], int]:
+def time_adaptive(steps: Sequence[Step], device, quick: bool, flush=None,
+                  seconds: Optional[float] = None) -> Tuple[List[List[float]], int]:
     """All ms of each step, and the rep count.  Warm up once, time one rep to estimate the
-    cost, then repeat so that the whole measurement takes ~1 s (~0.15 s quick), >= 3 reps."""
+    cost, then repeat so that the whole measurement takes ~`seconds` (default 1 s, 0.15 s
+    quick), >= 3 reps."""
     time_steps(steps, 1, device, flush)
     estimate = sum(sum(t) for t in time_steps(steps, 1, device, flush)) / 1e3
-    budget = 0.15 if quick else 1.0
+    budget = seconds if seconds is not None else (0.15 if quick else 1.0)
     reps = int(min(1000, max(3, math.ceil(budget / max(estimate, 1e-6)))))
     return time_steps(steps, reps, device, flush), reps
 
@@ -262,6 +264,7 @@ class Config:
     formats: List[str]
     directions: List[str]
     quick: bool = False
+    seconds: Optional[float] = None  # measurement time per row; None: 1 s (0.15 s quick)
 
 
 def _nbytes(tensors) -> int:
@@ -348,11 +351,12 @@ class _Call:
         return True
 
 
-def _time_row(call: _Call, row: dict, dev: torch.device, dtype, quick: bool, roof, flush):
+def _time_row(call: _Call, row: dict, dev: torch.device, dtype, quick: bool, roof, flush,
+              seconds: Optional[float] = None):
     """Times ours and torch interleaved and derives speed-up, GB/s and the roofline shares."""
     steps = [Step(lambda fn=fn: _forward(fn, call.inputs, call.backward, call.grads), call.reset)
              for fn in (call.case.ours, call.case.torch_fn)]
-    (ours, ref), row["reps"] = time_adaptive(steps, dev, quick, flush)
+    (ours, ref), row["reps"] = time_adaptive(steps, dev, quick, flush, seconds)
     ours_ms, torch_ms = statistics.median(ours), statistics.median(ref)
     # The minima go to the JSON too: on a noisy shared machine they are the steadier figure.
     row.update(ours_ms=ours_ms, torch_ms=torch_ms, speedup=torch_ms / ours_ms,
@@ -380,7 +384,7 @@ def run_group(case: Case, device: str, dtype_name: str, fmt, cfg: Config, roof: 
         rows.append(row)
         call = _Call(case, base, direction == "forward+backward")
         if call.check(row, dtype):
-            _time_row(call, row, dev, dtype, cfg.quick, roof, flush)
+            _time_row(call, row, dev, dtype, cfg.quick, roof, flush, cfg.seconds)
     return rows
 
 

@@ -100,10 +100,11 @@ def load_average() -> Optional[float]:
         return None
 
 
-def make_meta(devices: Sequence[str], quick: bool, roof, load: Optional[float]) -> dict:
+def make_meta(devices: Sequence[str], quick: bool, roof, load: Optional[float],
+              seconds: Optional[float] = None) -> dict:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "torch": torch.__version__, "git_commit": git_commit(), "devices": device_names(devices),
-            "threads": torch.get_num_threads(), "quick": quick, "load_average_1min": load,
+            "threads": torch.get_num_threads(), "quick": quick, "seconds_per_row": seconds, "load_average_1min": load,
             "roofline_gbps": {d: v["gbps"] for d, v in roof.copy.items()},
             "roofline_detail": roof.copy, "compute_peak_gflops": roof.compute,
             "bytes_formula": BYTES_FORMULA}
