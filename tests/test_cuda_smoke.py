@@ -68,7 +68,7 @@ def test_sanitizer_cells(cell, dtype):
     args += [torch.randn(gates * h, i), torch.randn(gates * h, h), torch.randn(gates * h), torch.randn(gates * h)]
     outs = []
     for dev in ("cpu", "cuda"):
-        t = [a.to(dev, dtype).requires_grad_() for a in args]
+        t = [a.detach().to(dev, dtype).requires_grad_() for a in args]
         fn = getattr(ck, cell)
         y = fn(t[0], (t[1], t[2]), *t[3:]) if cell == "lstm_cell" else fn(*t)
         y = sum(y) if isinstance(y, tuple) else y

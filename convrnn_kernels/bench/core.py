@@ -65,7 +65,9 @@ class Case:
     or None for format-less cases); ours(*inputs) and torch_fn(*inputs) return a tensor or a
     tuple of tensors.  grad_inputs are the indices of the inputs differentiated in
     forward+backward.  flops, when given, maps a direction to its FLOP count and switches on
-    the compute roofline."""
+    the compute roofline.  check_fn, when given, replaces torch_fn as the answer ours is
+    checked against (where torch's own kernel is known to be wrong); torch_fn is still the one
+    timed."""
     op: str
     label: str                      # the layer, e.g. "VGG 2x2/2"
     shape: str                      # printed shape, e.g. "32x64x112x112 k2 s2 p0"
@@ -77,6 +79,7 @@ class Case:
     formats: Optional[Tuple[str, ...]] = FORMATS   # None: memory format does not apply
     flops: Optional[Dict[str, float]] = None
     goals: Tuple[Goal, ...] = ()
+    check_fn: Optional[Callable] = None
 
 
 def batch(n: int, quick: bool) -> int:
@@ -327,12 +330,15 @@ class _Call:
     def check(self, row: dict, dtype) -> bool:
         """Runs torch then ours once on the same inputs and upstream gradients and compares.
         A failure of torch itself (a dtype or device it lacks) skips the row; a failure of
-        ours marks it ERROR, a disagreement FAIL.  Also fills in the row's bytes moved."""
+        ours marks it ERROR, a disagreement FAIL.  Half types that miss the plain tolerance
+        get the tests' rule: ours within 2x torch's own error, both against the same call in
+        float32, plus the tolerance.  Also fills in the row's bytes moved."""
+        expected = self.case.check_fn or self.case.torch_fn
         try:
-            ref = _forward(self.case.torch_fn, self.inputs, False)
+            ref = _forward(expected, self.inputs, False)
             self.grads = [torch.randn_like(o) if o.is_floating_point() else None for o in ref]
             if self.backward:
-                ref = self(self.case.torch_fn)
+                ref = self(expected)
         except Exception as exc:  # noqa: BLE001 -- any torch failure means "cannot compare"
             row.update(check="SKIP", error="torch: " + _error_text(exc))
             return False
@@ -342,6 +348,8 @@ class _Call:
             row.update(check="ERROR", error="ours: " + _error_text(exc))
             return False
         ok, row["max_abs_err"], row["note"] = _compare(got, ref, dtype)
+        if not ok and dtype in (torch.float16, torch.bfloat16):
+            ok, row["note"] = self._half_rule(got, ref, expected, dtype)
         if not ok:
             row["check"] = "FAIL"
             return False
@@ -349,6 +357,25 @@ class _Call:
         row["bytes"] = _bytes_moved(self.inputs, outs, self.grads if self.backward else [],
                                     self.case.grad_inputs, self.backward)
         return True
+
+    def _half_rule(self, got, ref, expected, dtype) -> Tuple[bool, str]:
+        """Ours and torch's half results against `expected` run on float32 copies."""
+        up = _Call(self.case, [t.detach().float() if t.is_floating_point() else t for t in self.inputs],
+                   self.backward)
+        up.grads = [None if g is None else g.float() for g in self.grads]
+        ref32 = up(expected)
+        rtol, atol = TOLERANCES[dtype]
+        ok, worst_ours, worst_torch = True, 0.0, 0.0
+        for a, b, r in zip(got, ref, ref32):
+            if a is None or r is None or not r.is_floating_point():
+                continue
+            r = r.detach().double()
+            e_ours = (a.detach().double() - r).abs().nan_to_num(nan=math.inf).max().item() if r.numel() else 0.0
+            e_torch = (b.detach().double() - r).abs().nan_to_num(nan=math.inf).max().item() if r.numel() else 0.0
+            scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+            ok = ok and e_ours <= 2 * e_torch + atol * scale
+            worst_ours, worst_torch = max(worst_ours, e_ours), max(worst_torch, e_torch)
+        return ok, f"half rule vs float32: ours err {worst_ours:.3g}, torch err {worst_torch:.3g}"
 
 
 def _time_row(call: _Call, row: dict, dev: torch.device, dtype, quick: bool, roof, flush,
