@@ -31,7 +31,9 @@ fi
 $py -c "import convrnn_kernels as ck; print(ck.build_info())" 2>&1 | tee -a "$out/summary.txt"
 
 step "CUDA tests"
-timeout $(budget 240 200) $py -m pytest tests -q -k cuda -p no:cacheprovider --maxfail=200 -rf \
+# pytest-xdist, where present: a test that crashes its worker is reported, the rest still run
+xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout $(budget 240 200) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
   --durations=15 > "$out/tests.log" 2>&1 || status=1
 grep -E "^FAILED|^ERROR" "$out/tests.log" | head -40 | tee -a "$out/summary.txt"
 tail -1 "$out/tests.log" | tee -a "$out/summary.txt"
