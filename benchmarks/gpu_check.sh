@@ -30,6 +30,26 @@ if ! CONVRNN_CUDA_ARCHS="$cap" MAX_JOBS=$(nproc) timeout $(budget 300 300) $py s
 fi
 $py -c "import convrnn_kernels as ck; print(ck.build_info())" 2>&1 | tee -a "$out/summary.txt"
 
+# Toolchain probe.  A C++ error message that formats an integer runs ostream code that g++
+# emitted into our .so from its own headers; when that g++ is newer than the libstdc++ the
+# Python process loads (the lent machine's /opt/gcc against the system's), it segfaults
+# (seen 2026-11-25).  Then preload the compiler's own libstdc++, which is backward compatible.
+probe() { $py -c "
+import torch, convrnn_kernels
+try:
+    torch.ops.convrnn.avg_pool2d(torch.randn(1, 1, 2, 2), [3, 3], [3, 3], [0, 0], False, True, None)
+except RuntimeError as e:
+    assert 'too small' in str(e), e
+" > /dev/null 2>&1; }
+cxx=${CXX:-g++}
+echo "compiler: $($cxx --version 2>/dev/null | head -1) ($(command -v $cxx))" | tee -a "$out/summary.txt"
+if ! probe; then
+  libcxx=$($cxx -print-file-name=libstdc++.so.6)
+  echo "error-message probe crashed; loaded: $($py -c "import torch; print([l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l][0])" 2>&1); preloading $libcxx" | tee -a "$out/summary.txt"
+  export LD_PRELOAD="$libcxx${LD_PRELOAD:+:$LD_PRELOAD}"
+  probe && echo "probe passes with the preload" | tee -a "$out/summary.txt" || echo "PROBE STILL CRASHES" | tee -a "$out/summary.txt"
+fi
+
 step "CUDA tests"
 # pytest-xdist, where present: a test that crashes its worker is reported, the rest still run
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
