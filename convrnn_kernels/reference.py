@@ -1,7 +1,7 @@
 """Pure-PyTorch references for the pooling and normalisation ops, written from the definitions.
 
 They never call the torch op they stand in for (no F.max_pool2d, F.avg_pool2d,
-F.local_response_norm, avg_pool3d): windows are built from explicit tap indices (max pool),
+F.local_response_norm, avg_pool3d, F.conv2d): windows are built from explicit tap indices (max pool),
 pad + unfold (avg pool) or a loop over channel offsets (LRN), so a bug shared by torch and a
 kernel does not hide.  The tests and the benchmark's correctness pass compare against them.
 
@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["pool_output_size", "max_pool2d", "avg_pool2d", "local_response_norm"]
+__all__ = ["pool_output_size", "max_pool2d", "avg_pool2d", "local_response_norm", "conv2d"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -202,3 +202,52 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
         acc = acc + padded.narrow(1, t, C)
     out = x / (k + alpha / size * acc) ** beta
     return out.to(input.dtype)
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
+           groups: int = 1) -> torch.Tensor:
+    """out[n, k, p, q] = bias[k] + sum over c in k's group, r, s of
+    weight[k, c, r, s] * x[n, g*Cg + c, p*sh - ph + r*dh, q*sw - pw + s*dw] (zero outside the
+    image), as a sum over the R x S taps of strided slices of the zero-padded input, each
+    contracted with one tap of the weight (einsum); accumulates in float64.  padding may be
+    'valid' or 'same' (stride 1; the odd extra zero goes to the bottom/right, as torch's)."""
+    op = "conv2d"
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    if input.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"reference.{op}: input must be 3-D or 4-D and weight 4-D")
+    sh, sw = _pair(op, "stride", stride)
+    dh, dw = _pair(op, "dilation", dilation)
+    K, Cg, R, S = weight.shape
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            th, tw = dh * (R - 1), dw * (S - 1)
+            pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            raise ValueError(f"reference.{op}: unknown padding {padding!r}")
+    else:
+        ph, pw = _pair(op, "padding", padding)
+        pads = (pw, pw, ph, ph)
+    N, C, H, W = input.shape
+    if C != Cg * groups or K % groups:
+        raise ValueError(f"reference.{op}: channels do not match weight and groups")
+    x = torch.nn.functional.pad(input.to(torch.float64), pads)
+    w = weight.to(torch.float64)
+    Hp, Wp = x.shape[2], x.shape[3]
+    P, Q = (Hp - dh * (R - 1) - 1) // sh + 1, (Wp - dw * (S - 1) - 1) // sw + 1
+    xg = x.reshape(N, groups, Cg, Hp, Wp)
+    wg = w.reshape(groups, K // groups, Cg, R, S)
+    out = x.new_zeros(N, groups, K // groups, P, Q)
+    for r in range(R):
+        for s_ in range(S):
+            patch = xg[:, :, :, r * dh: r * dh + sh * (P - 1) + 1: sh, s_ * dw: s_ * dw + sw * (Q - 1) + 1: sw]
+            out = out + torch.einsum("ngcpq,gkc->ngkpq", patch, wg[:, :, :, r, s_])
+    out = out.reshape(N, K, P, Q)
+    if bias is not None:
+        out = out + bias.to(torch.float64).view(1, K, 1, 1)
+    out = out.to(input.dtype)
+    return out.squeeze(0) if unbatched else out

@@ -9,7 +9,7 @@ from typing import List
 
 from .core import Case
 
-CASE_MODULES = ("pooling", "lrn", "rnn")
+CASE_MODULES = ("pooling", "lrn", "conv", "rnn")
 
 
 def load_cases(quick: bool = False) -> List[Case]:

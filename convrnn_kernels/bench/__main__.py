@@ -40,6 +40,9 @@ def parse_args(argv):
     p.add_argument("--directions", help="comma list of forward,forward+backward (default both)")
     p.add_argument("--quick", action="store_true", help="batch / 4 and short measurements: a smoke run")
     p.add_argument("--seconds", type=float, help="measurement time per row (default 1, 0.15 with --quick)")
+    p.add_argument("--tf32", choices=("off", "on"), default="off",
+                   help="TF32 for float32 matrix work on CUDA, on both sides (torch.backends.cudnn.allow_tf32 "
+                        "and cuda.matmul.allow_tf32; default off)")
     p.add_argument("--out", default="bench-results.json", help="JSON file to write (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
         _list(cases, cfg)
         return 0
 
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     load = load_average()  # before the rooflines below add their own load
     # Rooflines first, on a quiet machine: the copy bandwidth of every device, and the matmul
     # peak only where some selected case declares its FLOPs.
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
             for dt in cfg.dtypes:
                 roof.flops_gflops(torch.device(d), DTYPES[dt])
     meta = make_meta(cfg.devices, args.quick, roof, load, args.seconds)
+    meta["tf32"] = args.tf32 == "on"  # both sides: cuDNN and our float32 CUDA kernels read the same flag
     print(header(meta) + ("\n" + compute_peaks(meta) if roof.compute else ""), flush=True)
 
     progress = Progress(len(list(groups(cases, cfg))), enabled=not args.no_progress)

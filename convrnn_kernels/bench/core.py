@@ -44,16 +44,20 @@ class Goal:
     direction: Optional[str] = None
     speedup: Optional[float] = None        # torch ms / ours ms at least this
     roofline_pct: Optional[float] = None   # % of the measured copy bandwidth at least this
+    min_speedup: Optional[float] = None    # and no shape of the group below this speed-up
+    label: Optional[str] = None            # judged on this layer's rows only (None: all shapes)
 
     def matches(self, key: Dict[str, str]) -> bool:
         return all(getattr(self, k) in (None, key[k]) for k in ("device", "dtype", "format", "direction"))
 
     def describe(self) -> str:
-        parts = []
+        parts = [f"{self.label}:"] if self.label else []
         if self.speedup is not None:
             parts.append(f">={self.speedup:g}x")
         if self.roofline_pct is not None:
             parts.append(f">={self.roofline_pct:g}% roofline")
+        if self.min_speedup is not None:
+            parts.append(f"each >={self.min_speedup:g}x")
         return " and ".join(parts)
 
 
@@ -191,21 +195,48 @@ def time_adaptive(steps: Sequence[Step], device, quick: bool, flush=None,
     return time_steps(steps, reps, device, flush), reps
 
 
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_mib(step: Step, device) -> Optional[float]:
-    """Extra CUDA memory one call needs at its peak (outputs and workspace), in MiB; None on
-    CPU, where the allocator keeps no such statistic."""
-    if device.type != "cuda":
-        return None
+    """Extra memory one call needs at its peak (outputs and workspace), in MiB.  CUDA: the
+    caching allocator's peak over what was allocated before.  CPU (Linux): the growth of the
+    process's peak resident set over its resident set before the call (memory the allocator
+    kept from earlier calls is reused without showing up, so this can undercount); None
+    where /proc offers neither."""
     step.setup()
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step.run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if not _reset_peak_rss():
+        return None
+    base = _proc_status_kib("VmRSS")
     step.run()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    peak = _proc_status_kib("VmHWM")
+    return None if base is None or peak is None else max(0, peak - base) / 1024
 
-
-# ---- rooflines ----------------------------------------------------------------------------
 
 def copy_roofline_gbps(device: torch.device, quick: bool) -> Tuple[float, int]:
     """Memory roofline: GB/s of dst.copy_(src) for a float32 tensor of 512 MiB (CPU) or

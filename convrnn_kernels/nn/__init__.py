@@ -2,8 +2,9 @@
 
 Each subclasses its torch.nn namesake, so the constructor signature, attributes, repr,
 state_dict and isinstance checks are torch's; only forward runs our kernels."""
+from .conv import Conv2d
 from .normalization import LocalResponseNorm
 from .pooling import AvgPool2d, MaxPool2d
 from .rnn import GRUCell, LSTMCell, RNNCell
 
-__all__ = ["MaxPool2d", "AvgPool2d", "LocalResponseNorm", "RNNCell", "GRUCell", "LSTMCell"]
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "LocalResponseNorm", "RNNCell", "GRUCell", "LSTMCell"]
