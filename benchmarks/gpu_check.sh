@@ -5,7 +5,8 @@
 #   1. builds the extension in place with all cores, for the GPU that is present;
 #   2. runs the CUDA tests;
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
-#   4. runs the benchmark on cuda;
+#   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16; then conv2d
+#      float32 with TF32 on);
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
 # Usage: benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
@@ -21,7 +22,7 @@ deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
 budget() { local cap=$1 reserve=$2 left=$(( deadline - $(date +%s) - $2 ));
            (( left < cap )) && cap=$left; (( cap < 10 )) && cap=10; echo $cap; }
 
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >> "$out/summary.txt" 2>&1
 cap=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 
 step "build (CONVRNN_CUDA_ARCHS=$cap, MAX_JOBS=$(nproc))"
@@ -68,9 +69,12 @@ else
 fi
 
 step "benchmark on cuda"
-timeout $(budget 240 5) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16 --no-progress \
-  --seconds ${BENCH_SECONDS:-0.25} \
-  --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
-tail -25 "$out/bench.txt"
+timeout $(budget 300 60) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
+  --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
+tail -45 "$out/bench.txt"
+step "benchmark on cuda: conv2d float32 with TF32 on (both sides)"
+timeout $(budget 60 5) $py -m convrnn_kernels.bench --devices cuda --ops conv2d --dtypes float32 --tf32 on \
+  --no-progress --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench-tf32.json" >> "$out/bench.txt" 2>&1 || status=1
+grep -A4 "^Geomean" "$out/bench.txt" | tail -5
 step "done (status $status)"
 exit $status
