@@ -114,12 +114,13 @@ CONVRNN_CPU_CLONES void fwd_rows_generic(const T* __restrict in, int64_t in_ps, 
 
 // part[l][o] += sum_q x[q*x_ps + l] * go[q*go_ps + o] for l < L, o < valid.
 template <typename T>
-CONVRNN_CPU_CLONES void wgt_rows_generic(const T* __restrict x, int64_t x_ps, int64_t L, const T* __restrict go,
-                                         int64_t go_ps, int64_t width, int64_t valid, int64_t npix,
-                                         T* __restrict part) {
-  for (int64_t q = 0; q < npix; ++q) {
-    const T* xq = x + q * x_ps;
-    const T* gq = go + q * go_ps;
+CONVRNN_CPU_CLONES void wgt_rows_generic(const T* __restrict x, int64_t x_ps, int64_t x_rs, int64_t L,
+                                         const T* __restrict go, int64_t go_ps, int64_t go_rs, int64_t width,
+                                         int64_t valid, int64_t nrows, int64_t npix, T* __restrict part) {
+  for (int64_t j = 0; j < nrows * npix; ++j) {
+    const int64_t row = j / npix, q = j % npix;
+    const T* xq = x + row * x_rs + q * x_ps;
+    const T* gq = go + row * go_rs + q * go_ps;
     for (int64_t l = 0; l < L; ++l) {
       const T xv = xq[l];
       T* pr = part + l * width;
@@ -252,24 +253,29 @@ CONVRNN_AVX512 void fwd_rows_avx512(const float* in, int64_t in_ps, const int64_
 
 // Weight gradient: CB reduction values x NV vectors, summed over npix pixels.
 template <int CB, int NV>
-CONVRNN_AVX512 void wgt_block_avx512(const float* __restrict x, int64_t x_ps, const float* __restrict go,
-                                     int64_t go_ps, int64_t npix, float* __restrict part, __mmask16 last) {
+CONVRNN_AVX512 void wgt_block_avx512(const float* __restrict x, int64_t x_ps, int64_t x_rs, const float* __restrict go,
+                                     int64_t go_ps, int64_t go_rs, int64_t nrows, int64_t npix,
+                                     float* __restrict part, __mmask16 last) {
   __m512 acc[CB][NV];
 #pragma GCC unroll 32
   for (int i = 0; i < CB; ++i)
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_loadu_ps(part + i * NV * 16 + 16 * v);
-  for (int64_t q = 0; q < npix; ++q) {
-    __m512 gv[NV];
+  for (int64_t row = 0; row < nrows; ++row) {
+    const float* xr = x + row * x_rs;
+    const float* gr = go + row * go_rs;
+    for (int64_t q = 0; q < npix; ++q) {
+      __m512 gv[NV];
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v)
-      gv[v] = v < NV - 1 ? _mm512_loadu_ps(go + q * go_ps + 16 * v) : _mm512_maskz_loadu_ps(last, go + q * go_ps + 16 * v);
-    const float* xq = x + q * x_ps;
+      for (int v = 0; v < NV; ++v)
+        gv[v] = v < NV - 1 ? _mm512_loadu_ps(gr + q * go_ps + 16 * v) : _mm512_maskz_loadu_ps(last, gr + q * go_ps + 16 * v);
+      const float* xq = xr + q * x_ps;
 #pragma GCC unroll 32
-    for (int i = 0; i < CB; ++i) {
-      const __m512 xb = _mm512_set1_ps(xq[i]);
+      for (int i = 0; i < CB; ++i) {
+        const __m512 xb = _mm512_set1_ps(xq[i]);
 #pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, gv[v], acc[i][v]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, gv[v], acc[i][v]);
+      }
     }
   }
 #pragma GCC unroll 32
@@ -279,13 +285,14 @@ CONVRNN_AVX512 void wgt_block_avx512(const float* __restrict x, int64_t x_ps, co
 }
 
 template <int NV, int CB>
-CONVRNN_AVX512 void wgt_rows_nv(const float* x, int64_t x_ps, int64_t L, const float* go, int64_t go_ps,
-                                int64_t npix, float* part, __mmask16 last) {
+CONVRNN_AVX512 void wgt_rows_nv(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go, int64_t go_ps,
+                                int64_t go_rs, int64_t nrows, int64_t npix, float* part, __mmask16 last) {
   int64_t l = 0;
-  for (; l + CB <= L; l += CB) wgt_block_avx512<CB, NV>(x + l, x_ps, go, go_ps, npix, part + l * NV * 16, last);
+  for (; l + CB <= L; l += CB)
+    wgt_block_avx512<CB, NV>(x + l, x_ps, x_rs, go, go_ps, go_rs, nrows, npix, part + l * NV * 16, last);
 #define CONVRNN_WGT_TAIL(cb)                                                                     \
   if (cb < CB && L - l >= cb) {                                                                  \
-    wgt_block_avx512<(cb < CB ? cb : 1), NV>(x + l, x_ps, go, go_ps, npix, part + l * NV * 16, last); \
+    wgt_block_avx512<(cb < CB ? cb : 1), NV>(x + l, x_ps, x_rs, go, go_ps, go_rs, nrows, npix, part + l * NV * 16, last); \
     l += cb;                                                                                     \
   }
   CONVRNN_WGT_TAIL(16)
@@ -296,14 +303,15 @@ CONVRNN_AVX512 void wgt_rows_nv(const float* x, int64_t x_ps, int64_t L, const f
 #undef CONVRNN_WGT_TAIL
 }
 
-CONVRNN_AVX512 void wgt_rows_avx512(const float* x, int64_t x_ps, int64_t L, const float* go, int64_t go_ps,
-                                    int64_t width, int64_t valid, int64_t npix, float* part) {
+CONVRNN_AVX512 void wgt_rows_avx512(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go,
+                                    int64_t go_ps, int64_t go_rs, int64_t width, int64_t valid, int64_t nrows,
+                                    int64_t npix, float* part) {
   const __mmask16 last = lane_mask(valid - (width - 16));
   switch (width / 16) {
-    case 4: wgt_rows_nv<4, 6>(x, x_ps, L, go, go_ps, npix, part, last); break;
-    case 3: wgt_rows_nv<3, 8>(x, x_ps, L, go, go_ps, npix, part, last); break;
-    case 2: wgt_rows_nv<2, 12>(x, x_ps, L, go, go_ps, npix, part, last); break;
-    default: wgt_rows_nv<1, 24>(x, x_ps, L, go, go_ps, npix, part, last); break;
+    case 4: wgt_rows_nv<4, 6>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+    case 3: wgt_rows_nv<3, 8>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+    case 2: wgt_rows_nv<2, 12>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+    default: wgt_rows_nv<1, 24>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
   }
 }
 
@@ -432,16 +440,23 @@ void fwd_rows(const T* in, int64_t in_ps, const TapList& taps, const T* w, const
 }
 
 template <typename T>
-void wgt_rows(const T* x, int64_t x_ps, int64_t L, const T* go, int64_t go_ps, const Block& b, int64_t npix,
-              T* part) {
+void wgt_rows(const T* x, int64_t x_ps, int64_t x_rs, int64_t L, const T* go, int64_t go_ps, int64_t go_rs,
+              const Block& b, int64_t nrows, int64_t npix, T* part) {
 #ifdef CONVRNN_CONV_AVX512
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, L, reinterpret_cast<const float*>(go), go_ps, b.width,
-                    b.valid, npix, reinterpret_cast<float*>(part));
+    wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs,
+                    b.width, b.valid, nrows, npix, reinterpret_cast<float*>(part));
     return;
   }
 #endif
-  wgt_rows_generic<T>(x, x_ps, L, go, go_ps, b.width, b.valid, npix, part);
+  wgt_rows_generic<T>(x, x_ps, x_rs, L, go, go_ps, go_rs, b.width, b.valid, nrows, npix, part);
+}
+
+// pb[k] += sum over npix pixels of go[q*K + k].
+template <typename T>
+CONVRNN_CPU_CLONES void add_pixels(T* __restrict pb, const T* __restrict go, int64_t npix, int64_t K) {
+  for (int64_t q = 0; q < npix; ++q)
+    for (int64_t k = 0; k < K; ++k) pb[k] += go[q * K + k];
 }
 
 template <typename T>
@@ -482,20 +497,118 @@ bool depthwise_path(const Conv2d& g) { return g.depthwise() && g.Kg == 1; }
 bool fold_forward(const Conv2d& g) { return g.groups == 1 && g.dw == 1; }
 bool fold_backward_data(const Conv2d& g) { return g.groups == 1 && g.dw == 1 && g.sw == 1; }
 
-// A zero-padded NHWC copy (N, H + 2*ph, W + 2*pw, C) of a 4-D (N, C, H, W) tensor, in dtype `dt`.
+// ---- layout copies (torch's copy_ of a permuted view runs ~1 GB/s here; these are tiled) ----
+
+// Rows [0, nrows) of one NCHW image (C planes of H x W) into NHWC rows of a (Hp, Wp, C)
+// buffer at (top, left): dst[(h+top)*Wp + left + w][c] = src[c][h][w].  16 x 16 tiles.
+template <typename T>
+CONVRNN_CPU_CLONES void nchw_rows_to_nhwc(const T* __restrict src, T* __restrict dst, int64_t C, int64_t H,
+                                          int64_t W, int64_t h0, int64_t h1, int64_t Wp, int64_t left) {
+  constexpr int64_t TB = 16;
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* s = src + h * W;
+    T* d = dst + (h * Wp + left) * C;
+    for (int64_t c0 = 0; c0 < C; c0 += TB) {
+      const int64_t nc = std::min(TB, C - c0);
+      for (int64_t w0 = 0; w0 < W; w0 += TB) {
+        const int64_t nw = std::min(TB, W - w0);
+        if (nc == TB && nw == TB) {
+          for (int64_t w = 0; w < TB; ++w)
+            for (int64_t c = 0; c < TB; ++c) d[(w0 + w) * C + c0 + c] = s[(c0 + c) * H * W + w0 + w];
+        } else {
+          for (int64_t w = 0; w < nw; ++w)
+            for (int64_t c = 0; c < nc; ++c) d[(w0 + w) * C + c0 + c] = s[(c0 + c) * H * W + w0 + w];
+        }
+      }
+    }
+  }
+}
+
+// The reverse: dst[c][h][w] = src[h*W + w][c] for rows [h0, h1) of one image.
+template <typename T>
+CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict dst, int64_t C, int64_t H,
+                                          int64_t W, int64_t h0, int64_t h1) {
+  constexpr int64_t TB = 16;
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* s = src + h * W * C;
+    T* d = dst + h * W;
+    for (int64_t c0 = 0; c0 < C; c0 += TB) {
+      const int64_t nc = std::min(TB, C - c0);
+      for (int64_t w0 = 0; w0 < W; w0 += TB) {
+        const int64_t nw = std::min(TB, W - w0);
+        if (nc == TB && nw == TB) {
+          for (int64_t c = 0; c < TB; ++c)
+            for (int64_t w = 0; w < TB; ++w) d[(c0 + c) * H * W + w0 + w] = s[(w0 + w) * C + c0 + c];
+        } else {
+          for (int64_t c = 0; c < nc; ++c)
+            for (int64_t w = 0; w < nw; ++w) d[(c0 + c) * H * W + w0 + w] = s[(w0 + w) * C + c0 + c];
+        }
+      }
+    }
+  }
+}
+
+// A zero-padded NHWC copy (N, H+top+bottom, W+left+right, C) of a 4-D (N, C, H, W) tensor in
+// dtype `dt` (a view without copy where the tensor is already NHWC and no padding is asked).
 Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right, at::ScalarType dt) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
-  if (top == 0 && bottom == 0 && left == 0 && right == 0) {
-    return t.to(dt).contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});
-  }
-  Tensor p = at::empty({N, H + top + bottom, W + left + right, C}, t.options().dtype(dt));
-  if (top > 0) p.narrow(1, 0, top).zero_();
-  if (bottom > 0) p.narrow(1, top + H, bottom).zero_();
-  Tensor mid = p.narrow(1, top, H);
-  if (left > 0) mid.narrow(2, 0, left).zero_();
-  if (right > 0) mid.narrow(2, left + W, right).zero_();
-  mid.narrow(2, left, W).copy_(t.permute({0, 2, 3, 1}));
+  const bool cl = image_format(t) == at::MemoryFormat::ChannelsLast;
+  const Tensor src = t.to(dt).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (cl && top == 0 && bottom == 0 && left == 0 && right == 0) return src.permute({0, 2, 3, 1});
+  const int64_t Hp = H + top + bottom, Wp = W + left + right;
+  Tensor p = at::empty({N, Hp, Wp, C}, src.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(dt, "convrnn.conv2d_layout", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    scalar_t* d = p.data_ptr<scalar_t>();
+    const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+    const int64_t tasks_per_image = ceil_div(Hp, rows_per_task);
+    at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / tasks_per_image;
+        const int64_t r0 = (task % tasks_per_image) * rows_per_task, r1 = std::min(Hp, r0 + rows_per_task);
+        scalar_t* di = d + n * Hp * Wp * C;
+        for (int64_t r = r0; r < r1; ++r) {  // zero the margins of these rows
+          if (r < top || r >= top + H) {
+            std::fill(di + r * Wp * C, di + (r + 1) * Wp * C, scalar_t(0));
+          } else {
+            std::fill(di + r * Wp * C, di + (r * Wp + left) * C, scalar_t(0));
+            std::fill(di + (r * Wp + left + W) * C, di + (r + 1) * Wp * C, scalar_t(0));
+          }
+        }
+        const int64_t h0 = std::max<int64_t>(r0 - top, 0), h1 = std::min<int64_t>(r1 - top, H);
+        if (h1 <= h0) continue;
+        if (cl) {
+          for (int64_t h = h0; h < h1; ++h)
+            std::copy(s + (n * H + h) * W * C, s + (n * H + h + 1) * W * C, di + ((h + top) * Wp + left) * C);
+        } else {
+          nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left);
+        }
+      }
+    });
+  });
   return p;
+}
+
+// An (N, C, H, W) result computed in NHWC (channels_last strides, compute dtype) in the
+// layout g.format and dtype `out_dtype`.
+Tensor to_format(const Tensor& nhwc, const Conv2d& g, at::ScalarType out_dtype) {
+  if (g.format == at::MemoryFormat::ChannelsLast) return nhwc.to(out_dtype);
+  const int64_t N = nhwc.size(0), C = nhwc.size(1), H = nhwc.size(2), W = nhwc.size(3);
+  Tensor out = at::empty({N, C, H, W}, nhwc.options());
+  AT_DISPATCH_FLOATING_TYPES(nhwc.scalar_type(), "convrnn.conv2d_layout", [&] {
+    const scalar_t* s = nhwc.const_data_ptr<scalar_t>();
+    scalar_t* d = out.data_ptr<scalar_t>();
+    const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+    const int64_t tasks_per_image = ceil_div(H, rows_per_task);
+    at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / tasks_per_image;
+        const int64_t h0 = (task % tasks_per_image) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
+        nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1);
+      }
+    });
+  });
+  return out.to(out_dtype);
 }
 
 // Packed weights of every group, [g][block][r][s][l][width] (the general engine's layout).
@@ -727,30 +840,33 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
         taps.w.push_back(r * g.S + s);
       }
   }
+  const int64_t rows_per_tile = std::max<int64_t>(1, ceil_div(256, g.Q));
   at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* pw = part_w + c * psize;
       std::fill(pw, pw + psize, T(0));
       T* pb = part_b != nullptr ? part_b + c * g.K : nullptr;
       if (pb != nullptr) std::fill(pb, pb + g.K, T(0));
-      for (int64_t row = ch.begin(c); row < ch.begin(c + 1); ++row) {
+      if (pb != nullptr) add_pixels<T>(pb, go + ch.begin(c) * g.Q * g.K, (ch.begin(c + 1) - ch.begin(c)) * g.Q, g.K);
+      // Tiles of whole output rows (one image) of about kTilePixels pixels.
+      for (int64_t row = ch.begin(c); row < ch.begin(c + 1);) {
         const int64_t n = row / g.P, p = row % g.P;
+        const int64_t nrows = std::min({rows_per_tile, ch.begin(c + 1) - row, g.P - p});
         const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
         const T* gr_row = go + row * g.Q * g.K;
-        if (pb != nullptr) {
-          for (int64_t q = 0; q < g.Q; ++q)
-            for (int64_t k = 0; k < g.K; ++k) pb[k] += gr_row[q * g.K + k];
-        }
+        row += nrows;
         if (dw_path) {
-          dw_wgt_rows<T>(in, g.sw * g.C, taps, gr_row, g.K, g.C, g.Q, pw, wstride);
+          for (int64_t j = 0; j < nrows; ++j)
+            dw_wgt_rows<T>(in + j * g.sh * Wp * g.C, g.sw * g.C, taps, gr_row + j * g.Q * g.K, g.K, g.C, g.Q, pw,
+                           wstride);
           continue;
         }
         for (int64_t gr = 0; gr < g.groups; ++gr) {
           for (int t = 0; t < taps.size(); ++t) {
             for (const Block& b : blocks) {
               T* dst = pw + gr * gsize + b.o0 * g.R * g.S * g.Cg + taps.w[t] * taps.L * b.width;
-              wgt_rows<T>(in + taps.in[t] + gr * g.Cg, g.sw * g.C, taps.L, gr_row + gr * g.Kg + b.o0, g.K, b, g.Q,
-                          dst);
+              wgt_rows<T>(in + taps.in[t] + gr * g.Cg, g.sw * g.C, g.sh * Wp * g.C, taps.L, gr_row + gr * g.Kg + b.o0,
+                          g.K, g.Q * g.K, b, nrows, g.Q, dst);
             }
           }
         }
@@ -786,12 +902,6 @@ void reduce_weight(const T* part_w, int64_t psize, int64_t count, const Conv2d& 
 // Entry points.
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-Tensor to_format(Tensor nhwc_as_nchw, const Conv2d& g, at::ScalarType out_dtype) {
-  // nhwc_as_nchw: an (N, C, H, W) tensor with channels_last strides in the compute dtype.
-  if (nhwc_as_nchw.scalar_type() != out_dtype) nhwc_as_nchw = nhwc_as_nchw.to(out_dtype);
-  return nhwc_as_nchw.contiguous(g.format);
-}
 
 Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -843,7 +953,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     gi = to_format(gx, g, dt);
   }
   if (output_mask[1] || output_mask[2]) {
-    const Tensor go = grad_output.to(ct).contiguous(at::MemoryFormat::ChannelsLast);  // (N, K, P, Q) NHWC data
+    const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct);  // (N, P, Q, K)
     const Chunks ch = weight_chunks(g);
     const int64_t psize = depthwise_path(g) ? g.R * g.S * round_up(g.C, kLanes)
                                             : packed_group_size(g.Kg, g.R * g.S * g.Cg) * g.groups;
@@ -875,9 +985,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
         std::vector<T> part_b(ch.count * g.K, T(0));
         at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
           for (int64_t c = c0; c < c1; ++c) {
-            T* pb = part_b.data() + c * g.K;
-            for (int64_t px = ch.begin(c) * g.Q; px < ch.begin(c + 1) * g.Q; ++px)
-              for (int64_t k = 0; k < g.K; ++k) pb[k] += gop[px * g.K + k];
+            add_pixels<T>(part_b.data() + c * g.K, gop + ch.begin(c) * g.Q * g.K,
+                          (ch.begin(c + 1) - ch.begin(c)) * g.Q, g.K);
           }
         });
         Tensor gbc = at::empty({g.K}, opts.dtype(ct));
