@@ -1,0 +1,1012 @@
+// CPU conv2d forward and backward: direct convolution, no im2col buffer, no GEMM call.
+//
+// Layout.  The kernels work in NHWC: the input is copied once into a zero-padded NHWC
+// buffer xpad (N, H+2ph, W+2pw, C) (a view, no copy, for channels_last input without
+// padding), so that no tap ever needs a bounds test; outputs are computed in NHWC and turned
+// into NCHW by one copy when g.format asks for it.  Half types are converted to float32
+// copies, run through the float kernels and converted back.
+//
+// One engine, "rows of pixels times a tap list", runs all three passes:
+//   out[pix][o] = sum_t sum_l in[pix*in_ps + tap_in[t] + l] * Wpk[tap_w[t]][l][o]
+// with the output channels o in blocks of up to 64 (4 AVX-512 vectors).  The float32
+// AVX-512 micro-kernel keeps PB pixels x NV vectors of accumulators in registers (6 x 4,
+// 8 x 3, 12 x 2, 12 x 1), broadcasts one input value per pixel and multiplies it with NV
+// weight vectors.  Where the taps of one filter row are contiguous in memory (groups == 1,
+// column dilation 1) the S taps and the C channels of a row fold into one reduction of
+// length S*C (this is what makes the 1- and 3-channel first layers run at full width).
+//  - forward: in = xpad, in_ps = sw*C, out = y; weights packed per group as
+//    [k-block][r][s][c][64]; bias initialises the accumulators.
+//  - backward data: the same engine with C and K swapped: in = grad_output copied into a
+//    zero-padded NHWC buffer, weights packed as [c-block][r][S-1-s][k][64].  Input pixels
+//    are processed by phase ((i+ph) mod sh, (j+pw) mod sw): every pixel of one phase has the
+//    same valid taps, so a register block of same-phase pixels (output stride sw*C, input
+//    stride K) needs no per-pixel test.  Every grad_input element is written exactly once.
+//  - backward weight: acc[CB input values][NV output-channel vectors] summed over the Q
+//    pixels of one output row, added into a per-chunk partial of the packed weight shape.
+//    The N*P output rows are cut into a number of chunks fixed by the shape alone (at most
+//    8); chunks run in parallel, each summing its rows in order, and the partials are then
+//    added in chunk order: the result does not depend on the threads.  The bias gradient
+//    is reduced the same way.
+// Depthwise convolutions (groups == C, one output per channel) vectorise over channels
+// instead (per-tap weight vectors, 6 pixels x 4 vectors of 16 channels); with a channel
+// multiplier > 1 they go through the general engine (Cg = 1).
+// Work split: forward tasks are output rows (n, p); backward-data tasks are input rows
+// (n, i); backward-weight tasks are the chunks.  float64 and CPUs without AVX-512 run
+// portable versions of the same micro-kernels (plain loops the compiler vectorises).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "conv2d.h"
+
+namespace convrnn {
+namespace {
+
+using at::Tensor;
+
+constexpr int kLanes = 16;     // width of a packed channel group (one float AVX-512 vector)
+constexpr int kBlock = 64;     // output channels per register block (4 vectors)
+constexpr int kMaxChunks = 8;  // weight-gradient partials
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A channel block: channels [o0, o0 + valid) of a group, packed `width` (multiple of 16) wide.
+struct Block {
+  int64_t o0, valid, width;
+};
+
+std::vector<Block> channel_blocks(int64_t n) {
+  std::vector<Block> b;
+  for (int64_t o0 = 0; o0 < n; o0 += kBlock) {
+    const int64_t v = std::min<int64_t>(kBlock, n - o0);
+    b.push_back({o0, v, round_up(v, kLanes)});
+  }
+  return b;
+}
+
+// Size of one group's packed weights: blocks of 64 (the last narrower) x taps x L.
+int64_t packed_group_size(int64_t n, int64_t taps_x_len) { return round_up(n, kLanes) * taps_x_len; }
+
+// A tap list: input offsets (elements) and packed-weight tap indices.
+struct TapList {
+  std::vector<int64_t> in, w;
+  int64_t L = 0;  // reduction length per tap
+  int size() const { return static_cast<int>(in.size()); }
+};
+
+// ----------------------------------------------------------------------------------------
+// Portable micro-kernels (any T; float without AVX-512, double).
+
+// out[q][o] for q < npix, o < valid of one block (packed width `width`).
+template <typename T>
+CONVRNN_CPU_CLONES void fwd_rows_generic(const T* __restrict in, int64_t in_ps, const int64_t* tin,
+                                         const int64_t* tw, int nt, int64_t L, const T* __restrict w, int64_t width,
+                                         int64_t valid, T* __restrict out, int64_t out_ps, int64_t npix,
+                                         const T* __restrict bias) {
+  constexpr int PB = 4;
+  T acc[PB][kBlock];
+  for (int64_t q0 = 0; q0 < npix; q0 += PB) {
+    const int pb = static_cast<int>(std::min<int64_t>(PB, npix - q0));
+    for (int p = 0; p < PB; ++p)
+      for (int64_t o = 0; o < width; ++o) acc[p][o] = (bias != nullptr && o < valid) ? bias[o] : T(0);
+    for (int t = 0; t < nt; ++t) {
+      const T* x = in + q0 * in_ps + tin[t];
+      const T* wt = w + tw[t] * L * width;
+      for (int64_t l = 0; l < L; ++l) {
+        const T* wr = wt + l * width;
+        for (int p = 0; p < pb; ++p) {
+          const T xv = x[p * in_ps + l];
+          for (int64_t o = 0; o < width; ++o) acc[p][o] += xv * wr[o];
+        }
+      }
+    }
+    for (int p = 0; p < pb; ++p)
+      for (int64_t o = 0; o < valid; ++o) out[(q0 + p) * out_ps + o] = acc[p][o];
+  }
+}
+
+// part[l][o] += sum_q x[q*x_ps + l] * go[q*go_ps + o] for l < L, o < valid.
+template <typename T>
+CONVRNN_CPU_CLONES void wgt_rows_generic(const T* __restrict x, int64_t x_ps, int64_t x_rs, int64_t L,
+                                         const T* __restrict go, int64_t go_ps, int64_t go_rs, int64_t width,
+                                         int64_t valid, int64_t nrows, int64_t npix, T* __restrict part) {
+  for (int64_t j = 0; j < nrows * npix; ++j) {
+    const int64_t row = j / npix, q = j % npix;
+    const T* xq = x + row * x_rs + q * x_ps;
+    const T* gq = go + row * go_rs + q * go_ps;
+    for (int64_t l = 0; l < L; ++l) {
+      const T xv = xq[l];
+      T* pr = part + l * width;
+      for (int64_t o = 0; o < valid; ++o) pr[o] += xv * gq[o];
+    }
+  }
+}
+
+// Depthwise: out[q][c] = (bias) + sum_t in[q*in_ps + tin[t] + c] * w[tw[t]*wstride + c], c < nc.
+template <typename T>
+CONVRNN_CPU_CLONES void dw_rows_generic(const T* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
+                                        int nt, const T* __restrict w, int64_t wstride, int64_t nc,
+                                        T* __restrict out, int64_t out_ps, int64_t npix, const T* __restrict bias) {
+  for (int64_t q = 0; q < npix; ++q) {
+    T* o = out + q * out_ps;
+    for (int64_t c = 0; c < nc; ++c) o[c] = bias != nullptr ? bias[c] : T(0);
+    for (int t = 0; t < nt; ++t) {
+      const T* x = in + q * in_ps + tin[t];
+      const T* wt = w + tw[t] * wstride;
+      for (int64_t c = 0; c < nc; ++c) o[c] += x[c] * wt[c];
+    }
+  }
+}
+
+// Depthwise weight gradient: part[t*wstride + c] += sum_q go[q*go_ps + c] * x[q*x_ps + tin[t] + c].
+template <typename T>
+CONVRNN_CPU_CLONES void dw_wgt_rows_generic(const T* __restrict x, int64_t x_ps, const int64_t* tin, int nt,
+                                            const T* __restrict go, int64_t go_ps, int64_t nc, int64_t npix,
+                                            T* __restrict part, int64_t wstride) {
+  for (int64_t q = 0; q < npix; ++q) {
+    for (int t = 0; t < nt; ++t) {
+      const T* xq = x + q * x_ps + tin[t];
+      const T* gq = go + q * go_ps;
+      T* pr = part + t * wstride;
+      for (int64_t c = 0; c < nc; ++c) pr[c] += gq[c] * xq[c];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------
+// float32 AVX-512 micro-kernels.
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define CONVRNN_CONV_AVX512 1
+#define CONVRNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+}
+
+// PB pixels x NV vectors; `last` masks the final vector's loads/stores (bias) and stores.
+template <int PB, int NV>
+CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
+                                     int nt, int64_t L, const float* __restrict w, float* __restrict out,
+                                     int64_t out_ps, const float* __restrict bias, __mmask16 last) {
+  __m512 acc[PB][NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+                     : v < NV - 1    ? _mm512_loadu_ps(bias + 16 * v)
+                                     : _mm512_maskz_loadu_ps(last, bias + 16 * v);
+#pragma GCC unroll 16
+    for (int p = 0; p < PB; ++p) acc[p][v] = b;
+  }
+  const int64_t wstep = L * NV * 16;
+  for (int t = 0; t < nt; ++t) {
+    const float* x = in + tin[t];
+    const float* wt = w + tw[t] * wstep;
+    for (int64_t l = 0; l < L; ++l) {
+      __m512 wv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wt + l * NV * 16 + 16 * v);
+#pragma GCC unroll 16
+      for (int p = 0; p < PB; ++p) {
+        const __m512 xb = _mm512_set1_ps(x[p * in_ps + l]);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(xb, wv[v], acc[p][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < PB; ++p) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      if (v < NV - 1) {
+        _mm512_storeu_ps(out + p * out_ps + 16 * v, acc[p][v]);
+      } else {
+        _mm512_mask_storeu_ps(out + p * out_ps + 16 * v, last, acc[p][v]);
+      }
+    }
+  }
+}
+
+template <int NV, int PB>
+CONVRNN_AVX512 void fwd_rows_nv(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
+                                int64_t L, const float* w, float* out, int64_t out_ps, int64_t npix,
+                                const float* bias, __mmask16 last) {
+  int64_t q = 0;
+  for (; q + PB <= npix; q += PB)
+    fwd_block_avx512<PB, NV>(in + q * in_ps, in_ps, tin, tw, nt, L, w, out + q * out_ps, out_ps, bias, last);
+#define CONVRNN_FWD_TAIL(pb)                                                                                   \
+  if (pb < PB && npix - q >= pb) {                                                                             \
+    fwd_block_avx512<(pb < PB ? pb : 1), NV>(in + q * in_ps, in_ps, tin, tw, nt, L, w, out + q * out_ps, out_ps, \
+                                             bias, last);                                                      \
+    q += pb;                                                                                                   \
+  }
+  CONVRNN_FWD_TAIL(8)
+  CONVRNN_FWD_TAIL(4)
+  CONVRNN_FWD_TAIL(2)
+  CONVRNN_FWD_TAIL(1)
+#undef CONVRNN_FWD_TAIL
+}
+
+CONVRNN_AVX512 void fwd_rows_avx512(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
+                                    int64_t L, const float* w, int64_t width, int64_t valid, float* out,
+                                    int64_t out_ps, int64_t npix, const float* bias) {
+  const __mmask16 last = lane_mask(valid - (width - 16));
+  switch (width / 16) {
+    case 4: fwd_rows_nv<4, 6>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
+    case 3: fwd_rows_nv<3, 8>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
+    case 2: fwd_rows_nv<2, 12>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
+    default: fwd_rows_nv<1, 12>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
+  }
+}
+
+// Weight gradient: CB reduction values x NV vectors, summed over npix pixels.
+template <int CB, int NV>
+CONVRNN_AVX512 void wgt_block_avx512(const float* __restrict x, int64_t x_ps, int64_t x_rs, const float* __restrict go,
+                                     int64_t go_ps, int64_t go_rs, int64_t nrows, int64_t npix,
+                                     float* __restrict part, __mmask16 last) {
+  __m512 acc[CB][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < CB; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_loadu_ps(part + i * NV * 16 + 16 * v);
+  for (int64_t row = 0; row < nrows; ++row) {
+    const float* xr = x + row * x_rs;
+    const float* gr = go + row * go_rs;
+    for (int64_t q = 0; q < npix; ++q) {
+      __m512 gv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v)
+        gv[v] = v < NV - 1 ? _mm512_loadu_ps(gr + q * go_ps + 16 * v) : _mm512_maskz_loadu_ps(last, gr + q * go_ps + 16 * v);
+      const float* xq = xr + q * x_ps;
+#pragma GCC unroll 32
+      for (int i = 0; i < CB; ++i) {
+        const __m512 xb = _mm512_set1_ps(xq[i]);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(xb, gv[v], acc[i][v]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < CB; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(part + i * NV * 16 + 16 * v, acc[i][v]);
+}
+
+template <int NV, int CB>
+CONVRNN_AVX512 void wgt_rows_nv(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go, int64_t go_ps,
+                                int64_t go_rs, int64_t nrows, int64_t npix, float* part, __mmask16 last) {
+  int64_t l = 0;
+  for (; l + CB <= L; l += CB)
+    wgt_block_avx512<CB, NV>(x + l, x_ps, x_rs, go, go_ps, go_rs, nrows, npix, part + l * NV * 16, last);
+#define CONVRNN_WGT_TAIL(cb)                                                                     \
+  if (cb < CB && L - l >= cb) {                                                                  \
+    wgt_block_avx512<(cb < CB ? cb : 1), NV>(x + l, x_ps, x_rs, go, go_ps, go_rs, nrows, npix, part + l * NV * 16, last); \
+    l += cb;                                                                                     \
+  }
+  CONVRNN_WGT_TAIL(16)
+  CONVRNN_WGT_TAIL(8)
+  CONVRNN_WGT_TAIL(4)
+  CONVRNN_WGT_TAIL(2)
+  CONVRNN_WGT_TAIL(1)
+#undef CONVRNN_WGT_TAIL
+}
+
+CONVRNN_AVX512 void wgt_rows_avx512(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go,
+                                    int64_t go_ps, int64_t go_rs, int64_t width, int64_t valid, int64_t nrows,
+                                    int64_t npix, float* part) {
+  const __mmask16 last = lane_mask(valid - (width - 16));
+  switch (width / 16) {
+    case 4: wgt_rows_nv<4, 6>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+    case 3: wgt_rows_nv<3, 8>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+    case 2: wgt_rows_nv<2, 12>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+    default: wgt_rows_nv<1, 24>(x, x_ps, x_rs, L, go, go_ps, go_rs, nrows, npix, part, last); break;
+  }
+}
+
+// Depthwise: PB pixels x NV vectors of channels; one input load per FMA, weights per tap.
+template <int PB, int NV>
+CONVRNN_AVX512 void dw_block_avx512(const float* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
+                                    int nt, const float* __restrict w, int64_t wstride, float* __restrict out,
+                                    int64_t out_ps, const float* __restrict bias, __mmask16 last) {
+  __m512 acc[PB][NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+                     : v < NV - 1    ? _mm512_loadu_ps(bias + 16 * v)
+                                     : _mm512_maskz_loadu_ps(last, bias + 16 * v);
+#pragma GCC unroll 16
+    for (int p = 0; p < PB; ++p) acc[p][v] = b;
+  }
+  for (int t = 0; t < nt; ++t) {
+    const float* x = in + tin[t];
+    const float* wt = w + tw[t] * wstride;
+    __m512 wv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wt + 16 * v);  // packed: padded to 16
+#pragma GCC unroll 16
+    for (int p = 0; p < PB; ++p) {
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m512 xv = v < NV - 1 ? _mm512_loadu_ps(x + p * in_ps + 16 * v)
+                                     : _mm512_maskz_loadu_ps(last, x + p * in_ps + 16 * v);
+        acc[p][v] = _mm512_fmadd_ps(xv, wv[v], acc[p][v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < PB; ++p) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      if (v < NV - 1) {
+        _mm512_storeu_ps(out + p * out_ps + 16 * v, acc[p][v]);
+      } else {
+        _mm512_mask_storeu_ps(out + p * out_ps + 16 * v, last, acc[p][v]);
+      }
+    }
+  }
+}
+
+template <int NV, int PB>
+CONVRNN_AVX512 void dw_rows_nv(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
+                               const float* w, int64_t wstride, float* out, int64_t out_ps, int64_t npix,
+                               const float* bias, __mmask16 last) {
+  int64_t q = 0;
+  for (; q + PB <= npix; q += PB)
+    dw_block_avx512<PB, NV>(in + q * in_ps, in_ps, tin, tw, nt, w, wstride, out + q * out_ps, out_ps, bias, last);
+  for (; q < npix; ++q)
+    dw_block_avx512<1, NV>(in + q * in_ps, in_ps, tin, tw, nt, w, wstride, out + q * out_ps, out_ps, bias, last);
+}
+
+CONVRNN_AVX512 void dw_rows_avx512(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
+                                   const float* w, int64_t wstride, int64_t nc, float* out, int64_t out_ps,
+                                   int64_t npix, const float* bias) {
+  const int64_t width = round_up(nc, 16);
+  const __mmask16 last = lane_mask(nc - (width - 16));
+  switch (width / 16) {
+    case 4: dw_rows_nv<4, 6>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
+    case 3: dw_rows_nv<3, 8>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
+    case 2: dw_rows_nv<2, 12>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
+    default: dw_rows_nv<1, 12>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
+  }
+}
+
+// Depthwise weight gradient for 16 channels: TB taps in registers over npix pixels.
+template <int TB>
+CONVRNN_AVX512 void dw_wgt_block_avx512(const float* __restrict x, int64_t x_ps, const int64_t* tin,
+                                        const float* __restrict go, int64_t go_ps, int64_t npix,
+                                        float* __restrict part, int64_t wstride, __mmask16 m) {
+  __m512 acc[TB];
+#pragma GCC unroll 32
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_loadu_ps(part + t * wstride);
+  for (int64_t q = 0; q < npix; ++q) {
+    const __m512 gv = _mm512_maskz_loadu_ps(m, go + q * go_ps);
+    const float* xq = x + q * x_ps;
+#pragma GCC unroll 32
+    for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, xq + tin[t]), acc[t]);
+  }
+#pragma GCC unroll 32
+  for (int t = 0; t < TB; ++t) _mm512_storeu_ps(part + t * wstride, acc[t]);
+}
+
+CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64_t* tin, int nt, const float* go,
+                                       int64_t go_ps, int64_t nc, int64_t npix, float* part, int64_t wstride) {
+  for (int64_t c = 0; c < nc; c += 16) {
+    const __mmask16 m = lane_mask(nc - c);
+    int t = 0;
+    for (; t + 16 <= nt; t += 16) dw_wgt_block_avx512<16>(x + c, x_ps, tin + t, go + c, go_ps, npix, part + t * wstride + c, wstride, m);
+#define CONVRNN_DWW_TAIL(tb)                                                                            \
+  if (nt - t >= tb) {                                                                                   \
+    dw_wgt_block_avx512<tb>(x + c, x_ps, tin + t, go + c, go_ps, npix, part + t * wstride + c, wstride, m); \
+    t += tb;                                                                                            \
+  }
+    CONVRNN_DWW_TAIL(8)
+    CONVRNN_DWW_TAIL(4)
+    CONVRNN_DWW_TAIL(2)
+    CONVRNN_DWW_TAIL(1)
+#undef CONVRNN_DWW_TAIL
+  }
+}
+#endif  // AVX-512
+
+// ----------------------------------------------------------------------------------------
+// Dispatch between the AVX-512 and portable micro-kernels.
+
+template <typename T>
+void fwd_rows(const T* in, int64_t in_ps, const TapList& taps, const T* w, const Block& b, T* out, int64_t out_ps,
+              int64_t npix, const T* bias) {
+  if (npix <= 0) return;
+#ifdef CONVRNN_CONV_AVX512
+  if (std::is_same<T, float>::value && cpu_has_avx512f()) {
+    fwd_rows_avx512(reinterpret_cast<const float*>(in), in_ps, taps.in.data(), taps.w.data(), taps.size(), taps.L,
+                    reinterpret_cast<const float*>(w), b.width, b.valid, reinterpret_cast<float*>(out), out_ps,
+                    npix, reinterpret_cast<const float*>(bias));
+    return;
+  }
+#endif
+  fwd_rows_generic<T>(in, in_ps, taps.in.data(), taps.w.data(), taps.size(), taps.L, w, b.width, b.valid, out, out_ps,
+                      npix, bias);
+}
+
+template <typename T>
+void wgt_rows(const T* x, int64_t x_ps, int64_t x_rs, int64_t L, const T* go, int64_t go_ps, int64_t go_rs,
+              const Block& b, int64_t nrows, int64_t npix, T* part) {
+#ifdef CONVRNN_CONV_AVX512
+  if (std::is_same<T, float>::value && cpu_has_avx512f()) {
+    wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs,
+                    b.width, b.valid, nrows, npix, reinterpret_cast<float*>(part));
+    return;
+  }
+#endif
+  wgt_rows_generic<T>(x, x_ps, x_rs, L, go, go_ps, go_rs, b.width, b.valid, nrows, npix, part);
+}
+
+// pb[k] += sum over npix pixels of go[q*K + k].
+template <typename T>
+CONVRNN_CPU_CLONES void add_pixels(T* __restrict pb, const T* __restrict go, int64_t npix, int64_t K) {
+  for (int64_t q = 0; q < npix; ++q)
+    for (int64_t k = 0; k < K; ++k) pb[k] += go[q * K + k];
+}
+
+template <typename T>
+void dw_rows(const T* in, int64_t in_ps, const TapList& taps, const T* w, int64_t wstride, int64_t nc, T* out,
+             int64_t out_ps, int64_t npix, const T* bias) {
+  if (npix <= 0) return;
+#ifdef CONVRNN_CONV_AVX512
+  if (std::is_same<T, float>::value && cpu_has_avx512f()) {
+    dw_rows_avx512(reinterpret_cast<const float*>(in), in_ps, taps.in.data(), taps.w.data(), taps.size(),
+                   reinterpret_cast<const float*>(w), wstride, nc, reinterpret_cast<float*>(out), out_ps, npix,
+                   reinterpret_cast<const float*>(bias));
+    return;
+  }
+#endif
+  dw_rows_generic<T>(in, in_ps, taps.in.data(), taps.w.data(), taps.size(), w, wstride, nc, out, out_ps, npix, bias);
+}
+
+template <typename T>
+void dw_wgt_rows(const T* x, int64_t x_ps, const TapList& taps, const T* go, int64_t go_ps, int64_t nc, int64_t npix,
+                 T* part, int64_t wstride) {
+#ifdef CONVRNN_CONV_AVX512
+  if (std::is_same<T, float>::value && cpu_has_avx512f()) {
+    dw_wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, taps.in.data(), taps.size(),
+                       reinterpret_cast<const float*>(go), go_ps, nc, npix, reinterpret_cast<float*>(part), wstride);
+    return;
+  }
+#endif
+  dw_wgt_rows_generic<T>(x, x_ps, taps.in.data(), taps.size(), go, go_ps, nc, npix, part, wstride);
+}
+
+// ----------------------------------------------------------------------------------------
+// Layouts.
+
+// Depthwise with one output per channel: vectorised over channels.
+bool depthwise_path(const Conv2d& g) { return g.depthwise() && g.Kg == 1; }
+
+// Fold the S taps and C channels of a filter row into one reduction (contiguous in NHWC).
+bool fold_forward(const Conv2d& g) { return g.groups == 1 && g.dw == 1; }
+bool fold_backward_data(const Conv2d& g) { return g.groups == 1 && g.dw == 1 && g.sw == 1; }
+
+// ---- layout copies (torch's copy_ of a permuted view runs ~1 GB/s here; these are tiled) ----
+
+// Rows [0, nrows) of one NCHW image (C planes of H x W) into NHWC rows of a (Hp, Wp, C)
+// buffer at (top, left): dst[(h+top)*Wp + left + w][c] = src[c][h][w].  16 x 16 tiles.
+template <typename T>
+CONVRNN_CPU_CLONES void nchw_rows_to_nhwc(const T* __restrict src, T* __restrict dst, int64_t C, int64_t H,
+                                          int64_t W, int64_t h0, int64_t h1, int64_t Wp, int64_t left) {
+  constexpr int64_t TB = 16;
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* s = src + h * W;
+    T* d = dst + (h * Wp + left) * C;
+    for (int64_t c0 = 0; c0 < C; c0 += TB) {
+      const int64_t nc = std::min(TB, C - c0);
+      for (int64_t w0 = 0; w0 < W; w0 += TB) {
+        const int64_t nw = std::min(TB, W - w0);
+        if (nc == TB && nw == TB) {
+          for (int64_t w = 0; w < TB; ++w)
+            for (int64_t c = 0; c < TB; ++c) d[(w0 + w) * C + c0 + c] = s[(c0 + c) * H * W + w0 + w];
+        } else {
+          for (int64_t w = 0; w < nw; ++w)
+            for (int64_t c = 0; c < nc; ++c) d[(w0 + w) * C + c0 + c] = s[(c0 + c) * H * W + w0 + w];
+        }
+      }
+    }
+  }
+}
+
+// The reverse: dst[c][h][w] = src[h*W + w][c] for rows [h0, h1) of one image.
+template <typename T>
+CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict dst, int64_t C, int64_t H,
+                                          int64_t W, int64_t h0, int64_t h1) {
+  constexpr int64_t TB = 16;
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* s = src + h * W * C;
+    T* d = dst + h * W;
+    for (int64_t c0 = 0; c0 < C; c0 += TB) {
+      const int64_t nc = std::min(TB, C - c0);
+      for (int64_t w0 = 0; w0 < W; w0 += TB) {
+        const int64_t nw = std::min(TB, W - w0);
+        if (nc == TB && nw == TB) {
+          for (int64_t c = 0; c < TB; ++c)
+            for (int64_t w = 0; w < TB; ++w) d[(c0 + c) * H * W + w0 + w] = s[(w0 + w) * C + c0 + c];
+        } else {
+          for (int64_t c = 0; c < nc; ++c)
+            for (int64_t w = 0; w < nw; ++w) d[(c0 + c) * H * W + w0 + w] = s[(w0 + w) * C + c0 + c];
+        }
+      }
+    }
+  }
+}
+
+// A zero-padded NHWC copy (N, H+top+bottom, W+left+right, C) of a 4-D (N, C, H, W) tensor in
+// dtype `dt` (a view without copy where the tensor is already NHWC and no padding is asked).
+Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right, at::ScalarType dt) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  const bool cl = image_format(t) == at::MemoryFormat::ChannelsLast;
+  const Tensor src = t.to(dt).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (cl && top == 0 && bottom == 0 && left == 0 && right == 0) return src.permute({0, 2, 3, 1});
+  const int64_t Hp = H + top + bottom, Wp = W + left + right;
+  Tensor p = at::empty({N, Hp, Wp, C}, src.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(dt, "convrnn.conv2d_layout", [&] {
+    const scalar_t* s = src.const_data_ptr<scalar_t>();
+    scalar_t* d = p.data_ptr<scalar_t>();
+    const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+    const int64_t tasks_per_image = ceil_div(Hp, rows_per_task);
+    at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / tasks_per_image;
+        const int64_t r0 = (task % tasks_per_image) * rows_per_task, r1 = std::min(Hp, r0 + rows_per_task);
+        scalar_t* di = d + n * Hp * Wp * C;
+        for (int64_t r = r0; r < r1; ++r) {  // zero the margins of these rows
+          if (r < top || r >= top + H) {
+            std::fill(di + r * Wp * C, di + (r + 1) * Wp * C, scalar_t(0));
+          } else {
+            std::fill(di + r * Wp * C, di + (r * Wp + left) * C, scalar_t(0));
+            std::fill(di + (r * Wp + left + W) * C, di + (r + 1) * Wp * C, scalar_t(0));
+          }
+        }
+        const int64_t h0 = std::max<int64_t>(r0 - top, 0), h1 = std::min<int64_t>(r1 - top, H);
+        if (h1 <= h0) continue;
+        if (cl) {
+          for (int64_t h = h0; h < h1; ++h)
+            std::copy(s + (n * H + h) * W * C, s + (n * H + h + 1) * W * C, di + ((h + top) * Wp + left) * C);
+        } else {
+          nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left);
+        }
+      }
+    });
+  });
+  return p;
+}
+
+// An (N, C, H, W) result computed in NHWC (channels_last strides, compute dtype) in the
+// layout g.format and dtype `out_dtype`.
+Tensor to_format(const Tensor& nhwc, const Conv2d& g, at::ScalarType out_dtype) {
+  if (g.format == at::MemoryFormat::ChannelsLast) return nhwc.to(out_dtype);
+  const int64_t N = nhwc.size(0), C = nhwc.size(1), H = nhwc.size(2), W = nhwc.size(3);
+  Tensor out = at::empty({N, C, H, W}, nhwc.options());
+  AT_DISPATCH_FLOATING_TYPES(nhwc.scalar_type(), "convrnn.conv2d_layout", [&] {
+    const scalar_t* s = nhwc.const_data_ptr<scalar_t>();
+    scalar_t* d = out.data_ptr<scalar_t>();
+    const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+    const int64_t tasks_per_image = ceil_div(H, rows_per_task);
+    at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t n = task / tasks_per_image;
+        const int64_t h0 = (task % tasks_per_image) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
+        nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1);
+      }
+    });
+  });
+  return out.to(out_dtype);
+}
+
+// Packed weights of every group, [g][block][r][s][l][width] (the general engine's layout).
+// Forward: the blocks run over Kg outputs and l over Cg inputs.  Backward data: the blocks
+// run over Cg and l over Kg, with the columns reversed (s' = S-1-s).
+template <typename T>
+std::vector<T> pack_weights(const T* w, const Conv2d& g, bool backward_data) {
+  const int64_t O = backward_data ? g.Cg : g.Kg, Lc = backward_data ? g.Kg : g.Cg;
+  const int64_t RS = g.R * g.S, gsize = packed_group_size(O, RS * Lc);
+  std::vector<T> pk(gsize * g.groups, T(0));
+  const auto blocks = channel_blocks(O);
+  at::parallel_for(0, g.groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t gr = g0; gr < g1; ++gr) {
+      for (const Block& b : blocks) {
+        T* dst = pk.data() + gr * gsize + b.o0 * RS * Lc;
+        for (int64_t r = 0; r < g.R; ++r)
+          for (int64_t s = 0; s < g.S; ++s)
+            for (int64_t l = 0; l < Lc; ++l)
+              for (int64_t o = 0; o < b.valid; ++o) {
+                const int64_t k = backward_data ? l : b.o0 + o, c = backward_data ? b.o0 + o : l;
+                const int64_t ss = backward_data ? g.S - 1 - s : s;
+                dst[((r * g.S + s) * Lc + l) * b.width + o] = w[(((gr * g.Kg + k) * g.Cg + c) * g.R + r) * g.S + ss];
+              }
+      }
+    }
+  });
+  return pk;
+}
+
+// ----------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+void forward_general(const T* xp, int64_t Hp, int64_t Wp, const T* w, const T* bias, T* y, const Conv2d& g) {
+  const std::vector<T> pk = pack_weights<T>(w, g, false);
+  const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
+  const auto blocks = channel_blocks(g.Kg);
+  TapList taps;
+  if (fold_forward(g)) {
+    taps.L = g.S * g.C;
+    for (int64_t r = 0; r < g.R; ++r) {
+      taps.in.push_back(r * g.dh * Wp * g.C);
+      taps.w.push_back(r);
+    }
+  } else {
+    taps.L = g.Cg;
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s) {
+        taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
+        taps.w.push_back(r * g.S + s);
+      }
+  }
+  at::parallel_for(0, g.N * g.P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.P, p = row % g.P;
+      const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
+      T* out = y + row * g.Q * g.K;
+      for (int64_t gr = 0; gr < g.groups; ++gr) {
+        for (const Block& b : blocks) {
+          const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Cg;
+          const T* bb = bias != nullptr ? bias + gr * g.Kg + b.o0 : nullptr;
+          fwd_rows<T>(in + gr * g.Cg, g.sw * g.C, taps, wb, b, out + gr * g.Kg + b.o0, g.K, g.Q, bb);
+        }
+      }
+    }
+  });
+}
+
+// Depthwise weights packed per tap, [r*S + s][round_up(C, 16)] (zero beyond C); the
+// backward data uses the same table (its taps index it directly).
+template <typename T>
+std::vector<T> pack_depthwise(const T* w, const Conv2d& g, int64_t& wstride) {
+  wstride = round_up(g.C, kLanes);
+  std::vector<T> pk(g.R * g.S * wstride, T(0));
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t t = 0; t < g.R * g.S; ++t) pk[t * wstride + c] = w[c * g.R * g.S + t];
+  return pk;
+}
+
+template <typename T>
+void forward_depthwise(const T* xp, int64_t Hp, int64_t Wp, const T* w, const T* bias, T* y, const Conv2d& g) {
+  int64_t wstride = 0;
+  const std::vector<T> pk = pack_depthwise<T>(w, g, wstride);
+  TapList taps;
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t s = 0; s < g.S; ++s) {
+      taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
+      taps.w.push_back(r * g.S + s);
+    }
+  at::parallel_for(0, g.N * g.P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.P, p = row % g.P;
+      const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
+      T* out = y + row * g.Q * g.K;
+      for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
+        const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
+        dw_rows<T>(in + c0, g.sw * g.C, taps, pk.data() + c0, wstride, nc, out + c0, g.K, g.Q,
+                   bias != nullptr ? bias + c0 : nullptr);
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward data.
+
+// grad_output in a zero-padded NHWC buffer with the margins the phase taps reach.
+struct GoPad {
+  Tensor t;
+  int64_t top, left, Pg, Qg;
+};
+
+GoPad pad_grad_output(const Tensor& go, const Conv2d& g, at::ScalarType dt) {
+  GoPad r;
+  r.top = ceil_div((g.R - 1) * g.dh, g.sh);
+  r.left = ceil_div((g.S - 1) * g.dw, g.sw);
+  const int64_t bottom = std::max<int64_t>(0, (g.H - 1 + g.ph) / g.sh - (g.P - 1));
+  const int64_t right = std::max<int64_t>(0, (g.W - 1 + g.pw) / g.sw - (g.Q - 1));
+  r.t = padded_nhwc(go, r.top, bottom, r.left, right, dt);
+  r.Pg = g.P + r.top + bottom;
+  r.Qg = g.Q + r.left + right;
+  return r;
+}
+
+// Taps of input phase (phi, psi): rows r with (phi - r*dh) % sh == 0 read grad_output row
+// a + (phi - r*dh)/sh, likewise columns.  Offsets relative to the pixel (a, b).
+TapList phase_taps(const Conv2d& g, int64_t phi, int64_t psi, int64_t Qg, int64_t Ch, bool fold, bool depthwise) {
+  TapList t;
+  for (int64_t r = 0; r < g.R; ++r) {
+    const int64_t dr = phi - r * g.dh;
+    if (dr % g.sh != 0) continue;
+    const int64_t ro = dr / g.sh;
+    if (fold) {
+      t.in.push_back((ro * Qg - (g.S - 1)) * Ch);
+      t.w.push_back(r);
+      continue;
+    }
+    for (int64_t s = 0; s < g.S; ++s) {
+      const int64_t dc = psi - s * g.dw;
+      if (dc % g.sw != 0) continue;
+      t.in.push_back((ro * Qg + dc / g.sw) * Ch);
+      t.w.push_back(depthwise ? r * g.S + s : r * g.S + (g.S - 1 - s));
+    }
+  }
+  t.L = fold ? g.S * g.K : (depthwise ? 1 : g.Kg);
+  return t;
+}
+
+template <typename T>
+void backward_data(const T* gp, const GoPad& gpad, const T* w, T* gx, const Conv2d& g) {
+  const bool dw_path = depthwise_path(g);
+  const bool fold = !dw_path && fold_backward_data(g);
+  std::vector<T> pk;
+  int64_t wstride = 0;
+  if (dw_path) {
+    pk = pack_depthwise<T>(w, g, wstride);
+  } else {
+    pk = pack_weights<T>(w, g, true);
+  }
+  const int64_t gsize = packed_group_size(g.Cg, g.R * g.S * g.Kg);
+  const auto blocks = channel_blocks(g.Cg);
+  std::vector<TapList> phases(g.sh * g.sw);
+  for (int64_t phi = 0; phi < g.sh; ++phi)
+    for (int64_t psi = 0; psi < g.sw; ++psi) phases[phi * g.sw + psi] = phase_taps(g, phi, psi, gpad.Qg, g.K, fold, dw_path);
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.H, i = row % g.H;
+      const int64_t phi = (i + g.ph) % g.sh, a = (i + g.ph) / g.sh;
+      for (int64_t psi = 0; psi < g.sw; ++psi) {
+        const int64_t j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
+        if (j0 >= g.W) continue;
+        const int64_t npix = (g.W - 1 - j0) / g.sw + 1, b0 = (j0 + g.pw) / g.sw;
+        const TapList& taps = phases[phi * g.sw + psi];
+        const T* in = gp + ((n * gpad.Pg + a + gpad.top) * gpad.Qg + b0 + gpad.left) * g.K;
+        T* out = gx + (row * g.W + j0) * g.C;
+        if (dw_path) {
+          for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
+            const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
+            dw_rows<T>(in + c0, g.K, taps, pk.data() + c0, wstride, nc, out + c0, g.sw * g.C, npix, nullptr);
+          }
+          continue;
+        }
+        for (int64_t gr = 0; gr < g.groups; ++gr) {
+          for (const Block& b : blocks) {
+            const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Kg;
+            fwd_rows<T>(in + gr * g.Kg, g.K, taps, wb, b, out + gr * g.Cg + b.o0, g.sw * g.C, npix, nullptr);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------
+// Backward weight and bias: per-chunk partials in the forward's packed layout.
+
+struct Chunks {
+  int64_t count, rows;
+  int64_t begin(int64_t c) const { return c * rows / count; }
+};
+
+Chunks weight_chunks(const Conv2d& g) {
+  const int64_t rows = g.N * g.P;
+  return {std::max<int64_t>(1, std::min<int64_t>(rows, kMaxChunks)), rows};
+}
+
+// part_w: chunks x (packed weights); part_b: chunks x K (may be null).
+template <typename T>
+void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, const Conv2d& g, T* part_w,
+                              int64_t psize, T* part_b) {
+  const Chunks ch = weight_chunks(g);
+  const bool dw_path = depthwise_path(g);
+  const bool fold = !dw_path && fold_forward(g);
+  const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
+  const auto blocks = channel_blocks(g.Kg);
+  const int64_t wstride = round_up(g.C, kLanes);
+  TapList taps;
+  if (fold) {
+    taps.L = g.S * g.C;
+    for (int64_t r = 0; r < g.R; ++r) {
+      taps.in.push_back(r * g.dh * Wp * g.C);
+      taps.w.push_back(r);
+    }
+  } else {
+    taps.L = g.Cg;
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s) {
+        taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
+        taps.w.push_back(r * g.S + s);
+      }
+  }
+  const int64_t rows_per_tile = std::max<int64_t>(1, ceil_div(256, g.Q));
+  at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* pw = part_w + c * psize;
+      std::fill(pw, pw + psize, T(0));
+      T* pb = part_b != nullptr ? part_b + c * g.K : nullptr;
+      if (pb != nullptr) std::fill(pb, pb + g.K, T(0));
+      if (pb != nullptr) add_pixels<T>(pb, go + ch.begin(c) * g.Q * g.K, (ch.begin(c + 1) - ch.begin(c)) * g.Q, g.K);
+      // Tiles of whole output rows (one image) of about kTilePixels pixels.
+      for (int64_t row = ch.begin(c); row < ch.begin(c + 1);) {
+        const int64_t n = row / g.P, p = row % g.P;
+        const int64_t nrows = std::min({rows_per_tile, ch.begin(c + 1) - row, g.P - p});
+        const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
+        const T* gr_row = go + row * g.Q * g.K;
+        row += nrows;
+        if (dw_path) {
+          for (int64_t j = 0; j < nrows; ++j)
+            dw_wgt_rows<T>(in + j * g.sh * Wp * g.C, g.sw * g.C, taps, gr_row + j * g.Q * g.K, g.K, g.C, g.Q, pw,
+                           wstride);
+          continue;
+        }
+        for (int64_t gr = 0; gr < g.groups; ++gr) {
+          for (int t = 0; t < taps.size(); ++t) {
+            for (const Block& b : blocks) {
+              T* dst = pw + gr * gsize + b.o0 * g.R * g.S * g.Cg + taps.w[t] * taps.L * b.width;
+              wgt_rows<T>(in + taps.in[t] + gr * g.Cg, g.sw * g.C, g.sh * Wp * g.C, taps.L, gr_row + gr * g.Kg + b.o0,
+                          g.K, g.Q * g.K, b, nrows, g.Q, dst);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Sum of the partials in chunk order, unpacked to (K, Cg, R, S).
+template <typename T, typename O>
+void reduce_weight(const T* part_w, int64_t psize, int64_t count, const Conv2d& g, O* gw) {
+  const bool dw_path = depthwise_path(g);
+  const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
+  const int64_t RS = g.R * g.S;
+  const int64_t wstride = round_up(g.C, kLanes);
+  at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t gr = k / g.Kg, kk = k % g.Kg, bi = kk / kBlock, o = kk % kBlock;
+      const int64_t width = std::min<int64_t>(kBlock, round_up(g.Kg - bi * kBlock, kLanes));
+      for (int64_t c = 0; c < g.Cg; ++c)
+        for (int64_t t = 0; t < RS; ++t) {
+          const int64_t off = dw_path ? t * wstride + k
+                                      : gr * gsize + bi * kBlock * RS * g.Cg + (t * g.Cg + c) * width + o;
+          T s = part_w[off];
+          for (int64_t ci = 1; ci < count; ++ci) s += part_w[ci * psize + off];
+          gw[(k * g.Cg + c) * RS + t] = static_cast<O>(s);
+        }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------
+// Entry points.
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const Conv2d g = conv2d_geometry("conv2d", input, weight, bias, stride, padding, dilation, groups);
+  const at::ScalarType dt = input.scalar_type(), ct = compute_type(dt);
+  const auto opts = input.options().dtype(ct);
+  Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts.memory_format(at::MemoryFormat::ChannelsLast));
+  if (g.N == 0) return conv2d_empty(g, g.output_sizes(), input.options());
+  const Tensor xp = padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct);
+  const Tensor w = weight.to(ct).contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+  AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d", [&] {
+    const scalar_t* x = xp.const_data_ptr<scalar_t>();
+    const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
+    if (depthwise_path(g)) {
+      forward_depthwise<scalar_t>(x, Hp, Wp, w.const_data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), g);
+    } else {
+      forward_general<scalar_t>(x, Hp, Wp, w.const_data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), g);
+    }
+  });
+  return to_format(out, g, dt);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                       const Tensor& weight, at::IntArrayRef stride,
+                                                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                       int64_t groups, std::array<bool, 3> output_mask) {
+  const Conv2d g = conv2d_backward_geometry("conv2d_backward", grad_output, input, weight, stride, padding, dilation,
+                                            groups);
+  const at::ScalarType dt = input.scalar_type(), ct = compute_type(dt);
+  const auto opts = input.options();
+  Tensor gi = conv2d_not_needed(opts), gw = conv2d_not_needed(opts), gb = conv2d_not_needed(opts);
+  if (g.N == 0) {
+    if (output_mask[0]) gi = conv2d_empty(g, g.input_sizes(), opts);
+    if (output_mask[1]) gw = at::zeros(g.weight_sizes(), opts);
+    if (output_mask[2]) gb = at::zeros({g.K}, opts);
+    return {gi, gw, gb};
+  }
+  const Tensor w = weight.to(ct).contiguous();
+  if (output_mask[0]) {
+    const GoPad gpad = pad_grad_output(grad_output, g, ct);
+    Tensor gx = at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast));
+    AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
+      backward_data<scalar_t>(gpad.t.const_data_ptr<scalar_t>(), gpad, w.const_data_ptr<scalar_t>(),
+                              gx.data_ptr<scalar_t>(), g);
+    });
+    gi = to_format(gx, g, dt);
+  }
+  if (output_mask[1] || output_mask[2]) {
+    const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct);  // (N, P, Q, K)
+    const Chunks ch = weight_chunks(g);
+    const int64_t psize = depthwise_path(g) ? g.R * g.S * round_up(g.C, kLanes)
+                                            : packed_group_size(g.Kg, g.R * g.S * g.Cg) * g.groups;
+    const Tensor xp = output_mask[1] ? padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct) : Tensor();
+    const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+    AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
+      using T = scalar_t;
+      const T* gop = go.const_data_ptr<T>();
+      if (output_mask[1]) {
+        std::vector<T> part_w(ch.count * psize);
+        std::vector<T> part_b(output_mask[2] ? ch.count * g.K : 0);
+        backward_weight_partials<T>(xp.const_data_ptr<T>(), Hp, Wp, gop, g, part_w.data(), psize,
+                                    output_mask[2] ? part_b.data() : nullptr);
+        Tensor gwc = at::empty(g.weight_sizes(), opts.dtype(ct));
+        reduce_weight<T, T>(part_w.data(), psize, ch.count, g, gwc.data_ptr<T>());
+        gw = gwc.to(dt);
+        if (output_mask[2]) {
+          Tensor gbc = at::empty({g.K}, opts.dtype(ct));
+          T* o = gbc.data_ptr<T>();
+          for (int64_t k = 0; k < g.K; ++k) {
+            T s = part_b[k];
+            for (int64_t c = 1; c < ch.count; ++c) s += part_b[c * g.K + k];
+            o[k] = s;
+          }
+          gb = gbc.to(dt);
+        }
+      } else {
+        // Bias only: per-chunk sums over the chunk's rows, added in chunk order.
+        std::vector<T> part_b(ch.count * g.K, T(0));
+        at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
+          for (int64_t c = c0; c < c1; ++c) {
+            add_pixels<T>(part_b.data() + c * g.K, gop + ch.begin(c) * g.Q * g.K,
+                          (ch.begin(c + 1) - ch.begin(c)) * g.Q, g.K);
+          }
+        });
+        Tensor gbc = at::empty({g.K}, opts.dtype(ct));
+        T* o = gbc.data_ptr<T>();
+        for (int64_t k = 0; k < g.K; ++k) {
+          T s = part_b[k];
+          for (int64_t c = 1; c < ch.count; ++c) s += part_b[c * g.K + k];
+          o[k] = s;
+        }
+        gb = gbc.to(dt);
+      }
+    });
+  }
+  return {gi, gw, gb};
+}
+
+}  // namespace
+}  // namespace convrnn
+
+TORCH_LIBRARY_IMPL(convrnn, CPU, m) {
+  m.impl("conv2d", &convrnn::conv2d_cpu);
+  m.impl("conv2d_backward", &convrnn::conv2d_backward_cpu);
+}
