@@ -147,7 +147,7 @@ def test_matches_torch_and_reference(device, cfg, dtype, channels_last):
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
 @pytest.mark.parametrize("wshape,dilation", [((4, 3, 3, 3), 1), ((4, 3, 4, 2), 1), ((4, 3, 2, 3), (2, 3)),
-                                             ((4, 3, 5, 4), 2)], ids=cfg_id)
+                                             ((4, 3, 5, 4), 2)], ids=lambda v: str(v).replace(" ", ""))
 def test_padding_strings(device, padding, wshape, dilation):
     cfg = ((2, 3, 11, 10), wshape, 1, padding, dilation, 1, True)
     x, w, b, kw = make_args(cfg, torch.float64, device)
@@ -160,7 +160,8 @@ def test_gradcheck(device):
     for cfg in (CONFIGS[7], CONFIGS[6], CONFIGS[12], ((1, 2, 5, 6), (3, 2, 2, 3), 1, "same", 1, 1, True)):
         x, w, b, kw = make_args(cfg, torch.float64, device)
         leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
-        assert torch.autograd.gradcheck(lambda *t: ck.conv2d(*t, **kw), leaves), cfg
+        # fast mode: random projections of the Jacobian (the full one takes 20 s of CI time here)
+        assert torch.autograd.gradcheck(lambda *t: ck.conv2d(*t, **kw), leaves, fast_mode=True), cfg
 
 
 @given(n=st.integers(0, 2), cg=st.integers(1, 5), kg=st.integers(1, 5), groups=st.integers(1, 3),
@@ -327,8 +328,7 @@ def test_torch_compile(device):
     conv = ck.nn.Conv2d(3, 4, 3, padding=1).to(device)
 
     def model(t):
-        return ck.conv2d(torch.relu(conv(t)), conv.weight.transpose(0, 1)[:3].transpose(0, 1).contiguous()[:, :4],
-                         None, padding="same")
+        return ck.conv2d(torch.relu(conv(t)), conv.weight.transpose(0, 1), None, padding="same")
 
     compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
     x = make_input((2, 3, 8, 7), torch.float32, device)
@@ -342,7 +342,8 @@ def test_torch_compile(device):
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=2, padding=(2, 1)),
-                                    dict(kernel_size=3, padding="same", dilation=2, groups=2, bias=False)], ids=cfg_id)
+                                    dict(kernel_size=3, padding="same", dilation=2, groups=2, bias=False)],
+                         ids=["3x3", "strided", "same-groups"])
 def test_module_matches_torch(device, padding_mode, kwargs):
     torch.manual_seed(3)
     ours = ck.nn.Conv2d(4, 6, padding_mode=padding_mode, **kwargs).to(device).double()
