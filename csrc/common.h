@@ -102,17 +102,7 @@ struct Divider<int32_t> {
   }
 };
 
-// n / d and n % d (0 <= n) for a plain or a precomputed divisor.
-template <typename I>
-CONVRNN_HD I divide(I n, I d) {
-  return n / d;
-}
-
-template <typename I>
-CONVRNN_HD I divide(I n, const Divider<I>& d) {
-  return d.div(n);
-}
-
+// n / d, and n % d in rem (0 <= n).
 template <typename I>
 CONVRNN_HD I divmod(I n, const Divider<I>& d, I& rem) {
   const I q = d.div(n);

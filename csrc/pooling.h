@@ -47,11 +47,10 @@ CONVRNN_HD bool has_taps(Taps th, Taps tw) {
 
 // Output positions [lo, hi) along one dimension whose windows (extent = d(k-1) + 1)
 // contain input position i: the gather form of the backward, as torch's CUDA kernels.
-// The stride s is an I or a Divider<I> (CUDA kernels: no divide instruction).
-template <typename I, typename S>
-CONVRNN_HD Taps covering_outputs(I i, I p, I extent, const S& s, I out) {
-  const I lo = (i + p < extent) ? I(0) : divide<I>(i + p - extent, s) + 1;
-  const I hi = divide<I>(i + p, s) + 1;
+template <typename I>
+CONVRNN_HD Taps covering_outputs(I i, I p, I extent, I s, I out) {
+  const I lo = (i + p < extent) ? I(0) : (i + p - extent) / s + 1;
+  const I hi = (i + p) / s + 1;
   return {lo, hi < out ? hi : out};
 }
 

@@ -16,14 +16,16 @@
 //  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
 //    kernels' function).
 // Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
-// the input is not read):
-//  - windows that tile the input exactly (backward_tiled_kernel): two outputs a thread,
-//    each writing its whole window, the gradient at the argmax and zeros elsewhere; one
-//    pass, no memset;
+// the input is not read), every grad_input element written exactly once (no memset):
+//  - windows reaching at most 2 outputs back (R = cell_reach <= 2: non-overlapping windows
+//    such as 2x2/2, and 3x3/2, 3x3/1), backward_cells_kernel: one thread per cell of
+//    sh x sw input positions loads the (R+1)^2 outputs whose windows can cover the cell
+//    and writes the cell's gradients (cell_grads): the gradient at each position that is
+//    an argmax, summed in a fixed order where windows overlap, 0 elsewhere (positions
+//    that no window covers included);
 //  - otherwise (gather_kernel) one thread per input element gathers grad_output over the
-//    outputs whose windows cover it and whose argmax is this element, in a fixed order
-//    (torch's scheme; gather_grad).  When at most 1 or 2 windows cover an element along each
-//    dimension (stride >= window, or 3x3/2) those few are loaded unrolled.
+//    outputs whose windows cover it and whose argmax is this element, in the same fixed
+//    order (torch's scheme; gather_grad).
 #include <torch/library.h>
 
 #include "cuda/launch.cuh"
@@ -42,7 +44,6 @@ constexpr int kMaxItems = 4;  // outputs per thread, at most (the index type's h
 constexpr int forward_items(int kh, int kw) {
   return kh * kw <= 4 ? 4 : 2;
 }
-constexpr int kTiledItems = 2;  // outputs per thread of backward_tiled_kernel
 
 template <bool CL, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
@@ -103,49 +104,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <bool CL, typename T, typename index_t, typename tap_t>
+// One thread per cell of sh x sw input positions (cell_grads); R: the reach of the windows
+// in outputs (cell_reach), 0 when windows do not overlap, 1 for 3x3/2.
+template <int R, bool CL, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
-    backward_tiled_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
-                          PoolDims<index_t> d, PosDividers<index_t> out_div, index_t total) {
-  constexpr int V = kTiledItems;
-  const index_t chunk = static_cast<index_t>(kThreads) * V;
-  for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
-       base += static_cast<index_t>(gridDim.x) * chunk) {
-    tap_t tap[V];
-    T g[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {  // the loads first: both in flight together
-      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
-      if (e >= total) continue;
-      tap[j] = taps[e];
-      g[j] = go[e];
-    }
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
-      if (e >= total) continue;
-      const Pos<index_t> p = decompose<CL>(e, out_div);
-      T* plane = gi + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W);
-      for (index_t t = 0; t < d.kh; ++t) {
-        for (index_t u = 0; u < d.kw; ++u) {
-          const index_t idx = (p.row * d.kh + t) * d.W + p.col * d.kw + u;
-          plane[idx * plane_stride<CL>(d.C)] = tap[j] == static_cast<tap_t>(t * d.kw + u) ? g[j] : static_cast<T>(0);
-        }
-      }
-    }
+    backward_cells_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
+                          PoolDims<index_t> d, CellDividers<index_t> cd, index_t total) {
+  CONVRNN_GRID_STRIDE(index_t, e, total) {
+    cell_grads<R, CL, T, index_t, tap_t>(go, taps, gi, d, cd, decompose<CL>(e, cd.cells));
   }
 }
 
-// One thread per input element; M > 0: at most M x M windows cover an element (see
-// gather_grad), 0: any number.
-template <int M, bool CL, typename T, typename index_t, typename tap_t>
+// One thread per input element (gather_grad): windows reaching more than 2 outputs back.
+template <bool CL, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
     gather_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
-                  PoolDims<index_t> d, PosDividers<index_t> in_div, StrideDividers<index_t> stride_div,
-                  index_t total) {
+                  PoolDims<index_t> d, PosDividers<index_t> in_div, index_t total) {
   CONVRNN_GRID_STRIDE(index_t, i, total) {
-    const Pos<index_t> p = decompose<CL>(i, in_div);
-    gi[i] = static_cast<T>(gather_grad<M, M, CL, T, index_t, tap_t>(go, taps, d, stride_div, p));
+    gi[i] = static_cast<T>(gather_grad<CL, T, index_t, tap_t>(go, taps, d, decompose<CL>(i, in_div)));
   }
 }
 
@@ -215,8 +191,9 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
   Tensor gi = at::empty(input.sizes(), go.options().memory_format(fmt));
   if (gi.numel() == 0) return gi;
   const int64_t n_out = go.numel(), n_in = gi.numel();
-  // Windows covering one input element, at most, along each dimension.
-  const int64_t covering = std::max(max_covering(g.kh, g.sh, g.dh), max_covering(g.kw, g.sw, g.dw));
+  const CellRange rows = cell_range(g.H, g.sh, g.ph), cols = cell_range(g.W, g.sw, g.pw);
+  const int64_t n_cells = g.N * g.C * rows.count * cols.count;  // each holds an input position
+  const int64_t reach = std::max(cell_reach(g.kh, g.sh, g.dh), cell_reach(g.kw, g.sw, g.dw));
   CONVRNN_DISPATCH_FLOATING(go.scalar_type(), "convrnn.max_pool2d_backward", [&] {
     with_index_type(std::max(n_in, n_out), [&](auto index_zero) {
       using index_t = decltype(index_zero);
@@ -228,29 +205,25 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
         scalar_t* gip = gi.mutable_data_ptr<scalar_t>();
         with_layout(is_channels_last(g), [&](auto cl) {
           constexpr bool CL = decltype(cl)::value;
-          if (tiles_exactly(g)) {
-            backward_tiled_kernel<CL, scalar_t, index_t, tap_t>
-                <<<blocks_for((n_out + kTiledItems - 1) / kTiledItems), kThreads, 0, stream>>>(
-                    gop, taps, gip, d, PosDividers<index_t>(d.C, d.OH, d.OW), static_cast<index_t>(n_out));
-          } else {
-            const PosDividers<index_t> in_div(d.C, d.H, d.W);
-            const StrideDividers<index_t> stride_div(d.sh, d.sw);
-            const index_t n = static_cast<index_t>(n_in);
-            if (covering == 1) {
-              gather_kernel<1, CL, scalar_t, index_t, tap_t>
-                  <<<blocks_for(n_in), kThreads, 0, stream>>>(gop, taps, gip, d, in_div, stride_div, n);
-            } else if (covering == 2) {
-              gather_kernel<2, CL, scalar_t, index_t, tap_t>
-                  <<<blocks_for(n_in), kThreads, 0, stream>>>(gop, taps, gip, d, in_div, stride_div, n);
+          if (reach <= 2) {
+            const CellDividers<index_t> cd(d.C, rows, cols, d.kw);
+            const auto blocks = blocks_for(n_cells);
+            const auto n = static_cast<index_t>(n_cells);
+            if (reach == 0) {
+              backward_cells_kernel<0, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+            } else if (reach == 1) {
+              backward_cells_kernel<1, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
             } else {
-              gather_kernel<0, CL, scalar_t, index_t, tap_t>
-                  <<<blocks_for(n_in), kThreads, 0, stream>>>(gop, taps, gip, d, in_div, stride_div, n);
+              backward_cells_kernel<2, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
             }
+          } else {
+            gather_kernel<CL, scalar_t, index_t, tap_t><<<blocks_for(n_in), kThreads, 0, stream>>>(
+                gop, taps, gip, d, PosDividers<index_t>(d.C, d.H, d.W), static_cast<index_t>(n_in));
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
-    }, kMaxItems);
+    });
   });
   return gi;
 }
