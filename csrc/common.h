@@ -66,6 +66,50 @@ CONVRNN_HD I div_ceil(I a, I b) {
   return -div_floor(-a, b);
 }
 
+// Division by a divisor fixed before a kernel launch, for 0 <= n (the CUDA kernels' index
+// decomposition).  32-bit indices divide without a divide instruction, by torch's
+// IntDivider (Granlund & Montgomery's round-up method): with s = ceil(log2 d) and
+// m = floor(2^32 (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s for 0 <= n < 2^31
+// (exact there; umulhi(n, m) <= n, so the sum fits 32 bits).  Other index types divide
+// plainly.  Constructed on the host, passed to kernels by value.
+template <typename I>
+struct Divider {
+  I d;
+  Divider() = default;
+  explicit Divider(I divisor) : d(divisor) {
+    TORCH_INTERNAL_ASSERT(divisor >= 1, "convrnn: Divider needs a positive divisor, got ", divisor);
+  }
+  CONVRNN_HD I div(I n) const { return n / d; }
+};
+
+template <>
+struct Divider<int32_t> {
+  int32_t d;
+  uint32_t m, s;
+  Divider() = default;
+  explicit Divider(int32_t divisor) : d(divisor), m(0), s(0) {
+    TORCH_INTERNAL_ASSERT(divisor >= 1, "convrnn: Divider needs a positive divisor, got ", divisor);
+    while ((uint64_t(1) << s) < uint64_t(divisor)) ++s;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - uint64_t(divisor))) / uint64_t(divisor) + 1);
+  }
+  CONVRNN_HD int32_t div(int32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(static_cast<uint32_t>(n), m);
+#else
+    const uint32_t hi = static_cast<uint32_t>((uint64_t(static_cast<uint32_t>(n)) * m) >> 32);
+#endif
+    return static_cast<int32_t>((hi + static_cast<uint32_t>(n)) >> s);
+  }
+};
+
+// n / d, and n % d in rem (0 <= n).
+template <typename I>
+CONVRNN_HD I divmod(I n, const Divider<I>& d, I& rem) {
+  const I q = d.div(n);
+  rem = n - q * d.d;
+  return q;
+}
+
 // ---- host-side checks: every message starts with "convrnn.<op>: <argument> ..." ----
 
 inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {

@@ -22,11 +22,12 @@ inline unsigned blocks_for(int64_t n) {
 }
 
 // Calls f with a zero of the index type: int32_t when every linear index (plus one grid
-// stride, so the loop counter cannot overflow) fits, else int64_t.  32-bit division is
-// several times cheaper, and index decomposition is most of a pooling kernel's arithmetic.
+// stride of kernels doing up to items_per_thread elements a thread, so the loop counter
+// cannot overflow) fits, else int64_t.  32-bit division is several times cheaper, and index
+// decomposition is most of a pooling kernel's arithmetic.
 template <typename F>
-void with_index_type(int64_t max_index, F&& f) {
-  if (max_index + kMaxBlocks * kThreads < std::numeric_limits<int32_t>::max()) {
+void with_index_type(int64_t max_index, F&& f, int64_t items_per_thread = 1) {
+  if (max_index + items_per_thread * kMaxBlocks * kThreads < std::numeric_limits<int32_t>::max()) {
     f(int32_t(0));
   } else {
     f(int64_t(0));

@@ -1,17 +1,35 @@
 // CUDA max_pool2d forward and backward.
 //
-// Forward: one thread per output element, in the output's memory order (NCHW: ow fastest;
-// channels_last: c fastest) so neighbouring threads load neighbouring inputs; each scans its
-// window with max_window, the CPU kernels' function, and writes the value, torch's int64
-// index when asked, and the tap-number argmax the backward reads when autograd needs it.
-// Backward, deterministic and without atomics, from the saved argmax (1 byte per output):
-//  - windows that tile the input exactly: one thread per output writes its whole window,
-//    the gradient at the argmax and zeros elsewhere; one pass, no memset;
-//  - otherwise one thread per input element gathers grad_output over the outputs whose
-//    windows cover it and whose argmax is this element, in a fixed order (torch's scheme).
+// Everything here moves memory; the arithmetic that matters is index arithmetic, so
+// 32-bit indices where sizes allow, and linear indices split by precomputed divisors
+// (PosDividers: a multiply-high, no divide instruction) rather than by `/` and `%`.
+//
+// Forward: each thread computes outputs in the output's memory order (NCHW: ow fastest;
+// channels_last: c fastest), a block taking kThreads*V consecutive outputs and thread i its
+// outputs i, i + kThreads, ... so that neighbouring threads load neighbouring inputs.
+// Each output writes its value, torch's int64 index when asked, and the tap-number argmax
+// the backward reads when autograd needs it.
+//  - 2x2 and 3x3 windows (forward_unrolled_kernel): V = 4 or 2 outputs a thread, whose
+//    windows are all loaded (load_window, out-of-image taps as -inf) before any is scanned
+//    (max_loaded_window), so 16-18 loads a thread are in flight: enough bytes in flight to
+//    reach memory bandwidth, where one scalar load at a time is latency bound;
+//  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
+//    kernels' function).
+// Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
+// the input is not read), every grad_input element written exactly once (no memset):
+//  - windows reaching at most 2 outputs back (R = cell_reach <= 2: non-overlapping windows
+//    such as 2x2/2, and 3x3/2, 3x3/1), backward_cells_kernel: one thread per cell of
+//    sh x sw input positions loads the (R+1)^2 outputs whose windows can cover the cell
+//    and writes the cell's gradients (cell_grads): the gradient at each position that is
+//    an argmax, summed in a fixed order where windows overlap, 0 elsewhere (positions
+//    that no window covers included);
+//  - otherwise (gather_kernel) one thread per input element gathers grad_output over the
+//    outputs whose windows cover it and whose argmax is this element, in the same fixed
+//    order (torch's scheme; gather_grad).
 #include <torch/library.h>
 
 #include "cuda/launch.cuh"
+#include "cuda/max_pool2d_items.cuh"
 #include "cuda/pool_dims.cuh"
 #include "max_pool2d.h"
 
@@ -20,11 +38,19 @@ namespace {
 
 using at::Tensor;
 
+constexpr int kMaxItems = 4;  // outputs per thread, at most (the index type's headroom)
+
+// Outputs per thread of forward_unrolled_kernel: about 16 loads in flight per thread.
+constexpr int forward_items(int kh, int kw) {
+  return kh * kw <= 4 ? 4 : 2;
+}
+
 template <bool CL, typename T, typename index_t, typename tap_t>
-__global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
-                               tap_t* __restrict__ taps, PoolDims<index_t> d, index_t total) {
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
+                   tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> out_div, index_t total) {
   CONVRNN_GRID_STRIDE(index_t, e, total) {
-    const Pos<index_t> p = decompose<CL>(e, d.C, d.OH, d.OW);
+    const Pos<index_t> p = decompose<CL>(e, out_div);
     const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
     const Taps th = window_taps<index_t>(hstart, d.H, d.kh, d.dh), tw = window_taps<index_t>(wstart, d.W, d.kw, d.dw);
     acc_t<T> best;
@@ -37,50 +63,65 @@ __global__ void forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64
   }
 }
 
-template <bool CL, typename T, typename index_t, typename tap_t>
-__global__ void backward_tiled_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
-                                      PoolDims<index_t> d, index_t total) {
-  CONVRNN_GRID_STRIDE(index_t, e, total) {
-    const Pos<index_t> p = decompose<CL>(e, d.C, d.OH, d.OW);
-    const tap_t tap = taps[e];
-    const T g = go[e];
-    T* plane = gi + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W);
-    for (index_t t = 0; t < d.kh; ++t) {
-      for (index_t u = 0; u < d.kw; ++u) {
-        const index_t idx = (p.row * d.kh + t) * d.W + p.col * d.kw + u;
-        plane[idx * plane_stride<CL>(d.C)] = tap == static_cast<tap_t>(t * d.kw + u) ? g : static_cast<T>(0);
-      }
+// forward_kernel for a KH x KW window (d.kh == KH, d.kw == KW), V outputs a thread: all
+// their taps are loaded first, then scanned.
+template <int KH, int KW, bool CL, typename T, typename index_t, typename tap_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_unrolled_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
+                            tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> out_div,
+                            index_t total) {
+  constexpr int V = forward_items(KH, KW);
+  const index_t chunk = static_cast<index_t>(kThreads) * V;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
+       base += static_cast<index_t>(gridDim.x) * chunk) {
+    T v[V][KH * KW];
+    index_t hstart[V], wstart[V], first[V];
+    bool any[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      const Pos<index_t> p = decompose<CL>(e, out_div);
+      hstart[j] = p.row * d.sh - d.ph;
+      wstart[j] = p.col * d.sw - d.pw;
+      const Taps th = window_taps<index_t>(hstart[j], d.H, KH, d.dh), tw = window_taps<index_t>(wstart[j], d.W, KW, d.dw);
+      first[j] = static_cast<index_t>(th.lo) * KW + static_cast<index_t>(tw.lo);
+      any[j] = has_taps(th, tw);
+      load_window<KH, KW, T, index_t>(x + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C),
+                                      hstart[j], wstart[j], th, tw, d.dh, d.dw, v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      acc_t<T> best;
+      index_t tap;
+      max_loaded_window<KH, KW, T, index_t>(v[j], first[j], best, tap);
+      y[e] = static_cast<T>(best);
+      if (indices != nullptr) indices[e] = tap_index<index_t>(tap, hstart[j], wstart[j], KW, d.dh, d.dw, d.W);
+      if (taps != nullptr) taps[e] = any[j] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
     }
   }
 }
 
-// Tap number at which the window of output (oh, ow) sees input (ih, iw), or -1 if it
-// falls between dilated taps.
-template <typename index_t>
-__device__ __forceinline__ index_t tap_of(const PoolDims<index_t>& d, index_t ih, index_t iw, index_t oh, index_t ow) {
-  const index_t dy = ih - (oh * d.sh - d.ph), dx = iw - (ow * d.sw - d.pw);
-  if (dy % d.dh != 0 || dx % d.dw != 0) return -1;
-  return (dy / d.dh) * d.kw + dx / d.dw;
+// One thread per cell of sh x sw input positions (cell_grads); R: the reach of the windows
+// in outputs (cell_reach), 0 when windows do not overlap, 1 for 3x3/2.
+template <int R, bool CL, typename T, typename index_t, typename tap_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_cells_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
+                          PoolDims<index_t> d, CellDividers<index_t> cd, index_t total) {
+  CONVRNN_GRID_STRIDE(index_t, e, total) {
+    cell_grads<R, CL, T, index_t, tap_t>(go, taps, gi, d, cd, decompose<CL>(e, cd.cells));
+  }
 }
 
+// One thread per input element (gather_grad): windows reaching more than 2 outputs back.
 template <bool CL, typename T, typename index_t, typename tap_t>
-__global__ void gather_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
-                              PoolDims<index_t> d, index_t total) {
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
+                  PoolDims<index_t> d, PosDividers<index_t> in_div, index_t total) {
   CONVRNN_GRID_STRIDE(index_t, i, total) {
-    const Pos<index_t> p = decompose<CL>(i, d.C, d.H, d.W);
-    const Taps oh = covering_outputs<index_t>(p.row, d.ph, d.dh * (d.kh - 1) + 1, d.sh, d.OH);
-    const Taps ow = covering_outputs<index_t>(p.col, d.pw, d.dw * (d.kw - 1) + 1, d.sw, d.OW);
-    acc_t<T> sum = 0;
-    for (index_t a = oh.lo; a < oh.hi; ++a) {
-      for (index_t b = ow.lo; b < ow.hi; ++b) {
-        const index_t o = output_index<CL>(p, d.OH, d.OW, d.C, a, b);
-        const tap_t saved = taps[o];
-        if (saved != no_tap<tap_t>() && static_cast<index_t>(saved) == tap_of(d, p.row, p.col, a, b)) {
-          sum += static_cast<acc_t<T>>(go[o]);
-        }
-      }
-    }
-    gi[i] = static_cast<T>(sum);
+    gi[i] = static_cast<T>(gather_grad<CL, T, index_t, tap_t>(go, taps, d, decompose<CL>(i, in_div)));
   }
 }
 
@@ -99,20 +140,40 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
   if (out.numel() == 0) return {out, indices, argmax};
   const int64_t total = out.numel();
   CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.max_pool2d", [&] {
-    with_index_type(x.numel(), [&](auto index_zero) {
+    with_index_type(std::max(x.numel(), total), [&](auto index_zero) {
       using index_t = decltype(index_zero);
+      const PoolDims<index_t> d(g);
+      const PosDividers<index_t> out_div(d.C, d.OH, d.OW);
       with_tap_type(g, [&](auto tap_zero) {
         using tap_t = decltype(tap_zero);
         with_layout(is_channels_last(g), [&](auto cl) {
-          forward_kernel<decltype(cl)::value, scalar_t, index_t, tap_t><<<blocks_for(total), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-              return_indices ? indices.mutable_data_ptr<int64_t>() : nullptr,
-              save_argmax ? static_cast<tap_t*>(argmax.mutable_data_ptr()) : nullptr, PoolDims<index_t>(g),
-              static_cast<index_t>(total));
+          constexpr bool CL = decltype(cl)::value;
+          const scalar_t* xp = x.const_data_ptr<scalar_t>();
+          scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+          int64_t* ip = return_indices ? indices.mutable_data_ptr<int64_t>() : nullptr;
+          tap_t* tp = save_argmax ? static_cast<tap_t*>(argmax.mutable_data_ptr()) : nullptr;
+          const index_t n = static_cast<index_t>(total);
+          const auto blocks = [&](int items) { return blocks_for((total + items - 1) / items); };
+          bool done = false;
+          if constexpr (std::is_same_v<tap_t, uint8_t>) {  // 2x2 and 3x3 have byte taps
+            if (g.kh == 2 && g.kw == 2) {
+              forward_unrolled_kernel<2, 2, CL, scalar_t, index_t, tap_t>
+                  <<<blocks(forward_items(2, 2)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, out_div, n);
+              done = true;
+            } else if (g.kh == 3 && g.kw == 3) {
+              forward_unrolled_kernel<3, 3, CL, scalar_t, index_t, tap_t>
+                  <<<blocks(forward_items(3, 3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, out_div, n);
+              done = true;
+            }
+          }
+          if (!done) {
+            forward_kernel<CL, scalar_t, index_t, tap_t><<<blocks(1), kThreads, 0, stream>>>(xp, yp, ip, tp, d,
+                                                                                              out_div, n);
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
-    });
+    }, kMaxItems);
   });
   return {out, indices, argmax};
 }
@@ -130,22 +191,34 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
   Tensor gi = at::empty(input.sizes(), go.options().memory_format(fmt));
   if (gi.numel() == 0) return gi;
   const int64_t n_out = go.numel(), n_in = gi.numel();
+  const CellRange rows = cell_range(g.H, g.sh, g.ph), cols = cell_range(g.W, g.sw, g.pw);
+  const int64_t n_cells = g.N * g.C * rows.count * cols.count;  // each holds an input position
+  const int64_t reach = std::max(cell_reach(g.kh, g.sh, g.dh), cell_reach(g.kw, g.sw, g.dw));
   CONVRNN_DISPATCH_FLOATING(go.scalar_type(), "convrnn.max_pool2d_backward", [&] {
-    with_index_type(n_in, [&](auto index_zero) {
+    with_index_type(std::max(n_in, n_out), [&](auto index_zero) {
       using index_t = decltype(index_zero);
+      const PoolDims<index_t> d(g);
       with_tap_type(g, [&](auto tap_zero) {
         using tap_t = decltype(tap_zero);
         const tap_t* taps = static_cast<const tap_t*>(am.const_data_ptr());
+        const scalar_t* gop = go.const_data_ptr<scalar_t>();
+        scalar_t* gip = gi.mutable_data_ptr<scalar_t>();
         with_layout(is_channels_last(g), [&](auto cl) {
           constexpr bool CL = decltype(cl)::value;
-          if (tiles_exactly(g)) {
-            backward_tiled_kernel<CL, scalar_t, index_t, tap_t><<<blocks_for(n_out), kThreads, 0, stream>>>(
-                go.const_data_ptr<scalar_t>(), taps, gi.mutable_data_ptr<scalar_t>(), PoolDims<index_t>(g),
-                static_cast<index_t>(n_out));
+          if (reach <= 2) {
+            const CellDividers<index_t> cd(d.C, rows, cols, d.kw);
+            const auto blocks = blocks_for(n_cells);
+            const auto n = static_cast<index_t>(n_cells);
+            if (reach == 0) {
+              backward_cells_kernel<0, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+            } else if (reach == 1) {
+              backward_cells_kernel<1, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+            } else {
+              backward_cells_kernel<2, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+            }
           } else {
             gather_kernel<CL, scalar_t, index_t, tap_t><<<blocks_for(n_in), kThreads, 0, stream>>>(
-                go.const_data_ptr<scalar_t>(), taps, gi.mutable_data_ptr<scalar_t>(), PoolDims<index_t>(g),
-                static_cast<index_t>(n_in));
+                gop, taps, gip, d, PosDividers<index_t>(d.C, d.H, d.W), static_cast<index_t>(n_in));
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });

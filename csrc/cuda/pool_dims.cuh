@@ -43,6 +43,28 @@ CONVRNN_HD Pos<index_t> decompose(index_t e, index_t C, index_t rows, index_t co
   return p;
 }
 
+// The same with precomputed divisors (no divide instruction for 32-bit indices).
+template <typename index_t>
+struct PosDividers {
+  Divider<index_t> C, rows, cols;
+  PosDividers(index_t C_, index_t rows_, index_t cols_) : C(C_), rows(rows_), cols(cols_) {}
+};
+
+template <bool CL, typename index_t>
+CONVRNN_HD Pos<index_t> decompose(index_t e, const PosDividers<index_t>& dv) {
+  Pos<index_t> p;
+  if (CL) {
+    index_t q = divmod(e, dv.C, p.c);
+    q = divmod(q, dv.cols, p.col);
+    p.n = divmod(q, dv.rows, p.row);
+  } else {
+    index_t q = divmod(e, dv.cols, p.col);
+    q = divmod(q, dv.rows, p.row);
+    p.n = divmod(q, dv.C, p.c);
+  }
+  return p;
+}
+
 // Offset of element (n, c, 0, 0) of an (N, C, rows, cols) tensor; within the plane,
 // element (r, q) is at offset + (r*cols + q) * plane_stride<CL>(C).
 template <bool CL, typename index_t>

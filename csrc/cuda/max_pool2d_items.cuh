@@ -1,0 +1,174 @@
+// The work of one element of the CUDA max_pool2d kernels, as host-device functions (so that
+// a CPU test can check them against max_window and the plain gather loops; nothing here
+// needs the CUDA runtime).
+//
+// Forward, windows of compile-time size KH x KW (the common 2x2 and 3x3): a kernel first
+// loads the windows of all its outputs (load_window) and only then scans them
+// (max_loaded_window), so every load of a thread is in flight at once; a runtime-sized
+// loop (max_window) issues them one after another.
+// Backward, cell form (cell_grads): the input is cut into cells of sh x sw positions, cell
+// (A, B) holding the positions whose windows' starts round down to output (A, B); the
+// windows that can cover a position of the cell are outputs [A - R, A] x [B - R, B]
+// (R = cell_reach), so one thread per cell loads those few outputs' argmax and gradient
+// once and writes every position of its cell (a sum over the matching outputs in a fixed
+// order, 0 where none matches): index arithmetic once per cell, not per position.
+// Backward, gather form (gather_grad), for windows reaching further: one input position
+// sums grad_output over the outputs covering it whose saved argmax is that position.
+#pragma once
+
+#include "cuda/pool_dims.cuh"
+#include "max_pool2d.h"
+
+namespace convrnn {
+
+// Taps of the window at (hstart, wstart) of one plane (element (ih, iw) at
+// plane[(ih*W + iw) * cstride]), row-major into v; taps outside the image (outside th x tw)
+// read as -inf and touch no memory.
+template <int KH, int KW, typename T, typename index_t>
+CONVRNN_HD void load_window(const T* plane, index_t W, index_t cstride, index_t hstart, index_t wstart, Taps th,
+                            Taps tw, index_t dh, index_t dw, T (&v)[KH * KW]) {
+  const index_t tlo = static_cast<index_t>(th.lo), thi = static_cast<index_t>(th.hi);
+  const index_t ulo = static_cast<index_t>(tw.lo), uhi = static_cast<index_t>(tw.hi);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int t = 0; t < KH; ++t) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int u = 0; u < KW; ++u) {
+      const bool inside = t >= tlo && t < thi && u >= ulo && u < uhi;
+      v[t * KW + u] = inside ? plane[((hstart + t * dh) * W + wstart + u * dw) * cstride]
+                             : static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+    }
+  }
+}
+
+// max_window's result for a window loaded by load_window, whose first in-image tap is
+// first_tap = th.lo*KW + tw.lo.  The same max and tap: the taps are scanned in the same
+// row-major order from the same start, and a -inf (a tap outside the image) never
+// displaces the running max, since max_takes(-inf, best) is false for every best.
+template <int KH, int KW, typename T, typename index_t>
+CONVRNN_HD void max_loaded_window(const T (&v)[KH * KW], index_t first_tap, acc_t<T>& best, index_t& tap) {
+  using A = acc_t<T>;
+  best = -static_cast<A>(INFINITY);
+  tap = first_tap;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < KH * KW; ++k) {
+    const A a = static_cast<A>(v[k]);
+    if (max_takes(a, best)) {
+      best = a;
+      tap = static_cast<index_t>(k);
+    }
+  }
+}
+
+// Tap number at which the window of output (oh, ow) sees input (ih, iw), or -1 if it
+// falls between dilated taps.  (ih, iw) lies in the window's extent.
+template <typename index_t>
+CONVRNN_HD index_t tap_of(const PoolDims<index_t>& d, index_t ih, index_t iw, index_t oh, index_t ow) {
+  const index_t dy = ih - (oh * d.sh - d.ph), dx = iw - (ow * d.sw - d.pw);
+  if (d.dh == 1 && d.dw == 1) return dy * d.kw + dx;
+  if (dy % d.dh != 0 || dx % d.dw != 0) return -1;
+  return (dy / d.dh) * d.kw + dx / d.dw;
+}
+
+// grad_input at input position p: the sum, over the outputs (a, b) whose windows cover p
+// (a-major, b-minor: a fixed order, so deterministic), of grad_output where the saved tap is
+// p.  Any window size.
+template <bool CL, typename T, typename index_t, typename tap_t>
+CONVRNN_HD acc_t<T> gather_grad(const T* go, const tap_t* taps, const PoolDims<index_t>& d, const Pos<index_t>& p) {
+  const Taps oh = covering_outputs<index_t>(p.row, d.ph, d.dh * (d.kh - 1) + 1, d.sh, d.OH);
+  const Taps ow = covering_outputs<index_t>(p.col, d.pw, d.dw * (d.kw - 1) + 1, d.sw, d.OW);
+  acc_t<T> sum = 0;
+  for (index_t a = oh.lo; a < oh.hi; ++a) {
+    for (index_t b = ow.lo; b < ow.hi; ++b) {
+      const index_t o = output_index<CL>(p, d.OH, d.OW, d.C, a, b);
+      const tap_t saved = taps[o];
+      if (saved != no_tap<tap_t>() && static_cast<index_t>(saved) == tap_of(d, p.row, p.col, a, b)) {
+        sum += static_cast<acc_t<T>>(go[o]);
+      }
+    }
+  }
+  return sum;
+}
+
+// Cells along one dimension (input size `in`, stride s, padding p): cell A holds the input
+// positions i with (i + p) / s == A, that is [A*s - p, A*s - p + s) within [0, in); the
+// cells holding any position are A = first + [0, count).
+struct CellRange {
+  int64_t first, count;
+};
+
+inline CellRange cell_range(int64_t in, int64_t s, int64_t p) {
+  const int64_t first = p / s;
+  return {first, (in - 1 + p) / s - first + 1};
+}
+
+// How many outputs before A can cover a position of cell A: output o covers i when
+// o*s - p <= i <= o*s - p + extent - 1, so for i in cell A, A - (extent-1)/s <= o <= A.
+inline int64_t cell_reach(int64_t k, int64_t s, int64_t d) {
+  return (d * (k - 1)) / s;
+}
+
+// Precomputed divisor of the saved tap number by kw (a tap's row and column).
+template <typename index_t>
+struct CellDividers {
+  PosDividers<index_t> cells;  // (C, cell rows, cell cols)
+  Divider<index_t> kw;
+  index_t first_row, first_col;
+  CellDividers(index_t C, CellRange rows, CellRange cols, index_t kw_)
+      : cells(C, static_cast<index_t>(rows.count), static_cast<index_t>(cols.count)), kw(kw_),
+        first_row(static_cast<index_t>(rows.first)), first_col(static_cast<index_t>(cols.first)) {}
+};
+
+// Writes grad_input over cell c (c.row, c.col: cell numbers from CellDividers' first ones)
+// of plane (c.n, c.c): at each position the sum of grad_output over the outputs
+// [A - R, A] x [B - R, B] whose saved argmax is that position, in a-major, b-minor order
+// (gather_grad's order: the outputs that do not cover a position cannot have their argmax
+// there), 0 where none.  R >= cell_reach(kh, sh, dh) and cell_reach(kw, sw, dw).
+template <int R, bool CL, typename T, typename index_t, typename tap_t>
+CONVRNN_HD void cell_grads(const T* go, const tap_t* taps, T* gi, const PoolDims<index_t>& d,
+                           const CellDividers<index_t>& cd, const Pos<index_t>& c) {
+  constexpr int M = R + 1;  // candidate outputs along each dimension
+  const index_t A = cd.first_row + c.row, B = cd.first_col + c.col;
+  // The candidates' argmax positions (ih, iw); ih = -1 where there is none.
+  index_t ih[M * M], iw[M * M];
+  T g[M * M];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < M * M; ++k) {
+    const index_t a = A - R + k / M, b = B - R + k % M;
+    const bool valid = a >= 0 && a < d.OH && b >= 0 && b < d.OW;
+    const index_t o = valid ? output_index<CL>(c, d.OH, d.OW, d.C, a, b) : index_t(0);
+    const tap_t saved = valid ? taps[o] : no_tap<tap_t>();
+    g[k] = valid ? go[o] : static_cast<T>(0);
+    const bool has = saved != no_tap<tap_t>();
+    index_t u;
+    const index_t t = divmod(has ? static_cast<index_t>(saved) : index_t(0), cd.kw, u);
+    ih[k] = has ? a * d.sh - d.ph + t * d.dh : index_t(-1);
+    iw[k] = b * d.sw - d.pw + u * d.dw;
+  }
+  const index_t cs = plane_stride<CL>(d.C);
+  T* plane = gi + plane_offset<CL>(c.n, c.c, d.C, d.H, d.W);
+  const index_t y0 = A * d.sh - d.ph, x0 = B * d.sw - d.pw;
+  const index_t y_lo = y0 < 0 ? index_t(0) : y0, y_hi = y0 + d.sh < d.H ? y0 + d.sh : d.H;
+  const index_t x_lo = x0 < 0 ? index_t(0) : x0, x_hi = x0 + d.sw < d.W ? x0 + d.sw : d.W;
+  for (index_t y = y_lo; y < y_hi; ++y) {
+    for (index_t x = x_lo; x < x_hi; ++x) {
+      acc_t<T> sum = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < M * M; ++k) {
+        if (ih[k] == y && iw[k] == x) sum += static_cast<acc_t<T>>(g[k]);
+      }
+      plane[(y * d.W + x) * cs] = static_cast<T>(sum);
+    }
+  }
+}
+
+}  // namespace convrnn
