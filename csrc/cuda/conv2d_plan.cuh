@@ -129,6 +129,23 @@ CONVRNN_HD Tap split_kr(int kr, int cpg, int ts_count) {
   return t;
 }
 
+// split_kr of kr, kr + step, kr + 2*step, ... without a division per step (a loader's kr
+// advances by the block's BK per tile).  Any number of steps past the end is harmless.
+struct TapCursor {
+  Tap t;
+  CONVRNN_HD void init(int kr, int cpg, int ts_count) { t = split_kr(kr, cpg, ts_count); }
+  CONVRNN_HD void advance(int step, int cpg, int ts_count) {
+    t.c += step;
+    while (t.c >= cpg) {
+      t.c -= cpg;
+      if (++t.ts == ts_count) {
+        t.ts = 0;
+        ++t.tr;
+      }
+    }
+  }
+};
+
 // The packed weight of the forward/backward-data GEMM is [rows][ld], one row per reduction
 // index of every (phase, group), in the order the kernel reads them: phase (a, b) a-major,
 // then group, then kr = (tr, ts, cc) of that phase.  A block's B operand is then the dense
