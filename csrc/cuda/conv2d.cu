@@ -50,7 +50,11 @@ __global__ void pack_weight_kernel(const T* __restrict__ w, T* __restrict__ out,
     const int grp = k / Kg, kl = k % Kg;
     const int64_t row = conv::packed_row(dgrad, grp, r, s, dgrad ? kl : c, groups, dgrad ? Kg : Cg, H, R, sh, ph, dh,
                                          P, W, S, sw, pw, dw, Q);
-    out[row * ldb + (dgrad ? c : kl)] = w[e];
+    const int col = dgrad ? c : kl, cols = dgrad ? Cg : Kg;
+    out[row * ldb + col] = w[e];
+    if (col == cols - 1) {  // every packed row has one such element: it zeroes the row's padding
+      for (int j = cols; j < ldb; ++j) out[row * ldb + j] = T(0);
+    }
   }
 }
 
@@ -61,7 +65,7 @@ Tensor pack_weight(const Tensor& weight, const Conv2d& g, bool dgrad, cudaStream
   const Tensor w = weight.contiguous();
   const int64_t cols = dgrad ? g.Cg : g.Kg, cpg = dgrad ? g.Kg : g.Cg;
   const int64_t ldb = (cols + kPackAlign - 1) / kPackAlign * kPackAlign;
-  Tensor out = at::zeros({g.groups * g.R * g.S * cpg, ldb}, w.options());
+  Tensor out = at::empty({g.groups * g.R * g.S * cpg, ldb}, w.options());  // every element written
   const int64_t total = w.numel();
   CONVRNN_DISPATCH_FLOATING(w.scalar_type(), "convrnn.conv2d", [&] {
     pack_weight_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
