@@ -13,6 +13,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <limits>
 
@@ -110,8 +111,10 @@ conv::ImageGemmArgs image_args(const Conv2d& g, bool dgrad, const Tensor& src, c
   a.pw = static_cast<int>(g.pw);
   a.dh = static_cast<int>(g.dh);
   a.dw = static_cast<int>(g.dw);
-  a.phases_h = dgrad ? static_cast<int>(g.sh) : 1;
-  a.phases_w = dgrad ? static_cast<int>(g.sw) : 1;
+  // Backward data: one phase per input row/column residue modulo the stride; residues at or
+  // past the input size have no rows.
+  a.phases_h = dgrad ? static_cast<int>(std::min(g.sh, g.H)) : 1;
+  a.phases_w = dgrad ? static_cast<int>(std::min(g.sw, g.W)) : 1;
   return a;
 }
 
