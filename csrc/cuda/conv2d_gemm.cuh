@@ -257,14 +257,13 @@ __global__ void __launch_bounds__(kGemmThreads, 2) image_gemm_simt_kernel(const 
   const int tid = threadIdx.x;
   const int a_k = tid % BK, a_row = tid / BK;
   T ra[A_PASSES], rb[B_PASSES];
-  TapCursor cur{};  // (tr, ts, c) of this thread's kr = k0 + a_k, k0 = 0, BK, 2*BK, ...
-  if (b.kr_count > 0) cur.init(a_k, a.cpg, b.aw.taps);  // taps may be 0 only when kr_count is
 
-  auto load = [&](int k0) {  // called for k0 = 0, BK, 2*BK, ... in order
+  // (A TapCursor here, as in the wmma kernel, costs the 3 registers that make the 128 x 128
+  // tile spill under its 128-register cap; two divisions per k tile are cheaper.)
+  auto load = [&](int k0) {
     const int kr = k0 + a_k;
-    const Tap t = ONE ? Tap{0, 0, kr} : cur.t;
-    if (!ONE) cur.advance(BK, a.cpg, b.aw.taps);
     if (kr < b.kr_count) {
+      const Tap t = ONE ? Tap{0, 0, kr} : split_kr(kr, a.cpg, b.aw.taps);
       const int dh = t.tr * b.ah.src_tap, dw = t.ts * b.aw.src_tap;
 #pragma unroll
       for (int p = 0; p < A_PASSES; ++p)
