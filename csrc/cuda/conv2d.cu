@@ -31,7 +31,7 @@ constexpr int kPackAlign = 8;  // packed weight rows padded to 8 elements (16 by
 
 void check_int_range(const Conv2d& g) {
   const int64_t lim = std::numeric_limits<int32_t>::max() / 4;
-  for (int64_t v : {g.C, g.H, g.W, g.K, g.P, g.Q, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups}) {
+  for (int64_t v : {g.N, g.C, g.H, g.W, g.K, g.P, g.Q, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups}) {
     TORCH_CHECK(v < lim, "convrnn.conv2d: sizes, strides, paddings and dilations must be below ", lim,
                 " for the CUDA kernels");
   }
