@@ -8,6 +8,8 @@
 #include <limits>
 
 #include "cuda/conv2d_gemm.cuh"
+#include "cuda/conv2d_gemm_image.cuh"
+#include "cuda/conv2d_gemm_wgrad.cuh"
 
 namespace convrnn {
 namespace conv {
