@@ -211,8 +211,15 @@ def test_only_needed_gradients(device):
 
 def test_channels_last_weight(device):
     x, w, b, kw = make_args(CONFIGS[0], torch.float32, device)
-    out = check_against_torch(x, w.contiguous(memory_format=torch.channels_last), b, kw, "channels_last weight")
-    assert out.stride() == F.conv2d(x, w.contiguous(memory_format=torch.channels_last), b, **kw).stride()
+    wcl = w.contiguous(memory_format=torch.channels_last)
+    out = check_against_torch(x, wcl, b, kw, "channels_last weight")
+    assert out.stride() == F.conv2d(x, wcl, b, **kw).stride()
+    ours, theirs = (conv_grads(f, x, wcl, b, kw)[2] for f in (ck.conv2d, F.conv2d))
+    assert ours.stride() == theirs.stride(), "grad weight keeps the weight's layout, as torch's"
+    x, wcl = x.contiguous(memory_format=torch.channels_last), wcl.requires_grad_()
+    torch.library.opcheck(OPS.conv2d_backward.default,
+                          (torch.randn_like(F.conv2d(x, wcl.detach(), b, **kw)), x, wcl.detach(), *op_args(kw),
+                           [True, True, True]))
 
 
 @pytest.mark.parametrize("view", ["transposed", "sliced", "expanded"])

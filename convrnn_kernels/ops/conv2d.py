@@ -89,7 +89,8 @@ def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask
         return input.new_empty((0,))
     gi = (torch.empty(input.shape, dtype=input.dtype, device=input.device,
                       memory_format=_output_format(input, weight)) if output_mask[0] else placeholder())
-    gw = weight.new_empty(weight.shape) if output_mask[1] else placeholder()
+    gw = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format_of(weight))
+          if output_mask[1] else placeholder())
     gb = weight.new_empty((weight.shape[0],)) if output_mask[2] else placeholder()
     return gi, gw, gb
 

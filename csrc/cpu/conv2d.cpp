@@ -938,7 +938,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
   Tensor gi = conv2d_not_needed(opts), gw = conv2d_not_needed(opts), gb = conv2d_not_needed(opts);
   if (g.N == 0) {
     if (output_mask[0]) gi = conv2d_empty(g, g.input_sizes(), opts);
-    if (output_mask[1]) gw = at::zeros(g.weight_sizes(), opts);
+    if (output_mask[1]) gw = at::zeros(g.weight_sizes(), opts.memory_format(weight.suggest_memory_format()));
     if (output_mask[2]) gb = at::zeros({g.K}, opts);
     return {gi, gw, gb};
   }
@@ -1000,6 +1000,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
       }
     });
   }
+  if (output_mask[1]) gw = gw.contiguous(weight.suggest_memory_format());  // torch's: the weight's layout
   return {gi, gw, gb};
 }
 
