@@ -135,33 +135,54 @@ Seq make_seq(const char* op, const char* x_name, const Tensor& x, const OptTenso
   return s;
 }
 
-// Rows [0, bs) of the state entering the k-th processed step: the previous processed step's
-// rows of `all` (the states it produced), then rows of `init` for sequences starting here.
-Tensor state_before(const Seq& s, const Tensor& all, const Tensor& init, int64_t k) {
-  const int64_t n = s.bs[s.step(k)];
-  if (k == 0) return init.narrow(0, 0, n);
-  const int64_t tp = s.step(k - 1), np = s.bs[tp];
-  const Tensor prev = all.narrow(0, s.off[tp], std::min(n, np));
-  return n <= np ? prev : at::cat({prev, init.narrow(0, np, n - np)});
+// The rows of step t of a per-step result: `all` is either a vector of per-step tensors (the
+// forward collects its results so, and concatenates them once at the end) or one (N, D)
+// tensor of row blocks (what the backward gets back).
+CONVRNN_INLINE Tensor block(const Seq&, const std::vector<Tensor>& all, int64_t t) {
+  return all[t];
+}
+CONVRNN_INLINE Tensor block(const Seq& s, const Tensor& all, int64_t t) {
+  return all.narrow(0, s.off[t], s.bs[t]);
 }
 
-// (N, D): the state entering every step, in the row order of `all` (for the W_hh gradient).
-Tensor states_before(const Seq& s, const Tensor& all, const Tensor& init) {
-  if (s.T == 0) return all.new_empty({0, init.size(1)});
+// Rows [0, bs) of the state entering the k-th processed step: the previous processed step's
+// rows of `all` (the states it produced), then rows of `init` for sequences starting here.
+template <typename All>
+Tensor state_before(const Seq& s, const All& all, const Tensor& init, int64_t k) {
+  const int64_t n = s.bs[s.step(k)];
+  if (k == 0) return n == init.size(0) ? init : init.narrow(0, 0, n);
+  const int64_t tp = s.step(k - 1), np = s.bs[tp];
+  const Tensor prev = block(s, all, tp);
+  if (n == np) return prev;
+  if (n < np) return prev.narrow(0, 0, n);
+  return at::cat({prev, init.narrow(0, np, n - np)});
+}
+
+// (N, D): the state entering every step, in row-block order (for the W_hh gradient).
+template <typename All>
+Tensor states_before(const Seq& s, const All& all, const Tensor& init) {
+  if (s.T == 0) return init.new_empty({0, init.size(1)});
   std::vector<Tensor> parts(s.T);
   for (int64_t k = 0; k < s.T; ++k) parts[s.step(k)] = state_before(s, all, init, k);
   return at::cat(parts);
 }
 
 // (B, D): every sequence's state after its last step (init where a sequence has no step).
-Tensor final_state(const Seq& s, const Tensor& all, const Tensor& init) {
+template <typename All>
+Tensor final_state(const Seq& s, const All& all, const Tensor& init) {
+  if (s.T > 0 && !s.packed) return block(s, all, s.step(s.T - 1)).clone(at::MemoryFormat::Contiguous);
   Tensor out = init.clone(at::MemoryFormat::Contiguous);
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.step(k), n = s.bs[t];
     const int64_t next = k + 1 < s.T ? s.bs[s.step(k + 1)] : 0;
-    if (next < n) out.narrow(0, next, n - next).copy_(all.narrow(0, s.off[t] + next, n - next));
+    if (next < n) out.narrow(0, next, n - next).copy_(block(s, all, t).narrow(0, next, n - next));
   }
   return out;
+}
+
+// The per-step results as one (N, D) tensor of row blocks.
+Tensor concat_steps(const std::vector<Tensor>& parts, int64_t cols, const at::TensorOptions& opts) {
+  return parts.empty() ? at::empty({0, cols}, opts) : at::cat(parts);
 }
 
 // (N, F) as the (T, B, F) shape of an unpacked sequence.
@@ -261,8 +282,18 @@ Tensor grad_rows(const OptTensor& g, const Seq& s, int64_t P) {
 
 // dh of step rows [0, n): the carried gradient plus the output's own.
 Tensor step_grad(const Tensor& dh, const Tensor& gout, int64_t o, int64_t n) {
-  const Tensor carried = dh.narrow(0, 0, n);
+  const Tensor carried = n == dh.size(0) ? dh : dh.narrow(0, 0, n);
   return gout.defined() ? carried + gout.narrow(0, o, n) : carried;
+}
+
+// Stores a gradient of the state entering a step in the carried (B, D) buffer: it becomes the
+// buffer when every row was active, else it overwrites the first rows.
+void set_rows(Tensor& buf, Tensor value) {
+  if (value.size(0) == buf.size(0)) {
+    buf = std::move(value);
+  } else {
+    buf.narrow(0, 0, value.size(0)).copy_(value);
+  }
 }
 
 // ---- LSTM ----
@@ -281,25 +312,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 4 * d.H});
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous(), w_hh_t = w_hh.t();
-  Tensor out = at::empty({s.N, d.P}, opts), cs = at::empty({s.N, d.H}, opts), ws = at::empty({s.N, 4 * d.H}, opts);
-  Tensor hp = at::empty({proj ? s.N : 0, proj ? d.H : 0}, opts);
+  const Tensor w_hr_t = proj ? w_hr->t() : Tensor();
+  std::vector<Tensor> hs(s.T), cs(s.T), ws(s.T), hps(proj ? s.T : 0);
   const auto& cell = lstm_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
-    const int64_t t = s.step(k), n = s.bs[t], o = s.off[t];
-    const Tensor gh = at::mm(state_before(s, out, h_init, k), w_hh_t);
-    const auto [hy, cy, w] = cell.call(x.narrow(0, o, n), gh, state_before(s, cs, c_init, k), b_ih, b_hh);
-    Tensor out_t = out.narrow(0, o, n);
+    const int64_t t = s.step(k);
+    const Tensor gh = at::mm(state_before(s, hs, h_init, k), w_hh_t);
+    auto [hy, cy, w] = cell.call(block(s, x, t), gh, state_before(s, cs, c_init, k), b_ih, b_hh);
     if (proj) {
-      hp.narrow(0, o, n).copy_(hy);
-      at::mm_out(out_t, hy, w_hr->t());
+      hs[t] = at::mm(hy, w_hr_t);
+      hps[t] = std::move(hy);
     } else {
-      out_t.copy_(hy);
+      hs[t] = std::move(hy);
     }
-    cs.narrow(0, o, n).copy_(cy);
-    ws.narrow(0, o, n).copy_(w);
+    cs[t] = std::move(cy);
+    ws[t] = std::move(w);
   }
-  Tensor h_n = final_state(s, out, h_init), c_n = final_state(s, cs, c_init);
-  return {as_sequence(s, out), h_n, c_n, cs, ws, hp};
+  Tensor h_n = final_state(s, hs, h_init), c_n = final_state(s, cs, c_init);
+  Tensor out = concat_steps(hs, d.P, opts);
+  Tensor hp = proj ? concat_steps(hps, d.H, opts) : at::empty({0, 0}, opts);
+  return {as_sequence(s, out), h_n, c_n, concat_steps(cs, d.H, opts), concat_steps(ws, 4 * d.H, opts), hp};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
@@ -326,28 +358,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.P);
   Tensor dh = grad_buffer(grad_hn, s.B, d.P, opts), dc = grad_buffer(grad_cn, s.B, d.H, opts);
-  Tensor gg_all = at::empty({s.N, 4 * d.H}, opts);
-  Tensor dh_all = proj ? at::empty({s.N, d.P}, opts) : Tensor();
+  std::vector<Tensor> ggs(s.T), dhs(proj ? s.T : 0);
   const auto& cell_backward = lstm_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
-    const int64_t t = s.step(k), n = s.bs[t], o = s.off[t];
-    const Tensor dh_t = step_grad(dh, gout, o, n);
+    const int64_t t = s.step(k), n = s.bs[t];
+    Tensor dh_t = step_grad(dh, gout, s.off[t], n);
     Tensor ghy = dh_t;
     if (proj) {
-      dh_all.narrow(0, o, n).copy_(dh_t);
       ghy = at::mm(dh_t, *w_hr);
+      dhs[t] = dh_t.clone();  // dh_t may be a view of the buffer overwritten below
     }
-    const auto [gg, gcx] = cell_backward.call(ghy, dc.narrow(0, 0, n), state_before(s, c_all, c_init, k),
-                                              c_all.narrow(0, o, n), ws.narrow(0, o, n));
-    gg_all.narrow(0, o, n).copy_(gg);
-    Tensor dh_prev = dh.narrow(0, 0, n);
-    at::mm_out(dh_prev, gg, w_hh);
-    dc.narrow(0, 0, n).copy_(gcx);
+    auto [gg, gcx] = cell_backward.call(ghy, n == s.B ? dc : dc.narrow(0, 0, n), state_before(s, c_all, c_init, k),
+                                        block(s, c_all, t), block(s, ws, t));
+    set_rows(dh, at::mm(gg, w_hh));
+    set_rows(dc, std::move(gcx));
+    ggs[t] = std::move(gg);
   }
+  const Tensor gg_all = concat_steps(ggs, 4 * d.H, opts);
   Tensor grad_w_hh = at::mm(gg_all.t(), states_before(s, out, h_init));
-  Tensor grad_bias = gg_all.sum(0);
-  Tensor grad_w_hr = proj ? at::mm(dh_all.t(), hp.contiguous()) : at::empty({0}, opts);
-  return {as_sequence(s, gg_all), dh, dc, grad_w_hh, grad_bias, grad_w_hr};
+  Tensor grad_w_hr = proj ? at::mm(concat_steps(dhs, d.P, opts).t(), hp.contiguous()) : at::empty({0}, opts);
+  return {as_sequence(s, gg_all), dh, dc, grad_w_hh, gg_all.sum(0), grad_w_hr};
 }
 
 // ---- GRU ----
@@ -363,17 +393,17 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor&
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 3 * d.H});
   const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t();
-  Tensor out = at::empty({s.N, d.H}, opts), ws = at::empty({s.N, 4 * d.H}, opts);
+  std::vector<Tensor> hs(s.T), ws(s.T);
   const auto& cell = gru_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
-    const int64_t t = s.step(k), n = s.bs[t], o = s.off[t];
-    const Tensor h = state_before(s, out, h_init, k);
-    const auto [hy, w] = cell.call(x.narrow(0, o, n), at::mm(h, w_hh_t), h, b_ih, b_hh);
-    out.narrow(0, o, n).copy_(hy);
-    ws.narrow(0, o, n).copy_(w);
+    const int64_t t = s.step(k);
+    const Tensor h = state_before(s, hs, h_init, k);
+    auto [hy, w] = cell.call(block(s, x, t), at::mm(h, w_hh_t), h, b_ih, b_hh);
+    hs[t] = std::move(hy);
+    ws[t] = std::move(w);
   }
-  Tensor h_n = final_state(s, out, h_init);
-  return {as_sequence(s, out), h_n, ws};
+  Tensor h_n = final_state(s, hs, h_init);
+  return {as_sequence(s, concat_steps(hs, d.H, opts)), h_n, concat_steps(ws, 4 * d.H, opts)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptTensor& grad_output,
@@ -391,17 +421,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptT
   const Tensor out = output.contiguous().view({s.N, d.H}), ws = workspace.contiguous(), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  Tensor gx_all = at::empty({s.N, 3 * d.H}, opts), gh_all = at::empty({s.N, 3 * d.H}, opts);
+  std::vector<Tensor> gxs(s.T), ghs(s.T);
   const auto& cell_backward = gru_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
-    const int64_t t = s.step(k), n = s.bs[t], o = s.off[t];
-    const auto [gx, gh, ghx] =
-        cell_backward.call(step_grad(dh, gout, o, n), state_before(s, out, h_init, k), ws.narrow(0, o, n));
-    gx_all.narrow(0, o, n).copy_(gx);
-    gh_all.narrow(0, o, n).copy_(gh);
-    Tensor dh_prev = dh.narrow(0, 0, n);
-    at::addmm_out(dh_prev, ghx, gh, w_hh);
+    const int64_t t = s.step(k);
+    auto [gx, gh, ghx] =
+        cell_backward.call(step_grad(dh, gout, s.off[t], s.bs[t]), state_before(s, out, h_init, k), block(s, ws, t));
+    set_rows(dh, at::addmm(ghx, gh, w_hh));
+    gxs[t] = std::move(gx);
+    ghs[t] = std::move(gh);
   }
+  const Tensor gx_all = concat_steps(gxs, 3 * d.H, opts), gh_all = concat_steps(ghs, 3 * d.H, opts);
   Tensor grad_w_hh = at::mm(gh_all.t(), states_before(s, out, h_init));
   return {as_sequence(s, gx_all), dh, grad_w_hh, gx_all.sum(0), gh_all.sum(0)};
 }
@@ -418,15 +448,15 @@ std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x_proj, const Tensor& h0, con
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, d.H});
   const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t();
-  Tensor out = at::empty({s.N, d.H}, opts);
+  std::vector<Tensor> hs(s.T);
   const auto& cell = rnn_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
-    const int64_t t = s.step(k), n = s.bs[t], o = s.off[t];
-    const Tensor gh = at::mm(state_before(s, out, h_init, k), w_hh_t);
-    out.narrow(0, o, n).copy_(cell.call(x.narrow(0, o, n), gh, b_ih, b_hh, relu));
+    const int64_t t = s.step(k);
+    const Tensor gh = at::mm(state_before(s, hs, h_init, k), w_hh_t);
+    hs[t] = cell.call(block(s, x, t), gh, b_ih, b_hh, relu);
   }
-  Tensor h_n = final_state(s, out, h_init);
-  return {as_sequence(s, out), h_n};
+  Tensor h_n = final_state(s, hs, h_init);
+  return {as_sequence(s, concat_steps(hs, d.H, opts)), h_n};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& grad_output, const OptTensor& grad_hn,
@@ -442,15 +472,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   const Tensor out = output.contiguous().view({s.N, d.H}), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  Tensor gp_all = at::empty({s.N, d.H}, opts);
+  std::vector<Tensor> gps(s.T);
   const auto& cell_backward = rnn_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
-    const int64_t t = s.step(k), n = s.bs[t], o = s.off[t];
-    const Tensor gpre = cell_backward.call(step_grad(dh, gout, o, n), out.narrow(0, o, n), relu);
-    gp_all.narrow(0, o, n).copy_(gpre);
-    Tensor dh_prev = dh.narrow(0, 0, n);
-    at::mm_out(dh_prev, gpre, w_hh);
+    const int64_t t = s.step(k);
+    Tensor gpre = cell_backward.call(step_grad(dh, gout, s.off[t], s.bs[t]), block(s, out, t), relu);
+    set_rows(dh, at::mm(gpre, w_hh));
+    gps[t] = std::move(gpre);
   }
+  const Tensor gp_all = concat_steps(gps, d.H, opts);
   Tensor grad_w_hh = at::mm(gp_all.t(), states_before(s, out, h_init));
   return {as_sequence(s, gp_all), dh, grad_w_hh, gp_all.sum(0)};
 }
