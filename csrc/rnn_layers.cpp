@@ -185,6 +185,71 @@ Tensor concat_steps(const std::vector<Tensor>& parts, int64_t cols, const at::Te
   return parts.empty() ? at::empty({0, cols}, opts) : at::cat(parts);
 }
 
+// Per-step results gathered into one (N, cols) tensor of row blocks.  Large blocks are copied
+// into place as each step produces them (still in cache; a concatenation at the end would
+// read them back from memory); small blocks are kept and concatenated once at the end (there
+// a copy per step costs more in op overhead than in bytes).  Without a backward to come
+// (need_backward false), saved tensors are not gathered at all (kState: the blocks are kept
+// only as the recurrence's state; kDrop: not kept).
+class StepRows {
+ public:
+  enum Mode { kGather, kState, kDrop };
+  static constexpr int64_t kEagerElements = 4096;
+
+  StepRows(const Seq& s, int64_t cols, const at::TensorOptions& opts, Mode mode = kGather)
+      : s_(&s), cols_(cols), opts_(opts), mode_(mode), eager_(mode == kGather && s.B * cols >= kEagerElements),
+        parts_(mode == kDrop ? 0 : s.T) {
+    if (eager_) buf_ = at::empty({s.N, cols}, opts);
+  }
+
+  void put(int64_t t, Tensor v) {
+    if (mode_ == kDrop) return;
+    if (eager_) {
+      buf_.narrow(0, s_->off[t], s_->bs[t]).copy_(v);
+      if (last_ >= 0) parts_[last_].reset();  // only the newest block is read again (the next step's state)
+      last_ = t;
+    }
+    parts_[t] = std::move(v);
+  }
+
+  Tensor block(int64_t t) const {
+    return parts_[t].defined() ? parts_[t] : buf_.narrow(0, s_->off[t], s_->bs[t]);
+  }
+
+  // The (N, cols) tensor, or an empty (0, 0) one where nothing was gathered.
+  Tensor finish() const {
+    if (mode_ != kGather) return at::empty({0, 0}, opts_);
+    return eager_ ? buf_ : concat_steps(parts_, cols_, opts_);
+  }
+
+ private:
+  const Seq* s_;
+  int64_t cols_;
+  at::TensorOptions opts_;
+  Mode mode_;
+  bool eager_;
+  std::vector<Tensor> parts_;
+  Tensor buf_;
+  int64_t last_ = -1;
+};
+
+CONVRNN_INLINE Tensor block(const Seq&, const StepRows& all, int64_t t) {
+  return all.block(t);
+}
+
+// grad W_hh = sum over steps of g_t^T h_prev_t: the gate gradients of all steps (N, G*H)
+// against the states entering them (N, P), one matrix product.  Unpacked, those states are
+// the output shifted by one step plus h0, so the product needs no copy of them: the steps
+// entered from the output as one product, h0's step added (addmm).
+Tensor grad_w_hh(const Seq& s, const Tensor& g_all, const Tensor& out, const Tensor& h_init) {
+  if (s.packed || s.T < 2) return at::mm(g_all.t(), states_before(s, out, h_init));
+  const int64_t rest = s.N - s.B;
+  const Tensor g_first = g_all.narrow(0, s.reverse ? rest : 0, s.B);
+  const Tensor g_rest = g_all.narrow(0, s.reverse ? 0 : s.B, rest);
+  const Tensor h_rest = out.narrow(0, s.reverse ? s.B : 0, rest);
+  return at::addmm(at::mm(g_first.t(), h_init), g_rest.t(), h_rest);
+}
+
 // (N, F) as the (T, B, F) shape of an unpacked sequence.
 Tensor as_sequence(const Seq& s, const Tensor& rows) {
   return s.packed ? rows : rows.view({s.T, s.B, rows.size(1)});
@@ -302,7 +367,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
                                                                       const Tensor& c0, const Tensor& w_hh,
                                                                       const OptTensor& b_ih, const OptTensor& b_hh,
                                                                       const OptTensor& w_hr,
-                                                                      const OptTensor& batch_sizes, bool reverse) {
+                                                                      const OptTensor& batch_sizes, bool reverse,
+                                                                      bool need_backward) {
   const char* op = "lstm_layer";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner ops record no graph
   check_floating(op, "x_proj", x_proj);
@@ -311,27 +377,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
   const bool proj = given(w_hr);
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 4 * d.H});
-  const Tensor h_init = h0.contiguous(), c_init = c0.contiguous(), w_hh_t = w_hh.t();
-  const Tensor w_hr_t = proj ? w_hr->t() : Tensor();
-  std::vector<Tensor> hs(s.T), cs(s.T), ws(s.T), hps(proj ? s.T : 0);
+  const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
+  const Tensor w_hh_t = w_hh.t().contiguous();  // (P, G*H) rows: BLAS runs h W_hh^T faster so for small batches
+  const Tensor w_hr_t = proj ? w_hr->t().contiguous() : Tensor();
+  const auto saved = need_backward ? StepRows::kGather : StepRows::kDrop;
+  StepRows hs(s, d.P, opts), ws(s, 4 * d.H, opts, saved), hps(s, proj ? d.H : 0, opts, saved);
+  StepRows cs(s, d.H, opts, need_backward ? StepRows::kGather : StepRows::kState);
   const auto& cell = lstm_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.step(k);
     const Tensor gh = at::mm(state_before(s, hs, h_init, k), w_hh_t);
     auto [hy, cy, w] = cell.call(block(s, x, t), gh, state_before(s, cs, c_init, k), b_ih, b_hh);
     if (proj) {
-      hs[t] = at::mm(hy, w_hr_t);
-      hps[t] = std::move(hy);
+      hs.put(t, at::mm(hy, w_hr_t));
+      hps.put(t, std::move(hy));
     } else {
-      hs[t] = std::move(hy);
+      hs.put(t, std::move(hy));
     }
-    cs[t] = std::move(cy);
-    ws[t] = std::move(w);
+    cs.put(t, std::move(cy));
+    ws.put(t, std::move(w));
   }
   Tensor h_n = final_state(s, hs, h_init), c_n = final_state(s, cs, c_init);
-  Tensor out = concat_steps(hs, d.P, opts);
-  Tensor hp = proj ? concat_steps(hps, d.H, opts) : at::empty({0, 0}, opts);
-  return {as_sequence(s, out), h_n, c_n, concat_steps(cs, d.H, opts), concat_steps(ws, 4 * d.H, opts), hp};
+  Tensor hp = proj ? hps.finish() : at::empty({0, 0}, opts);
+  return {as_sequence(s, hs.finish()), h_n, c_n, cs.finish(), ws.finish(), hp};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
@@ -358,7 +426,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.P);
   Tensor dh = grad_buffer(grad_hn, s.B, d.P, opts), dc = grad_buffer(grad_cn, s.B, d.H, opts);
-  std::vector<Tensor> ggs(s.T), dhs(proj ? s.T : 0);
+  StepRows ggs(s, 4 * d.H, opts), dhs(s, proj ? d.P : 0, opts);
   const auto& cell_backward = lstm_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.step(k), n = s.bs[t];
@@ -366,25 +434,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     Tensor ghy = dh_t;
     if (proj) {
       ghy = at::mm(dh_t, *w_hr);
-      dhs[t] = dh_t.clone();  // dh_t may be a view of the buffer overwritten below
+      dhs.put(t, dh_t.clone());  // dh_t may be a view of the buffer overwritten below
     }
     auto [gg, gcx] = cell_backward.call(ghy, n == s.B ? dc : dc.narrow(0, 0, n), state_before(s, c_all, c_init, k),
                                         block(s, c_all, t), block(s, ws, t));
     set_rows(dh, at::mm(gg, w_hh));
     set_rows(dc, std::move(gcx));
-    ggs[t] = std::move(gg);
+    ggs.put(t, std::move(gg));
   }
-  const Tensor gg_all = concat_steps(ggs, 4 * d.H, opts);
-  Tensor grad_w_hh = at::mm(gg_all.t(), states_before(s, out, h_init));
-  Tensor grad_w_hr = proj ? at::mm(concat_steps(dhs, d.P, opts).t(), hp.contiguous()) : at::empty({0}, opts);
-  return {as_sequence(s, gg_all), dh, dc, grad_w_hh, gg_all.sum(0), grad_w_hr};
+  const Tensor gg_all = ggs.finish();
+  Tensor grad_w_hr = proj ? at::mm(dhs.finish().t(), hp.contiguous()) : at::empty({0}, opts);
+  return {as_sequence(s, gg_all), dh, dc, grad_w_hh(s, gg_all, out, h_init), gg_all.sum(0), grad_w_hr};
 }
 
 // ---- GRU ----
 
 std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor& h0, const Tensor& w_hh,
                                              const OptTensor& b_ih, const OptTensor& b_hh,
-                                             const OptTensor& batch_sizes, bool reverse) {
+                                             const OptTensor& batch_sizes, bool reverse, bool need_backward) {
   const char* op = "gru_layer";
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_floating(op, "x_proj", x_proj);
@@ -392,18 +459,18 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor&
   const Dims d = check_layer(op, 3, x_proj, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, s);
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 3 * d.H});
-  const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t();
-  std::vector<Tensor> hs(s.T), ws(s.T);
+  const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t().contiguous();
+  StepRows hs(s, d.H, opts), ws(s, 4 * d.H, opts, need_backward ? StepRows::kGather : StepRows::kDrop);
   const auto& cell = gru_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.step(k);
     const Tensor h = state_before(s, hs, h_init, k);
     auto [hy, w] = cell.call(block(s, x, t), at::mm(h, w_hh_t), h, b_ih, b_hh);
-    hs[t] = std::move(hy);
-    ws[t] = std::move(w);
+    hs.put(t, std::move(hy));
+    ws.put(t, std::move(w));
   }
   Tensor h_n = final_state(s, hs, h_init);
-  return {as_sequence(s, concat_steps(hs, d.H, opts)), h_n, concat_steps(ws, 4 * d.H, opts)};
+  return {as_sequence(s, hs.finish()), h_n, ws.finish()};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptTensor& grad_output,
@@ -421,19 +488,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptT
   const Tensor out = output.contiguous().view({s.N, d.H}), ws = workspace.contiguous(), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  std::vector<Tensor> gxs(s.T), ghs(s.T);
+  StepRows gxs(s, 3 * d.H, opts), ghs(s, 3 * d.H, opts);
   const auto& cell_backward = gru_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.step(k);
     auto [gx, gh, ghx] =
         cell_backward.call(step_grad(dh, gout, s.off[t], s.bs[t]), state_before(s, out, h_init, k), block(s, ws, t));
     set_rows(dh, at::addmm(ghx, gh, w_hh));
-    gxs[t] = std::move(gx);
-    ghs[t] = std::move(gh);
+    gxs.put(t, std::move(gx));
+    ghs.put(t, std::move(gh));
   }
-  const Tensor gx_all = concat_steps(gxs, 3 * d.H, opts), gh_all = concat_steps(ghs, 3 * d.H, opts);
-  Tensor grad_w_hh = at::mm(gh_all.t(), states_before(s, out, h_init));
-  return {as_sequence(s, gx_all), dh, grad_w_hh, gx_all.sum(0), gh_all.sum(0)};
+  const Tensor gx_all = gxs.finish(), gh_all = ghs.finish();
+  return {as_sequence(s, gx_all), dh, grad_w_hh(s, gh_all, out, h_init), gx_all.sum(0), gh_all.sum(0)};
 }
 
 // ---- vanilla RNN (tanh or relu) ----
@@ -447,16 +513,16 @@ std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x_proj, const Tensor& h0, con
   const Dims d = check_layer(op, 1, x_proj, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, s);
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, d.H});
-  const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t();
-  std::vector<Tensor> hs(s.T);
+  const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t().contiguous();
+  StepRows hs(s, d.H, opts);
   const auto& cell = rnn_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.step(k);
     const Tensor gh = at::mm(state_before(s, hs, h_init, k), w_hh_t);
-    hs[t] = cell.call(block(s, x, t), gh, b_ih, b_hh, relu);
+    hs.put(t, cell.call(block(s, x, t), gh, b_ih, b_hh, relu));
   }
   Tensor h_n = final_state(s, hs, h_init);
-  return {as_sequence(s, concat_steps(hs, d.H, opts)), h_n};
+  return {as_sequence(s, hs.finish()), h_n};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& grad_output, const OptTensor& grad_hn,
@@ -472,17 +538,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   const Tensor out = output.contiguous().view({s.N, d.H}), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  std::vector<Tensor> gps(s.T);
+  StepRows gps(s, d.H, opts);
   const auto& cell_backward = rnn_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.step(k);
     Tensor gpre = cell_backward.call(step_grad(dh, gout, s.off[t], s.bs[t]), block(s, out, t), relu);
     set_rows(dh, at::mm(gpre, w_hh));
-    gps[t] = std::move(gpre);
+    gps.put(t, std::move(gpre));
   }
-  const Tensor gp_all = concat_steps(gps, d.H, opts);
-  Tensor grad_w_hh = at::mm(gp_all.t(), states_before(s, out, h_init));
-  return {as_sequence(s, gp_all), dh, grad_w_hh, gp_all.sum(0)};
+  const Tensor gp_all = gps.finish();
+  return {as_sequence(s, gp_all), dh, grad_w_hh(s, gp_all, out, h_init), gp_all.sum(0)};
 }
 
 }  // namespace
@@ -490,9 +555,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   // cs: every step's c; workspace: the fused cell's (activated gates); hp: the unprojected h
-  // of every step with w_hr (proj_size), else empty.
+  // of every step with w_hr (proj_size), else empty.  need_backward false: no backward will
+  // follow, so cs, workspace and hp are not gathered (returned as empty (0, 0) tensors).
   m.def("lstm_layer(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? batch_sizes, bool reverse) "
+        "Tensor? batch_sizes, bool reverse, bool need_backward=True) "
         "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor cs, Tensor workspace, Tensor hp)");
   // grad_bias is the gradient of b_ih and of b_hh alike; grad_w_hr is empty without w_hr.
   m.def("lstm_layer_backward(Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, Tensor h0, Tensor c0, "
@@ -500,7 +566,7 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
         "bool reverse) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, Tensor grad_bias, "
         "Tensor grad_w_hr)");
   m.def("gru_layer(Tensor x_proj, Tensor h0, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? batch_sizes, "
-        "bool reverse) -> (Tensor output, Tensor h_n, Tensor workspace)");
+        "bool reverse, bool need_backward=True) -> (Tensor output, Tensor h_n, Tensor workspace)");
   m.def("gru_layer_backward(Tensor? grad_output, Tensor? grad_hn, Tensor h0, Tensor w_hh, Tensor output, "
         "Tensor workspace, Tensor? batch_sizes, bool reverse) "
         "-> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_w_hh, Tensor grad_b_ih, Tensor grad_b_hh)");

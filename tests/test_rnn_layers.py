@@ -522,6 +522,24 @@ def test_opcheck(device, op, opts):
     torch.library.opcheck(bwd.default, (None,) + bargs[1:])
 
 
+@pytest.mark.parametrize("op,opts", [("lstm_layer", {"proj": 4, "packed": True}), ("gru_layer", {})])
+def test_need_backward_false(device, op, opts):
+    """need_backward=False (inference): the same output and final states, nothing saved; asking
+    for a gradient then is an error naming the op."""
+    _ck_or_skip()
+    args = _op_args(op, device, **opts)
+    fwd = getattr(torch.ops.convrnn, op)
+    full, lean = fwd(*args.values(), True), fwd(*args.values(), False)
+    n_states = 3 if op == "lstm_layer" else 2
+    for a, b in zip(full[:n_states], lean[:n_states]):
+        assert torch.equal(a, b)
+    assert all(t.shape == (0, 0) for t in lean[n_states:])
+    torch.library.opcheck(fwd.default, tuple(args.values()) + (False,))
+    args["x_proj"].requires_grad_()
+    with raises_named(op, "need_backward"):
+        fwd(*args.values(), False)
+
+
 @pytest.mark.parametrize("name", ["lstm"])
 def test_torch_compile_module(device, name):
     """fullgraph compile of a model using the module (unpacked input: PackedSequence's

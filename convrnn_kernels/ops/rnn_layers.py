@@ -28,12 +28,13 @@ def _rows(x_proj):
 
 
 @torch.library.register_fake("convrnn::lstm_layer")
-def _(x_proj, h0, c0, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+def _(x_proj, h0, c0, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need_backward=True):
     hidden, p = w_hh.shape[0] // 4, w_hh.shape[1]
-    n = _rows(x_proj)
+    n = _rows(x_proj) if need_backward else 0
+    saved = (lambda cols: x_proj.new_empty((n, cols) if need_backward else (0, 0)))
     return (x_proj.new_empty((*x_proj.shape[:-1], p)), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            x_proj.new_empty((n, hidden)), x_proj.new_empty((n, 4 * hidden)),
-            x_proj.new_empty((n, hidden) if w_hr is not None else (0, 0)))
+            saved(hidden), saved(4 * hidden), x_proj.new_empty((n, hidden) if w_hr is not None and need_backward
+                                                              else (0, 0)))
 
 
 @torch.library.register_fake("convrnn::lstm_layer_backward")
@@ -45,10 +46,10 @@ def _(grad_output, grad_hn, grad_cn, h0, c0, w_hh, w_hr, output, cs, workspace, 
 
 
 @torch.library.register_fake("convrnn::gru_layer")
-def _(x_proj, h0, w_hh, b_ih, b_hh, batch_sizes, reverse):
+def _(x_proj, h0, w_hh, b_ih, b_hh, batch_sizes, reverse, need_backward=True):
     hidden = w_hh.shape[1]
     return (x_proj.new_empty((*x_proj.shape[:-1], hidden)), h0.new_empty(h0.shape),
-            x_proj.new_empty((_rows(x_proj), 4 * hidden)))
+            x_proj.new_empty((_rows(x_proj), 4 * hidden) if need_backward else (0, 0)))
 
 
 @torch.library.register_fake("convrnn::gru_layer_backward")
@@ -72,14 +73,22 @@ def _(grad_output, grad_hn, h0, w_hh, output, batch_sizes, reverse, relu):
 
 # ---- autograd: the backward ops, registered with the dispatcher ----
 
+def _need_backward(inputs, index, op):
+    if len(inputs) > index and not inputs[index]:
+        raise RuntimeError(f"convrnn.{op}: need_backward=False saves nothing for the backward, but a gradient is "
+                           "required; pass need_backward=True")
+
+
 def _lstm_setup(ctx, inputs, output):
-    x_proj, h0, c0, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    x_proj, h0, c0, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs[:9]
+    _need_backward(inputs, 9, "lstm_layer")
     out, _, _, cs, ws, hp = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, out, cs, ws, hp, batch_sizes)
     ctx.reverse = reverse
     ctx.has_bias = (b_ih is not None, b_hh is not None)
     ctx.has_proj = w_hr is not None
     ctx.mark_non_differentiable(cs, ws, hp)
+    ctx.set_materialize_grads(False)  # unused outputs pass None (no zero-filled (N, 4H) gradients)
 
 
 def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _cs, _ws, _hp):
@@ -87,28 +96,31 @@ def _lstm_backward(ctx, grad_out, grad_hn, grad_cn, _cs, _ws, _hp):
     gx, gh0, gc0, gw, gb, gwr = OPS.lstm_layer_backward(grad_out, grad_hn, grad_cn, h0, c0, w_hh, w_hr, out, cs, ws,
                                                         hp, batch_sizes, ctx.reverse)
     return (gx, gh0, gc0, gw, gb if ctx.has_bias[0] else None, gb if ctx.has_bias[1] else None,
-            gwr if ctx.has_proj else None, None, None)
+            gwr if ctx.has_proj else None, None, None, None)
 
 
 def _gru_setup(ctx, inputs, output):
-    x_proj, h0, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs
+    x_proj, h0, w_hh, b_ih, b_hh, batch_sizes, reverse = inputs[:7]
+    _need_backward(inputs, 7, "gru_layer")
     out, _, ws = output
     ctx.save_for_backward(h0, w_hh, out, ws, batch_sizes)
     ctx.reverse = reverse
     ctx.has_bias = (b_ih is not None, b_hh is not None)
     ctx.mark_non_differentiable(ws)
+    ctx.set_materialize_grads(False)
 
 
 def _gru_backward(ctx, grad_out, grad_hn, _ws):
     h0, w_hh, out, ws, batch_sizes = ctx.saved_tensors
     gx, gh0, gw, gbi, gbh = OPS.gru_layer_backward(grad_out, grad_hn, h0, w_hh, out, ws, batch_sizes, ctx.reverse)
-    return (gx, gh0, gw, gbi if ctx.has_bias[0] else None, gbh if ctx.has_bias[1] else None, None, None)
+    return (gx, gh0, gw, gbi if ctx.has_bias[0] else None, gbh if ctx.has_bias[1] else None, None, None, None)
 
 
 def _rnn_setup(ctx, inputs, output):
     x_proj, h0, w_hh, b_ih, b_hh, batch_sizes, reverse, relu = inputs
     ctx.save_for_backward(h0, w_hh, output[0], batch_sizes)
     ctx.reverse, ctx.relu = reverse, relu
+    ctx.set_materialize_grads(False)
     ctx.has_bias = (b_ih is not None, b_hh is not None)
 
 
@@ -192,6 +204,7 @@ def run_layers(mode: str, input: torch.Tensor, hx: torch.Tensor, cx: Optional[to
     weights[layer * D + direction] = (w_ih, w_hh, b_ih, b_hh, w_hr).  Returns (output, h_n,
     c_n or None), output shaped like input with D * P features."""
     d = 2 if bidirectional else 1
+    grad = torch.is_grad_enabled()
     layer_input = input
     hs: List[torch.Tensor] = []
     cs: List[torch.Tensor] = []
@@ -202,12 +215,13 @@ def run_layers(mode: str, input: torch.Tensor, hx: torch.Tensor, cx: Optional[to
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[idx]
             x_proj = F.linear(layer_input, w_ih)  # every step's input projection: one matrix product
             reverse = direction == 1
+            need = grad and any(t is not None and t.requires_grad for t in (x_proj, hx, cx, w_hh, b_ih, b_hh, w_hr))
             if mode == "LSTM":
                 out, h_n, c_n, _, _, _ = OPS.lstm_layer(x_proj, hx[idx], cx[idx], w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                                        reverse)
+                                                        reverse, need)
                 cs.append(c_n)
             elif mode == "GRU":
-                out, h_n, _ = OPS.gru_layer(x_proj, hx[idx], w_hh, b_ih, b_hh, batch_sizes, reverse)
+                out, h_n, _ = OPS.gru_layer(x_proj, hx[idx], w_hh, b_ih, b_hh, batch_sizes, reverse, need)
             else:
                 out, h_n = OPS.rnn_layer(x_proj, hx[idx], w_hh, b_ih, b_hh, batch_sizes, reverse, mode == "RNN_RELU")
             outs.append(out)
