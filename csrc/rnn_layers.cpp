@@ -185,10 +185,10 @@ Tensor concat_steps(const std::vector<Tensor>& parts, int64_t cols, const at::Te
   return parts.empty() ? at::empty({0, cols}, opts) : at::cat(parts);
 }
 
-// Per-step results gathered into one (N, cols) tensor of row blocks.  Large blocks are copied
-// into place as each step produces them (still in cache; a concatenation at the end would
-// read them back from memory); small blocks are kept and concatenated once at the end (there
-// a copy per step costs more in op overhead than in bytes).  Without a backward to come
+// Per-step results gathered into one (N, cols) tensor of row blocks.  On the CPU, large blocks
+// are copied into place as each step produces them (still in cache; a concatenation at the end
+// would read them back from memory); small blocks, and every block on a GPU (where a copy per
+// step is a kernel launch per step), are kept and concatenated once at the end.  Without a backward to come
 // (need_backward false), saved tensors are not gathered at all (kState: the blocks are kept
 // only as the recurrence's state; kDrop: not kept).
 class StepRows {
@@ -197,7 +197,8 @@ class StepRows {
   static constexpr int64_t kEagerElements = 4096;
 
   StepRows(const Seq& s, int64_t cols, const at::TensorOptions& opts, Mode mode = kGather)
-      : s_(&s), cols_(cols), opts_(opts), mode_(mode), eager_(mode == kGather && s.B * cols >= kEagerElements),
+      : s_(&s), cols_(cols), opts_(opts), mode_(mode),
+        eager_(mode == kGather && opts.device().is_cpu() && s.B * cols >= kEagerElements),
         parts_(mode == kDrop ? 0 : s.T) {
     if (eager_) buf_ = at::empty({s.N, cols}, opts);
   }
