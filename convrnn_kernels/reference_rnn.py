@@ -16,6 +16,8 @@ torch's order):
         h' = (1 - z) * n + z * h
   RNN   h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act = tanh or relu (H rows)
 
+  LSTM with projection (proj_size P): h' = (o * tanh(c')) W_hr^T, and W_hh is (4H, P).
+
 Shapes follow torch.nn.*Cell: input (B, I) or unbatched (I,), h and c (B, H) or (H,);
 an unbatched input gives unbatched results.  Biases may be None (no bias).
 
@@ -29,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"]
+__all__ = ["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "rnn_sequence"]
 
 
 def _check(op: str, gates: int, input: Tensor, hs: Tuple[Tensor, ...], w_ih: Tensor, w_hh: Tensor,
@@ -123,3 +125,66 @@ def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
     """One Elman RNN step with relu: h' = max(0, x W_ih^T + b_ih + h W_hh^T + b_hh); the
     gradient at exactly 0 is 0, as torch.relu's."""
     return _rnn_cell("rnn_relu_cell", torch.relu, input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_sequence(mode: str, input: Tensor, hx, weights, num_layers: int = 1, bidirectional: bool = False,
+                 lengths=None):
+    """A stacked (optionally bidirectional) RNN over a time-major sequence, as torch.nn.LSTM,
+    GRU and RNN compute it (without dropout): a plain Python loop over the steps of the cell
+    equations above.
+
+    mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"; input (T, B, I); hx: h0 (L*D, B, P), or
+    (h0, c0) for LSTM with c0 (L*D, B, H); weights[layer * D + direction] = (w_ih, w_hh, b_ih,
+    b_hh, w_hr), None where absent (w_hr: the LSTM projection, proj_size rows).  The input of
+    layer l > 0 is the previous layer's outputs of both directions, concatenated.
+    lengths: per-sequence lengths of a padded batch: a sequence's steps beyond its length leave
+    its state as it is and output zeros (what pad_packed_sequence of torch's PackedSequence
+    output gives); the reverse direction starts at each sequence's last step.
+    Returns (output (T, B, D * P), h_n) or, for LSTM, (output, (h_n, c_n)); computed in float64
+    and rounded once to the input's dtype."""
+    if mode not in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        raise ValueError(f"reference.rnn_sequence: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, but got {mode!r}")
+    lstm = mode == "LSTM"
+    h0, c0 = hx if lstm else (hx, None)
+    if input.dim() != 3:
+        raise ValueError(f"reference.rnn_sequence: input must be (T, B, I), but got {tuple(input.shape)}")
+    steps, batch = input.shape[0], input.shape[1]
+    d = 2 if bidirectional else 1
+    if len(weights) != num_layers * d:
+        raise ValueError(f"reference.rnn_sequence: weights must hold {num_layers * d} layers x directions, "
+                         f"but got {len(weights)}")
+    lens = torch.full((batch,), steps) if lengths is None else torch.as_tensor(lengths)
+    x = _f64(input)
+    hs, cs = [], []
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(d):
+            idx = layer * d + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = (_f64(w) for w in weights[idx])
+            h = _f64(h0[idx])
+            c = _f64(c0[idx]) if lstm else None
+            out = [None] * steps
+            for t in (range(steps - 1, -1, -1) if direction else range(steps)):
+                active = (t < lens).unsqueeze(1).to(x.device)
+                if lstm:
+                    gates = _linear(x[t], w_ih, b_ih) + _linear(h, w_hh, b_hh)
+                    i, f, g, o = gates.chunk(4, dim=1)
+                    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                    if w_hr is not None:
+                        h_new = h_new @ w_hr.t()
+                    c = torch.where(active, c_new, c)
+                elif mode == "GRU":
+                    h_new = gru_cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+                else:
+                    cell = rnn_tanh_cell if mode == "RNN_TANH" else rnn_relu_cell
+                    h_new = cell(x[t], h, w_ih, w_hh, b_ih, b_hh)
+                h = torch.where(active, h_new, h)
+                out[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+            outs.append(torch.stack(out) if steps else x.new_zeros((0, batch, h.shape[1])))
+            hs.append(h)
+            cs.append(c)
+        x = torch.cat(outs, dim=2)
+    dtype = input.dtype
+    h_n = torch.stack(hs).to(dtype)
+    return x.to(dtype), ((h_n, torch.stack(cs).to(dtype)) if lstm else h_n)

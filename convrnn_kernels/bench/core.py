@@ -51,14 +51,14 @@ class Goal:
         return all(getattr(self, k) in (None, key[k]) for k in ("device", "dtype", "format", "direction"))
 
     def describe(self) -> str:
-        parts = [f"{self.label}:"] if self.label else []
+        parts = []
         if self.speedup is not None:
             parts.append(f">={self.speedup:g}x")
         if self.roofline_pct is not None:
             parts.append(f">={self.roofline_pct:g}% roofline")
         if self.min_speedup is not None:
             parts.append(f"each >={self.min_speedup:g}x")
-        return " and ".join(parts)
+        return (f"{self.label}: " if self.label else "") + " and ".join(parts)
 
 
 @dataclass

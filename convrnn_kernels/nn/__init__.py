@@ -5,6 +5,7 @@ state_dict and isinstance checks are torch's; only forward runs our kernels."""
 from .conv import Conv2d
 from .normalization import LocalResponseNorm
 from .pooling import AvgPool2d, MaxPool2d
-from .rnn import GRUCell, LSTMCell, RNNCell
+from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "LocalResponseNorm", "RNNCell", "GRUCell", "LSTMCell"]
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "LocalResponseNorm", "RNNCell", "GRUCell", "LSTMCell", "RNN", "GRU",
+           "LSTM"]
