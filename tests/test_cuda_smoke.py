@@ -77,3 +77,55 @@ def test_sanitizer_cells(cell, dtype):
     tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else {}
     for a, b_ in zip(*outs):
         torch.testing.assert_close(a, b_, **tol)
+
+
+CONVS = [  # input shape, weight shape, stride, padding, dilation, groups: each CUDA conv path once
+    ((2, 16, 9, 9), (32, 16, 3, 3), 1, 1, 1, 1),     # tiled implicit GEMM
+    ((2, 3, 19, 19), (8, 3, 5, 5), 3, 1, 1, 1),      # small C, stride 3: backward-data phases
+    ((2, 32, 7, 7), (16, 32, 1, 1), 1, 0, 1, 1),     # 1x1
+    ((2, 8, 9, 9), (16, 1, 3, 3), 2, 1, 2, 8),       # depthwise, multiplier 2, dilation 2
+    ((2, 8, 9, 8), (6, 4, 2, 3), (2, 1), (1, 0), 1, 2),  # groups, even kernel
+]
+
+
+@pytest.mark.parametrize("cfg", CONVS, ids=["gemm", "strided", "1x1", "depthwise", "groups"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float64, False),
+                                        (torch.bfloat16, False)], ids=["f32", "tf32", "f64", "bf16"])
+def test_sanitizer_conv2d(cfg, channels_last, dtype, tf32):
+    shape, wshape, stride, padding, dilation, groups = cfg
+    x, w, b = torch.randn(shape), torch.randn(wshape) / (wshape[1] * wshape[2] * wshape[3]) ** 0.5, torch.randn(wshape[0])
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        outs = []
+        for dev in ("cpu", "cuda"):
+            t = [a.detach().to(dev, dtype if dev == "cuda" else torch.float64).requires_grad_() for a in (x, w, b)]
+            y = ck.conv2d(*t, stride=stride, padding=padding, dilation=dilation, groups=groups)
+            y.backward(torch.ones_like(y))
+            outs.append([y.double().cpu()] + [a.grad.double().cpu() for a in t])
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    tol = {torch.float64: 1e-10, torch.float32: 5e-3 if tf32 else 1e-5, torch.bfloat16: 3e-2}[dtype]
+    for got, ref in zip(outs[1], outs[0]):
+        err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert err < tol, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_sanitizer_rnn_layers(mode):
+    torch.manual_seed(0)
+    mods = [getattr(ck.nn, mode)(5, 7, num_layers=2, bidirectional=True).double() for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    mods[1].cuda()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    res = []
+    for m, dev in zip(mods, ("cpu", "cuda")):
+        xi = x.to(dev).requires_grad_()
+        out = m(xi)[0]
+        out.sum().backward()
+        res.append((out.cpu(), xi.grad.cpu()))
+    torch.testing.assert_close(res[1][0], res[0][0])
+    torch.testing.assert_close(res[1][1], res[0][1])
