@@ -123,7 +123,7 @@ def test_sanitizer_rnn_layers(mode):
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     res = []
     for m, dev in zip(mods, ("cpu", "cuda")):
-        xi = x.to(dev).requires_grad_()
+        xi = x.detach().to(dev).requires_grad_()
         out = m(xi)[0]
         out.sum().backward()
         res.append((out.cpu(), xi.grad.cpu()))
