@@ -84,21 +84,25 @@ struct TapList {
 // ----------------------------------------------------------------------------------------
 // Portable micro-kernels (any T; float without AVX-512, double).
 
-// out[q][o] for q < npix, o < valid of one block (packed width `width`).
+// out[q][o] for q < npix, o < valid of one block (packed width `width`): the taps' l in
+// [0, L) of a reduction whose weights are Lw long per tap; ACC: add to out, else start
+// from the bias (or zero).
 template <typename T>
 CONVRNN_CPU_CLONES void fwd_rows_generic(const T* __restrict in, int64_t in_ps, const int64_t* tin,
-                                         const int64_t* tw, int nt, int64_t L, const T* __restrict w, int64_t width,
-                                         int64_t valid, T* __restrict out, int64_t out_ps, int64_t npix,
-                                         const T* __restrict bias) {
+                                         const int64_t* tw, int nt, int64_t L, int64_t Lw, const T* __restrict w,
+                                         int64_t width, int64_t valid, T* __restrict out, int64_t out_ps,
+                                         int64_t npix, const T* __restrict bias, bool accumulate) {
   constexpr int PB = 4;
   T acc[PB][kBlock];
   for (int64_t q0 = 0; q0 < npix; q0 += PB) {
     const int pb = static_cast<int>(std::min<int64_t>(PB, npix - q0));
     for (int p = 0; p < PB; ++p)
-      for (int64_t o = 0; o < width; ++o) acc[p][o] = (bias != nullptr && o < valid) ? bias[o] : T(0);
+      for (int64_t o = 0; o < width; ++o)
+        acc[p][o] = (p < pb && o < valid) ? (accumulate ? out[(q0 + p) * out_ps + o] : bias != nullptr ? bias[o] : T(0))
+                                          : T(0);
     for (int t = 0; t < nt; ++t) {
       const T* x = in + q0 * in_ps + tin[t];
-      const T* wt = w + tw[t] * L * width;
+      const T* wt = w + tw[t] * Lw * width;
       for (int64_t l = 0; l < L; ++l) {
         const T* wr = wt + l * width;
         for (int p = 0; p < pb; ++p) {
@@ -176,21 +180,31 @@ CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
 }
 
-// PB pixels x NV vectors; `last` masks the final vector's loads/stores (bias) and stores.
-template <int PB, int NV>
+// PB pixels x NV vectors; `last` masks the final vector's loads and stores.  ACC: start
+// from out (a later reduction chunk), else from the bias or zero.
+template <int PB, int NV, bool ACC>
 CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
-                                     int nt, int64_t L, const float* __restrict w, float* __restrict out,
+                                     int nt, int64_t L, int64_t Lw, const float* __restrict w, float* __restrict out,
                                      int64_t out_ps, const float* __restrict bias, __mmask16 last) {
   __m512 acc[PB][NV];
+  if (ACC) {
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
-                     : v < NV - 1    ? _mm512_loadu_ps(bias + 16 * v)
-                                     : _mm512_maskz_loadu_ps(last, bias + 16 * v);
+    for (int p = 0; p < PB; ++p)
 #pragma GCC unroll 16
-    for (int p = 0; p < PB; ++p) acc[p][v] = b;
+      for (int v = 0; v < NV; ++v)
+        acc[p][v] = v < NV - 1 ? _mm512_loadu_ps(out + p * out_ps + 16 * v)
+                               : _mm512_maskz_loadu_ps(last, out + p * out_ps + 16 * v);
+  } else {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+                       : v < NV - 1    ? _mm512_loadu_ps(bias + 16 * v)
+                                       : _mm512_maskz_loadu_ps(last, bias + 16 * v);
+#pragma GCC unroll 16
+      for (int p = 0; p < PB; ++p) acc[p][v] = b;
+    }
   }
-  const int64_t wstep = L * NV * 16;
+  const int64_t wstep = Lw * NV * 16;
   for (int t = 0; t < nt; ++t) {
     const float* x = in + tin[t];
     const float* wt = w + tw[t] * wstep;
@@ -219,18 +233,18 @@ CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, 
   }
 }
 
-template <int NV, int PB>
+template <int NV, int PB, bool ACC>
 CONVRNN_AVX512 void fwd_rows_nv(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
-                                int64_t L, const float* w, float* out, int64_t out_ps, int64_t npix,
+                                int64_t L, int64_t Lw, const float* w, float* out, int64_t out_ps, int64_t npix,
                                 const float* bias, __mmask16 last) {
   int64_t q = 0;
   for (; q + PB <= npix; q += PB)
-    fwd_block_avx512<PB, NV>(in + q * in_ps, in_ps, tin, tw, nt, L, w, out + q * out_ps, out_ps, bias, last);
-#define CONVRNN_FWD_TAIL(pb)                                                                                   \
-  if (pb < PB && npix - q >= pb) {                                                                             \
-    fwd_block_avx512<(pb < PB ? pb : 1), NV>(in + q * in_ps, in_ps, tin, tw, nt, L, w, out + q * out_ps, out_ps, \
-                                             bias, last);                                                      \
-    q += pb;                                                                                                   \
+    fwd_block_avx512<PB, NV, ACC>(in + q * in_ps, in_ps, tin, tw, nt, L, Lw, w, out + q * out_ps, out_ps, bias, last);
+#define CONVRNN_FWD_TAIL(pb)                                                                                      \
+  if (pb < PB && npix - q >= pb) {                                                                                \
+    fwd_block_avx512<(pb < PB ? pb : 1), NV, ACC>(in + q * in_ps, in_ps, tin, tw, nt, L, Lw, w, out + q * out_ps, \
+                                                  out_ps, bias, last);                                            \
+    q += pb;                                                                                                      \
   }
   CONVRNN_FWD_TAIL(8)
   CONVRNN_FWD_TAIL(4)
@@ -239,15 +253,16 @@ CONVRNN_AVX512 void fwd_rows_nv(const float* in, int64_t in_ps, const int64_t* t
 #undef CONVRNN_FWD_TAIL
 }
 
+template <bool ACC>
 CONVRNN_AVX512 void fwd_rows_avx512(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
-                                    int64_t L, const float* w, int64_t width, int64_t valid, float* out,
+                                    int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid, float* out,
                                     int64_t out_ps, int64_t npix, const float* bias) {
   const __mmask16 last = lane_mask(valid - (width - 16));
   switch (width / 16) {
-    case 4: fwd_rows_nv<4, 6>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
-    case 3: fwd_rows_nv<3, 8>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
-    case 2: fwd_rows_nv<2, 12>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
-    default: fwd_rows_nv<1, 12>(in, in_ps, tin, tw, nt, L, w, out, out_ps, npix, bias, last); break;
+    case 4: fwd_rows_nv<4, 6, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
+    case 3: fwd_rows_nv<3, 8, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
+    case 2: fwd_rows_nv<2, 12, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
+    default: fwd_rows_nv<1, 12, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
   }
 }
 
@@ -423,20 +438,50 @@ CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64
 // ----------------------------------------------------------------------------------------
 // Dispatch between the AVX-512 and portable micro-kernels.
 
+// The reduction of one pass cut into chunks whose weights (per block) stay in L1: taps
+// [t0, t1) and, within them, l in [l0, l1).  A pass without taps is one empty chunk (it
+// writes zeros).
+struct RChunk {
+  int t0, t1;
+  int64_t l0, l1;
+};
+
+std::vector<RChunk> reduction_chunks(const TapList& taps, int64_t width) {
+  const int64_t lmax = std::max<int64_t>(16, (32 * 1024 / static_cast<int64_t>(sizeof(float))) / width);
+  std::vector<RChunk> ch;
+  const int nt = taps.size();
+  if (nt == 0) return {{0, 0, 0, 0}};
+  if (taps.L >= lmax) {
+    const int64_t pieces = ceil_div(taps.L, lmax);
+    for (int t = 0; t < nt; ++t)
+      for (int64_t i = 0; i < pieces; ++i) ch.push_back({t, t + 1, i * taps.L / pieces, (i + 1) * taps.L / pieces});
+  } else {
+    const int per = static_cast<int>(std::max<int64_t>(1, lmax / taps.L));
+    for (int t = 0; t < nt; t += per) ch.push_back({t, std::min(nt, t + per), 0, taps.L});
+  }
+  return ch;
+}
+
+// One reduction chunk of the engine over npix pixels of one block.
 template <typename T>
-void fwd_rows(const T* in, int64_t in_ps, const TapList& taps, const T* w, const Block& b, T* out, int64_t out_ps,
-              int64_t npix, const T* bias) {
+void fwd_rows(const T* in, int64_t in_ps, const TapList& taps, const RChunk& c, bool accumulate, const T* w,
+              const Block& b, T* out, int64_t out_ps, int64_t npix, const T* bias) {
   if (npix <= 0) return;
+  const int nt = c.t1 - c.t0;
+  const int64_t L = c.l1 - c.l0;
+  const T* wc = w + c.l0 * b.width;
+  const T* ic = in + c.l0;
 #ifdef CONVRNN_CONV_AVX512
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    fwd_rows_avx512(reinterpret_cast<const float*>(in), in_ps, taps.in.data(), taps.w.data(), taps.size(), taps.L,
-                    reinterpret_cast<const float*>(w), b.width, b.valid, reinterpret_cast<float*>(out), out_ps,
-                    npix, reinterpret_cast<const float*>(bias));
+    auto f = accumulate ? fwd_rows_avx512<true> : fwd_rows_avx512<false>;
+    f(reinterpret_cast<const float*>(ic), in_ps, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L, taps.L,
+      reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float*>(out), out_ps, npix,
+      reinterpret_cast<const float*>(bias));
     return;
   }
 #endif
-  fwd_rows_generic<T>(in, in_ps, taps.in.data(), taps.w.data(), taps.size(), taps.L, w, b.width, b.valid, out, out_ps,
-                      npix, bias);
+  fwd_rows_generic<T>(ic, in_ps, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L, taps.L, wc, b.width, b.valid,
+                      out, out_ps, npix, bias, accumulate);
 }
 
 template <typename T>
@@ -661,16 +706,28 @@ void forward_general(const T* xp, int64_t Hp, int64_t Wp, const T* w, const T* b
         taps.w.push_back(r * g.S + s);
       }
   }
-  at::parallel_for(0, g.N * g.P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.P, p = row % g.P;
-      const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
-      T* out = y + row * g.Q * g.K;
+  // Tasks of a few output rows (>= ~128 pixels); per block and reduction chunk, all the
+  // task's rows, so that the chunk's weights are read from L1.
+  const int64_t rows = g.N * g.P, rows_per_task = std::min<int64_t>(ceil_div(128, g.Q), std::max<int64_t>(1, rows / 16));
+  std::vector<std::vector<RChunk>> plans;
+  for (const Block& b : blocks) plans.push_back(reduction_chunks(taps, b.width));
+  at::parallel_for(0, ceil_div(rows, rows_per_task), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task * rows_per_task, r1 = std::min(rows, r0 + rows_per_task);
       for (int64_t gr = 0; gr < g.groups; ++gr) {
-        for (const Block& b : blocks) {
+        for (size_t bi = 0; bi < blocks.size(); ++bi) {
+          const Block& b = blocks[bi];
           const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Cg;
           const T* bb = bias != nullptr ? bias + gr * g.Kg + b.o0 : nullptr;
-          fwd_rows<T>(in + gr * g.Cg, g.sw * g.C, taps, wb, b, out + gr * g.Kg + b.o0, g.K, g.Q, bb);
+          for (size_t ci = 0; ci < plans[bi].size(); ++ci) {
+            for (int64_t row = r0; row < r1; ++row) {
+              const int64_t n = row / g.P, p = row % g.P;
+              const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
+              T* out = y + row * g.Q * g.K;
+              fwd_rows<T>(in + gr * g.Cg, g.sw * g.C, taps, plans[bi][ci], ci > 0, wb, b, out + gr * g.Kg + b.o0, g.K,
+                          g.Q, bb);
+            }
+          }
         }
       }
     }
@@ -773,28 +830,58 @@ void backward_data(const T* gp, const GoPad& gpad, const T* w, T* gx, const Conv
   std::vector<TapList> phases(g.sh * g.sw);
   for (int64_t phi = 0; phi < g.sh; ++phi)
     for (int64_t psi = 0; psi < g.sw; ++psi) phases[phi * g.sw + psi] = phase_taps(g, phi, psi, gpad.Qg, g.K, fold, dw_path);
-  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.H, i = row % g.H;
-      const int64_t phi = (i + g.ph) % g.sh, a = (i + g.ph) / g.sh;
-      for (int64_t psi = 0; psi < g.sw; ++psi) {
-        const int64_t j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
-        if (j0 >= g.W) continue;
-        const int64_t npix = (g.W - 1 - j0) / g.sw + 1, b0 = (j0 + g.pw) / g.sw;
-        const TapList& taps = phases[phi * g.sw + psi];
-        const T* in = gp + ((n * gpad.Pg + a + gpad.top) * gpad.Qg + b0 + gpad.left) * g.K;
-        T* out = gx + (row * g.W + j0) * g.C;
-        if (dw_path) {
-          for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
-            const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
-            dw_rows<T>(in + c0, g.K, taps, pk.data() + c0, wstride, nc, out + c0, g.sw * g.C, npix, nullptr);
+  // Per phase and block, the reduction chunks of its taps.
+  std::vector<std::vector<std::vector<RChunk>>> plans(phases.size());
+  size_t max_chunks = 1;
+  for (size_t ph = 0; ph < phases.size(); ++ph)
+    for (const Block& b : blocks) {
+      plans[ph].push_back(reduction_chunks(phases[ph], b.width));
+      max_chunks = std::max(max_chunks, plans[ph].back().size());
+    }
+  const int64_t rows = g.N * g.H, rows_per_task = std::min<int64_t>(ceil_div(128, g.W), std::max<int64_t>(1, rows / 16));
+  at::parallel_for(0, ceil_div(rows, rows_per_task), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r0 = task * rows_per_task, r1 = std::min(rows, r0 + rows_per_task);
+      if (dw_path) {
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t n = row / g.H, i = row % g.H;
+          const int64_t phi = (i + g.ph) % g.sh, a = (i + g.ph) / g.sh;
+          for (int64_t psi = 0; psi < g.sw; ++psi) {
+            const int64_t j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
+            if (j0 >= g.W) continue;
+            const int64_t npix = (g.W - 1 - j0) / g.sw + 1, b0 = (j0 + g.pw) / g.sw;
+            const TapList& taps = phases[phi * g.sw + psi];
+            const T* in = gp + ((n * gpad.Pg + a + gpad.top) * gpad.Qg + b0 + gpad.left) * g.K;
+            T* out = gx + (row * g.W + j0) * g.C;
+            for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
+              const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
+              dw_rows<T>(in + c0, g.K, taps, pk.data() + c0, wstride, nc, out + c0, g.sw * g.C, npix, nullptr);
+            }
           }
-          continue;
         }
-        for (int64_t gr = 0; gr < g.groups; ++gr) {
-          for (const Block& b : blocks) {
-            const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Kg;
-            fwd_rows<T>(in + gr * g.Kg, g.K, taps, wb, b, out + gr * g.Cg + b.o0, g.sw * g.C, npix, nullptr);
+        continue;
+      }
+      for (int64_t gr = 0; gr < g.groups; ++gr) {
+        for (size_t bi = 0; bi < blocks.size(); ++bi) {
+          const Block& b = blocks[bi];
+          const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Kg;
+          for (size_t ci = 0; ci < max_chunks; ++ci) {
+            for (int64_t row = r0; row < r1; ++row) {
+              const int64_t n = row / g.H, i = row % g.H;
+              const int64_t phi = (i + g.ph) % g.sh, a = (i + g.ph) / g.sh;
+              for (int64_t psi = 0; psi < g.sw; ++psi) {
+                const int64_t j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
+                if (j0 >= g.W) continue;
+                const auto& plan = plans[phi * g.sw + psi][bi];
+                if (ci >= plan.size()) continue;
+                const int64_t npix = (g.W - 1 - j0) / g.sw + 1, b0 = (j0 + g.pw) / g.sw;
+                const TapList& taps = phases[phi * g.sw + psi];
+                const T* in = gp + ((n * gpad.Pg + a + gpad.top) * gpad.Qg + b0 + gpad.left) * g.K;
+                T* out = gx + (row * g.W + j0) * g.C;
+                fwd_rows<T>(in + gr * g.Kg, g.K, taps, plan[ci], ci > 0, wb, b, out + gr * g.Cg + b.o0, g.sw * g.C,
+                            npix, nullptr);
+              }
+            }
           }
         }
       }
