@@ -84,35 +84,35 @@ struct TapList {
 // ----------------------------------------------------------------------------------------
 // Portable micro-kernels (any T; float without AVX-512, double).
 
-// out[q][o] for q < npix, o < valid of one block (packed width `width`): the taps' l in
-// [0, L) of a reduction whose weights are Lw long per tap; ACC: add to out, else start
-// from the bias (or zero).
+// The engine works on lists of pixels: pixel q reads the input at xp[q] + xoff and writes
+// the output at op[q] + ooff.  out[q][o] for q < npix, o < valid of one block (packed width
+// `width`): the taps' l in [0, L) of a reduction whose weights are Lw long per tap; ACC: add
+// to out, else start from the bias (or zero).
 template <typename T>
-CONVRNN_CPU_CLONES void fwd_rows_generic(const T* __restrict in, int64_t in_ps, const int64_t* tin,
-                                         const int64_t* tw, int nt, int64_t L, int64_t Lw, const T* __restrict w,
-                                         int64_t width, int64_t valid, T* __restrict out, int64_t out_ps,
-                                         int64_t npix, const T* __restrict bias, bool accumulate) {
+CONVRNN_CPU_CLONES void fwd_pixels_generic(const T* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                           int nt, int64_t L, int64_t Lw, const T* __restrict w, int64_t width,
+                                           int64_t valid, T* const* op, int64_t ooff, int64_t npix,
+                                           const T* __restrict bias, bool accumulate) {
   constexpr int PB = 4;
   T acc[PB][kBlock];
   for (int64_t q0 = 0; q0 < npix; q0 += PB) {
     const int pb = static_cast<int>(std::min<int64_t>(PB, npix - q0));
     for (int p = 0; p < PB; ++p)
       for (int64_t o = 0; o < width; ++o)
-        acc[p][o] = (p < pb && o < valid) ? (accumulate ? out[(q0 + p) * out_ps + o] : bias != nullptr ? bias[o] : T(0))
+        acc[p][o] = (p < pb && o < valid) ? (accumulate ? op[q0 + p][ooff + o] : bias != nullptr ? bias[o] : T(0))
                                           : T(0);
     for (int t = 0; t < nt; ++t) {
-      const T* x = in + q0 * in_ps + tin[t];
       const T* wt = w + tw[t] * Lw * width;
       for (int64_t l = 0; l < L; ++l) {
         const T* wr = wt + l * width;
         for (int p = 0; p < pb; ++p) {
-          const T xv = x[p * in_ps + l];
+          const T xv = xp[q0 + p][xoff + tin[t] + l];
           for (int64_t o = 0; o < width; ++o) acc[p][o] += xv * wr[o];
         }
       }
     }
     for (int p = 0; p < pb; ++p)
-      for (int64_t o = 0; o < valid; ++o) out[(q0 + p) * out_ps + o] = acc[p][o];
+      for (int64_t o = 0; o < valid; ++o) op[q0 + p][ooff + o] = acc[p][o];
   }
 }
 
@@ -183,17 +183,17 @@ CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
 // PB pixels x NV vectors; `last` masks the final vector's loads and stores.  ACC: start
 // from out (a later reduction chunk), else from the bias or zero.
 template <int PB, int NV, bool ACC>
-CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
-                                     int nt, int64_t L, int64_t Lw, const float* __restrict w, float* __restrict out,
-                                     int64_t out_ps, const float* __restrict bias, __mmask16 last) {
+CONVRNN_AVX512 void fwd_block_avx512(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                     int nt, int64_t L, int64_t Lw, const float* __restrict w, float* const* op,
+                                     int64_t ooff, const float* __restrict bias, __mmask16 last) {
   __m512 acc[PB][NV];
   if (ACC) {
 #pragma GCC unroll 16
     for (int p = 0; p < PB; ++p)
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v)
-        acc[p][v] = v < NV - 1 ? _mm512_loadu_ps(out + p * out_ps + 16 * v)
-                               : _mm512_maskz_loadu_ps(last, out + p * out_ps + 16 * v);
+        acc[p][v] = v < NV - 1 ? _mm512_loadu_ps(op[p] + ooff + 16 * v)
+                               : _mm512_maskz_loadu_ps(last, op[p] + ooff + 16 * v);
   } else {
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
@@ -206,7 +206,9 @@ CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, 
   }
   const int64_t wstep = Lw * NV * 16;
   for (int t = 0; t < nt; ++t) {
-    const float* x = in + tin[t];
+    const float* x[PB];
+#pragma GCC unroll 16
+    for (int p = 0; p < PB; ++p) x[p] = xp[p] + xoff + tin[t];
     const float* wt = w + tw[t] * wstep;
     for (int64_t l = 0; l < L; ++l) {
       __m512 wv[NV];
@@ -214,7 +216,7 @@ CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, 
       for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wt + l * NV * 16 + 16 * v);
 #pragma GCC unroll 16
       for (int p = 0; p < PB; ++p) {
-        const __m512 xb = _mm512_set1_ps(x[p * in_ps + l]);
+        const __m512 xb = _mm512_set1_ps(x[p][l]);
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) acc[p][v] = _mm512_fmadd_ps(xb, wv[v], acc[p][v]);
       }
@@ -225,26 +227,25 @@ CONVRNN_AVX512 void fwd_block_avx512(const float* __restrict in, int64_t in_ps, 
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       if (v < NV - 1) {
-        _mm512_storeu_ps(out + p * out_ps + 16 * v, acc[p][v]);
+        _mm512_storeu_ps(op[p] + ooff + 16 * v, acc[p][v]);
       } else {
-        _mm512_mask_storeu_ps(out + p * out_ps + 16 * v, last, acc[p][v]);
+        _mm512_mask_storeu_ps(op[p] + ooff + 16 * v, last, acc[p][v]);
       }
     }
   }
 }
 
 template <int NV, int PB, bool ACC>
-CONVRNN_AVX512 void fwd_rows_nv(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
-                                int64_t L, int64_t Lw, const float* w, float* out, int64_t out_ps, int64_t npix,
-                                const float* bias, __mmask16 last) {
+CONVRNN_AVX512 void fwd_pixels_nv(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw, int nt,
+                                  int64_t L, int64_t Lw, const float* w, float* const* op, int64_t ooff, int64_t npix,
+                                  const float* bias, __mmask16 last) {
   int64_t q = 0;
   for (; q + PB <= npix; q += PB)
-    fwd_block_avx512<PB, NV, ACC>(in + q * in_ps, in_ps, tin, tw, nt, L, Lw, w, out + q * out_ps, out_ps, bias, last);
-#define CONVRNN_FWD_TAIL(pb)                                                                                      \
-  if (pb < PB && npix - q >= pb) {                                                                                \
-    fwd_block_avx512<(pb < PB ? pb : 1), NV, ACC>(in + q * in_ps, in_ps, tin, tw, nt, L, Lw, w, out + q * out_ps, \
-                                                  out_ps, bias, last);                                            \
-    q += pb;                                                                                                      \
+    fwd_block_avx512<PB, NV, ACC>(xp + q, xoff, tin, tw, nt, L, Lw, w, op + q, ooff, bias, last);
+#define CONVRNN_FWD_TAIL(pb)                                                                                    \
+  if (pb < PB && npix - q >= pb) {                                                                              \
+    fwd_block_avx512<(pb < PB ? pb : 1), NV, ACC>(xp + q, xoff, tin, tw, nt, L, Lw, w, op + q, ooff, bias, last); \
+    q += pb;                                                                                                    \
   }
   CONVRNN_FWD_TAIL(8)
   CONVRNN_FWD_TAIL(4)
@@ -254,15 +255,15 @@ CONVRNN_AVX512 void fwd_rows_nv(const float* in, int64_t in_ps, const int64_t* t
 }
 
 template <bool ACC>
-CONVRNN_AVX512 void fwd_rows_avx512(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
-                                    int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid, float* out,
-                                    int64_t out_ps, int64_t npix, const float* bias) {
+CONVRNN_AVX512 void fwd_pixels_avx512(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                      int nt, int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid,
+                                      float* const* op, int64_t ooff, int64_t npix, const float* bias) {
   const __mmask16 last = lane_mask(valid - (width - 16));
   switch (width / 16) {
-    case 4: fwd_rows_nv<4, 6, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
-    case 3: fwd_rows_nv<3, 8, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
-    case 2: fwd_rows_nv<2, 12, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
-    default: fwd_rows_nv<1, 12, ACC>(in, in_ps, tin, tw, nt, L, Lw, w, out, out_ps, npix, bias, last); break;
+    case 4: fwd_pixels_nv<4, 6, ACC>(xp, xoff, tin, tw, nt, L, Lw, w, op, ooff, npix, bias, last); break;
+    case 3: fwd_pixels_nv<3, 8, ACC>(xp, xoff, tin, tw, nt, L, Lw, w, op, ooff, npix, bias, last); break;
+    case 2: fwd_pixels_nv<2, 12, ACC>(xp, xoff, tin, tw, nt, L, Lw, w, op, ooff, npix, bias, last); break;
+    default: fwd_pixels_nv<1, 12, ACC>(xp, xoff, tin, tw, nt, L, Lw, w, op, ooff, npix, bias, last); break;
   }
 }
 
@@ -464,25 +465,28 @@ std::vector<RChunk> reduction_chunks(const TapList& taps, int64_t width) {
 
 // One reduction chunk of the engine over npix pixels of one block.
 template <typename T>
-void fwd_rows(const T* in, int64_t in_ps, const TapList& taps, const RChunk& c, bool accumulate, const T* w,
-              const Block& b, T* out, int64_t out_ps, int64_t npix, const T* bias) {
+void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RChunk& c, bool accumulate, const T* w,
+                const Block& b, T* const* op, int64_t ooff, int64_t npix, const T* bias) {
   if (npix <= 0) return;
   const int nt = c.t1 - c.t0;
   const int64_t L = c.l1 - c.l0;
   const T* wc = w + c.l0 * b.width;
-  const T* ic = in + c.l0;
 #ifdef CONVRNN_CONV_AVX512
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    auto f = accumulate ? fwd_rows_avx512<true> : fwd_rows_avx512<false>;
-    f(reinterpret_cast<const float*>(ic), in_ps, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L, taps.L,
-      reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float*>(out), out_ps, npix,
+    auto f = accumulate ? fwd_pixels_avx512<true> : fwd_pixels_avx512<false>;
+    f(reinterpret_cast<const float* const*>(xp), xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L,
+      taps.L, reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float* const*>(op), ooff, npix,
       reinterpret_cast<const float*>(bias));
     return;
   }
 #endif
-  fwd_rows_generic<T>(ic, in_ps, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L, taps.L, wc, b.width, b.valid,
-                      out, out_ps, npix, bias, accumulate);
+  fwd_pixels_generic<T>(xp, xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L, taps.L, wc, b.width,
+                        b.valid, op, ooff, npix, bias, accumulate);
 }
+
+// Pixel tasks: each pass cuts its pixels into tasks of kTaskPixels (a multiple of every
+// register block), so that only a pass's last pixels run a partial block.
+constexpr int64_t kTaskPixels = 144;
 
 template <typename T>
 void wgt_rows(const T* x, int64_t x_ps, int64_t x_rs, int64_t L, const T* go, int64_t go_ps, int64_t go_rs,
@@ -706,28 +710,34 @@ void forward_general(const T* xp, int64_t Hp, int64_t Wp, const T* w, const T* b
         taps.w.push_back(r * g.S + s);
       }
   }
-  // Tasks of a few output rows (>= ~128 pixels); per block and reduction chunk, all the
-  // task's rows, so that the chunk's weights are read from L1.
-  const int64_t rows = g.N * g.P, rows_per_task = std::min<int64_t>(ceil_div(128, g.Q), std::max<int64_t>(1, rows / 16));
+  // Tasks of kTaskPixels output pixels (flattened over n, p, q); per block and reduction
+  // chunk, all the task's pixels, so that the chunk's weights are read from L1.
+  const int64_t total = g.N * g.P * g.Q;
   std::vector<std::vector<RChunk>> plans;
   for (const Block& b : blocks) plans.push_back(reduction_chunks(taps, b.width));
-  at::parallel_for(0, ceil_div(rows, rows_per_task), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(total, kTaskPixels), 1, [&](int64_t begin, int64_t end) {
+    const T* xs[kTaskPixels];
+    T* os[kTaskPixels];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r0 = task * rows_per_task, r1 = std::min(rows, r0 + rows_per_task);
+      const int64_t q0 = task * kTaskPixels, np = std::min(total, q0 + kTaskPixels) - q0;
+      {
+        int64_t q = q0 % g.Q, p = (q0 / g.Q) % g.P, n = q0 / (g.Q * g.P);  // advanced incrementally
+        for (int64_t i = 0; i < np; ++i) {
+          xs[i] = xp + ((n * Hp + p * g.sh) * Wp + q * g.sw) * g.C;
+          os[i] = y + (q0 + i) * g.K;
+          if (++q == g.Q) {
+            q = 0;
+            if (++p == g.P) p = 0, ++n;
+          }
+        }
+      }
       for (int64_t gr = 0; gr < g.groups; ++gr) {
         for (size_t bi = 0; bi < blocks.size(); ++bi) {
           const Block& b = blocks[bi];
           const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Cg;
           const T* bb = bias != nullptr ? bias + gr * g.Kg + b.o0 : nullptr;
-          for (size_t ci = 0; ci < plans[bi].size(); ++ci) {
-            for (int64_t row = r0; row < r1; ++row) {
-              const int64_t n = row / g.P, p = row % g.P;
-              const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
-              T* out = y + row * g.Q * g.K;
-              fwd_rows<T>(in + gr * g.Cg, g.sw * g.C, taps, plans[bi][ci], ci > 0, wb, b, out + gr * g.Kg + b.o0, g.K,
-                          g.Q, bb);
-            }
-          }
+          for (size_t ci = 0; ci < plans[bi].size(); ++ci)
+            fwd_pixels<T>(xs, gr * g.Cg, taps, plans[bi][ci], ci > 0, wb, b, os, gr * g.Kg + b.o0, np, bb);
         }
       }
     }
@@ -832,31 +842,54 @@ void backward_data(const T* gp, const GoPad& gpad, const T* w, T* gx, const Conv
     for (int64_t psi = 0; psi < g.sw; ++psi) phases[phi * g.sw + psi] = phase_taps(g, phi, psi, gpad.Qg, g.K, fold, dw_path);
   // Per phase and block, the reduction chunks of its taps.
   std::vector<std::vector<std::vector<RChunk>>> plans(phases.size());
-  size_t max_chunks = 1;
   for (size_t ph = 0; ph < phases.size(); ++ph)
-    for (const Block& b : blocks) {
-      plans[ph].push_back(reduction_chunks(phases[ph], b.width));
-      max_chunks = std::max(max_chunks, plans[ph].back().size());
+    for (const Block& b : blocks) plans[ph].push_back(reduction_chunks(phases[ph], b.width));
+  // Pixels of each phase (phi, psi): rows i = i0 + sh*ii, columns j = j0 + sw*jj, flattened
+  // over (n, ii, jj) and cut into tasks of kTaskPixels.
+  struct PhaseGeo {
+    int64_t i0, ni, j0, nj, task0;
+  };
+  std::vector<PhaseGeo> pg;
+  int64_t ntasks = 0;
+  for (int64_t phi = 0; phi < g.sh; ++phi)
+    for (int64_t psi = 0; psi < g.sw; ++psi) {
+      PhaseGeo e;
+      e.i0 = ((phi - g.ph) % g.sh + g.sh) % g.sh;
+      e.j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
+      e.ni = e.i0 < g.H ? (g.H - 1 - e.i0) / g.sh + 1 : 0;
+      e.nj = e.j0 < g.W ? (g.W - 1 - e.j0) / g.sw + 1 : 0;
+      e.task0 = ntasks;
+      ntasks += ceil_div(g.N * e.ni * e.nj, kTaskPixels);
+      pg.push_back(e);
     }
-  const int64_t rows = g.N * g.H, rows_per_task = std::min<int64_t>(ceil_div(128, g.W), std::max<int64_t>(1, rows / 16));
-  at::parallel_for(0, ceil_div(rows, rows_per_task), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    const T* xs[kTaskPixels];
+    T* os[kTaskPixels];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t r0 = task * rows_per_task, r1 = std::min(rows, r0 + rows_per_task);
+      size_t ph = 0;
+      while (ph + 1 < pg.size() && pg[ph + 1].task0 <= task) ++ph;
+      const PhaseGeo& e = pg[ph];
+      const int64_t total = g.N * e.ni * e.nj;
+      const int64_t q0 = (task - e.task0) * kTaskPixels, np = std::min(total, q0 + kTaskPixels) - q0;
+      {
+        int64_t jj = q0 % e.nj, ii = (q0 / e.nj) % e.ni, n = q0 / (e.nj * e.ni);  // advanced incrementally
+        const int64_t a0 = (e.i0 + g.ph) / g.sh, b0 = (e.j0 + g.pw) / g.sw;  // (i + ph)/sh = a0 + ii
+        for (int64_t k = 0; k < np; ++k) {
+          const int64_t i = e.i0 + ii * g.sh, j = e.j0 + jj * g.sw;
+          xs[k] = gp + ((n * gpad.Pg + a0 + ii + gpad.top) * gpad.Qg + b0 + jj + gpad.left) * g.K;
+          os[k] = gx + ((n * g.H + i) * g.W + j) * g.C;
+          if (++jj == e.nj) {
+            jj = 0;
+            if (++ii == e.ni) ii = 0, ++n;
+          }
+        }
+      }
+      const TapList& taps = phases[ph];
       if (dw_path) {
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t n = row / g.H, i = row % g.H;
-          const int64_t phi = (i + g.ph) % g.sh, a = (i + g.ph) / g.sh;
-          for (int64_t psi = 0; psi < g.sw; ++psi) {
-            const int64_t j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
-            if (j0 >= g.W) continue;
-            const int64_t npix = (g.W - 1 - j0) / g.sw + 1, b0 = (j0 + g.pw) / g.sw;
-            const TapList& taps = phases[phi * g.sw + psi];
-            const T* in = gp + ((n * gpad.Pg + a + gpad.top) * gpad.Qg + b0 + gpad.left) * g.K;
-            T* out = gx + (row * g.W + j0) * g.C;
-            for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
-              const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
-              dw_rows<T>(in + c0, g.K, taps, pk.data() + c0, wstride, nc, out + c0, g.sw * g.C, npix, nullptr);
-            }
+        for (int64_t k = 0; k < np; ++k) {
+          for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
+            const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
+            dw_rows<T>(xs[k] + c0, 0, taps, pk.data() + c0, wstride, nc, os[k] + c0, 0, 1, nullptr);
           }
         }
         continue;
@@ -865,24 +898,9 @@ void backward_data(const T* gp, const GoPad& gpad, const T* w, T* gx, const Conv
         for (size_t bi = 0; bi < blocks.size(); ++bi) {
           const Block& b = blocks[bi];
           const T* wb = pk.data() + gr * gsize + b.o0 * g.R * g.S * g.Kg;
-          for (size_t ci = 0; ci < max_chunks; ++ci) {
-            for (int64_t row = r0; row < r1; ++row) {
-              const int64_t n = row / g.H, i = row % g.H;
-              const int64_t phi = (i + g.ph) % g.sh, a = (i + g.ph) / g.sh;
-              for (int64_t psi = 0; psi < g.sw; ++psi) {
-                const int64_t j0 = ((psi - g.pw) % g.sw + g.sw) % g.sw;
-                if (j0 >= g.W) continue;
-                const auto& plan = plans[phi * g.sw + psi][bi];
-                if (ci >= plan.size()) continue;
-                const int64_t npix = (g.W - 1 - j0) / g.sw + 1, b0 = (j0 + g.pw) / g.sw;
-                const TapList& taps = phases[phi * g.sw + psi];
-                const T* in = gp + ((n * gpad.Pg + a + gpad.top) * gpad.Qg + b0 + gpad.left) * g.K;
-                T* out = gx + (row * g.W + j0) * g.C;
-                fwd_rows<T>(in + gr * g.Kg, g.K, taps, plan[ci], ci > 0, wb, b, out + gr * g.Cg + b.o0, g.sw * g.C,
-                            npix, nullptr);
-              }
-            }
-          }
+          const auto& plan = plans[ph][bi];
+          for (size_t ci = 0; ci < plan.size(); ++ci)
+            fwd_pixels<T>(xs, gr * g.Kg, taps, plan[ci], ci > 0, wb, b, os, gr * g.Cg + b.o0, np, nullptr);
         }
       }
     }
