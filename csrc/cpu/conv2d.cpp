@@ -133,32 +133,32 @@ CONVRNN_CPU_CLONES void wgt_rows_generic(const T* __restrict x, int64_t x_ps, in
   }
 }
 
-// Depthwise: out[q][c] = (bias) + sum_t in[q*in_ps + tin[t] + c] * w[tw[t]*wstride + c], c < nc.
+// Depthwise over a pixel list: op[q][ooff + c] = (bias) + sum_t xp[q][xoff + tin[t] + c] * w[tw[t]*wstride + c].
 template <typename T>
-CONVRNN_CPU_CLONES void dw_rows_generic(const T* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
-                                        int nt, const T* __restrict w, int64_t wstride, int64_t nc,
-                                        T* __restrict out, int64_t out_ps, int64_t npix, const T* __restrict bias) {
+CONVRNN_CPU_CLONES void dw_pixels_generic(const T* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                          int nt, const T* __restrict w, int64_t wstride, int64_t nc, T* const* op,
+                                          int64_t ooff, int64_t npix, const T* __restrict bias) {
   for (int64_t q = 0; q < npix; ++q) {
-    T* o = out + q * out_ps;
+    T* __restrict o = op[q] + ooff;
     for (int64_t c = 0; c < nc; ++c) o[c] = bias != nullptr ? bias[c] : T(0);
     for (int t = 0; t < nt; ++t) {
-      const T* x = in + q * in_ps + tin[t];
-      const T* wt = w + tw[t] * wstride;
+      const T* __restrict x = xp[q] + xoff + tin[t];
+      const T* __restrict wt = w + tw[t] * wstride;
       for (int64_t c = 0; c < nc; ++c) o[c] += x[c] * wt[c];
     }
   }
 }
 
-// Depthwise weight gradient: part[t*wstride + c] += sum_q go[q*go_ps + c] * x[q*x_ps + tin[t] + c].
+// Depthwise weight gradient: part[tw[t]*wstride + c] += sum_q go[q*go_ps + c] * x[q*x_ps + tin[t] + c].
 template <typename T>
-CONVRNN_CPU_CLONES void dw_wgt_rows_generic(const T* __restrict x, int64_t x_ps, const int64_t* tin, int nt,
-                                            const T* __restrict go, int64_t go_ps, int64_t nc, int64_t npix,
-                                            T* __restrict part, int64_t wstride) {
+CONVRNN_CPU_CLONES void dw_wgt_rows_generic(const T* __restrict x, int64_t x_ps, const int64_t* tin,
+                                            const int64_t* tw, int nt, const T* __restrict go, int64_t go_ps,
+                                            int64_t nc, int64_t npix, T* __restrict part, int64_t wstride) {
   for (int64_t q = 0; q < npix; ++q) {
     for (int t = 0; t < nt; ++t) {
       const T* xq = x + q * x_ps + tin[t];
       const T* gq = go + q * go_ps;
-      T* pr = part + t * wstride;
+      T* pr = part + tw[t] * wstride;
       for (int64_t c = 0; c < nc; ++c) pr[c] += gq[c] * xq[c];
     }
   }
@@ -333,9 +333,9 @@ CONVRNN_AVX512 void wgt_rows_avx512(const float* x, int64_t x_ps, int64_t x_rs, 
 
 // Depthwise: PB pixels x NV vectors of channels; one input load per FMA, weights per tap.
 template <int PB, int NV>
-CONVRNN_AVX512 void dw_block_avx512(const float* __restrict in, int64_t in_ps, const int64_t* tin, const int64_t* tw,
-                                    int nt, const float* __restrict w, int64_t wstride, float* __restrict out,
-                                    int64_t out_ps, const float* __restrict bias, __mmask16 last) {
+CONVRNN_AVX512 void dw_block_avx512(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                    int nt, const float* __restrict w, int64_t wstride, float* const* op,
+                                    int64_t ooff, const float* __restrict bias, __mmask16 last) {
   __m512 acc[PB][NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
@@ -345,9 +345,12 @@ CONVRNN_AVX512 void dw_block_avx512(const float* __restrict in, int64_t in_ps, c
 #pragma GCC unroll 16
     for (int p = 0; p < PB; ++p) acc[p][v] = b;
   }
+  const float* x[PB];
+#pragma GCC unroll 16
+  for (int p = 0; p < PB; ++p) x[p] = xp[p] + xoff;
   for (int t = 0; t < nt; ++t) {
-    const float* x = in + tin[t];
     const float* wt = w + tw[t] * wstride;
+    const int64_t off = tin[t];
     __m512 wv[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wt + 16 * v);  // packed: padded to 16
@@ -355,8 +358,8 @@ CONVRNN_AVX512 void dw_block_avx512(const float* __restrict in, int64_t in_ps, c
     for (int p = 0; p < PB; ++p) {
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
-        const __m512 xv = v < NV - 1 ? _mm512_loadu_ps(x + p * in_ps + 16 * v)
-                                     : _mm512_maskz_loadu_ps(last, x + p * in_ps + 16 * v);
+        const __m512 xv = v < NV - 1 ? _mm512_loadu_ps(x[p] + off + 16 * v)
+                                     : _mm512_maskz_loadu_ps(last, x[p] + off + 16 * v);
         acc[p][v] = _mm512_fmadd_ps(xv, wv[v], acc[p][v]);
       }
     }
@@ -366,46 +369,48 @@ CONVRNN_AVX512 void dw_block_avx512(const float* __restrict in, int64_t in_ps, c
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       if (v < NV - 1) {
-        _mm512_storeu_ps(out + p * out_ps + 16 * v, acc[p][v]);
+        _mm512_storeu_ps(op[p] + ooff + 16 * v, acc[p][v]);
       } else {
-        _mm512_mask_storeu_ps(out + p * out_ps + 16 * v, last, acc[p][v]);
+        _mm512_mask_storeu_ps(op[p] + ooff + 16 * v, last, acc[p][v]);
       }
     }
   }
 }
 
 template <int NV, int PB>
-CONVRNN_AVX512 void dw_rows_nv(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
-                               const float* w, int64_t wstride, float* out, int64_t out_ps, int64_t npix,
-                               const float* bias, __mmask16 last) {
+CONVRNN_AVX512 void dw_pixels_nv(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw, int nt,
+                                 const float* w, int64_t wstride, float* const* op, int64_t ooff, int64_t npix,
+                                 const float* bias, __mmask16 last) {
   int64_t q = 0;
-  for (; q + PB <= npix; q += PB)
-    dw_block_avx512<PB, NV>(in + q * in_ps, in_ps, tin, tw, nt, w, wstride, out + q * out_ps, out_ps, bias, last);
-  for (; q < npix; ++q)
-    dw_block_avx512<1, NV>(in + q * in_ps, in_ps, tin, tw, nt, w, wstride, out + q * out_ps, out_ps, bias, last);
+  for (; q + PB <= npix; q += PB) dw_block_avx512<PB, NV>(xp + q, xoff, tin, tw, nt, w, wstride, op + q, ooff, bias, last);
+  if (PB > 2 && npix - q >= 2) {
+    dw_block_avx512<(PB > 2 ? 2 : 1), NV>(xp + q, xoff, tin, tw, nt, w, wstride, op + q, ooff, bias, last);
+    q += 2;
+  }
+  for (; q < npix; ++q) dw_block_avx512<1, NV>(xp + q, xoff, tin, tw, nt, w, wstride, op + q, ooff, bias, last);
 }
 
-CONVRNN_AVX512 void dw_rows_avx512(const float* in, int64_t in_ps, const int64_t* tin, const int64_t* tw, int nt,
-                                   const float* w, int64_t wstride, int64_t nc, float* out, int64_t out_ps,
-                                   int64_t npix, const float* bias) {
+CONVRNN_AVX512 void dw_pixels_avx512(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                     int nt, const float* w, int64_t wstride, int64_t nc, float* const* op,
+                                     int64_t ooff, int64_t npix, const float* bias) {
   const int64_t width = round_up(nc, 16);
   const __mmask16 last = lane_mask(nc - (width - 16));
   switch (width / 16) {
-    case 4: dw_rows_nv<4, 6>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
-    case 3: dw_rows_nv<3, 8>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
-    case 2: dw_rows_nv<2, 12>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
-    default: dw_rows_nv<1, 12>(in, in_ps, tin, tw, nt, w, wstride, out, out_ps, npix, bias, last); break;
+    case 4: dw_pixels_nv<4, 6>(xp, xoff, tin, tw, nt, w, wstride, op, ooff, npix, bias, last); break;
+    case 3: dw_pixels_nv<3, 8>(xp, xoff, tin, tw, nt, w, wstride, op, ooff, npix, bias, last); break;
+    case 2: dw_pixels_nv<2, 12>(xp, xoff, tin, tw, nt, w, wstride, op, ooff, npix, bias, last); break;
+    default: dw_pixels_nv<1, 12>(xp, xoff, tin, tw, nt, w, wstride, op, ooff, npix, bias, last); break;
   }
 }
 
 // Depthwise weight gradient for 16 channels: TB taps in registers over npix pixels.
 template <int TB>
-CONVRNN_AVX512 void dw_wgt_block_avx512(const float* __restrict x, int64_t x_ps, const int64_t* tin,
+CONVRNN_AVX512 void dw_wgt_block_avx512(const float* __restrict x, int64_t x_ps, const int64_t* tin, const int64_t* tw,
                                         const float* __restrict go, int64_t go_ps, int64_t npix,
                                         float* __restrict part, int64_t wstride, __mmask16 m) {
   __m512 acc[TB];
 #pragma GCC unroll 32
-  for (int t = 0; t < TB; ++t) acc[t] = _mm512_loadu_ps(part + t * wstride);
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_loadu_ps(part + tw[t] * wstride);
   for (int64_t q = 0; q < npix; ++q) {
     const __m512 gv = _mm512_maskz_loadu_ps(m, go + q * go_ps);
     const float* xq = x + q * x_ps;
@@ -413,19 +418,21 @@ CONVRNN_AVX512 void dw_wgt_block_avx512(const float* __restrict x, int64_t x_ps,
     for (int t = 0; t < TB; ++t) acc[t] = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, xq + tin[t]), acc[t]);
   }
 #pragma GCC unroll 32
-  for (int t = 0; t < TB; ++t) _mm512_storeu_ps(part + t * wstride, acc[t]);
+  for (int t = 0; t < TB; ++t) _mm512_storeu_ps(part + tw[t] * wstride, acc[t]);
 }
 
-CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64_t* tin, int nt, const float* go,
-                                       int64_t go_ps, int64_t nc, int64_t npix, float* part, int64_t wstride) {
+CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64_t* tin, const int64_t* tw, int nt,
+                                       const float* go, int64_t go_ps, int64_t nc, int64_t npix, float* part,
+                                       int64_t wstride) {
   for (int64_t c = 0; c < nc; c += 16) {
     const __mmask16 m = lane_mask(nc - c);
     int t = 0;
-    for (; t + 16 <= nt; t += 16) dw_wgt_block_avx512<16>(x + c, x_ps, tin + t, go + c, go_ps, npix, part + t * wstride + c, wstride, m);
-#define CONVRNN_DWW_TAIL(tb)                                                                            \
-  if (nt - t >= tb) {                                                                                   \
-    dw_wgt_block_avx512<tb>(x + c, x_ps, tin + t, go + c, go_ps, npix, part + t * wstride + c, wstride, m); \
-    t += tb;                                                                                            \
+    for (; t + 16 <= nt; t += 16)
+      dw_wgt_block_avx512<16>(x + c, x_ps, tin + t, tw + t, go + c, go_ps, npix, part + c, wstride, m);
+#define CONVRNN_DWW_TAIL(tb)                                                                             \
+  if (nt - t >= tb) {                                                                                    \
+    dw_wgt_block_avx512<tb>(x + c, x_ps, tin + t, tw + t, go + c, go_ps, npix, part + c, wstride, m);   \
+    t += tb;                                                                                             \
   }
     CONVRNN_DWW_TAIL(8)
     CONVRNN_DWW_TAIL(4)
@@ -433,6 +440,56 @@ CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64
     CONVRNN_DWW_TAIL(1)
 #undef CONVRNN_DWW_TAIL
   }
+}
+// 16 x 16 transpose: dst row j (at dst + j*dstride) = column j of the 16 src rows.
+CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * sstride);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
+      t[8 * h + i + 4] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * dstride, r[j]);
+}
+
+// Full 16 x 16 tiles of the layout copies below (the edges run the portable loops).
+CONVRNN_AVX512 void nchw_rows_to_nhwc_avx512(const float* src, float* dst, int64_t C, int64_t H, int64_t W, int64_t h0,
+                                             int64_t h1, int64_t Wp, int64_t left) {
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16)
+      for (int64_t w0 = 0; w0 + 16 <= W; w0 += 16)
+        transpose16(src + c0 * H * W + h * W + w0, H * W, dst + (h * Wp + left + w0) * C + c0, C);
+}
+
+CONVRNN_AVX512 void nhwc_rows_to_nchw_avx512(const float* src, float* dst, int64_t C, int64_t H, int64_t W, int64_t h0,
+                                             int64_t h1) {
+  for (int64_t h = h0; h < h1; ++h)
+    for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16)
+      for (int64_t w0 = 0; w0 + 16 <= W; w0 += 16)
+        transpose16(src + (h * W + w0) * C + c0, C, dst + c0 * H * W + h * W + w0, H * W);
 }
 #endif  // AVX-512
 
@@ -509,31 +566,32 @@ CONVRNN_CPU_CLONES void add_pixels(T* __restrict pb, const T* __restrict go, int
 }
 
 template <typename T>
-void dw_rows(const T* in, int64_t in_ps, const TapList& taps, const T* w, int64_t wstride, int64_t nc, T* out,
-             int64_t out_ps, int64_t npix, const T* bias) {
+void dw_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const T* w, int64_t wstride, int64_t nc,
+               T* const* op, int64_t ooff, int64_t npix, const T* bias) {
   if (npix <= 0) return;
 #ifdef CONVRNN_CONV_AVX512
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    dw_rows_avx512(reinterpret_cast<const float*>(in), in_ps, taps.in.data(), taps.w.data(), taps.size(),
-                   reinterpret_cast<const float*>(w), wstride, nc, reinterpret_cast<float*>(out), out_ps, npix,
-                   reinterpret_cast<const float*>(bias));
+    dw_pixels_avx512(reinterpret_cast<const float* const*>(xp), xoff, taps.in.data(), taps.w.data(), taps.size(),
+                     reinterpret_cast<const float*>(w), wstride, nc, reinterpret_cast<float* const*>(op), ooff, npix,
+                     reinterpret_cast<const float*>(bias));
     return;
   }
 #endif
-  dw_rows_generic<T>(in, in_ps, taps.in.data(), taps.w.data(), taps.size(), w, wstride, nc, out, out_ps, npix, bias);
+  dw_pixels_generic<T>(xp, xoff, taps.in.data(), taps.w.data(), taps.size(), w, wstride, nc, op, ooff, npix, bias);
 }
 
 template <typename T>
 void dw_wgt_rows(const T* x, int64_t x_ps, const TapList& taps, const T* go, int64_t go_ps, int64_t nc, int64_t npix,
                  T* part, int64_t wstride) {
+  if (npix <= 0) return;
 #ifdef CONVRNN_CONV_AVX512
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    dw_wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, taps.in.data(), taps.size(),
+    dw_wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, taps.in.data(), taps.w.data(), taps.size(),
                        reinterpret_cast<const float*>(go), go_ps, nc, npix, reinterpret_cast<float*>(part), wstride);
     return;
   }
 #endif
-  dw_wgt_rows_generic<T>(x, x_ps, taps.in.data(), taps.size(), go, go_ps, nc, npix, part, wstride);
+  dw_wgt_rows_generic<T>(x, x_ps, taps.in.data(), taps.w.data(), taps.size(), go, go_ps, nc, npix, part, wstride);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -552,7 +610,8 @@ bool fold_backward_data(const Conv2d& g) { return g.groups == 1 && g.dw == 1 && 
 // buffer at (top, left): dst[(h+top)*Wp + left + w][c] = src[c][h][w].  16 x 16 tiles.
 template <typename T>
 CONVRNN_CPU_CLONES void nchw_rows_to_nhwc(const T* __restrict src, T* __restrict dst, int64_t C, int64_t H,
-                                          int64_t W, int64_t h0, int64_t h1, int64_t Wp, int64_t left) {
+                                          int64_t W, int64_t h0, int64_t h1, int64_t Wp, int64_t left,
+                                          bool skip_full) {
   constexpr int64_t TB = 16;
   for (int64_t h = h0; h < h1; ++h) {
     const T* s = src + h * W;
@@ -562,6 +621,7 @@ CONVRNN_CPU_CLONES void nchw_rows_to_nhwc(const T* __restrict src, T* __restrict
       for (int64_t w0 = 0; w0 < W; w0 += TB) {
         const int64_t nw = std::min(TB, W - w0);
         if (nc == TB && nw == TB) {
+          if (skip_full) continue;
           for (int64_t w = 0; w < TB; ++w)
             for (int64_t c = 0; c < TB; ++c) d[(w0 + w) * C + c0 + c] = s[(c0 + c) * H * W + w0 + w];
         } else {
@@ -576,7 +636,7 @@ CONVRNN_CPU_CLONES void nchw_rows_to_nhwc(const T* __restrict src, T* __restrict
 // The reverse: dst[c][h][w] = src[h*W + w][c] for rows [h0, h1) of one image.
 template <typename T>
 CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict dst, int64_t C, int64_t H,
-                                          int64_t W, int64_t h0, int64_t h1) {
+                                          int64_t W, int64_t h0, int64_t h1, bool skip_full) {
   constexpr int64_t TB = 16;
   for (int64_t h = h0; h < h1; ++h) {
     const T* s = src + h * W * C;
@@ -586,6 +646,7 @@ CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict
       for (int64_t w0 = 0; w0 < W; w0 += TB) {
         const int64_t nw = std::min(TB, W - w0);
         if (nc == TB && nw == TB) {
+          if (skip_full) continue;
           for (int64_t c = 0; c < TB; ++c)
             for (int64_t w = 0; w < TB; ++w) d[(c0 + c) * H * W + w0 + w] = s[(w0 + w) * C + c0 + c];
         } else {
@@ -601,8 +662,9 @@ CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict
 // dtype `dt` (a view without copy where the tensor is already NHWC and no padding is asked).
 Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right, at::ScalarType dt) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
-  const bool cl = image_format(t) == at::MemoryFormat::ChannelsLast;
-  const Tensor src = t.to(dt).contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  Tensor src = t.to(dt);
+  const bool cl = image_format(src) == at::MemoryFormat::ChannelsLast || src.is_contiguous(at::MemoryFormat::ChannelsLast);
+  src = src.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (cl && top == 0 && bottom == 0 && left == 0 && right == 0) return src.permute({0, 2, 3, 1});
   const int64_t Hp = H + top + bottom, Wp = W + left + right;
   Tensor p = at::empty({N, Hp, Wp, C}, src.options().memory_format(at::MemoryFormat::Contiguous));
@@ -630,7 +692,15 @@ Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, i
           for (int64_t h = h0; h < h1; ++h)
             std::copy(s + (n * H + h) * W * C, s + (n * H + h + 1) * W * C, di + ((h + top) * Wp + left) * C);
         } else {
-          nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left);
+          bool fast = false;
+#ifdef CONVRNN_CONV_AVX512
+          if (std::is_same<scalar_t, float>::value && cpu_has_avx512f()) {
+            nchw_rows_to_nhwc_avx512(reinterpret_cast<const float*>(s) + n * C * H * W,
+                                     reinterpret_cast<float*>(di) + top * Wp * C, C, H, W, h0, h1, Wp, left);
+            fast = true;
+          }
+#endif
+          nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left, fast);
         }
       }
     });
@@ -653,7 +723,15 @@ Tensor to_format(const Tensor& nhwc, const Conv2d& g, at::ScalarType out_dtype) 
       for (int64_t task = b; task < e; ++task) {
         const int64_t n = task / tasks_per_image;
         const int64_t h0 = (task % tasks_per_image) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
-        nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1);
+        bool fast = false;
+#ifdef CONVRNN_CONV_AVX512
+        if (std::is_same<scalar_t, float>::value && cpu_has_avx512f()) {
+          nhwc_rows_to_nchw_avx512(reinterpret_cast<const float*>(s) + n * H * W * C,
+                                   reinterpret_cast<float*>(d) + n * C * H * W, C, H, W, h0, h1);
+          fast = true;
+        }
+#endif
+        nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1, fast);
       }
     });
   });
@@ -755,25 +833,102 @@ std::vector<T> pack_depthwise(const T* w, const Conv2d& g, int64_t& wstride) {
   return pk;
 }
 
+// Depthwise passes on the unpadded NHWC input, one output row (n, p) at a time: the taps
+// of the rows inside the image; the columns q in [qa, qb) whose every tap is inside run
+// as one pixel list, the border columns one by one with their own taps.
+struct DwColumns {
+  int64_t qa, qb;
+};
+
+DwColumns dw_interior(const Conv2d& g) {
+  int64_t qa = ceil_div(g.pw, g.sw);
+  int64_t qb = div_floor<int64_t>(g.W - 1 - (g.S - 1) * g.dw + g.pw, g.sw) + 1;
+  qa = std::min(qa, g.Q);
+  qb = std::max(qa, std::min(qb, g.Q));
+  return {qa, qb};
+}
+
+// Taps of output row p (rows inside the image) and columns [s0, s1): offsets from the
+// pixel's window origin (ih0, iw0) in the NHWC image.
+TapList dw_row_taps(const Conv2d& g, TapRange<int64_t> tr, int64_t s0, int64_t s1) {
+  TapList t;
+  for (int64_t r = tr.lo; r < tr.hi; ++r)
+    for (int64_t s = s0; s < s1; ++s) {
+      t.in.push_back((r * g.dh * g.W + s * g.dw) * g.C);
+      t.w.push_back(r * g.S + s);
+    }
+  t.L = 1;
+  return t;
+}
+
 template <typename T>
-void forward_depthwise(const T* xp, int64_t Hp, int64_t Wp, const T* w, const T* bias, T* y, const Conv2d& g) {
+void forward_depthwise(const T* x, const T* w, const T* bias, T* y, const Conv2d& g) {
   int64_t wstride = 0;
   const std::vector<T> pk = pack_depthwise<T>(w, g, wstride);
-  TapList taps;
-  for (int64_t r = 0; r < g.R; ++r)
-    for (int64_t s = 0; s < g.S; ++s) {
-      taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
-      taps.w.push_back(r * g.S + s);
-    }
+  const DwColumns cols = dw_interior(g);
   at::parallel_for(0, g.N * g.P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> xs(g.Q);
+    std::vector<T*> os(g.Q);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / g.P, p = row % g.P;
-      const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
-      T* out = y + row * g.Q * g.K;
-      for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
-        const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
-        dw_rows<T>(in + c0, g.sw * g.C, taps, pk.data() + c0, wstride, nc, out + c0, g.K, g.Q,
-                   bias != nullptr ? bias + c0 : nullptr);
+      const int64_t n = row / g.P, p = row % g.P, ih0 = p * g.sh - g.ph;
+      const auto tr = conv_taps<int64_t>(ih0, g.H, g.R, g.dh);
+      const T* img = x + (n * g.H + ih0) * g.W * g.C;  // window origin row (may lie above the image)
+      for (int64_t q = 0; q < g.Q; ++q) {
+        xs[q] = img + (q * g.sw - g.pw) * g.C;
+        os[q] = y + (row * g.Q + q) * g.K;
+      }
+      const TapList inner = dw_row_taps(g, tr, 0, g.S);
+      for (int64_t q = 0; q < g.Q; ++q) {
+        if (q == cols.qa && cols.qb > cols.qa) {
+          for (int64_t c0 = 0; c0 < g.C; c0 += kBlock)
+            dw_pixels<T>(xs.data() + q, c0, inner, pk.data() + c0, wstride, std::min<int64_t>(kBlock, g.C - c0),
+                         os.data() + q, c0, cols.qb - cols.qa, bias != nullptr ? bias + c0 : nullptr);
+          q = cols.qb - 1;
+          continue;
+        }
+        const auto ts = conv_taps<int64_t>(q * g.sw - g.pw, g.W, g.S, g.dw);
+        const TapList border = dw_row_taps(g, tr, ts.lo, ts.hi);
+        for (int64_t c0 = 0; c0 < g.C; c0 += kBlock)
+          dw_pixels<T>(xs.data() + q, c0, border, pk.data() + c0, wstride, std::min<int64_t>(kBlock, g.C - c0),
+                       os.data() + q, c0, 1, bias != nullptr ? bias + c0 : nullptr);
+      }
+    }
+  });
+}
+
+// Depthwise weight gradient partials (chunks of output rows as the general path), from
+// the unpadded NHWC input: part[(r*S + s)*wstride + c].
+template <typename T>
+void backward_weight_depthwise(const T* x, const T* go, const Conv2d& g, T* part_w, int64_t psize, T* part_b,
+                               int64_t count, int64_t rows) {
+  const int64_t wstride = round_up(g.C, kLanes);
+  const DwColumns cols = dw_interior(g);
+  at::parallel_for(0, count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* pw = part_w + c * psize;
+      std::fill(pw, pw + psize, T(0));
+      const int64_t rb = c * rows / count, re = (c + 1) * rows / count;
+      if (part_b != nullptr) {
+        T* pb = part_b + c * g.K;
+        std::fill(pb, pb + g.K, T(0));
+        add_pixels<T>(pb, go + rb * g.Q * g.K, (re - rb) * g.Q, g.K);
+      }
+      for (int64_t row = rb; row < re; ++row) {
+        const int64_t n = row / g.P, p = row % g.P, ih0 = p * g.sh - g.ph;
+        const auto tr = conv_taps<int64_t>(ih0, g.H, g.R, g.dh);
+        const T* img = x + (n * g.H + ih0) * g.W * g.C;
+        const T* gr = go + row * g.Q * g.K;
+        if (cols.qb > cols.qa) {
+          const TapList inner = dw_row_taps(g, tr, 0, g.S);
+          dw_wgt_rows<T>(img + (cols.qa * g.sw - g.pw) * g.C, g.sw * g.C, inner, gr + cols.qa * g.K, g.K, g.C,
+                         cols.qb - cols.qa, pw, wstride);
+        }
+        for (int64_t q = 0; q < g.Q; ++q) {
+          if (q >= cols.qa && q < cols.qb) continue;
+          const auto ts = conv_taps<int64_t>(q * g.sw - g.pw, g.W, g.S, g.dw);
+          const TapList border = dw_row_taps(g, tr, ts.lo, ts.hi);
+          dw_wgt_rows<T>(img + (q * g.sw - g.pw) * g.C, 0, border, gr + q * g.K, g.K, g.C, 1, pw, wstride);
+        }
       }
     }
   });
@@ -886,12 +1041,8 @@ void backward_data(const T* gp, const GoPad& gpad, const T* w, T* gx, const Conv
       }
       const TapList& taps = phases[ph];
       if (dw_path) {
-        for (int64_t k = 0; k < np; ++k) {
-          for (int64_t c0 = 0; c0 < g.C; c0 += kBlock) {
-            const int64_t nc = std::min<int64_t>(kBlock, g.C - c0);
-            dw_rows<T>(xs[k] + c0, 0, taps, pk.data() + c0, wstride, nc, os[k] + c0, 0, 1, nullptr);
-          }
-        }
+        for (int64_t c0 = 0; c0 < g.C; c0 += kBlock)
+          dw_pixels<T>(xs, c0, taps, pk.data() + c0, wstride, std::min<int64_t>(kBlock, g.C - c0), os, c0, np, nullptr);
         continue;
       }
       for (int64_t gr = 0; gr < g.groups; ++gr) {
@@ -960,12 +1111,6 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
         const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
         const T* gr_row = go + row * g.Q * g.K;
         row += nrows;
-        if (dw_path) {
-          for (int64_t j = 0; j < nrows; ++j)
-            dw_wgt_rows<T>(in + j * g.sh * Wp * g.C, g.sw * g.C, taps, gr_row + j * g.Q * g.K, g.K, g.C, g.Q, pw,
-                           wstride);
-          continue;
-        }
         for (int64_t gr = 0; gr < g.groups; ++gr) {
           for (int t = 0; t < taps.size(); ++t) {
             for (const Block& b : blocks) {
@@ -1015,7 +1160,8 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const auto opts = input.options().dtype(ct);
   Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts.memory_format(at::MemoryFormat::ChannelsLast));
   if (g.N == 0) return conv2d_empty(g, g.output_sizes(), input.options());
-  const Tensor xp = padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct);
+  const bool dwp = depthwise_path(g);  // reads the unpadded input
+  const Tensor xp = dwp ? padded_nhwc(input, 0, 0, 0, 0, ct) : padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct);
   const Tensor w = weight.to(ct).contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
@@ -1023,8 +1169,8 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d", [&] {
     const scalar_t* x = xp.const_data_ptr<scalar_t>();
     const scalar_t* bp = has_bias ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (depthwise_path(g)) {
-      forward_depthwise<scalar_t>(x, Hp, Wp, w.const_data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), g);
+    if (dwp) {
+      forward_depthwise<scalar_t>(x, w.const_data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), g);
     } else {
       forward_general<scalar_t>(x, Hp, Wp, w.const_data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), g);
     }
@@ -1062,7 +1208,10 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     const Chunks ch = weight_chunks(g);
     const int64_t psize = depthwise_path(g) ? g.R * g.S * round_up(g.C, kLanes)
                                             : packed_group_size(g.Kg, g.R * g.S * g.Cg) * g.groups;
-    const Tensor xp = output_mask[1] ? padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct) : Tensor();
+    const bool dwp = depthwise_path(g);  // reads the unpadded input
+    const Tensor xp = !output_mask[1] ? Tensor()
+                      : dwp           ? padded_nhwc(input, 0, 0, 0, 0, ct)
+                                      : padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct);
     const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
     AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
       using T = scalar_t;
@@ -1070,8 +1219,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
       if (output_mask[1]) {
         std::vector<T> part_w(ch.count * psize);
         std::vector<T> part_b(output_mask[2] ? ch.count * g.K : 0);
-        backward_weight_partials<T>(xp.const_data_ptr<T>(), Hp, Wp, gop, g, part_w.data(), psize,
-                                    output_mask[2] ? part_b.data() : nullptr);
+        if (dwp) {
+          backward_weight_depthwise<T>(xp.const_data_ptr<T>(), gop, g, part_w.data(), psize,
+                                       output_mask[2] ? part_b.data() : nullptr, ch.count, ch.rows);
+        } else {
+          backward_weight_partials<T>(xp.const_data_ptr<T>(), Hp, Wp, gop, g, part_w.data(), psize,
+                                      output_mask[2] ? part_b.data() : nullptr);
+        }
         Tensor gwc = at::empty(g.weight_sizes(), opts.dtype(ct));
         reduce_weight<T, T>(part_w.data(), psize, ch.count, g, gwc.data_ptr<T>());
         gw = gwc.to(dt);
