@@ -37,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -491,6 +492,48 @@ CONVRNN_AVX512 void nhwc_rows_to_nchw_avx512(const float* src, float* dst, int64
       for (int64_t w0 = 0; w0 + 16 <= W; w0 += 16)
         transpose16(src + (h * W + w0) * C + c0, C, dst + c0 * H * W + h * W + w0, H * W);
 }
+// NCHW depthwise, column stride 1: see dw_plane_forward / dw_plane_weight below.
+CONVRNN_AVX512 void dw_plane_forward_avx512(const float* xp, int64_t Wp, const float* w, float bias, float* out,
+                                            int64_t P, int64_t Q, int64_t R, int64_t S, int64_t sh, int64_t dh,
+                                            int64_t dw) {
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t q0 = 0; q0 < Q; q0 += 64) {
+      __mmask16 m[4];
+      __m512 acc[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        m[v] = lane_mask(std::max<int64_t>(0, Q - q0 - 16 * v));
+        acc[v] = _mm512_set1_ps(bias);
+      }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t s = 0; s < S; ++s) {
+          const __m512 wv = _mm512_set1_ps(w[r * S + s]);
+          const float* row = xp + (p * sh + r * dh) * Wp + q0 + s * dw;
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m[v], row + 16 * v), acc[v]);
+        }
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(out + p * Q + q0 + 16 * v, m[v], acc[v]);
+    }
+  }
+}
+
+CONVRNN_AVX512 void dw_plane_weight_avx512(const float* xp, int64_t Wp, const float* go, float* acc, int64_t P,
+                                           int64_t Q, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t s = 0; s < S; ++s) {
+      __m512 a = _mm512_loadu_ps(acc + (r * S + s) * 16);
+      for (int64_t p = 0; p < P; ++p) {
+        const float* row = xp + (p * sh + r * dh) * Wp + s * dw;
+        const float* g = go + p * Q;
+        for (int64_t q = 0; q < Q; q += 16) {
+          const __mmask16 m = lane_mask(Q - q);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + q), _mm512_maskz_loadu_ps(m, row + q), a);
+        }
+      }
+      _mm512_storeu_ps(acc + (r * S + s) * 16, a);
+    }
+}
 #endif  // AVX-512
 
 // ----------------------------------------------------------------------------------------
@@ -658,16 +701,35 @@ CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict
   }
 }
 
+// Scratch buffers for the layout copies, kept per calling thread between calls: a fresh
+// tensor of this size is a fresh mmap whose pages fault on first touch (more than the copy
+// itself costs).  One buffer per slot (at most kScratchBytes each; larger requests get a
+// fresh tensor); a slot is used once per op call.  Never returned to the caller.
+enum ScratchSlot { kScratchInput = 0, kScratchOutput = 1, kScratchGradOut = 2, kScratchGradOutW = 3, kScratchSlots = 4 };
+constexpr int64_t kScratchBytes = int64_t(256) << 20;
+
+Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local Tensor cache[kScratchSlots];
+  int64_t numel = 1;
+  for (int64_t v : sizes) numel *= v;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes > kScratchBytes || bytes == 0) return at::empty(sizes, opts.memory_format(at::MemoryFormat::Contiguous));
+  Tensor& c = cache[slot];
+  if (!c.defined() || c.numel() < bytes) c = at::empty({bytes}, opts.dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
+  return c.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
+}
+
 // A zero-padded NHWC copy (N, H+top+bottom, W+left+right, C) of a 4-D (N, C, H, W) tensor in
 // dtype `dt` (a view without copy where the tensor is already NHWC and no padding is asked).
-Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right, at::ScalarType dt) {
+Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right, at::ScalarType dt,
+                   int slot) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   Tensor src = t.to(dt);
   const bool cl = image_format(src) == at::MemoryFormat::ChannelsLast || src.is_contiguous(at::MemoryFormat::ChannelsLast);
   src = src.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (cl && top == 0 && bottom == 0 && left == 0 && right == 0) return src.permute({0, 2, 3, 1});
   const int64_t Hp = H + top + bottom, Wp = W + left + right;
-  Tensor p = at::empty({N, Hp, Wp, C}, src.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor p = scratch(slot, {N, Hp, Wp, C}, src.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "convrnn.conv2d_layout", [&] {
     const scalar_t* s = src.const_data_ptr<scalar_t>();
     scalar_t* d = p.data_ptr<scalar_t>();
@@ -949,7 +1011,7 @@ GoPad pad_grad_output(const Tensor& go, const Conv2d& g, at::ScalarType dt) {
   r.left = ceil_div((g.S - 1) * g.dw, g.sw);
   const int64_t bottom = std::max<int64_t>(0, (g.H - 1 + g.ph) / g.sh - (g.P - 1));
   const int64_t right = std::max<int64_t>(0, (g.W - 1 + g.pw) / g.sw - (g.Q - 1));
-  r.t = padded_nhwc(go, r.top, bottom, r.left, right, dt);
+  r.t = padded_nhwc(go, r.top, bottom, r.left, right, dt, kScratchGradOut);
   r.Pg = g.P + r.top + bottom;
   r.Qg = g.Q + r.left + right;
   return r;
@@ -1149,6 +1211,186 @@ void reduce_weight(const T* part_w, int64_t psize, int64_t count, const Conv2d& 
 }
 
 // ----------------------------------------------------------------------------------------
+// Depthwise on NCHW (one output per channel): plane by plane, no layout copies.  Each plane
+// is copied into a zero-padded local buffer (L1/L2-sized); the loops run along the rows.
+
+// One padded plane (Hp x Wp, zero margins) from an H x W plane.
+template <typename T>
+CONVRNN_CPU_CLONES void pad_plane(const T* __restrict src, T* __restrict dst, int64_t H, int64_t W, int64_t ph,
+                                  int64_t pw, int64_t Hp, int64_t Wp) {
+  std::fill(dst, dst + Hp * Wp, T(0));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) dst[(h + ph) * Wp + pw + w] = src[h * W + w];
+}
+
+// out[p][q] = bias + sum_{r,s} w[r][s] * xp[(p*sh + r*dh)*Wp + q*sw + s*dw].
+template <typename T, int SW>
+CONVRNN_CPU_CLONES void dw_plane_forward(const T* __restrict xp, int64_t Wp, const T* __restrict w, T bias,
+                                         T* __restrict out, int64_t P, int64_t Q, int64_t R, int64_t S, int64_t sh,
+                                         int64_t sw_runtime, int64_t dh, int64_t dw) {
+  const int64_t sw = SW > 0 ? SW : sw_runtime;
+  constexpr int64_t QB = 64;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t q0 = 0; q0 < Q; q0 += QB) {
+      const int64_t nq = std::min(QB, Q - q0);
+      T acc[QB];
+      for (int64_t i = 0; i < QB; ++i) acc[i] = bias;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t s = 0; s < S; ++s) {
+          const T wv = w[r * S + s];
+          const T* __restrict row = xp + (p * sh + r * dh) * Wp + q0 * sw + s * dw;
+          for (int64_t i = 0; i < nq; ++i) acc[i] += wv * row[i * sw];
+        }
+      for (int64_t i = 0; i < nq; ++i) out[p * Q + q0 + i] = acc[i];
+    }
+  }
+}
+
+// gxp[(p*sh + r*dh)*Wp + q*sw + s*dw] += w[r][s] * go[p][q] over a zeroed padded plane.
+template <typename T, int SW>
+CONVRNN_CPU_CLONES void dw_plane_backward_data(const T* __restrict go, const T* __restrict w, T* __restrict gxp,
+                                               int64_t Wp, int64_t P, int64_t Q, int64_t R, int64_t S, int64_t sh,
+                                               int64_t sw_runtime, int64_t dh, int64_t dw) {
+  const int64_t sw = SW > 0 ? SW : sw_runtime;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < S; ++s) {
+        const T wv = w[r * S + s];
+        T* __restrict row = gxp + (p * sh + r * dh) * Wp + s * dw;
+        const T* __restrict g = go + p * Q;
+        for (int64_t q = 0; q < Q; ++q) row[q * sw] += wv * g[q];
+      }
+}
+
+// acc[(r*S + s)*16 + lane] += lane-wise partial dot products of go rows and padded input rows.
+template <typename T, int SW>
+CONVRNN_CPU_CLONES void dw_plane_weight(const T* __restrict xp, int64_t Wp, const T* __restrict go,
+                                        T* __restrict acc, int64_t P, int64_t Q, int64_t R, int64_t S, int64_t sh,
+                                        int64_t sw_runtime, int64_t dh, int64_t dw) {
+  const int64_t sw = SW > 0 ? SW : sw_runtime;
+  constexpr int64_t V = 16;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t s = 0; s < S; ++s) {
+      T a[V];
+      for (int64_t i = 0; i < V; ++i) a[i] = acc[(r * S + s) * V + i];
+      for (int64_t p = 0; p < P; ++p) {
+        const T* __restrict row = xp + (p * sh + r * dh) * Wp + s * dw;
+        const T* __restrict g = go + p * Q;
+        for (int64_t q = 0; q < Q; q += V) {
+          const int64_t m = std::min(V, Q - q);
+          for (int64_t i = 0; i < m; ++i) a[i] += g[q + i] * row[(q + i) * sw];
+        }
+      }
+      for (int64_t i = 0; i < V; ++i) acc[(r * S + s) * V + i] = a[i];
+    }
+}
+
+// a[i % 16] += v[i] (lane-wise partial sums, a fixed order).
+template <typename T>
+CONVRNN_CPU_CLONES void add_lanes(T* __restrict a, const T* __restrict v, int64_t n) {
+  for (int64_t q = 0; q < n; q += 16) {
+    const int64_t m = std::min<int64_t>(16, n - q);
+    for (int64_t i = 0; i < m; ++i) a[i] += v[q + i];
+  }
+}
+
+template <typename T>
+T lane_sum(const T* a) {  // fixed order
+  T s = a[0];
+  for (int i = 1; i < 16; ++i) s += a[i];
+  return s;
+}
+
+template <typename F>
+void with_sw(int64_t sw, const F& f) {
+  if (sw == 1) {
+    f(std::integral_constant<int, 1>());
+  } else {
+    f(std::integral_constant<int, 0>());
+  }
+}
+
+template <typename T>
+void forward_depthwise_nchw(const T* x, const T* w, const T* bias, T* y, const Conv2d& g) {
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw + g.sw * 16;
+  with_sw(g.sw, [&](auto sw_c) {
+    constexpr int SW = decltype(sw_c)::value;
+    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(Hp * Wp);
+      for (int64_t plane = b; plane < e; ++plane) {
+        const int64_t c = plane % g.C;
+        pad_plane<T>(x + plane * g.H * g.W, buf.data(), g.H, g.W, g.ph, g.pw, Hp, Wp);
+#ifdef CONVRNN_CONV_AVX512
+        if (std::is_same<T, float>::value && SW == 1 && cpu_has_avx512f()) {
+          dw_plane_forward_avx512(reinterpret_cast<const float*>(buf.data()), Wp,
+                                  reinterpret_cast<const float*>(w) + c * g.R * g.S,
+                                  bias != nullptr ? static_cast<float>(bias[c]) : 0.f,
+                                  reinterpret_cast<float*>(y) + plane * g.P * g.Q, g.P, g.Q, g.R, g.S, g.sh, g.dh, g.dw);
+          continue;
+        }
+#endif
+        dw_plane_forward<T, SW>(buf.data(), Wp, w + c * g.R * g.S, bias != nullptr ? bias[c] : T(0),
+                                y + plane * g.P * g.Q, g.P, g.Q, g.R, g.S, g.sh, g.sw, g.dh, g.dw);
+      }
+    });
+  });
+}
+
+template <typename T>
+void backward_data_depthwise_nchw(const T* go, const T* w, T* gx, const Conv2d& g) {
+  const int64_t Hp = g.H + 2 * g.ph + g.sh * 2 + g.dh * g.R, Wp = g.W + 2 * g.pw + g.sw * 2 + g.dw * g.S;
+  with_sw(g.sw, [&](auto sw_c) {
+    constexpr int SW = decltype(sw_c)::value;
+    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(Hp * Wp);
+      for (int64_t plane = b; plane < e; ++plane) {
+        const int64_t c = plane % g.C;
+        std::fill(buf.begin(), buf.end(), T(0));
+        dw_plane_backward_data<T, SW>(go + plane * g.P * g.Q, w + c * g.R * g.S, buf.data(), Wp, g.P, g.Q, g.R, g.S,
+                                      g.sh, g.sw, g.dh, g.dw);
+        T* o = gx + plane * g.H * g.W;
+        for (int64_t h = 0; h < g.H; ++h)
+          std::copy(buf.data() + (h + g.ph) * Wp + g.pw, buf.data() + (h + g.ph) * Wp + g.pw + g.W, o + h * g.W);
+      }
+    });
+  });
+}
+
+// Per channel (one task owns it, images in order): grad_weight (C, 1, R, S) and grad_bias.
+template <typename T>
+void backward_weight_depthwise_nchw(const T* x, const T* go, T* gw, T* gb, const Conv2d& g) {
+  const int64_t Hp = g.H + 2 * g.ph + g.sh * 2, Wp = g.W + 2 * g.pw + g.sw * 16;
+  const int64_t RS = g.R * g.S;
+  with_sw(g.sw, [&](auto sw_c) {
+    constexpr int SW = decltype(sw_c)::value;
+    at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(Hp * Wp), acc(RS * 16), bacc(16);
+      for (int64_t c = b; c < e; ++c) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        std::fill(bacc.begin(), bacc.end(), T(0));
+        for (int64_t n = 0; n < g.N; ++n) {
+          const T* gp = go + (n * g.C + c) * g.P * g.Q;
+          if (gw != nullptr) {
+            pad_plane<T>(x + (n * g.C + c) * g.H * g.W, buf.data(), g.H, g.W, g.ph, g.pw, Hp, Wp);
+#ifdef CONVRNN_CONV_AVX512
+            if (std::is_same<T, float>::value && SW == 1 && cpu_has_avx512f()) {
+              dw_plane_weight_avx512(reinterpret_cast<const float*>(buf.data()), Wp, reinterpret_cast<const float*>(gp),
+                                     reinterpret_cast<float*>(acc.data()), g.P, g.Q, g.R, g.S, g.sh, g.dh, g.dw);
+            } else
+#endif
+            dw_plane_weight<T, SW>(buf.data(), Wp, gp, acc.data(), g.P, g.Q, g.R, g.S, g.sh, g.sw, g.dh, g.dw);
+          }
+          if (gb != nullptr) add_lanes<T>(bacc.data(), gp, g.P * g.Q);
+        }
+        if (gw != nullptr)
+          for (int64_t t = 0; t < RS; ++t) gw[c * RS + t] = lane_sum(acc.data() + t * 16);
+        if (gb != nullptr) gb[c] = lane_sum(bacc.data());
+      }
+    });
+  });
+}
+
+// ----------------------------------------------------------------------------------------
 // Entry points.
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -1158,10 +1400,26 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const Conv2d g = conv2d_geometry("conv2d", input, weight, bias, stride, padding, dilation, groups);
   const at::ScalarType dt = input.scalar_type(), ct = compute_type(dt);
   const auto opts = input.options().dtype(ct);
-  Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts.memory_format(at::MemoryFormat::ChannelsLast));
   if (g.N == 0) return conv2d_empty(g, g.output_sizes(), input.options());
+  if (depthwise_path(g) && !g.channels_last()) {
+    const Tensor x = input.to(ct).contiguous();
+    const Tensor w = weight.to(ct).contiguous();
+    const bool has_bias = bias.has_value() && bias->defined();
+    const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
+    Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts);
+    AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d", [&] {
+      forward_depthwise_nchw<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                       has_bias ? b.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), g);
+    });
+    return out.to(dt);
+  }
+  // NHWC result: returned as it is for channels_last in the input dtype, else a scratch buffer.
+  Tensor out = (g.channels_last() && dt == ct)
+                   ? at::empty({g.N, g.K, g.P, g.Q}, opts.memory_format(at::MemoryFormat::ChannelsLast))
+                   : scratch(kScratchOutput, {g.N, g.P, g.Q, g.K}, opts).permute({0, 3, 1, 2});
   const bool dwp = depthwise_path(g);  // reads the unpadded input
-  const Tensor xp = dwp ? padded_nhwc(input, 0, 0, 0, 0, ct) : padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct);
+  const Tensor xp = dwp ? padded_nhwc(input, 0, 0, 0, 0, ct, kScratchInput)
+                        : padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct, kScratchInput);
   const Tensor w = weight.to(ct).contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
@@ -1194,9 +1452,35 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     return {gi, gw, gb};
   }
   const Tensor w = weight.to(ct).contiguous();
+  if (depthwise_path(g) && !g.channels_last()) {
+    const Tensor go = grad_output.to(ct).contiguous();
+    if (output_mask[0]) {
+      Tensor gx = at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct));
+      AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
+        backward_data_depthwise_nchw<scalar_t>(go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                               gx.data_ptr<scalar_t>(), g);
+      });
+      gi = gx.to(dt);
+    }
+    if (output_mask[1] || output_mask[2]) {
+      const Tensor x = output_mask[1] ? input.to(ct).contiguous() : Tensor();
+      Tensor gwc = at::empty(g.weight_sizes(), opts.dtype(ct)), gbc = at::empty({g.K}, opts.dtype(ct));
+      AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
+        backward_weight_depthwise_nchw<scalar_t>(output_mask[1] ? x.const_data_ptr<scalar_t>() : nullptr,
+                                                 go.const_data_ptr<scalar_t>(),
+                                                 output_mask[1] ? gwc.data_ptr<scalar_t>() : nullptr,
+                                                 output_mask[2] ? gbc.data_ptr<scalar_t>() : nullptr, g);
+      });
+      if (output_mask[1]) gw = gwc.to(dt);
+      if (output_mask[2]) gb = gbc.to(dt);
+    }
+    return {gi, gw, gb};
+  }
   if (output_mask[0]) {
     const GoPad gpad = pad_grad_output(grad_output, g, ct);
-    Tensor gx = at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast));
+    Tensor gx = (g.channels_last() && dt == ct)
+                    ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
+                    : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
     AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
       backward_data<scalar_t>(gpad.t.const_data_ptr<scalar_t>(), gpad, w.const_data_ptr<scalar_t>(),
                               gx.data_ptr<scalar_t>(), g);
@@ -1204,14 +1488,14 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     gi = to_format(gx, g, dt);
   }
   if (output_mask[1] || output_mask[2]) {
-    const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct);  // (N, P, Q, K)
+    const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct, kScratchGradOutW);  // (N, P, Q, K)
     const Chunks ch = weight_chunks(g);
     const int64_t psize = depthwise_path(g) ? g.R * g.S * round_up(g.C, kLanes)
                                             : packed_group_size(g.Kg, g.R * g.S * g.Cg) * g.groups;
     const bool dwp = depthwise_path(g);  // reads the unpadded input
     const Tensor xp = !output_mask[1] ? Tensor()
-                      : dwp           ? padded_nhwc(input, 0, 0, 0, 0, ct)
-                                      : padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct);
+                      : dwp           ? padded_nhwc(input, 0, 0, 0, 0, ct, kScratchInput)
+                                      : padded_nhwc(input, g.ph, g.ph, g.pw, g.pw, ct, kScratchInput);
     const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
     AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
       using T = scalar_t;
