@@ -1158,7 +1158,11 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
         taps.w.push_back(r * g.S + s);
       }
   }
-  const int64_t rows_per_tile = std::max<int64_t>(1, ceil_div(256, g.Q));
+  // Tiles of about kWgtTile pixels (whole rows, or column segments of long rows): a tile's
+  // grad_output and input lines stay in L1 while the kernel runs over its reduction blocks.
+  constexpr int64_t kWgtTile = 96;
+  const int64_t rows_per_tile = std::max<int64_t>(1, kWgtTile / g.Q);
+  const int64_t segs = ceil_div(g.Q, kWgtTile), seg_len = ceil_div(g.Q, segs);
   at::parallel_for(0, ch.count, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* pw = part_w + c * psize;
@@ -1166,19 +1170,24 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
       T* pb = part_b != nullptr ? part_b + c * g.K : nullptr;
       if (pb != nullptr) std::fill(pb, pb + g.K, T(0));
       if (pb != nullptr) add_pixels<T>(pb, go + ch.begin(c) * g.Q * g.K, (ch.begin(c + 1) - ch.begin(c)) * g.Q, g.K);
-      // Tiles of whole output rows (one image) of about kTilePixels pixels.
-      for (int64_t row = ch.begin(c); row < ch.begin(c + 1);) {
-        const int64_t n = row / g.P, p = row % g.P;
-        const int64_t nrows = std::min({rows_per_tile, ch.begin(c + 1) - row, g.P - p});
-        const T* in = xp + (n * Hp + p * g.sh) * Wp * g.C;
-        const T* gr_row = go + row * g.Q * g.K;
-        row += nrows;
-        for (int64_t gr = 0; gr < g.groups; ++gr) {
-          for (int t = 0; t < taps.size(); ++t) {
-            for (const Block& b : blocks) {
-              T* dst = pw + gr * gsize + b.o0 * g.R * g.S * g.Cg + taps.w[t] * taps.L * b.width;
-              wgt_rows<T>(in + taps.in[t] + gr * g.Cg, g.sw * g.C, g.sh * Wp * g.C, taps.L, gr_row + gr * g.Kg + b.o0,
-                          g.K, g.Q * g.K, b, nrows, g.Q, dst);
+      // Blocks outermost: one block's partial (its share of K*Cg*R*S) stays in L2 across tiles.
+      for (const Block& b : blocks) {
+        for (int64_t row = ch.begin(c); row < ch.begin(c + 1);) {
+          const int64_t n = row / g.P, p = row % g.P;
+          const int64_t nrows = std::min({rows_per_tile, ch.begin(c + 1) - row, g.P - p});
+          const T* in_rows = xp + (n * Hp + p * g.sh) * Wp * g.C;
+          const T* go_rows = go + row * g.Q * g.K;
+          row += nrows;
+          for (int64_t q0 = 0; q0 < g.Q; q0 += seg_len) {
+            const int64_t nq = std::min(seg_len, g.Q - q0);
+            for (int64_t gr = 0; gr < g.groups; ++gr) {
+              const T* in = in_rows + q0 * g.sw * g.C + gr * g.Cg;
+              const T* go_seg = go_rows + q0 * g.K + gr * g.Kg + b.o0;
+              for (int t = 0; t < taps.size(); ++t) {
+                T* dst = pw + gr * gsize + b.o0 * g.R * g.S * g.Cg + taps.w[t] * taps.L * b.width;
+                wgt_rows<T>(in + taps.in[t], g.sw * g.C, g.sh * Wp * g.C, taps.L, go_seg, g.K, g.Q * g.K, b, nrows, nq,
+                            dst);
+              }
             }
           }
         }
@@ -1187,13 +1196,24 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
   });
 }
 
-// Sum of the partials in chunk order, unpacked to (K, Cg, R, S).
+// part[0][i] = part[0][i] + part[1][i] + ... (in chunk order) for i in [i0, i1).
+template <typename T>
+CONVRNN_CPU_CLONES void sum_chunks(T* __restrict part, int64_t psize, int64_t count, int64_t i0, int64_t i1) {
+  for (int64_t ci = 1; ci < count; ++ci) {
+    const T* __restrict src = part + ci * psize;
+    for (int64_t i = i0; i < i1; ++i) part[i] += src[i];
+  }
+}
+
+// Sum of the partials in chunk order (contiguous, into chunk 0), unpacked to (K, Cg, R, S).
+// Each element is ((p0 + p1) + p2) + ...: the same order for any thread count.
 template <typename T, typename O>
-void reduce_weight(const T* part_w, int64_t psize, int64_t count, const Conv2d& g, O* gw) {
+void reduce_weight(T* part_w, int64_t psize, int64_t count, const Conv2d& g, O* gw) {
   const bool dw_path = depthwise_path(g);
   const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
   const int64_t RS = g.R * g.S;
   const int64_t wstride = round_up(g.C, kLanes);
+  at::parallel_for(0, psize, 4096, [&](int64_t i0, int64_t i1) { sum_chunks<T>(part_w, psize, count, i0, i1); });
   at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t gr = k / g.Kg, kk = k % g.Kg, bi = kk / kBlock, o = kk % kBlock;
@@ -1202,9 +1222,7 @@ void reduce_weight(const T* part_w, int64_t psize, int64_t count, const Conv2d& 
         for (int64_t t = 0; t < RS; ++t) {
           const int64_t off = dw_path ? t * wstride + k
                                       : gr * gsize + bi * kBlock * RS * g.Cg + (t * g.Cg + c) * width + o;
-          T s = part_w[off];
-          for (int64_t ci = 1; ci < count; ++ci) s += part_w[ci * psize + off];
-          gw[(k * g.Cg + c) * RS + t] = static_cast<O>(s);
+          gw[(k * g.Cg + c) * RS + t] = static_cast<O>(part_w[off]);
         }
     }
   });
