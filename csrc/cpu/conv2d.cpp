@@ -55,6 +55,11 @@ constexpr int kLanes = 16;     // width of a packed channel group (one float AVX
 constexpr int kBlock = 64;     // output channels per register block (4 vectors)
 constexpr int kMaxChunks = 8;  // weight-gradient partials
 
+// Output modes of the engine: start from the bias (or zero) and store; start from out (a
+// later reduction chunk) and store; start from zero and add to out pixel by pixel in order
+// (the outputs of a block's pixels may overlap: backward data for small C).
+enum { kStore = 0, kAccumulate = 1, kScatterAdd = 2 };
+
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -93,8 +98,10 @@ template <typename T>
 CONVRNN_CPU_CLONES void fwd_pixels_generic(const T* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
                                            int nt, int64_t L, int64_t Lw, const T* __restrict w, int64_t width,
                                            int64_t valid, T* const* op, int64_t ooff, int64_t npix,
-                                           const T* __restrict bias, bool accumulate) {
+                                           const T* __restrict bias, int mode) {
   constexpr int PB = 4;
+  const bool accumulate = mode == 1;
+  if (mode == 2) bias = nullptr;
   T acc[PB][kBlock];
   for (int64_t q0 = 0; q0 < npix; q0 += PB) {
     const int pb = static_cast<int>(std::min<int64_t>(PB, npix - q0));
@@ -113,7 +120,13 @@ CONVRNN_CPU_CLONES void fwd_pixels_generic(const T* const* xp, int64_t xoff, con
       }
     }
     for (int p = 0; p < pb; ++p)
-      for (int64_t o = 0; o < valid; ++o) op[q0 + p][ooff + o] = acc[p][o];
+      for (int64_t o = 0; o < valid; ++o) {
+        if (mode == 2) {
+          op[q0 + p][ooff + o] += acc[p][o];
+        } else {
+          op[q0 + p][ooff + o] = acc[p][o];
+        }
+      }
   }
 }
 
@@ -181,14 +194,13 @@ CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
 }
 
-// PB pixels x NV vectors; `last` masks the final vector's loads and stores.  ACC: start
-// from out (a later reduction chunk), else from the bias or zero.
-template <int PB, int NV, bool ACC>
+// PB pixels x NV vectors; `last` masks the final vector's loads and stores.
+template <int PB, int NV, int MODE>
 CONVRNN_AVX512 void fwd_block_avx512(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
                                      int nt, int64_t L, int64_t Lw, const float* __restrict w, float* const* op,
                                      int64_t ooff, const float* __restrict bias, __mmask16 last) {
   __m512 acc[PB][NV];
-  if (ACC) {
+  if (MODE == kAccumulate) {
 #pragma GCC unroll 16
     for (int p = 0; p < PB; ++p)
 #pragma GCC unroll 16
@@ -198,7 +210,7 @@ CONVRNN_AVX512 void fwd_block_avx512(const float* const* xp, int64_t xoff, const
   } else {
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
-      const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+      const __m512 b = (bias == nullptr || MODE == kScatterAdd) ? _mm512_setzero_ps()
                        : v < NV - 1    ? _mm512_loadu_ps(bias + 16 * v)
                                        : _mm512_maskz_loadu_ps(last, bias + 16 * v);
 #pragma GCC unroll 16
@@ -227,16 +239,23 @@ CONVRNN_AVX512 void fwd_block_avx512(const float* const* xp, int64_t xoff, const
   for (int p = 0; p < PB; ++p) {
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
-      if (v < NV - 1) {
-        _mm512_storeu_ps(op[p] + ooff + 16 * v, acc[p][v]);
+      float* dst = op[p] + ooff + 16 * v;
+      if (MODE == kScatterAdd) {
+        if (v < NV - 1) {
+          _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[p][v]));
+        } else {
+          _mm512_mask_storeu_ps(dst, last, _mm512_add_ps(_mm512_maskz_loadu_ps(last, dst), acc[p][v]));
+        }
+      } else if (v < NV - 1) {
+        _mm512_storeu_ps(dst, acc[p][v]);
       } else {
-        _mm512_mask_storeu_ps(op[p] + ooff + 16 * v, last, acc[p][v]);
+        _mm512_mask_storeu_ps(dst, last, acc[p][v]);
       }
     }
   }
 }
 
-template <int NV, int PB, bool ACC>
+template <int NV, int PB, int ACC>
 CONVRNN_AVX512 void fwd_pixels_nv(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw, int nt,
                                   int64_t L, int64_t Lw, const float* w, float* const* op, int64_t ooff, int64_t npix,
                                   const float* bias, __mmask16 last) {
@@ -255,7 +274,7 @@ CONVRNN_AVX512 void fwd_pixels_nv(const float* const* xp, int64_t xoff, const in
 #undef CONVRNN_FWD_TAIL
 }
 
-template <bool ACC>
+template <int ACC>
 CONVRNN_AVX512 void fwd_pixels_avx512(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
                                       int nt, int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid,
                                       float* const* op, int64_t ooff, int64_t npix, const float* bias) {
@@ -565,7 +584,7 @@ std::vector<RChunk> reduction_chunks(const TapList& taps, int64_t width) {
 
 // One reduction chunk of the engine over npix pixels of one block.
 template <typename T>
-void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RChunk& c, bool accumulate, const T* w,
+void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RChunk& c, int mode, const T* w,
                 const Block& b, T* const* op, int64_t ooff, int64_t npix, const T* bias) {
   if (npix <= 0) return;
   const int nt = c.t1 - c.t0;
@@ -573,7 +592,9 @@ void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RCh
   const T* wc = w + c.l0 * b.width;
 #ifdef CONVRNN_CONV_AVX512
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    auto f = accumulate ? fwd_pixels_avx512<true> : fwd_pixels_avx512<false>;
+    auto f = mode == kAccumulate ? fwd_pixels_avx512<kAccumulate>
+             : mode == kScatterAdd ? fwd_pixels_avx512<kScatterAdd>
+                                   : fwd_pixels_avx512<kStore>;
     f(reinterpret_cast<const float* const*>(xp), xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L,
       taps.L, reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float* const*>(op), ooff, npix,
       reinterpret_cast<const float*>(bias));
@@ -581,7 +602,7 @@ void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RCh
   }
 #endif
   fwd_pixels_generic<T>(xp, xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L, taps.L, wc, b.width,
-                        b.valid, op, ooff, npix, bias, accumulate);
+                        b.valid, op, ooff, npix, bias, mode);
 }
 
 // Pixel tasks: each pass cuts its pixels into tasks of kTaskPixels (a multiple of every
@@ -1120,6 +1141,64 @@ void backward_data(const T* gp, const GoPad& gpad, const T* w, T* gx, const Conv
   });
 }
 
+// Backward data for a few input channels (C <= 8, groups 1, column dilation 1): the
+// channel blocks of the general path would fill C of 16 lanes.  Instead each grad_output
+// pixel (p, q) adds, for each filter row r, the S*C values
+//   v[s*C + c] = sum_k go[p][q][k] * w[k][c][r][s]
+// to the padded grad_input row p*sh + r*dh at columns q*sw .. q*sw + S-1: the engine with
+// the S*C lanes as outputs and K as the reduction, in scatter-add mode (pixel by pixel, in
+// order; the windows of neighbouring pixels overlap).  One task per grad_input row (n, i)
+// owns a zeroed padded row buffer; the rows p*sh + r*dh = i + ph are visited in r order.
+bool small_c_backward_data(const Conv2d& g) {
+  return g.groups == 1 && g.dw == 1 && g.C <= 8 && !depthwise_path(g);
+}
+
+template <typename T>
+void backward_data_small_c(const T* go, const T* w, T* gx, const Conv2d& g) {
+  const int64_t J = g.S * g.C;
+  const auto blocks = channel_blocks(J);
+  std::vector<T> pk(packed_group_size(J, g.R * g.K), T(0));
+  for (const Block& b : blocks)
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t k = 0; k < g.K; ++k)
+        for (int64_t o = 0; o < b.valid; ++o) {
+          const int64_t j = b.o0 + o, s = j / g.C, c = j % g.C;
+          pk[b.o0 * g.R * g.K + (r * g.K + k) * b.width + o] = w[((k * g.C + c) * g.R + r) * g.S + s];
+        }
+  std::vector<TapList> taps(g.R);
+  for (int64_t r = 0; r < g.R; ++r) {
+    taps[r].in = {0};
+    taps[r].w = {r};
+    taps[r].L = g.K;
+  }
+  std::vector<std::vector<RChunk>> plans;
+  for (const Block& b : blocks) plans.push_back(reduction_chunks(taps[0], b.width));
+  const int64_t Wb = (g.W + 2 * g.pw + g.S + 16) * g.C;
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rowbuf(Wb);
+    std::vector<const T*> xs(g.Q);
+    std::vector<T*> os(g.Q);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.H, ip = row % g.H + g.ph;
+      std::fill(rowbuf.begin(), rowbuf.end(), T(0));
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t t = ip - r * g.dh;
+        if (t < 0 || t % g.sh != 0 || t / g.sh >= g.P) continue;
+        const int64_t p = t / g.sh;
+        for (int64_t q = 0; q < g.Q; ++q) {
+          xs[q] = go + ((n * g.P + p) * g.Q + q) * g.K;
+          os[q] = rowbuf.data() + q * g.sw * g.C;
+        }
+        for (size_t bi = 0; bi < blocks.size(); ++bi)
+          for (const RChunk& ch : plans[bi])
+            fwd_pixels<T>(xs.data(), 0, taps[r], ch, kScatterAdd, pk.data() + blocks[bi].o0 * g.R * g.K, blocks[bi],
+                          os.data(), blocks[bi].o0, g.Q, nullptr);
+      }
+      std::copy(rowbuf.data() + g.pw * g.C, rowbuf.data() + (g.pw + g.W) * g.C, gx + row * g.W * g.C);
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------------------
 // Backward weight and bias: per-chunk partials in the forward's packed layout.
 
@@ -1494,7 +1573,17 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     }
     return {gi, gw, gb};
   }
-  if (output_mask[0]) {
+  if (output_mask[0] && small_c_backward_data(g)) {
+    const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct, kScratchGradOut);  // (N, P, Q, K)
+    Tensor gx = (g.channels_last() && dt == ct)
+                    ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
+                    : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
+    AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
+      backward_data_small_c<scalar_t>(go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                      gx.data_ptr<scalar_t>(), g);
+    });
+    gi = to_format(gx, g, dt);
+  } else if (output_mask[0]) {
     const GoPad gpad = pad_grad_output(grad_output, g, ct);
     Tensor gx = (g.channels_last() && dt == ct)
                     ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
