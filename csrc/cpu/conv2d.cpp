@@ -461,11 +461,14 @@ CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64
 #undef CONVRNN_DWW_TAIL
   }
 }
-// 16 x 16 transpose: dst row j (at dst + j*dstride) = column j of the 16 src rows.
-CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride) {
+// 16 x 16 transpose: dst row j (at dst + j*dstride) = column j of the 16 src rows; only
+// nr src rows and nc src columns are read (and nc dst rows of nr values written).
+CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride, int nr = 16,
+                                       int nc = 16) {
   __m512 r[16], t[16];
+  const __mmask16 cm = lane_mask(nc), rm = lane_mask(nr);
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * sstride);
+  for (int i = 0; i < 16; ++i) r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, src + i * sstride) : _mm512_setzero_ps();
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -492,24 +495,27 @@ CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float*
     r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
   }
 #pragma GCC unroll 16
-  for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + j * dstride, r[j]);
+  for (int j = 0; j < 16; ++j)
+    if (j < nc) _mm512_mask_storeu_ps(dst + j * dstride, rm, r[j]);
 }
 
 // Full 16 x 16 tiles of the layout copies below (the edges run the portable loops).
 CONVRNN_AVX512 void nchw_rows_to_nhwc_avx512(const float* src, float* dst, int64_t C, int64_t H, int64_t W, int64_t h0,
                                              int64_t h1, int64_t Wp, int64_t left) {
   for (int64_t h = h0; h < h1; ++h)
-    for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16)
-      for (int64_t w0 = 0; w0 + 16 <= W; w0 += 16)
-        transpose16(src + c0 * H * W + h * W + w0, H * W, dst + (h * Wp + left + w0) * C + c0, C);
+    for (int64_t c0 = 0; c0 < C; c0 += 16)
+      for (int64_t w0 = 0; w0 < W; w0 += 16)
+        transpose16(src + c0 * H * W + h * W + w0, H * W, dst + (h * Wp + left + w0) * C + c0, C,
+                    static_cast<int>(std::min<int64_t>(16, C - c0)), static_cast<int>(std::min<int64_t>(16, W - w0)));
 }
 
 CONVRNN_AVX512 void nhwc_rows_to_nchw_avx512(const float* src, float* dst, int64_t C, int64_t H, int64_t W, int64_t h0,
                                              int64_t h1) {
   for (int64_t h = h0; h < h1; ++h)
-    for (int64_t c0 = 0; c0 + 16 <= C; c0 += 16)
-      for (int64_t w0 = 0; w0 + 16 <= W; w0 += 16)
-        transpose16(src + (h * W + w0) * C + c0, C, dst + c0 * H * W + h * W + w0, H * W);
+    for (int64_t c0 = 0; c0 < C; c0 += 16)
+      for (int64_t w0 = 0; w0 < W; w0 += 16)
+        transpose16(src + (h * W + w0) * C + c0, C, dst + c0 * H * W + h * W + w0, H * W,
+                    static_cast<int>(std::min<int64_t>(16, W - w0)), static_cast<int>(std::min<int64_t>(16, C - c0)));
 }
 // NCHW depthwise, column stride 1: see dw_plane_forward / dw_plane_weight below.
 CONVRNN_AVX512 void dw_plane_forward_avx512(const float* xp, int64_t Wp, const float* w, float bias, float* out,
@@ -783,7 +789,7 @@ Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, i
             fast = true;
           }
 #endif
-          nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left, fast);
+          if (!fast) nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left, false);
         }
       }
     });
@@ -814,7 +820,7 @@ Tensor to_format(const Tensor& nhwc, const Conv2d& g, at::ScalarType out_dtype) 
           fast = true;
         }
 #endif
-        nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1, fast);
+        if (!fast) nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1, false);
       }
     });
   });
