@@ -559,6 +559,41 @@ CONVRNN_AVX512 void dw_plane_weight_avx512(const float* xp, int64_t Wp, const fl
       _mm512_storeu_ps(acc + (r * S + s) * 16, a);
     }
 }
+// 1x1 convolution on NCHW, per image: c[i][m] (+)= sum_l a[l][i] * b[l][m] for 6 rows i
+// (a packed [l][6], rows >= mvalid are not stored) and 4 vectors of columns m (the
+// pixels; `last` masks the 4th vector's loads and stores).
+template <bool ACC>
+CONVRNN_AVX512 void nchw1x1_block(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t L,
+                                  float* __restrict c, int64_t ldc, const float* bias, int mvalid, int nvec,
+                                  __mmask16 last) {
+  constexpr int MB = 6, NV = 4;
+  __m512 acc[MB][NV];
+  __mmask16 m[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) m[v] = v < nvec - 1 ? __mmask16(0xFFFF) : v == nvec - 1 ? last : __mmask16(0);
+#pragma GCC unroll 6
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = ACC ? (i < mvalid ? _mm512_maskz_loadu_ps(m[v], c + i * ldc + 16 * v) : _mm512_setzero_ps())
+                      : (bias != nullptr && i < mvalid ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps());
+  for (int64_t l = 0; l < L; ++l) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + l * ldb + 16 * v);
+#pragma GCC unroll 6
+    for (int i = 0; i < MB; ++i) {
+      const __m512 av = _mm512_set1_ps(a[l * MB + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MB; ++i)
+    if (i < mvalid)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + i * ldc + 16 * v, m[v], acc[i][v]);
+}
 #endif  // AVX-512
 
 // ----------------------------------------------------------------------------------------
@@ -1494,6 +1529,52 @@ void backward_weight_depthwise_nchw(const T* x, const T* go, T* gw, T* gb, const
 }
 
 // ----------------------------------------------------------------------------------------
+// 1x1 convolution (stride 1, no padding, groups 1) on NCHW float32, without layout copies:
+// per image Y (K x HW) = W (K x C) X (C x HW), and grad_input (C x HW) = W^T (C x K) GO (K x HW).
+// Register block: 6 output channels x 64 pixels; the reduction in chunks of 128 so that the
+// X tile (128 x 64) stays in L1 while the blocks of output channels run over it.  Tasks are
+// (image, 64-pixel tile).
+bool nchw_1x1_path(const Conv2d& g) {
+  return g.one_by_one() && g.sh == 1 && g.sw == 1 && g.groups == 1 && !g.channels_last();
+}
+
+#ifdef CONVRNN_CONV_AVX512
+// a: (O x L) row-major (transposed when `transpose_a`: (L x O)); b: N images of (L x M);
+// c: N images of (O x M).
+void nchw_1x1(const float* a, bool transpose_a, const float* b, float* c, const float* bias, int64_t N, int64_t O,
+              int64_t L, int64_t M) {
+  constexpr int64_t MB = 6, TP = 64, LC = 128;
+  const int64_t nb = ceil_div(O, MB);
+  std::vector<float> pk(nb * L * MB, 0.f);  // [block][l][6]
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t l = 0; l < L; ++l) pk[((o / MB) * L + l) * MB + o % MB] = transpose_a ? a[l * O + o] : a[o * L + l];
+  const int64_t tiles = ceil_div(M, TP);
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, m0 = (task % tiles) * TP, nm = std::min(TP, M - m0);
+      const int nvec = static_cast<int>(ceil_div(nm, 16));
+      const __mmask16 last = lane_mask(nm - 16 * (nvec - 1));
+      const float* bn = b + n * L * M + m0;
+      float* cn = c + n * O * M + m0;
+      for (int64_t l0 = 0; l0 < L; l0 += LC) {
+        const int64_t nl = std::min(LC, L - l0);
+        for (int64_t k = 0; k < nb; ++k) {
+          const int mvalid = static_cast<int>(std::min(MB, O - k * MB));
+          const float* ak = pk.data() + (k * L + l0) * MB;
+          const float* bk = bias != nullptr ? bias + k * MB : nullptr;
+          if (l0 == 0) {
+            nchw1x1_block<false>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, bk, mvalid, nvec, last);
+          } else {
+            nchw1x1_block<true>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, nullptr, mvalid, nvec, last);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
+// ----------------------------------------------------------------------------------------
 // Entry points.
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -1504,6 +1585,18 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const at::ScalarType dt = input.scalar_type(), ct = compute_type(dt);
   const auto opts = input.options().dtype(ct);
   if (g.N == 0) return conv2d_empty(g, g.output_sizes(), input.options());
+#ifdef CONVRNN_CONV_AVX512
+  if (nchw_1x1_path(g) && ct == at::kFloat && cpu_has_avx512f()) {
+    const Tensor x = input.to(ct).contiguous();
+    const Tensor w = weight.to(ct).contiguous();
+    const bool has_bias = bias.has_value() && bias->defined();
+    const Tensor b = has_bias ? bias->to(ct).contiguous() : Tensor();
+    Tensor out = at::empty({g.N, g.K, g.P, g.Q}, opts);
+    nchw_1x1(w.const_data_ptr<float>(), false, x.const_data_ptr<float>(), out.data_ptr<float>(),
+             has_bias ? b.const_data_ptr<float>() : nullptr, g.N, g.K, g.C, g.H * g.W);
+    return out.to(dt);
+  }
+#endif
   if (depthwise_path(g) && !g.channels_last()) {
     const Tensor x = input.to(ct).contiguous();
     const Tensor w = weight.to(ct).contiguous();
@@ -1579,6 +1672,15 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     }
     return {gi, gw, gb};
   }
+#ifdef CONVRNN_CONV_AVX512
+  if (output_mask[0] && nchw_1x1_path(g) && ct == at::kFloat && cpu_has_avx512f()) {
+    const Tensor go = grad_output.to(ct).contiguous();
+    Tensor gx = at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct));
+    nchw_1x1(w.const_data_ptr<float>(), true, go.const_data_ptr<float>(), gx.data_ptr<float>(), nullptr, g.N, g.C, g.K,
+             g.H * g.W);
+    gi = gx.to(dt);
+  } else
+#endif
   if (output_mask[0] && small_c_backward_data(g)) {
     const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct, kScratchGradOut);  // (N, P, Q, K)
     Tensor gx = (g.channels_last() && dt == ct)
