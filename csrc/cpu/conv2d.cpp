@@ -454,6 +454,7 @@ CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64
     dw_wgt_block_avx512<tb>(x + c, x_ps, tin + t, tw + t, go + c, go_ps, npix, part + c, wstride, m);   \
     t += tb;                                                                                             \
   }
+    CONVRNN_DWW_TAIL(9)
     CONVRNN_DWW_TAIL(8)
     CONVRNN_DWW_TAIL(4)
     CONVRNN_DWW_TAIL(2)
