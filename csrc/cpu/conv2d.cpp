@@ -767,9 +767,10 @@ CONVRNN_CPU_CLONES void nhwc_rows_to_nchw(const T* __restrict src, T* __restrict
 // Scratch buffers for the layout copies, kept per calling thread between calls: a fresh
 // tensor of this size is a fresh mmap whose pages fault on first touch (more than the copy
 // itself costs).  One buffer per slot (at most kScratchBytes each; larger requests get a
-// fresh tensor); a slot is used once per op call.  Never returned to the caller.
+// fresh tensor); a slot is used once per op call.  Never returned to the caller.  The cap
+// bounds what a thread holds between calls to 4 x 64 MiB; every layer of the benchmark fits.
 enum ScratchSlot { kScratchInput = 0, kScratchOutput = 1, kScratchGradOut = 2, kScratchGradOutW = 3, kScratchSlots = 4 };
-constexpr int64_t kScratchBytes = int64_t(256) << 20;
+constexpr int64_t kScratchBytes = int64_t(64) << 20;
 
 Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   thread_local Tensor cache[kScratchSlots];
