@@ -133,6 +133,16 @@ inline void check_shape(const char* op, const char* arg, const at::Tensor& t, at
               t.sizes());
 }
 
+// "(a, b)" for the messages about int-pair arguments (kernel_size, stride, padding, ...).
+inline std::string pair_str(at::IntArrayRef v) {
+  return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
+}
+
+inline void check_pair(const char* op, const char* arg, at::IntArrayRef v) {
+  TORCH_CHECK(v.size() == 2, "convrnn.", op, ": ", arg, " must be an int or a pair of ints, but got ", v.size(),
+              " values");
+}
+
 // Channels-last when the input suggests it (as torch's pooling does), else contiguous.
 inline at::MemoryFormat image_format(const at::Tensor& t) {
   return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;

@@ -5,19 +5,6 @@
 
 namespace convrnn {
 
-namespace {
-
-std::string pair_text(at::IntArrayRef v) {
-  return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
-}
-
-void check_pair(const char* op, const char* arg, at::IntArrayRef v) {
-  TORCH_CHECK(v.size() == 2, "convrnn.", op, ": ", arg, " must be an int or a pair of ints, but got ", v.size(),
-              " values");
-}
-
-}  // namespace
-
 Conv2d conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups) {
@@ -32,11 +19,11 @@ Conv2d conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor
   check_pair(op, "padding", padding);
   check_pair(op, "dilation", dilation);
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "convrnn.", op, ": stride must be greater than zero, but got ",
-              pair_text(stride));
+              pair_str(stride));
   TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "convrnn.", op,
-              ": dilation must be greater than zero, but got ", pair_text(dilation));
+              ": dilation must be greater than zero, but got ", pair_str(dilation));
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "convrnn.", op, ": padding must be non-negative, but got ",
-              pair_text(padding));
+              pair_str(padding));
   TORCH_CHECK(groups > 0, "convrnn.", op, ": groups must be greater than zero, but got ", groups);
 
   Conv2d g;

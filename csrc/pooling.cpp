@@ -6,19 +6,6 @@
 
 namespace convrnn {
 
-namespace {
-
-std::string pair_str(at::IntArrayRef v) {
-  return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
-}
-
-void check_pair(const char* op, const char* arg, at::IntArrayRef v) {
-  TORCH_CHECK(v.size() == 2, "convrnn.", op, ": ", arg, " must be an int or a pair of ints, but got ",
-              v.size(), " values");
-}
-
-}  // namespace
-
 Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                        bool ceil_mode) {
