@@ -47,6 +47,12 @@ constexpr int forward_items(int kh, int kw, int L = 1) {
   return kh * kw <= 4 ? 4 : (L == 1 ? 2 : 1);
 }
 
+// Pairs per thread of forward_pair_kernel: 2x2: 2 pairs (2 x 2 rows of 4 columns: 4
+// 4-wide loads, or 16 scalar ones); 3x3: 1 pair (3 rows of 5 columns, 15 loads).
+constexpr int forward_pair_items(int kw) {
+  return kw == 2 ? 2 : 1;
+}
+
 template <bool CL, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
@@ -114,6 +120,78 @@ __global__ void __launch_bounds__(kThreads)
       }
       *reinterpret_cast<Lanes<T, L>*>(y + e * L) = out;
       if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, L>*>(taps + e * L) = out_tap;
+    }
+  }
+}
+
+// forward_unrolled_kernel for NCHW windows KH x KW (2x2 or 3x3) with column stride 2 and
+// column dilation 1, an item being the two adjacent outputs (oh, 2q) and (oh, 2q + 1) of
+// a row (pair_div divides by (C, OH, ceil(OW / 2)), total counts items): the pair shares
+// its row's window bounds and index work, loads its KW + 2 columns once
+// (load_window_pair), and stores its values and argmax bytes by one 2-wide store when both
+// outputs exist and the pair is aligned (OW odd: every other row is not). Each output is
+// scanned by max_loaded_window from its own first tap: the same results as alone.
+// (32-bit indices: minimum 4 blocks an SM, which lets ptxas use 64 registers; left to
+// itself it picks 48 and spills 4 bytes in the 2x2 kernel. 64-bit indices need ~75.)
+template <int KH, int KW, typename T, typename index_t, typename tap_t>
+__global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
+    forward_pair_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
+                        tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> pair_div, index_t total) {
+  constexpr int V = forward_pair_items(KW);
+  const index_t chunk = static_cast<index_t>(kThreads) * V;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
+       base += static_cast<index_t>(gridDim.x) * chunk) {
+    T v[V][2][KH * KW];
+    index_t hstart[V], wstart[V], o0[V], first[V][2];
+    bool any[V][2], second[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      const Pos<index_t> p = decompose<false>(e, pair_div);
+      const index_t ow = 2 * p.col;
+      hstart[j] = p.row * d.sh - d.ph;
+      wstart[j] = ow * 2 - d.pw;
+      const Taps th = window_taps<index_t>(hstart[j], d.H, KH, d.dh);
+#pragma unroll
+      for (int l = 0; l < 2; ++l) {
+        const Taps tw = window_taps<index_t>(wstart[j] + 2 * l, d.W, KW, index_t(1));
+        first[j][l] = static_cast<index_t>(th.lo) * KW + static_cast<index_t>(tw.lo);
+        any[j][l] = has_taps(th, tw);
+      }
+      second[j] = ow + 1 < d.OW;
+      o0[j] = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
+      load_window_pair<KH, KW, T, index_t>(x + plane_offset<false>(p.n, p.c, d.C, d.H, d.W), d.W, hstart[j],
+                                           wstart[j], th, d.dh, v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      Lanes<T, 2> out;
+      Lanes<tap_t, 2> out_tap;
+#pragma unroll
+      for (int l = 0; l < 2; ++l) {
+        acc_t<T> best;
+        index_t tap;
+        max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j][l], best, tap);
+        out.v[l] = static_cast<T>(best);
+        out_tap.v[l] = any[j][l] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
+        if (indices != nullptr && (l == 0 || second[j])) {
+          indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, KW, d.dh, index_t(1), d.W);
+        }
+      }
+      if (second[j] && o0[j] % 2 == 0) {
+        *reinterpret_cast<Lanes<T, 2>*>(y + o0[j]) = out;
+        if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 2>*>(taps + o0[j]) = out_tap;
+      } else {
+        y[o0[j]] = out.v[0];
+        if (taps != nullptr) taps[o0[j]] = out_tap.v[0];
+        if (second[j]) {
+          y[o0[j] + 1] = out.v[1];
+          if (taps != nullptr) taps[o0[j] + 1] = out_tap.v[1];
+        }
+      }
     }
   }
 }
@@ -199,7 +277,19 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             using two = std::integral_constant<int, 2>;
             using three = std::integral_constant<int, 3>;
             using one_lane = std::integral_constant<int, 1>;
-            if ((g.kh == 2 && g.kw == 2) || (g.kh == 3 && g.kw == 3)) {
+            const bool square23 = (g.kh == 2 && g.kw == 2) || (g.kh == 3 && g.kw == 3);
+            if (!CL && square23 && g.sw == 2 && g.dw == 1) {  // NCHW: pairs of outputs along W
+              const index_t items = d.N * d.C * d.OH * ((d.OW + 1) / 2);
+              const PosDividers<index_t> div(d.C, d.OH, (d.OW + 1) / 2);
+              if (g.kh == 2) {
+                forward_pair_kernel<2, 2, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_pair_items(2)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              } else {
+                forward_pair_kernel<3, 3, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              }
+              done = true;
+            } else if (square23) {
               if constexpr (CL && sizeof(scalar_t) == 2) {
                 if (L == 2) {
                   if (g.kh == 2) launch(two(), two()); else launch(three(), two());

@@ -64,6 +64,56 @@ CONVRNN_HD void load_window(const T* plane, index_t W, index_t cstride, index_t 
   }
 }
 
+// The windows of two horizontally adjacent outputs (ow, ow + 1) of one NCHW row, KH x KW
+// taps with column stride 2 and column dilation 1, first window at (hstart, wstart): their
+// taps span the KW + 2 columns wstart .. wstart + KW + 1, each loaded once (a row of the
+// 2x2 pair, 4 columns, by one 4-wide load when it lies in the image and is aligned);
+// v[l] is output ow + l's window, row-major, as load_window leaves it: taps outside the
+// image (rows outside th, columns outside [0, W)) read as -inf and touch no memory.
+template <int KH, int KW, typename T, typename index_t>
+CONVRNN_HD void load_window_pair(const T* plane, index_t W, index_t hstart, index_t wstart, Taps th, index_t dh,
+                                 T (&v)[2][KH * KW]) {
+  constexpr int NC = KW + 2;
+  const T ninf = static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+  const index_t tlo = static_cast<index_t>(th.lo), thi = static_cast<index_t>(th.hi);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int t = 0; t < KH; ++t) {
+    const bool row_in = t >= tlo && t < thi;
+    const index_t roff = (hstart + t * dh) * W;
+    T c[NC];
+    bool vec = false;
+    if constexpr (NC == 4 && sizeof(T) <= 4) {
+      vec = row_in && wstart >= 0 && wstart + 4 <= W &&
+            reinterpret_cast<uintptr_t>(plane + (row_in ? roff + wstart : index_t(0))) % (4 * sizeof(T)) == 0;
+      if (vec) {
+        const Lanes<T, 4> w = *reinterpret_cast<const Lanes<T, 4>*>(plane + roff + wstart);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int u = 0; u < 4; ++u) c[u] = w.v[u];
+      }
+    }
+    if (!vec) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int u = 0; u < NC; ++u) {
+        const index_t col = wstart + u;
+        c[u] = row_in && col >= 0 && col < W ? plane[roff + col] : ninf;
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int u = 0; u < KW; ++u) {
+      v[0][t * KW + u] = c[u];
+      v[1][t * KW + u] = c[u + 2];
+    }
+  }
+}
+
 // max_window's result for a window loaded by load_window, whose first in-image tap is
 // first_tap = th.lo*KW + tw.lo.  The same max and tap: the taps are scanned in the same
 // row-major order from the same start, and a -inf (a tap outside the image) never

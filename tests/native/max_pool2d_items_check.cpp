@@ -10,7 +10,7 @@ static std::mt19937_64 rng(12345);
 static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 static long fails = 0, checks = 0;
 static long reach_hist[5];
-static long lane_geoms = 0, lane_bwd = 0;
+static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0;
 static long line_fails[1000];
 #define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 
@@ -78,6 +78,60 @@ static std::vector<T> make_data(int64_t n, int mode) {
   return x;
 }
 
+// The original kernel body (max_window) for every output, against values, int64 indices
+// and argmax bytes computed by the code under test.
+template <bool CL, typename T, typename index_t>
+static void compare_forward(const Pool2d& g, const std::vector<T>& x, const std::vector<T>& val,
+                            const std::vector<int64_t>& idx, const std::vector<uint8_t>& tp, int K, int L) {
+  PoolDims<index_t> d(g);
+  index_t total = d.N * d.C * d.OH * d.OW;
+  for (index_t e = 0; e < total; ++e) {
+    // reference: the original kernel body
+    const Pos<index_t> p = decompose<CL>(e, d.C, d.OH, d.OW);
+    const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
+    const Taps th = window_taps<index_t>(hstart, d.H, d.kh, d.dh), tw = window_taps<index_t>(wstart, d.W, d.kw, d.dw);
+    acc_t<T> best; index_t tap;
+    max_window<T, index_t>(x.data() + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C), hstart, wstart, th, tw, d.kw, d.dh, d.dw, best, tap);
+    const int64_t ref_index = tap_index<index_t>(tap, hstart, wstart, d.kw, d.dh, d.dw, d.W);
+    const uint8_t ref_tap = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+    TCHECK(same_bits(double(T(best)), double(val[e])) && ref_index == idx[e] && ref_tap == tp[e],
+          "forward K=%d L=%d CL=%d e=%lld: %g/%g index %lld/%lld tap %d/%d", K, L, int(CL), (long long)e, double(best), double(val[e]), (long long)ref_index, (long long)idx[e], int(ref_tap), int(tp[e]));
+  }
+}
+
+// forward_pair_kernel's body (NCHW, column stride 2, column dilation 1), pair by pair.
+template <int K, typename T, typename index_t>
+static void check_forward_pair(const Pool2d& g, const std::vector<T>& x) {
+  PoolDims<index_t> d(g);
+  index_t total = d.N * d.C * d.OH * d.OW;
+  std::vector<T> val(total, T(0.375));
+  std::vector<int64_t> idx(total, -7);
+  std::vector<uint8_t> tp(total, 77);
+  const index_t OWp = (d.OW + 1) / 2;
+  PosDividers<index_t> dv(d.C, d.OH, OWp);
+  for (index_t e = 0; e < d.N * d.C * d.OH * OWp; ++e) {
+    const Pos<index_t> p = decompose<false>(e, dv);
+    const index_t ow = 2 * p.col;
+    const index_t hs = p.row * d.sh - d.ph, ws = ow * 2 - d.pw;
+    const Taps th = window_taps<index_t>(hs, d.H, K, d.dh);
+    const bool second = ow + 1 < d.OW;
+    const index_t o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
+    T v[2][K * K];
+    load_window_pair<K, K, T, index_t>(x.data() + plane_offset<false>(p.n, p.c, d.C, d.H, d.W), d.W, hs, ws, th, d.dh, v);
+    for (int l = 0; l < (second ? 2 : 1); ++l) {
+      const Taps tw = window_taps<index_t>(ws + 2 * l, d.W, K, index_t(1));
+      acc_t<T> best; index_t tap;
+      max_loaded_window<K, K, T, index_t>(v[l], index_t(th.lo) * K + index_t(tw.lo), best, tap);
+      TCHECK(idx[o0 + l] == -7, "pair output written twice o=%lld", (long long)(o0 + l));
+      val[o0 + l] = T(best);
+      tp[o0 + l] = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+      idx[o0 + l] = tap_index<index_t>(tap, hs, ws + 2 * l, K, d.dh, index_t(1), d.W);
+    }
+  }
+  ++pair_geoms;
+  compare_forward<false, T, index_t>(g, x, val, idx, tp, K, 0);
+}
+
 // Original forward body (max_window) against the unrolled one, for every output; L > 1:
 // the L-channel item form (channels_last, C % L == 0), item e covering outputs e*L + l.
 template <int K, bool CL, typename T, typename index_t, int L = 1>
@@ -109,18 +163,7 @@ static void check_forward(const Pool2d& g, const std::vector<T>& x) {
     *reinterpret_cast<Lanes<T, L>*>(val.data() + e * L) = out;
     *reinterpret_cast<Lanes<uint8_t, L>*>(tp.data() + e * L) = ot;
   }
-  for (index_t e = 0; e < total; ++e) {
-    // reference: the original kernel body
-    const Pos<index_t> p = decompose<CL>(e, d.C, d.OH, d.OW);
-    const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
-    const Taps th = window_taps<index_t>(hstart, d.H, d.kh, d.dh), tw = window_taps<index_t>(wstart, d.W, d.kw, d.dw);
-    acc_t<T> best; index_t tap;
-    max_window<T, index_t>(x.data() + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C), hstart, wstart, th, tw, d.kw, d.dh, d.dw, best, tap);
-    const int64_t ref_index = tap_index<index_t>(tap, hstart, wstart, d.kw, d.dh, d.dw, d.W);
-    const uint8_t ref_tap = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
-    TCHECK(same_bits(double(T(best)), double(val[e])) && ref_index == idx[e] && ref_tap == tp[e],
-          "forward K=%d L=%d CL=%d e=%lld: %g/%g index %lld/%lld tap %d/%d", K, L, int(CL), (long long)e, double(best), double(val[e]), (long long)ref_index, (long long)idx[e], int(ref_tap), int(tp[e]));
-  }
+  compare_forward<CL, T, index_t>(g, x, val, idx, tp, K, L);
 }
 
 // Original gather body (reference) against gather_grad, cell_grads<R> and a brute-force scatter.
@@ -166,6 +209,10 @@ static void run_geom(const Pool2d& g, int mode) {
   std::vector<T> x = make_data<T>(nin, mode);
   if (g.kh == 2 && g.kw == 2) check_forward<2, CL, T, index_t>(g, x);
   if (g.kh == 3 && g.kw == 3) check_forward<3, CL, T, index_t>(g, x);
+  if constexpr (!CL) {
+    if (g.sw == 2 && g.dw == 1 && g.kh == 2 && g.kw == 2) check_forward_pair<2, T, index_t>(g, x);
+    if (g.sw == 2 && g.dw == 1 && g.kh == 3 && g.kw == 3) check_forward_pair<3, T, index_t>(g, x);
+  }
   if constexpr (CL) {
     if (g.C % 2 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 2>(g, x); ++lane_geoms; }
     if (g.C % 2 == 0 && g.kh == 3 && g.kw == 3) { check_forward<3, CL, T, index_t, 2>(g, x); ++lane_geoms; }
@@ -216,7 +263,7 @@ int main() {
   int geoms = 0;
   for (int it = 0; it < 3000; ++it) {
     int64_t k = rnd(1, 4), kh = k, kw = it % 5 == 0 ? rnd(1, 4) : k;
-    int64_t sh = rnd(1, 4), sw = it % 3 == 0 ? rnd(1, 4) : sh;
+    int64_t sh = rnd(1, 4), sw = it % 3 == 0 ? rnd(1, 4) : (it % 3 == 1 ? 2 : sh);
     int64_t dh = rnd(0, 3) == 0 ? rnd(2, 3) : 1, dw = it % 4 == 0 ? rnd(1, 3) : dh;
     int64_t ph = rnd(0, kh / 2), pw = rnd(0, kw / 2);
     int64_t H = rnd(1, 13), W = rnd(1, 13), N = rnd(1, 2), C = rnd(1, 3) * (rnd(0, 2) ? 2 : 1);
@@ -239,10 +286,10 @@ int main() {
       Pool2d g = make_geom(s[0], s[1], s[2], s[3], s[4], s[4], s[5], s[5], s[6], s[6], 1, 1, false, cl);
       ++geoms;
       if (cl) { run_geom<true, float, int32_t>(g, 0); run_geom<true, c10::Half, int32_t>(g, 0); run_geom<true, c10::BFloat16, int64_t>(g, 0); }
-      else run_geom<false, float, int32_t>(g, 0);
+      else { run_geom<false, float, int32_t>(g, 0); run_geom<false, c10::Half, int64_t>(g, 0); run_geom<false, c10::BFloat16, int32_t>(g, 0); }
     }
   }
-  printf("lane (L=2) forward checks over %ld geometries, lane backward over %ld\n", lane_geoms, lane_bwd);
+  printf("lane (L=2) forward checks over %ld geometries, lane backward over %ld, W-pair forward over %ld\n", lane_geoms, lane_bwd, pair_geoms);
   printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
   for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
   return fails != 0;
