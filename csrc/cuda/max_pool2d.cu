@@ -43,8 +43,9 @@ constexpr int kMaxItems = 4;  // outputs per thread, at most (the index type's h
 // Output items per thread of forward_unrolled_kernel (an item: L channels): about 16 loads in
 // flight per thread; 3x3 with L = 2 takes 1 item (9 loads of 2 channels: as many bytes in
 // flight as 2 items of 1, and no spill: 2 items of 2 spill at 32-bit indices on sm_90).
-constexpr int forward_items(int kh, int kw, int L = 1) {
-  return kh * kw <= 4 ? 4 : (L == 1 ? 2 : 1);
+// 2x2 with 8-byte taps (f32 with L = 2) takes 2 items (8 loads of 8 bytes; 4 spill on sm_90).
+constexpr int forward_items(int kh, int kw, int L = 1, int elem_size = 4) {
+  return kh * kw <= 4 ? (L * elem_size > 4 ? 2 : 4) : (L == 1 ? 2 : 1);
 }
 
 // Pairs per thread of forward_pair_kernel: 2x2: 2 pairs (2 x 2 rows of 4 columns: 4
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
                             tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> out_div,
                             index_t total) {
   static_assert(L == 1 || CL, "lanes are adjacent channels of channels_last");
-  constexpr int V = forward_items(KH, KW, L);
+  constexpr int V = forward_items(KH, KW, L, static_cast<int>(sizeof(T)));
   const index_t chunk = static_cast<index_t>(kThreads) * V;
   for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
        base += static_cast<index_t>(gridDim.x) * chunk) {
@@ -199,8 +200,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
 // One thread per cell of sh x sw input positions (cell_grads); R: the reach of the windows
 // in outputs (cell_reach), 0 when windows do not overlap, 1 for 3x3/2.
 // L > 1: L adjacent channels a thread (channels_last; cd.cells divides by C / L).
+// (R = 1, one channel, 64-bit indices: minimum 3 blocks an SM, up to 85 registers; left to
+// itself ptxas picks 64 and spills 12-16 bytes in the NCHW one.)
 template <int R, int L, bool CL, typename T, typename index_t, typename tap_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (R == 1 && L == 1 && sizeof(index_t) == 8) ? 3 : 1)
     backward_cells_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
                           PoolDims<index_t> d, CellDividers<index_t> cd, index_t total) {
   CONVRNN_GRID_STRIDE(index_t, e, total) {
@@ -210,13 +213,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Channels a thread of the forward_unrolled and backward_cells kernels: 2 for 2-byte types
-// in channels_last when C is even and the pointers allow 4-byte accesses (halves the
-// per-element index work and load/store instructions, which bound the 2-byte types), else 1.
+// Channels a thread of the forward_unrolled and backward_cells kernels: 2 for 2- and 4-byte
+// types in channels_last when C is even and the pointers allow 2-element accesses (halves
+// the per-element index work and load/store instructions, which bound these kernels), else 1.
 inline int channel_lanes(const Pool2d& g, size_t elem_size, std::initializer_list<const void*> ptrs) {
-  if (!is_channels_last(g) || elem_size != 2 || g.C % 2 != 0) return 1;
+  if (!is_channels_last(g) || elem_size > 4 || g.C % 2 != 0) return 1;
   for (const void* p : ptrs) {
-    if (reinterpret_cast<uintptr_t>(p) % 4 != 0) return 1;
+    if (reinterpret_cast<uintptr_t>(p) % (2 * elem_size) != 0) return 1;
   }
   return 2;
 }
@@ -272,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
               const index_t items = n / LL;
               const PosDividers<index_t> div(d.C / LL, d.OH, d.OW);
               forward_unrolled_kernel<K, K, LL, CL, scalar_t, index_t, tap_t>
-                  <<<blocks(items, forward_items(K, K, LL)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+                  <<<blocks(items, forward_items(K, K, LL, static_cast<int>(sizeof(scalar_t)))), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
             };
             using two = std::integral_constant<int, 2>;
             using three = std::integral_constant<int, 3>;
@@ -290,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
               }
               done = true;
             } else if (square23) {
-              if constexpr (CL && sizeof(scalar_t) == 2) {
+              if constexpr (CL && sizeof(scalar_t) <= 4) {
                 if (L == 2) {
                   if (g.kh == 2) launch(two(), two()); else launch(three(), two());
                 } else {
@@ -351,7 +354,7 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
                   <<<blocks_for(items), kThreads, 0, stream>>>(gop, taps, gip, d, cd, static_cast<index_t>(items));
             };
             const auto with_lanes = [&](auto reach_c) {
-              if constexpr (CL && sizeof(scalar_t) == 2) {
+              if constexpr (CL && sizeof(scalar_t) <= 4) {
                 if (L == 2) {
                   launch(reach_c, std::integral_constant<int, 2>());
                   return;

@@ -251,6 +251,27 @@ CONVRNN_HD void cell_grads(const T* go, const tap_t* taps, T* gi, const PoolDims
   const index_t y_lo = y0 < 0 ? index_t(0) : y0, y_hi = y0 + d.sh < d.H ? y0 + d.sh : d.H;
   const index_t x_lo = x0 < 0 ? index_t(0) : x0, x_hi = x0 + d.sw < d.W ? x0 + d.sw : d.W;
   for (index_t y = y_lo; y < y_hi; ++y) {
+    if constexpr (!CL) {
+      // NCHW: a row of 2 positions (stride 2) aligned for a 2-wide store: one store.
+      if (x_hi - x_lo == 2 && reinterpret_cast<uintptr_t>(plane + y * d.W + x_lo) % (2 * sizeof(T)) == 0) {
+        Lanes<T, 2> out;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int q = 0; q < 2; ++q) {
+          acc_t<T> sum = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int k = 0; k < M * M; ++k) {
+            if (ih[0][k] == y && iw[0][k] == x_lo + q) sum += static_cast<acc_t<T>>(g[0][k]);
+          }
+          out.v[q] = static_cast<T>(sum);
+        }
+        *reinterpret_cast<Lanes<T, 2>*>(plane + y * d.W + x_lo) = out;
+        continue;
+      }
+    }
     for (index_t x = x_lo; x < x_hi; ++x) {
       Lanes<T, L> out;
 #if defined(__CUDA_ARCH__)
