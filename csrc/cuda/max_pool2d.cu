@@ -40,9 +40,18 @@ using at::Tensor;
 
 constexpr int kMaxItems = 4;  // outputs per thread, at most (the index type's headroom)
 
-// Outputs per thread of forward_unrolled_kernel: about 16 loads in flight per thread.
-constexpr int forward_items(int kh, int kw) {
-  return kh * kw <= 4 ? 4 : 2;
+// Output items per thread of forward_unrolled_kernel (an item: L channels): about 16 loads in
+// flight per thread; 3x3 with L = 2 takes 1 item (9 loads of 2 channels: as many bytes in
+// flight as 2 items of 1, and no spill: 2 items of 2 spill at 32-bit indices on sm_90).
+// 2x2 with 8-byte taps (f32 with L = 2) takes 2 items (8 loads of 8 bytes; 4 spill on sm_90).
+constexpr int forward_items(int kh, int kw, int L = 1, int elem_size = 4) {
+  return kh * kw <= 4 ? (L * elem_size > 4 ? 2 : 4) : (L == 1 ? 2 : 1);
+}
+
+// Pairs per thread of forward_pair_kernel: 2x2: 2 pairs (2 x 2 rows of 4 columns: 4
+// 4-wide loads, or 16 scalar ones); 3x3: 1 pair (3 rows of 5 columns, 15 loads).
+constexpr int forward_pair_items(int kw) {
+  return kw == 2 ? 2 : 1;
 }
 
 template <bool CL, typename T, typename index_t, typename tap_t>
@@ -64,55 +73,155 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // forward_kernel for a KH x KW window (d.kh == KH, d.kw == KW), V outputs a thread: all
-// their taps are loaded first, then scanned.
-template <int KH, int KW, bool CL, typename T, typename index_t, typename tap_t>
+// their taps are loaded first, then scanned.  L > 1 (channels_last, C a multiple of L, x
+// aligned to L elements): each output item is L adjacent channels, read a tap at a time by
+// one L-wide load and written by one L-wide store (out_div divides by C / L, total counts
+// items); every lane computed exactly as alone.
+template <int KH, int KW, int L, bool CL, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
     forward_unrolled_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
                             tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> out_div,
                             index_t total) {
-  constexpr int V = forward_items(KH, KW);
+  static_assert(L == 1 || CL, "lanes are adjacent channels of channels_last");
+  constexpr int V = forward_items(KH, KW, L, static_cast<int>(sizeof(T)));
   const index_t chunk = static_cast<index_t>(kThreads) * V;
   for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
        base += static_cast<index_t>(gridDim.x) * chunk) {
-    T v[V][KH * KW];
+    T v[V][L][KH * KW];
     index_t hstart[V], wstart[V], first[V];
     bool any[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
       if (e >= total) continue;
-      const Pos<index_t> p = decompose<CL>(e, out_div);
+      Pos<index_t> p = decompose<CL>(e, out_div);
+      p.c *= L;
       hstart[j] = p.row * d.sh - d.ph;
       wstart[j] = p.col * d.sw - d.pw;
       const Taps th = window_taps<index_t>(hstart[j], d.H, KH, d.dh), tw = window_taps<index_t>(wstart[j], d.W, KW, d.dw);
       first[j] = static_cast<index_t>(th.lo) * KW + static_cast<index_t>(tw.lo);
       any[j] = has_taps(th, tw);
-      load_window<KH, KW, T, index_t>(x + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C),
-                                      hstart[j], wstart[j], th, tw, d.dh, d.dw, v[j]);
+      load_window<KH, KW, L, T, index_t>(x + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C),
+                                         hstart[j], wstart[j], th, tw, d.dh, d.dw, v[j]);
     }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
       if (e >= total) continue;
-      acc_t<T> best;
-      index_t tap;
-      max_loaded_window<KH, KW, T, index_t>(v[j], first[j], best, tap);
-      y[e] = static_cast<T>(best);
-      if (indices != nullptr) indices[e] = tap_index<index_t>(tap, hstart[j], wstart[j], KW, d.dh, d.dw, d.W);
-      if (taps != nullptr) taps[e] = any[j] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
+      Lanes<T, L> out;
+      Lanes<tap_t, L> out_tap;
+#pragma unroll
+      for (int l = 0; l < L; ++l) {
+        acc_t<T> best;
+        index_t tap;
+        max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j], best, tap);
+        out.v[l] = static_cast<T>(best);
+        out_tap.v[l] = any[j] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
+        if (indices != nullptr) indices[e * L + l] = tap_index<index_t>(tap, hstart[j], wstart[j], KW, d.dh, d.dw, d.W);
+      }
+      *reinterpret_cast<Lanes<T, L>*>(y + e * L) = out;
+      if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, L>*>(taps + e * L) = out_tap;
+    }
+  }
+}
+
+// forward_unrolled_kernel for NCHW windows KH x KW (2x2 or 3x3) with column stride 2 and
+// column dilation 1, an item being the two adjacent outputs (oh, 2q) and (oh, 2q + 1) of
+// a row (pair_div divides by (C, OH, ceil(OW / 2)), total counts items): the pair shares
+// its row's window bounds and index work, loads its KW + 2 columns once
+// (load_window_pair), and stores its values and argmax bytes by one 2-wide store when both
+// outputs exist and the pair is aligned (OW odd: every other row is not). Each output is
+// scanned by max_loaded_window from its own first tap: the same results as alone.
+// (32-bit indices: minimum 4 blocks an SM, which lets ptxas use 64 registers; left to
+// itself it picks 48 and spills 4 bytes in the 2x2 kernel. 64-bit indices need ~75.)
+template <int KH, int KW, typename T, typename index_t, typename tap_t>
+__global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
+    forward_pair_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
+                        tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> pair_div, index_t total) {
+  constexpr int V = forward_pair_items(KW);
+  const index_t chunk = static_cast<index_t>(kThreads) * V;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
+       base += static_cast<index_t>(gridDim.x) * chunk) {
+    T v[V][2][KH * KW];
+    index_t hstart[V], wstart[V], o0[V], first[V][2];
+    bool any[V][2], second[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      const Pos<index_t> p = decompose<false>(e, pair_div);
+      const index_t ow = 2 * p.col;
+      hstart[j] = p.row * d.sh - d.ph;
+      wstart[j] = ow * 2 - d.pw;
+      const Taps th = window_taps<index_t>(hstart[j], d.H, KH, d.dh);
+#pragma unroll
+      for (int l = 0; l < 2; ++l) {
+        const Taps tw = window_taps<index_t>(wstart[j] + 2 * l, d.W, KW, index_t(1));
+        first[j][l] = static_cast<index_t>(th.lo) * KW + static_cast<index_t>(tw.lo);
+        any[j][l] = has_taps(th, tw);
+      }
+      second[j] = ow + 1 < d.OW;
+      o0[j] = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
+      load_window_pair<KH, KW, T, index_t>(x + plane_offset<false>(p.n, p.c, d.C, d.H, d.W), d.W, hstart[j],
+                                           wstart[j], th, d.dh, v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      Lanes<T, 2> out;
+      Lanes<tap_t, 2> out_tap;
+#pragma unroll
+      for (int l = 0; l < 2; ++l) {
+        acc_t<T> best;
+        index_t tap;
+        max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j][l], best, tap);
+        out.v[l] = static_cast<T>(best);
+        out_tap.v[l] = any[j][l] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
+        if (indices != nullptr && (l == 0 || second[j])) {
+          indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, KW, d.dh, index_t(1), d.W);
+        }
+      }
+      if (second[j] && o0[j] % 2 == 0) {
+        *reinterpret_cast<Lanes<T, 2>*>(y + o0[j]) = out;
+        if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 2>*>(taps + o0[j]) = out_tap;
+      } else {
+        y[o0[j]] = out.v[0];
+        if (taps != nullptr) taps[o0[j]] = out_tap.v[0];
+        if (second[j]) {
+          y[o0[j] + 1] = out.v[1];
+          if (taps != nullptr) taps[o0[j] + 1] = out_tap.v[1];
+        }
+      }
     }
   }
 }
 
 // One thread per cell of sh x sw input positions (cell_grads); R: the reach of the windows
 // in outputs (cell_reach), 0 when windows do not overlap, 1 for 3x3/2.
-template <int R, bool CL, typename T, typename index_t, typename tap_t>
-__global__ void __launch_bounds__(kThreads)
+// L > 1: L adjacent channels a thread (channels_last; cd.cells divides by C / L).
+// (R = 1, one channel, 64-bit indices: minimum 3 blocks an SM, up to 85 registers; left to
+// itself ptxas picks 64 and spills 12-16 bytes in the NCHW one.)
+template <int R, int L, bool CL, typename T, typename index_t, typename tap_t>
+__global__ void __launch_bounds__(kThreads, (R == 1 && L == 1 && sizeof(index_t) == 8) ? 3 : 1)
     backward_cells_kernel(const T* __restrict__ go, const tap_t* __restrict__ taps, T* __restrict__ gi,
                           PoolDims<index_t> d, CellDividers<index_t> cd, index_t total) {
   CONVRNN_GRID_STRIDE(index_t, e, total) {
-    cell_grads<R, CL, T, index_t, tap_t>(go, taps, gi, d, cd, decompose<CL>(e, cd.cells));
+    Pos<index_t> c = decompose<CL>(e, cd.cells);
+    c.c *= L;
+    cell_grads<R, CL, T, index_t, tap_t, L>(go, taps, gi, d, cd, c);
   }
+}
+
+// Channels a thread of the forward_unrolled and backward_cells kernels: 2 for 2- and 4-byte
+// types in channels_last when C is even and the pointers allow 2-element accesses (halves
+// the per-element index work and load/store instructions, which bound these kernels), else 1.
+inline int channel_lanes(const Pool2d& g, size_t elem_size, std::initializer_list<const void*> ptrs) {
+  if (!is_channels_last(g) || elem_size > 4 || g.C % 2 != 0) return 1;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % (2 * elem_size) != 0) return 1;
+  }
+  return 2;
 }
 
 // One thread per input element (gather_grad): windows reaching more than 2 outputs back.
@@ -153,21 +262,51 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
           int64_t* ip = return_indices ? indices.mutable_data_ptr<int64_t>() : nullptr;
           tap_t* tp = save_argmax ? static_cast<tap_t*>(argmax.mutable_data_ptr()) : nullptr;
           const index_t n = static_cast<index_t>(total);
-          const auto blocks = [&](int items) { return blocks_for((total + items - 1) / items); };
+          const auto blocks = [&](int64_t items, int per_thread) {
+            return blocks_for((items + per_thread - 1) / per_thread);
+          };
           bool done = false;
           if constexpr (std::is_same_v<tap_t, uint8_t>) {  // 2x2 and 3x3 have byte taps
-            if (g.kh == 2 && g.kw == 2) {
-              forward_unrolled_kernel<2, 2, CL, scalar_t, index_t, tap_t>
-                  <<<blocks(forward_items(2, 2)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, out_div, n);
+            // taps (1-byte elements, L of them a store) need 2-byte alignment for L = 2;
+            // argmax is a fresh tensor, so only the input decides.
+            const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp});
+            const auto launch = [&](auto kh_c, auto lanes_c) {
+              constexpr int K = decltype(kh_c)::value, LL = decltype(lanes_c)::value;
+              const index_t items = n / LL;
+              const PosDividers<index_t> div(d.C / LL, d.OH, d.OW);
+              forward_unrolled_kernel<K, K, LL, CL, scalar_t, index_t, tap_t>
+                  <<<blocks(items, forward_items(K, K, LL, static_cast<int>(sizeof(scalar_t)))), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+            };
+            using two = std::integral_constant<int, 2>;
+            using three = std::integral_constant<int, 3>;
+            using one_lane = std::integral_constant<int, 1>;
+            const bool square23 = (g.kh == 2 && g.kw == 2) || (g.kh == 3 && g.kw == 3);
+            if (!CL && square23 && g.sw == 2 && g.dw == 1) {  // NCHW: pairs of outputs along W
+              const index_t items = d.N * d.C * d.OH * ((d.OW + 1) / 2);
+              const PosDividers<index_t> div(d.C, d.OH, (d.OW + 1) / 2);
+              if (g.kh == 2) {
+                forward_pair_kernel<2, 2, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_pair_items(2)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              } else {
+                forward_pair_kernel<3, 3, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              }
               done = true;
-            } else if (g.kh == 3 && g.kw == 3) {
-              forward_unrolled_kernel<3, 3, CL, scalar_t, index_t, tap_t>
-                  <<<blocks(forward_items(3, 3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, out_div, n);
+            } else if (square23) {
+              if constexpr (CL && sizeof(scalar_t) <= 4) {
+                if (L == 2) {
+                  if (g.kh == 2) launch(two(), two()); else launch(three(), two());
+                } else {
+                  if (g.kh == 2) launch(two(), one_lane()); else launch(three(), one_lane());
+                }
+              } else {
+                if (g.kh == 2) launch(two(), one_lane()); else launch(three(), one_lane());
+              }
               done = true;
             }
           }
           if (!done) {
-            forward_kernel<CL, scalar_t, index_t, tap_t><<<blocks(1), kThreads, 0, stream>>>(xp, yp, ip, tp, d,
+            forward_kernel<CL, scalar_t, index_t, tap_t><<<blocks(total, 1), kThreads, 0, stream>>>(xp, yp, ip, tp, d,
                                                                                               out_div, n);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -206,15 +345,29 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
         with_layout(is_channels_last(g), [&](auto cl) {
           constexpr bool CL = decltype(cl)::value;
           if (reach <= 2) {
-            const CellDividers<index_t> cd(d.C, rows, cols, d.kw);
-            const auto blocks = blocks_for(n_cells);
-            const auto n = static_cast<index_t>(n_cells);
+            const int L = channel_lanes(g, sizeof(scalar_t), {gop, taps, gip});
+            const auto launch = [&](auto reach_c, auto lanes_c) {
+              constexpr int R = decltype(reach_c)::value, LL = decltype(lanes_c)::value;
+              const CellDividers<index_t> cd(d.C / LL, rows, cols, d.kw);
+              const int64_t items = n_cells / LL;
+              backward_cells_kernel<R, LL, CL, scalar_t, index_t, tap_t>
+                  <<<blocks_for(items), kThreads, 0, stream>>>(gop, taps, gip, d, cd, static_cast<index_t>(items));
+            };
+            const auto with_lanes = [&](auto reach_c) {
+              if constexpr (CL && sizeof(scalar_t) <= 4) {
+                if (L == 2) {
+                  launch(reach_c, std::integral_constant<int, 2>());
+                  return;
+                }
+              }
+              launch(reach_c, std::integral_constant<int, 1>());
+            };
             if (reach == 0) {
-              backward_cells_kernel<0, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+              with_lanes(std::integral_constant<int, 0>());
             } else if (reach == 1) {
-              backward_cells_kernel<1, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+              with_lanes(std::integral_constant<int, 1>());
             } else {
-              backward_cells_kernel<2, CL, scalar_t, index_t, tap_t><<<blocks, kThreads, 0, stream>>>(gop, taps, gip, d, cd, n);
+              with_lanes(std::integral_constant<int, 2>());
             }
           } else {
             gather_kernel<CL, scalar_t, index_t, tap_t><<<blocks_for(n_in), kThreads, 0, stream>>>(

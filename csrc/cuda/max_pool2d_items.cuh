@@ -21,12 +21,21 @@
 
 namespace convrnn {
 
+// L values of one type stored together (L adjacent channels of channels_last): one load or
+// store of sizeof(T) * L bytes.  The address must be aligned to that size.
+template <typename T, int L>
+struct alignas(sizeof(T) * L) Lanes {
+  T v[L];
+};
+
 // Taps of the window at (hstart, wstart) of one plane (element (ih, iw) at
-// plane[(ih*W + iw) * cstride]), row-major into v; taps outside the image (outside th x tw)
-// read as -inf and touch no memory.
-template <int KH, int KW, typename T, typename index_t>
+// plane[(ih*W + iw) * cstride]), row-major into v[l] for each of the L channels
+// plane + l (channels_last, L > 1: read together, one L-wide load a tap; plane aligned to
+// the L-wide width); taps outside the image (outside th x tw) read as -inf and touch no
+// memory.
+template <int KH, int KW, int L, typename T, typename index_t>
 CONVRNN_HD void load_window(const T* plane, index_t W, index_t cstride, index_t hstart, index_t wstart, Taps th,
-                            Taps tw, index_t dh, index_t dw, T (&v)[KH * KW]) {
+                            Taps tw, index_t dh, index_t dw, T (&v)[L][KH * KW]) {
   const index_t tlo = static_cast<index_t>(th.lo), thi = static_cast<index_t>(th.hi);
   const index_t ulo = static_cast<index_t>(tw.lo), uhi = static_cast<index_t>(tw.hi);
 #if defined(__CUDA_ARCH__)
@@ -38,8 +47,69 @@ CONVRNN_HD void load_window(const T* plane, index_t W, index_t cstride, index_t 
 #endif
     for (int u = 0; u < KW; ++u) {
       const bool inside = t >= tlo && t < thi && u >= ulo && u < uhi;
-      v[t * KW + u] = inside ? plane[((hstart + t * dh) * W + wstart + u * dw) * cstride]
-                             : static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+      Lanes<T, L> w;
+      if (inside) {
+        w = *reinterpret_cast<const Lanes<T, L>*>(plane + ((hstart + t * dh) * W + wstart + u * dw) * cstride);
+      } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int l = 0; l < L; ++l) w.v[l] = static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+      }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int l = 0; l < L; ++l) v[l][t * KW + u] = w.v[l];
+    }
+  }
+}
+
+// The windows of two horizontally adjacent outputs (ow, ow + 1) of one NCHW row, KH x KW
+// taps with column stride 2 and column dilation 1, first window at (hstart, wstart): their
+// taps span the KW + 2 columns wstart .. wstart + KW + 1, each loaded once (a row of the
+// 2x2 pair, 4 columns, by one 4-wide load when it lies in the image and is aligned);
+// v[l] is output ow + l's window, row-major, as load_window leaves it: taps outside the
+// image (rows outside th, columns outside [0, W)) read as -inf and touch no memory.
+template <int KH, int KW, typename T, typename index_t>
+CONVRNN_HD void load_window_pair(const T* plane, index_t W, index_t hstart, index_t wstart, Taps th, index_t dh,
+                                 T (&v)[2][KH * KW]) {
+  constexpr int NC = KW + 2;
+  const T ninf = static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+  const index_t tlo = static_cast<index_t>(th.lo), thi = static_cast<index_t>(th.hi);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int t = 0; t < KH; ++t) {
+    const bool row_in = t >= tlo && t < thi;
+    const index_t roff = (hstart + t * dh) * W;
+    T c[NC];
+    bool vec = false;
+    if constexpr (NC == 4 && sizeof(T) <= 4) {
+      vec = row_in && wstart >= 0 && wstart + 4 <= W &&
+            reinterpret_cast<uintptr_t>(plane + (row_in ? roff + wstart : index_t(0))) % (4 * sizeof(T)) == 0;
+      if (vec) {
+        const Lanes<T, 4> w = *reinterpret_cast<const Lanes<T, 4>*>(plane + roff + wstart);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int u = 0; u < 4; ++u) c[u] = w.v[u];
+      }
+    }
+    if (!vec) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int u = 0; u < NC; ++u) {
+        const index_t col = wstart + u;
+        c[u] = row_in && col >= 0 && col < W ? plane[roff + col] : ninf;
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int u = 0; u < KW; ++u) {
+      v[0][t * KW + u] = c[u];
+      v[1][t * KW + u] = c[u + 2];
     }
   }
 }
@@ -129,14 +199,18 @@ struct CellDividers {
 // [A - R, A] x [B - R, B] whose saved argmax is that position, in a-major, b-minor order
 // (gather_grad's order: the outputs that do not cover a position cannot have their argmax
 // there), 0 where none.  R >= cell_reach(kh, sh, dh) and cell_reach(kw, sw, dw).
-template <int R, bool CL, typename T, typename index_t, typename tap_t>
+// L > 1 (channels_last only, C a multiple of L, c.c a multiple of L, go, taps and gi
+// aligned to L elements): the same for the L channels c.c .. c.c + L - 1 at once, each
+// lane computed exactly as alone, read and written L elements a load or store.
+template <int R, bool CL, typename T, typename index_t, typename tap_t, int L = 1>
 CONVRNN_HD void cell_grads(const T* go, const tap_t* taps, T* gi, const PoolDims<index_t>& d,
                            const CellDividers<index_t>& cd, const Pos<index_t>& c) {
+  static_assert(L == 1 || CL, "lanes are adjacent channels of channels_last");
   constexpr int M = R + 1;  // candidate outputs along each dimension
   const index_t A = cd.first_row + c.row, B = cd.first_col + c.col;
   // The candidates' argmax positions (ih, iw); ih = -1 where there is none.
-  index_t ih[M * M], iw[M * M];
-  T g[M * M];
+  index_t ih[L][M * M], iw[L][M * M];
+  T g[L][M * M];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
@@ -144,13 +218,32 @@ CONVRNN_HD void cell_grads(const T* go, const tap_t* taps, T* gi, const PoolDims
     const index_t a = A - R + k / M, b = B - R + k % M;
     const bool valid = a >= 0 && a < d.OH && b >= 0 && b < d.OW;
     const index_t o = valid ? output_index<CL>(c, d.OH, d.OW, d.C, a, b) : index_t(0);
-    const tap_t saved = valid ? taps[o] : no_tap<tap_t>();
-    g[k] = valid ? go[o] : static_cast<T>(0);
-    const bool has = saved != no_tap<tap_t>();
-    index_t u;
-    const index_t t = divmod(has ? static_cast<index_t>(saved) : index_t(0), cd.kw, u);
-    ih[k] = has ? a * d.sh - d.ph + t * d.dh : index_t(-1);
-    iw[k] = b * d.sw - d.pw + u * d.dw;
+    Lanes<tap_t, L> saved_l;
+    Lanes<T, L> g_l;
+    if (valid) {
+      saved_l = *reinterpret_cast<const Lanes<tap_t, L>*>(taps + o);
+      g_l = *reinterpret_cast<const Lanes<T, L>*>(go + o);
+    } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int l = 0; l < L; ++l) {
+        saved_l.v[l] = no_tap<tap_t>();
+        g_l.v[l] = static_cast<T>(0);
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int l = 0; l < L; ++l) {
+      const tap_t saved = saved_l.v[l];
+      g[l][k] = g_l.v[l];
+      const bool has = saved != no_tap<tap_t>();
+      index_t u;
+      const index_t t = divmod(has ? static_cast<index_t>(saved) : index_t(0), cd.kw, u);
+      ih[l][k] = has ? a * d.sh - d.ph + t * d.dh : index_t(-1);
+      iw[l][k] = b * d.sw - d.pw + u * d.dw;
+    }
   }
   const index_t cs = plane_stride<CL>(d.C);
   T* plane = gi + plane_offset<CL>(c.n, c.c, d.C, d.H, d.W);
@@ -158,15 +251,43 @@ CONVRNN_HD void cell_grads(const T* go, const tap_t* taps, T* gi, const PoolDims
   const index_t y_lo = y0 < 0 ? index_t(0) : y0, y_hi = y0 + d.sh < d.H ? y0 + d.sh : d.H;
   const index_t x_lo = x0 < 0 ? index_t(0) : x0, x_hi = x0 + d.sw < d.W ? x0 + d.sw : d.W;
   for (index_t y = y_lo; y < y_hi; ++y) {
-    for (index_t x = x_lo; x < x_hi; ++x) {
-      acc_t<T> sum = 0;
+    if constexpr (!CL) {
+      // NCHW: a row of 2 positions (stride 2) aligned for a 2-wide store: one store.
+      if (x_hi - x_lo == 2 && reinterpret_cast<uintptr_t>(plane + y * d.W + x_lo) % (2 * sizeof(T)) == 0) {
+        Lanes<T, 2> out;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-      for (int k = 0; k < M * M; ++k) {
-        if (ih[k] == y && iw[k] == x) sum += static_cast<acc_t<T>>(g[k]);
+        for (int q = 0; q < 2; ++q) {
+          acc_t<T> sum = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int k = 0; k < M * M; ++k) {
+            if (ih[0][k] == y && iw[0][k] == x_lo + q) sum += static_cast<acc_t<T>>(g[0][k]);
+          }
+          out.v[q] = static_cast<T>(sum);
+        }
+        *reinterpret_cast<Lanes<T, 2>*>(plane + y * d.W + x_lo) = out;
+        continue;
       }
-      plane[(y * d.W + x) * cs] = static_cast<T>(sum);
+    }
+    for (index_t x = x_lo; x < x_hi; ++x) {
+      Lanes<T, L> out;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int l = 0; l < L; ++l) {
+        acc_t<T> sum = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int k = 0; k < M * M; ++k) {
+          if (ih[l][k] == y && iw[l][k] == x) sum += static_cast<acc_t<T>>(g[l][k]);
+        }
+        out.v[l] = static_cast<T>(sum);
+      }
+      *reinterpret_cast<Lanes<T, L>*>(plane + (y * d.W + x) * cs) = out;
     }
   }
 }

@@ -1,0 +1,296 @@
+// CPU check of the CUDA max_pool2d per-element helpers against the original kernel bodies.
+#include "cuda/max_pool2d_items.cuh"
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+using namespace convrnn;
+static std::mt19937_64 rng(12345);
+static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+static long fails = 0, checks = 0;
+static long reach_hist[5];
+static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0;
+static long line_fails[1000];
+#define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
+
+static void test_divider() {
+  std::vector<int32_t> ds;
+  for (int d = 1; d <= 3000; ++d) ds.push_back(d);
+  for (int s = 1; s < 31; ++s) { int64_t p = int64_t(1) << s; for (int64_t x : {p - 1, p, p + 1}) if (x >= 1 && x < (int64_t(1) << 31)) ds.push_back(int32_t(x)); }
+  for (int i = 0; i < 3000; ++i) ds.push_back(int32_t(rnd(1, INT32_MAX)));
+  ds.push_back(INT32_MAX);
+  for (int32_t d : ds) {
+    Divider<int32_t> dv(d);
+    std::vector<int64_t> ns = {0, 1, d - 1, d, d + 1, INT32_MAX, INT32_MAX - 1, INT32_MAX - d};
+    for (int i = 0; i < 200; ++i) ns.push_back(rnd(0, INT32_MAX));
+    for (int i = 0; i < 50; ++i) { int64_t k = rnd(0, INT32_MAX / d); ns.push_back(k * d); ns.push_back(k * d - 1); ns.push_back(k * d + d - 1); }
+    for (int64_t n : ns) {
+      if (n < 0 || n > INT32_MAX) continue;
+      int32_t r; int32_t q = divmod(int32_t(n), dv, r);
+      ++checks;
+      if (q != int32_t(n / d) || r != int32_t(n % d)) { if (++fails < 20) printf("FAIL div %lld / %d -> %d r %d\n", (long long)n, d, q, r); }
+    }
+  }
+  // small d, every n up to 2^20
+  for (int32_t d = 1; d <= 64; ++d) { Divider<int32_t> dv(d); for (int32_t n = 0; n < (1 << 20); ++n) { ++checks; if (dv.div(n) != n / d) { if (++fails < 20) printf("FAIL div %d/%d\n", n, d); } } }
+  Divider<int64_t> d64(7); TCHECK(d64.div(int64_t(1) << 40) == (int64_t(1) << 40) / 7, "div64");
+}
+
+template <typename index_t>
+static void test_decompose() {
+  for (int it = 0; it < 2000; ++it) {
+    index_t C = rnd(1, 300), R = rnd(1, 300), Q = rnd(1, 300), N = rnd(1, 20);
+    PosDividers<index_t> dv(C, R, Q);
+    for (int k = 0; k < 200; ++k) {
+      index_t e = rnd(0, int64_t(N) * C * R * Q - 1);
+      for (int cl = 0; cl < 2; ++cl) {
+        Pos<index_t> a = cl ? decompose<true>(e, C, R, Q) : decompose<false>(e, C, R, Q);
+        Pos<index_t> b = cl ? decompose<true>(e, dv) : decompose<false>(e, dv);
+        TCHECK(a.n == b.n && a.c == b.c && a.row == b.row && a.col == b.col, "decompose e=%lld", (long long)e);
+      }
+    }
+  }
+}
+
+static bool same_bits(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
+
+static Pool2d make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                        int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool ceil, bool cl) {
+  Pool2d g;
+  g.N = N; g.C = C; g.H = H; g.W = W; g.kh = kh; g.kw = kw; g.sh = sh; g.sw = sw; g.ph = ph; g.pw = pw; g.dh = dh; g.dw = dw;
+  g.OH = pool_output_size(H, kh, sh, ph, dh, ceil); g.OW = pool_output_size(W, kw, sw, pw, dw, ceil);
+  g.batched = true; g.format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  return g;
+}
+
+template <typename T>
+static std::vector<T> make_data(int64_t n, int mode) {
+  std::vector<T> x(n);
+  for (auto& v : x) {
+    int r = int(rnd(0, 99));
+    if (mode == 1 && r < 60) v = T(-INFINITY);            // many -inf windows
+    else if (r < 3) v = T(NAN);
+    else if (r < 6) v = T(-INFINITY);
+    else if (r < 8) v = T(INFINITY);
+    else v = T(double(rnd(-4, 4)));                      // many ties
+  }
+  return x;
+}
+
+// The original kernel body (max_window) for every output, against values, int64 indices
+// and argmax bytes computed by the code under test.
+template <bool CL, typename T, typename index_t>
+static void compare_forward(const Pool2d& g, const std::vector<T>& x, const std::vector<T>& val,
+                            const std::vector<int64_t>& idx, const std::vector<uint8_t>& tp, int K, int L) {
+  PoolDims<index_t> d(g);
+  index_t total = d.N * d.C * d.OH * d.OW;
+  for (index_t e = 0; e < total; ++e) {
+    // reference: the original kernel body
+    const Pos<index_t> p = decompose<CL>(e, d.C, d.OH, d.OW);
+    const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
+    const Taps th = window_taps<index_t>(hstart, d.H, d.kh, d.dh), tw = window_taps<index_t>(wstart, d.W, d.kw, d.dw);
+    acc_t<T> best; index_t tap;
+    max_window<T, index_t>(x.data() + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C), hstart, wstart, th, tw, d.kw, d.dh, d.dw, best, tap);
+    const int64_t ref_index = tap_index<index_t>(tap, hstart, wstart, d.kw, d.dh, d.dw, d.W);
+    const uint8_t ref_tap = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+    TCHECK(same_bits(double(T(best)), double(val[e])) && ref_index == idx[e] && ref_tap == tp[e],
+          "forward K=%d L=%d CL=%d e=%lld: %g/%g index %lld/%lld tap %d/%d", K, L, int(CL), (long long)e, double(best), double(val[e]), (long long)ref_index, (long long)idx[e], int(ref_tap), int(tp[e]));
+  }
+}
+
+// forward_pair_kernel's body (NCHW, column stride 2, column dilation 1), pair by pair.
+template <int K, typename T, typename index_t>
+static void check_forward_pair(const Pool2d& g, const std::vector<T>& x) {
+  PoolDims<index_t> d(g);
+  index_t total = d.N * d.C * d.OH * d.OW;
+  std::vector<T> val(total, T(0.375));
+  std::vector<int64_t> idx(total, -7);
+  std::vector<uint8_t> tp(total, 77);
+  const index_t OWp = (d.OW + 1) / 2;
+  PosDividers<index_t> dv(d.C, d.OH, OWp);
+  for (index_t e = 0; e < d.N * d.C * d.OH * OWp; ++e) {
+    const Pos<index_t> p = decompose<false>(e, dv);
+    const index_t ow = 2 * p.col;
+    const index_t hs = p.row * d.sh - d.ph, ws = ow * 2 - d.pw;
+    const Taps th = window_taps<index_t>(hs, d.H, K, d.dh);
+    const bool second = ow + 1 < d.OW;
+    const index_t o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
+    T v[2][K * K];
+    load_window_pair<K, K, T, index_t>(x.data() + plane_offset<false>(p.n, p.c, d.C, d.H, d.W), d.W, hs, ws, th, d.dh, v);
+    for (int l = 0; l < (second ? 2 : 1); ++l) {
+      const Taps tw = window_taps<index_t>(ws + 2 * l, d.W, K, index_t(1));
+      acc_t<T> best; index_t tap;
+      max_loaded_window<K, K, T, index_t>(v[l], index_t(th.lo) * K + index_t(tw.lo), best, tap);
+      TCHECK(idx[o0 + l] == -7, "pair output written twice o=%lld", (long long)(o0 + l));
+      val[o0 + l] = T(best);
+      tp[o0 + l] = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+      idx[o0 + l] = tap_index<index_t>(tap, hs, ws + 2 * l, K, d.dh, index_t(1), d.W);
+    }
+  }
+  ++pair_geoms;
+  compare_forward<false, T, index_t>(g, x, val, idx, tp, K, 0);
+}
+
+// Original forward body (max_window) against the unrolled one, for every output; L > 1:
+// the L-channel item form (channels_last, C % L == 0), item e covering outputs e*L + l.
+template <int K, bool CL, typename T, typename index_t, int L = 1>
+static void check_forward(const Pool2d& g, const std::vector<T>& x) {
+  PoolDims<index_t> d(g);
+  index_t total = d.N * d.C * d.OH * d.OW;
+  std::vector<T> val(total, T(0.375));
+  std::vector<int64_t> idx(total, -7);
+  std::vector<uint8_t> tp(total, 77);
+  // new: forward_unrolled_kernel's body, item by item
+  PosDividers<index_t> dv(d.C / L, d.OH, d.OW);
+  for (index_t e = 0; e < total / L; ++e) {
+    Pos<index_t> q = decompose<CL>(e, dv);
+    q.c *= L;
+    const index_t hs = q.row * d.sh - d.ph, ws = q.col * d.sw - d.pw;
+    const Taps th2 = window_taps<index_t>(hs, d.H, K, d.dh), tw2 = window_taps<index_t>(ws, d.W, K, d.dw);
+    const index_t first = index_t(th2.lo) * K + index_t(tw2.lo);
+    const bool any = has_taps(th2, tw2);
+    T v[L][K * K];
+    load_window<K, K, L, T, index_t>(x.data() + plane_offset<CL>(q.n, q.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C), hs, ws, th2, tw2, d.dh, d.dw, v);
+    Lanes<T, L> out; Lanes<uint8_t, L> ot;
+    for (int l = 0; l < L; ++l) {
+      acc_t<T> best2; index_t tap2;
+      max_loaded_window<K, K, T, index_t>(v[l], first, best2, tap2);
+      out.v[l] = T(best2);
+      ot.v[l] = any ? uint8_t(tap2) : no_tap<uint8_t>();
+      idx[e * L + l] = tap_index<index_t>(tap2, hs, ws, K, d.dh, d.dw, d.W);
+    }
+    *reinterpret_cast<Lanes<T, L>*>(val.data() + e * L) = out;
+    *reinterpret_cast<Lanes<uint8_t, L>*>(tp.data() + e * L) = ot;
+  }
+  compare_forward<CL, T, index_t>(g, x, val, idx, tp, K, L);
+}
+
+// Original gather body (reference) against gather_grad, cell_grads<R> and a brute-force scatter.
+template <int R, bool CL, typename T, typename index_t, int L = 1>
+static void check_backward(const Pool2d& g, const std::vector<uint8_t>& taps, const std::vector<T>& go, const std::vector<double>& brute) {
+  PoolDims<index_t> d(g);
+  index_t total = d.N * d.C * d.H * d.W;
+  std::vector<double> ref(total);
+  for (index_t i = 0; i < total; ++i) {
+    const Pos<index_t> p = decompose<CL>(i, d.C, d.H, d.W);
+    const Taps oh = covering_outputs<index_t>(p.row, d.ph, d.dh * (d.kh - 1) + 1, d.sh, d.OH);
+    const Taps ow = covering_outputs<index_t>(p.col, d.pw, d.dw * (d.kw - 1) + 1, d.sw, d.OW);
+    acc_t<T> sum = 0;
+    for (index_t a = oh.lo; a < oh.hi; ++a)
+      for (index_t b = ow.lo; b < ow.hi; ++b) {
+        const index_t o = output_index<CL>(p, d.OH, d.OW, d.C, a, b);
+        const uint8_t saved = taps[o];
+        const index_t dy = p.row - (a * d.sh - d.ph), dx = p.col - (b * d.sw - d.pw);
+        const index_t t = (dy % d.dh != 0 || dx % d.dw != 0) ? -1 : (dy / d.dh) * d.kw + dx / d.dw;
+        if (saved != no_tap<uint8_t>() && index_t(saved) == t) sum += acc_t<T>(go[o]);
+      }
+    ref[i] = double(T(sum));
+    TCHECK(same_bits(ref[i], double(T(brute[i]))), "ref vs brute i=%lld %g vs %g", (long long)i, ref[i], brute[i]);
+    const double s2 = double(T(gather_grad<CL, T, index_t, uint8_t>(go.data(), taps.data(), d, p)));
+    TCHECK(same_bits(ref[i], s2), "gather_grad CL=%d i=%lld %g vs %g", int(CL), (long long)i, ref[i], s2);
+  }
+  if (R < 0) return;
+  constexpr int RR = R < 0 ? 0 : R;
+  const CellRange rows = cell_range(g.H, g.sh, g.ph), cols = cell_range(g.W, g.sw, g.pw);
+  CellDividers<index_t> cd(d.C / L, rows, cols, d.kw);
+  const index_t ncells = d.N * (d.C / L) * rows.count * cols.count;
+  TCHECK(ncells <= total, "cells %lld > input %lld", (long long)ncells, (long long)total);
+  std::vector<T> gi(total, T(0.375));  // sentinel: no sum of integers
+  for (index_t e = 0; e < ncells; ++e) { Pos<index_t> c = decompose<CL>(e, cd.cells); c.c *= L; cell_grads<RR, CL, T, index_t, uint8_t, L>(go.data(), taps.data(), gi.data(), d, cd, c); }
+  for (index_t i = 0; i < total; ++i)
+    TCHECK(same_bits(ref[i], double(gi[i])), "cells R=%d L=%d CL=%d i=%lld %g vs %g (k %lld,%lld s %lld,%lld p %lld,%lld d %lld,%lld H %lld W %lld)", R, L, int(CL), (long long)i, ref[i], double(gi[i]),
+           (long long)g.kh, (long long)g.kw, (long long)g.sh, (long long)g.sw, (long long)g.ph, (long long)g.pw, (long long)g.dh, (long long)g.dw, (long long)g.H, (long long)g.W);
+}
+
+template <bool CL, typename T, typename index_t>
+static void run_geom(const Pool2d& g, int mode) {
+  const int64_t nin = g.N * g.C * g.H * g.W, nout = g.N * g.C * g.OH * g.OW;
+  std::vector<T> x = make_data<T>(nin, mode);
+  if (g.kh == 2 && g.kw == 2) check_forward<2, CL, T, index_t>(g, x);
+  if (g.kh == 3 && g.kw == 3) check_forward<3, CL, T, index_t>(g, x);
+  if constexpr (!CL) {
+    if (g.sw == 2 && g.dw == 1 && g.kh == 2 && g.kw == 2) check_forward_pair<2, T, index_t>(g, x);
+    if (g.sw == 2 && g.dw == 1 && g.kh == 3 && g.kw == 3) check_forward_pair<3, T, index_t>(g, x);
+  }
+  if constexpr (CL) {
+    if (g.C % 2 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 2>(g, x); ++lane_geoms; }
+    if (g.C % 2 == 0 && g.kh == 3 && g.kw == 3) { check_forward<3, CL, T, index_t, 2>(g, x); ++lane_geoms; }
+  }
+  // forward taps by the reference body, for the backward
+  PoolDims<index_t> d(g);
+  std::vector<uint8_t> taps(nout);
+  std::vector<T> go(nout);
+  std::vector<double> brute(nin, 0.0);
+  for (index_t e = 0; e < nout; ++e) {
+    const Pos<index_t> p = decompose<CL>(e, d.C, d.OH, d.OW);
+    const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
+    const Taps th = window_taps<index_t>(hstart, d.H, d.kh, d.dh), tw = window_taps<index_t>(wstart, d.W, d.kw, d.dw);
+    acc_t<T> best; index_t tap;
+    max_window<T, index_t>(x.data() + plane_offset<CL>(p.n, p.c, d.C, d.H, d.W), d.W, plane_stride<CL>(d.C), hstart, wstart, th, tw, d.kw, d.dh, d.dw, best, tap);
+    taps[e] = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+    go[e] = T(double(rnd(-100, 100)));  // integers: sums exact in any order
+    if (has_taps(th, tw)) {
+      const index_t ih = hstart + (tap / d.kw) * d.dh, iw = wstart + (tap % d.kw) * d.dw;
+      const index_t i = CL ? ((p.n * d.H + ih) * d.W + iw) * d.C + p.c : ((p.n * d.C + p.c) * d.H + ih) * d.W + iw;
+      brute[i] += double(go[e]);
+    }
+  }
+  const int64_t reach = std::max(cell_reach(g.kh, g.sh, g.dh), cell_reach(g.kw, g.sw, g.dw));
+  // the tightest R, and one larger (also correct: more candidates)
+  if constexpr (CL) {
+    if (g.C % 2 == 0 && reach <= 2) {
+      ++lane_bwd;
+      if (reach == 0) check_backward<0, CL, T, index_t, 2>(g, taps, go, brute);
+      if (reach <= 1) check_backward<1, CL, T, index_t, 2>(g, taps, go, brute);
+      check_backward<2, CL, T, index_t, 2>(g, taps, go, brute);
+    }
+  }
+  if (reach == 0) { check_backward<0, CL, T, index_t>(g, taps, go, brute); check_backward<1, CL, T, index_t>(g, taps, go, brute); }
+  else if (reach == 1) { check_backward<1, CL, T, index_t>(g, taps, go, brute); check_backward<2, CL, T, index_t>(g, taps, go, brute); }
+  else if (reach == 2) check_backward<2, CL, T, index_t>(g, taps, go, brute);
+  else if (reach == 3) check_backward<3, CL, T, index_t>(g, taps, go, brute);
+  else check_backward<-1, CL, T, index_t>(g, taps, go, brute);
+  ++reach_hist[std::min<int64_t>(reach, 4)];
+}
+
+int main() {
+  test_divider();
+  printf("divider: %ld checks, %ld fails\n", checks, fails);
+  test_decompose<int32_t>();
+  test_decompose<int64_t>();
+  printf("decompose: %ld checks, %ld fails\n", checks, fails);
+  int geoms = 0;
+  for (int it = 0; it < 3000; ++it) {
+    int64_t k = rnd(1, 4), kh = k, kw = it % 5 == 0 ? rnd(1, 4) : k;
+    int64_t sh = rnd(1, 4), sw = it % 3 == 0 ? rnd(1, 4) : (it % 3 == 1 ? 2 : sh);
+    int64_t dh = rnd(0, 3) == 0 ? rnd(2, 3) : 1, dw = it % 4 == 0 ? rnd(1, 3) : dh;
+    int64_t ph = rnd(0, kh / 2), pw = rnd(0, kw / 2);
+    int64_t H = rnd(1, 13), W = rnd(1, 13), N = rnd(1, 2), C = rnd(1, 3) * (rnd(0, 2) ? 2 : 1);
+    if (it % 50 == 0) { H = rnd(20, 40); W = rnd(20, 40); }
+    bool ceil = rnd(0, 1), cl = rnd(0, 1);
+    Pool2d g = make_geom(N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil, cl);
+    if (g.OH < 1 || g.OW < 1) continue;
+    ++geoms;
+    int mode = rnd(0, 3) == 0;
+    if (cl) { run_geom<true, float, int32_t>(g, mode); run_geom<true, double, int64_t>(g, mode); }
+    else { run_geom<false, float, int32_t>(g, mode); run_geom<false, double, int64_t>(g, mode); }
+    if (it % 3 == 0) {
+      if (cl) { run_geom<true, c10::Half, int32_t>(g, mode); run_geom<true, c10::BFloat16, int64_t>(g, mode); }
+      else { run_geom<false, c10::BFloat16, int32_t>(g, mode); run_geom<false, c10::Half, int64_t>(g, mode); }
+    }
+  }
+  // the benchmark's geometries, smaller batch
+  for (bool cl : {false, true}) {
+    for (auto s : std::vector<std::vector<int64_t>>{{2, 4, 112, 112, 2, 2, 0}, {2, 6, 55, 55, 3, 2, 0}, {2, 4, 112, 112, 3, 2, 1}}) {
+      Pool2d g = make_geom(s[0], s[1], s[2], s[3], s[4], s[4], s[5], s[5], s[6], s[6], 1, 1, false, cl);
+      ++geoms;
+      if (cl) { run_geom<true, float, int32_t>(g, 0); run_geom<true, c10::Half, int32_t>(g, 0); run_geom<true, c10::BFloat16, int64_t>(g, 0); }
+      else { run_geom<false, float, int32_t>(g, 0); run_geom<false, c10::Half, int64_t>(g, 0); run_geom<false, c10::BFloat16, int32_t>(g, 0); }
+    }
+  }
+  printf("lane (L=2) forward checks over %ld geometries, lane backward over %ld, W-pair forward over %ld\n", lane_geoms, lane_bwd, pair_geoms);
+  printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
+  for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
+  return fails != 0;
+}
