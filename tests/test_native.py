@@ -1,0 +1,30 @@
+"""The native checks of tests/native/: C++ programs that include the CUDA kernels'
+per-element helpers (host-device code) with the host compiler and compare them bit for bit
+with brute-force definitions, so that CPU-only machines (CI) exercise the arithmetic the GPU
+kernels run.  Skipped where no C++ compiler is found."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.utils.cpp_extension as cpp
+
+from helpers import ROOT
+
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+CHECKS = ["max_pool2d_items_check.cpp"]
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+@pytest.mark.parametrize("source", CHECKS)
+def test_native_check(source, tmp_path):
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    exe = tmp_path / "check"
+    cmd = [CXX, "-std=c++20", "-O1", "-I" + os.path.join(ROOT, "csrc")] + ["-I" + p for p in cpp.include_paths()] + [
+        os.path.join(ROOT, "tests", "native", source), "-o", str(exe), "-L" + lib, "-lc10", "-Wl,-rpath," + lib,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and " 0 fails" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
