@@ -51,6 +51,27 @@ bool tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int
   return true;
 }
 
+// The same for the channels_last kernel (one output row, kClTileQ columns, 32 channels a block).
+bool cl_tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int64_t OW, int64_t SH, int64_t SW,
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, DwTile& t, int64_t& blocks) {
+  const int64_t patch_h = (g.R - 1) * g.dh + 1, patch_w = (kClTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+  if (patch_h * patch_w * kClLanes > kClSmem) return false;
+  if (src.stride(2) < 0 || src.stride(3) < 0 || OC >= kI32 / 4) return false;
+  if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32) return false;
+  if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
+  if (g.R * g.S >= kI32 / 4) return false;
+  const int64_t tiles_q = (OW + kClTileQ - 1) / kClTileQ, tiles_c = (OC + kClLanes - 1) / kClLanes;
+  blocks = g.N * OH * tiles_q * tiles_c;
+  if (blocks <= 0 || blocks >= kI32) return false;
+  t = DwTile{static_cast<int>(OH), static_cast<int>(OW), static_cast<int>(SH), static_cast<int>(SW),
+             static_cast<int>(g.R), static_cast<int>(g.S), static_cast<int>(sh), static_cast<int>(sw),
+             static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(g.dh), static_cast<int>(g.dw),
+             static_cast<int>(patch_h), static_cast<int>(patch_w), static_cast<int>(OH), static_cast<int>(tiles_q),
+             static_cast<int>(OC), static_cast<int>(g.Kg), src.stride(0), src.stride(1),
+             static_cast<int>(src.stride(2)), static_cast<int>(src.stride(3))};
+  return true;
+}
+
 }  // namespace
 
 void depthwise_forward_cuda(const Conv2d& g, const Tensor& input, const Tensor& weight, const Tensor& bias, Tensor& out,
@@ -59,10 +80,18 @@ void depthwise_forward_cuda(const Conv2d& g, const Tensor& input, const Tensor& 
   const int64_t total = out.numel();
   DwTile t;
   int64_t tile_blocks = 0;
-  const bool tiled = !g.channels_last() && g.K <= INT32_MAX &&
-                     tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks);
+  const bool cl = g.channels_last();
+  const bool tiled = g.K <= INT32_MAX &&
+                     (cl ? cl_tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks)
+                         : tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks));
   CONVRNN_DISPATCH_FLOATING(input.scalar_type(), "convrnn.conv2d", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    if (tiled && cl) {
+      dw_tile_cl_kernel<scalar_t, false><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b, out.mutable_data_ptr<scalar_t>(), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     if (tiled) {
       dw_tile_kernel<scalar_t, false><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
           input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b, out.mutable_data_ptr<scalar_t>(), t);
@@ -92,10 +121,20 @@ void depthwise_backward_data_cuda(const Conv2d& g, const Tensor& grad_output, co
   // Stride 1: the forward tile over grad_output with flipped taps and padding (R-1)*d - p.
   DwTile t;
   int64_t tile_blocks = 0;
-  const bool tiled = !g.channels_last() && g.sh == 1 && g.sw == 1 && g.K <= INT32_MAX &&
-                     tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
-                                 (g.S - 1) * g.dw - g.pw, t, tile_blocks);
+  const bool cl = g.channels_last();
+  const bool tiled = g.sh == 1 && g.sw == 1 && g.K <= INT32_MAX &&
+                     (cl ? cl_tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1,
+                                          (g.R - 1) * g.dh - g.ph, (g.S - 1) * g.dw - g.pw, t, tile_blocks)
+                         : tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
+                                       (g.S - 1) * g.dw - g.pw, t, tile_blocks));
   CONVRNN_DISPATCH_FLOATING(grad_output.scalar_type(), "convrnn.conv2d_backward", [&] {
+    if (tiled && cl) {
+      dw_tile_cl_kernel<scalar_t, true><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,
+          grad_input.mutable_data_ptr<scalar_t>(), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     if (tiled) {
       dw_tile_kernel<scalar_t, true><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
           grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,

@@ -163,6 +163,69 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
+// channels_last tiled kernel: block of 32 channel lanes x 8 pixel groups per (n, output row p,
+// kClTileQ outputs along q, 32 output channels); the source rows under the tile (halo
+// included, zeros outside) staged as patch[row][col][lane], lane = channel (coalesced loads
+// along channels); each thread computes kClTileQ / 8 outputs of one channel.  Forward and
+// stride-1 backward data as dw_tile_kernel.  t.tiles_p = OH, t.tiles_q = ceil(OW / kClTileQ),
+// patch_h = (R-1)*dh + 1, patch_w = (kClTileQ-1)*sw + (S-1)*dw + 1.
+constexpr int kClTileQ = 16, kClLanes = 32, kClGroups = kTileThreads / kClLanes, kClPer = kClTileQ / kClGroups;
+constexpr int kClSmem = 4096;
+
+template <typename T, bool FLIP>
+__global__ void __launch_bounds__(kTileThreads)
+    dw_tile_cl_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
+                      DwTile t) {
+  using A = acc_t<T>;
+  __shared__ A patch[kClSmem];
+  const int tid = threadIdx.x, lane = tid % kClLanes, grp = tid / kClLanes;
+  const int tiles_c = (t.OC + kClLanes - 1) / kClLanes;
+  int64_t b = blockIdx.x;
+  const int tc = static_cast<int>(b % tiles_c);
+  b /= tiles_c;
+  const int tq = static_cast<int>(b % t.tiles_q);
+  b /= t.tiles_q;
+  const int p = static_cast<int>(b % t.OH);
+  const int64_t n = b / t.OH;
+  const int q0 = tq * kClTileQ, o = tc * kClLanes + lane;
+  const bool live = o < t.OC;
+  const int h0 = p * t.sh - t.ph, w0 = q0 * t.sw - t.pw;
+  const int RS = t.R * t.S, pix_n = t.patch_h * t.patch_w;
+  A acc[kClPer];
+#pragma unroll
+  for (int i = 0; i < kClPer; ++i) acc[i] = (!FLIP && bias != nullptr && live) ? static_cast<A>(bias[o]) : A(0);
+  const int nsrc = FLIP ? t.Kg : 1;
+  for (int j = 0; j < nsrc; ++j) {
+    const int64_t sc = !live ? 0 : FLIP ? static_cast<int64_t>(o) * t.Kg + j : o / t.Kg;  // this lane's source channel
+    if (j > 0) __syncthreads();
+    const T* sp = src + n * t.ss_n + sc * t.ss_c;
+    for (int pix = grp; pix < pix_n; pix += kClGroups) {
+      const int row = pix / t.patch_w, col = pix - row * t.patch_w;
+      const int h = h0 + row, x = w0 + col;
+      patch[pix * kClLanes + lane] =
+          (live && h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w]) : A(0);
+    }
+    __syncthreads();
+    const T* wp = w + (FLIP ? sc : static_cast<int64_t>(o)) * RS;
+    for (int r = 0; r < t.R; ++r) {
+      for (int s = 0; s < t.S; ++s) {
+        const int tap = r * t.S + s;
+        const A wv = live ? static_cast<A>(wp[FLIP ? RS - 1 - tap : tap]) : A(0);
+        const A* ps = patch + ((r * t.dh) * t.patch_w + s * t.dw) * kClLanes + lane;
+#pragma unroll
+        for (int i = 0; i < kClPer; ++i) acc[i] += ps[((grp + i * kClGroups) * t.sw) * kClLanes] * wv;
+      }
+    }
+  }
+  if (!live) return;
+  T* op = out + (n * t.OH + p) * static_cast<int64_t>(t.OW) * t.OC + o;
+#pragma unroll
+  for (int i = 0; i < kClPer; ++i) {
+    const int q = q0 + grp + i * kClGroups;
+    if (q < t.OW) op[static_cast<int64_t>(q) * t.OC] = static_cast<T>(acc[i]);
+  }
+}
+
 // Strides of both operands of the weight gradient.
 struct DwGradGeom {
   DwGeom x;  // input strides in x.xs_*
