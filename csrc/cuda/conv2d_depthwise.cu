@@ -164,9 +164,10 @@ void depthwise_backward_weight_cuda(const Conv2d& g, const Tensor& grad_output, 
                 grad_output.stride(3), g.N * g.P * g.Q, 0, 0, static_cast<int>(g.R * g.S + 1)};
   const bool cl = g.channels_last();
   const int64_t outputs = gg.taps * g.K;
-  // NCHW with at most 25 taps and 32-bit plane offsets: all taps per thread, block per
-  // (k, chunk), about 1024 blocks of chunks of at least 1024 pixels.
-  const bool taps_kernel = !cl && gg.pixels > 0 && gg.taps <= 26 && g.P * g.Q < kI32 - 1024 && g.H < kI32 / 4 && g.W < kI32 / 4 &&
+  // At most 25 taps and 32-bit plane offsets: all taps per thread; NCHW: block per (k, chunk),
+  // about 1024 blocks of chunks of at least 1024 pixels; channels_last: block per (32 channels,
+  // chunk), about 1024 blocks of chunks of at least 128 pixels.
+  const bool taps_kernel = gg.pixels > 0 && gg.taps <= 26 && g.P * g.Q < kI32 - 1024 && g.H < kI32 / 4 && g.W < kI32 / 4 &&
                            input.stride(2) >= 0 && input.stride(3) >= 0 && grad_output.stride(2) >= 0 &&
                            grad_output.stride(3) >= 0 &&
                            (g.H - 1) * input.stride(2) + (g.W - 1) * input.stride(3) < kI32 &&
@@ -175,7 +176,8 @@ void depthwise_backward_weight_cuda(const Conv2d& g, const Tensor& grad_output, 
                            g.S * g.dw < kI32 / 4 && g.ph < kI32 / 4 && g.pw < kI32 / 4 && g.K * 1024 < kI32;
   // Fixed by the shape: about 2^17 threads (channels_last) or 2^14 warps (NCHW) of work.
   const conv::Chunks ch =
-      taps_kernel ? conv::split_chunks(gg.pixels, g.K, 1024, 1024, 1, 1024)
+      taps_kernel && cl ? conv::split_chunks(gg.pixels, (g.K + kClLanes - 1) / kClLanes, 1024, 128, 1, 1024)
+      : taps_kernel     ? conv::split_chunks(gg.pixels, g.K, 1024, 1024, 1, 1024)
                   : conv::split_chunks(gg.pixels, outputs, cl ? (int64_t(1) << 17) : (int64_t(1) << 14),
                                        cl ? 64 : 256, 1, 1024);
   gg.chunk_len = ch.len;
@@ -185,7 +187,16 @@ void depthwise_backward_weight_cuda(const Conv2d& g, const Tensor& grad_output, 
   CONVRNN_DISPATCH_FLOATING(input.scalar_type(), "convrnn.conv2d_backward", [&] {
     using A = acc_t<scalar_t>;
     const int64_t items = ch.count * outputs;
-    if (taps_kernel) {
+    if (taps_kernel && cl) {
+      const unsigned blocks = static_cast<unsigned>(ch.count * ((g.K + kClLanes - 1) / kClLanes));
+      if (gg.taps <= 10) {
+        dw_wgrad_taps_cl_kernel<scalar_t, 10><<<blocks, kTileThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg);
+      } else {
+        dw_wgrad_taps_cl_kernel<scalar_t, 26><<<blocks, kTileThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg);
+      }
+    } else if (taps_kernel) {
       const unsigned blocks = static_cast<unsigned>(ch.count * g.K);
       if (gg.taps <= 10) {
         dw_wgrad_taps_kernel<scalar_t, 10><<<blocks, kTileThreads, 0, stream>>>(

@@ -372,6 +372,81 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
+// channels_last, all taps per thread (round 2): block of 32 channel lanes x 8 pixel groups
+// per (32-channel tile, chunk); group g walks pixels first + g, first + g + 8, ... (loads
+// coalesced along the channels) with the R*S (+ bias) tap sums in registers; the 8 groups are
+// then summed in group order through shared memory.  partial[chunk][tap][k].
+template <typename T, int MAXT>
+__global__ void __launch_bounds__(kTileThreads)
+    dw_wgrad_taps_cl_kernel(const T* __restrict__ go, const T* __restrict__ x, acc_t<T>* __restrict__ part,
+                            DwGradGeom g) {
+  using A = acc_t<T>;
+  __shared__ A sums[MAXT][kClLanes];
+  const DwGeom& d = g.x;
+  const int tiles_c = static_cast<int>((d.K + kClLanes - 1) / kClLanes);
+  const int tc = static_cast<int>(blockIdx.x % tiles_c);
+  const int64_t chunk = blockIdx.x / tiles_c;
+  const int lane = threadIdx.x % kClLanes, grp = threadIdx.x / kClLanes;
+  const int64_t k = static_cast<int64_t>(tc) * kClLanes + lane;
+  const bool live = k < d.K;
+  const int R = static_cast<int>(d.R), S = static_cast<int>(d.S), RS = R * S;
+  const int P = static_cast<int>(d.P), Q = static_cast<int>(d.Q), H = static_cast<int>(d.H), W = static_cast<int>(d.W);
+  const int sh = static_cast<int>(d.sh), sw = static_cast<int>(d.sw), ph = static_cast<int>(d.ph),
+            pw = static_cast<int>(d.pw), dh = static_cast<int>(d.dh), dw = static_cast<int>(d.dw);
+  const int xs_h = static_cast<int>(d.xs_h), xs_w = static_cast<int>(d.xs_w);
+  const int gs_h = static_cast<int>(g.gs_h), gs_w = static_cast<int>(g.gs_w);
+  const int64_t first = chunk * g.chunk_len;
+  const int64_t last = first + g.chunk_len < g.pixels ? first + g.chunk_len : g.pixels;
+  const int64_t PQ = static_cast<int64_t>(P) * Q;
+  A acc[MAXT];
+  int tap_h[MAXT], tap_w[MAXT];
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    acc[t] = A(0);
+    const int r = t / S;
+    tap_h[t] = r * dh;
+    tap_w[t] = (t - r * S) * dw;
+  }
+  const T* gk = go + (live ? k : 0) * g.gs_c;
+  const T* xk = x + (live ? k / d.Kg : 0) * d.xs_c;
+  int64_t n = (first + grp) / PQ;
+  int pq = static_cast<int>(first + grp - n * PQ);
+  for (int64_t pix = first + grp; pix < last; pix += kClGroups) {
+    if (live) {
+      const int p = pq / Q, q = pq - p * Q;
+      const A gv = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
+      const T* xn = xk + n * d.xs_n;
+      const int h0 = p * sh - ph, w0 = q * sw - pw;
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t) {
+        if (t < RS) {
+          const int h = h0 + tap_h[t], wc = w0 + tap_w[t];
+          if (h >= 0 && h < H && wc >= 0 && wc < W) acc[t] += gv * static_cast<A>(xn[h * xs_h + wc * xs_w]);
+        } else if (t == RS) {
+          acc[t] += gv;  // the bias tap
+        }
+      }
+    }
+    pq += kClGroups;
+    while (pq >= PQ) {
+      pq -= static_cast<int>(PQ);
+      ++n;
+    }
+  }
+  for (int gi = 0; gi < kClGroups; ++gi) {  // fixed group order
+    if (grp == gi) {
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t) sums[t][lane] = gi == 0 ? acc[t] : sums[t][lane] + acc[t];
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < (RS + 1) * kClLanes; e += kTileThreads) {
+    const int t = e / kClLanes, l = e % kClLanes;
+    const int64_t kk = static_cast<int64_t>(tc) * kClLanes + l;
+    if (kk < d.K) part[(chunk * g.taps + t) * d.K + kk] = sums[t][l];
+  }
+}
+
 // Sums the chunks in order: thread per (tap, k).
 template <typename T>
 __global__ void dw_wgrad_reduce_kernel(const acc_t<T>* __restrict__ part, T* __restrict__ gw, T* __restrict__ gb,
