@@ -384,8 +384,8 @@ __global__ void __launch_bounds__(kTileThreads)
   __shared__ A sums[MAXT][kClLanes];
   const DwGeom& d = g.x;
   const int tiles_c = static_cast<int>((d.K + kClLanes - 1) / kClLanes);
-  const int tc = static_cast<int>(blockIdx.x % tiles_c);
-  const int64_t chunk = blockIdx.x / tiles_c;
+  const int tc = static_cast<int>(blockIdx.x % static_cast<unsigned>(tiles_c));  // 32-bit divisions
+  const int64_t chunk = blockIdx.x / static_cast<unsigned>(tiles_c);
   const int lane = threadIdx.x % kClLanes, grp = threadIdx.x / kClLanes;
   const int64_t k = static_cast<int64_t>(tc) * kClLanes + lane;
   const bool live = k < d.K;
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kTileThreads)
     tap_w[t] = (t - r * S) * dw;
   }
   const T* gk = go + (live ? k : 0) * g.gs_c;
-  const T* xk = x + (live ? k / d.Kg : 0) * d.xs_c;
+  const T* xk = x + (live ? static_cast<int>(k) / static_cast<int>(d.Kg) : 0) * d.xs_c;  // K < 2^21 (launcher)
   int64_t n = (first + grp) / PQ;
   int pq = static_cast<int>(first + grp - n * PQ);
   for (int64_t pix = first + grp; pix < last; pix += kClGroups) {
