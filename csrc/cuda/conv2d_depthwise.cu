@@ -36,7 +36,10 @@ bool tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int
   if (g.R * g.S > kTileTaps) return false;
   const int64_t patch_h = (kTileP - 1) * sh + (g.R - 1) * g.dh + 1, patch_w = (kTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
   if (patch_h * patch_w > kTileSmem) return false;
-  if (src.stride(2) < 0 || src.stride(3) < 0) return false;
+  if (src.stride(2) < 0 || src.stride(3) < 0 || ph <= -kI32 / 4 || ph >= kI32 / 4 || pw <= -kI32 / 4 ||
+      pw >= kI32 / 4) {
+    return false;
+  }
   if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32 || OH * OW >= kI32) return false;
   if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
   const int64_t tiles_p = (OH + kTileP - 1) / kTileP, tiles_q = (OW + kTileQ - 1) / kTileQ;
@@ -57,6 +60,7 @@ bool cl_tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, 
   const int64_t patch_h = (g.R - 1) * g.dh + 1, patch_w = (kClTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
   if (patch_h * patch_w * kClLanes > kClSmem) return false;
   if (src.stride(2) < 0 || src.stride(3) < 0 || OC >= kI32 / 4) return false;
+  if (ph <= -kI32 / 4 || ph >= kI32 / 4 || pw <= -kI32 / 4 || pw >= kI32 / 4) return false;
   if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32) return false;
   if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
   if (g.R * g.S >= kI32 / 4) return false;
