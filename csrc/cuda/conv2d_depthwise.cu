@@ -26,14 +26,82 @@ DwGeom dw_geom(const Conv2d& g, const Tensor& t) {
                 t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+constexpr int64_t kI32 = int64_t(1) << 31;
+
+// The tiled NCHW kernel's parameters for an output plane (OH, OW) over a source plane
+// (SH, SW) read through `src`'s strides, or false where it does not apply (a patch or the taps
+// over the shared-memory budget, a plane offset beyond 32 bits, too many blocks).
+bool tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int64_t OW, int64_t SH, int64_t SW,
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, DwTile& t, int64_t& blocks) {
+  if (g.R * g.S > kTileTaps) return false;
+  const int64_t patch_h = (kTileP - 1) * sh + (g.R - 1) * g.dh + 1, patch_w = (kTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+  if (patch_h * patch_w > kTileSmem) return false;
+  if (src.stride(2) < 0 || src.stride(3) < 0 || ph <= -kI32 / 4 || ph >= kI32 / 4 || pw <= -kI32 / 4 ||
+      pw >= kI32 / 4) {
+    return false;
+  }
+  if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32 || OH * OW >= kI32) return false;
+  if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
+  const int64_t tiles_p = (OH + kTileP - 1) / kTileP, tiles_q = (OW + kTileQ - 1) / kTileQ;
+  blocks = g.N * OC * tiles_p * tiles_q;
+  if (blocks <= 0 || blocks >= kI32) return false;
+  t = DwTile{static_cast<int>(OH), static_cast<int>(OW), static_cast<int>(SH), static_cast<int>(SW),
+             static_cast<int>(g.R), static_cast<int>(g.S), static_cast<int>(sh), static_cast<int>(sw),
+             static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(g.dh), static_cast<int>(g.dw),
+             static_cast<int>(patch_h), static_cast<int>(patch_w), static_cast<int>(tiles_p), static_cast<int>(tiles_q),
+             static_cast<int>(OC), static_cast<int>(g.Kg), src.stride(0), src.stride(1),
+             static_cast<int>(src.stride(2)), static_cast<int>(src.stride(3))};
+  return true;
+}
+
+// The same for the channels_last kernel (one output row, kClTileQ columns, 32 channels a block).
+bool cl_tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int64_t OW, int64_t SH, int64_t SW,
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, DwTile& t, int64_t& blocks) {
+  const int64_t patch_h = (g.R - 1) * g.dh + 1, patch_w = (kClTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+  if (patch_h * patch_w * kClLanes > kClSmem) return false;
+  if (src.stride(2) < 0 || src.stride(3) < 0 || OC >= kI32 / 4) return false;
+  if (ph <= -kI32 / 4 || ph >= kI32 / 4 || pw <= -kI32 / 4 || pw >= kI32 / 4) return false;
+  if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32) return false;
+  if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
+  if (g.R * g.S >= kI32 / 4) return false;
+  const int64_t tiles_q = (OW + kClTileQ - 1) / kClTileQ, tiles_c = (OC + kClLanes - 1) / kClLanes;
+  blocks = g.N * OH * tiles_q * tiles_c;
+  if (blocks <= 0 || blocks >= kI32) return false;
+  t = DwTile{static_cast<int>(OH), static_cast<int>(OW), static_cast<int>(SH), static_cast<int>(SW),
+             static_cast<int>(g.R), static_cast<int>(g.S), static_cast<int>(sh), static_cast<int>(sw),
+             static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(g.dh), static_cast<int>(g.dw),
+             static_cast<int>(patch_h), static_cast<int>(patch_w), static_cast<int>(OH), static_cast<int>(tiles_q),
+             static_cast<int>(OC), static_cast<int>(g.Kg), src.stride(0), src.stride(1),
+             static_cast<int>(src.stride(2)), static_cast<int>(src.stride(3))};
+  return true;
+}
+
 }  // namespace
 
 void depthwise_forward_cuda(const Conv2d& g, const Tensor& input, const Tensor& weight, const Tensor& bias, Tensor& out,
                             cudaStream_t stream) {
   const Tensor w = weight.contiguous();  // [K][1][R][S]
   const int64_t total = out.numel();
+  DwTile t;
+  int64_t tile_blocks = 0;
+  const bool cl = g.channels_last();
+  const bool tiled = g.K <= INT32_MAX &&
+                     (cl ? cl_tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks)
+                         : tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks));
   CONVRNN_DISPATCH_FLOATING(input.scalar_type(), "convrnn.conv2d", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    if (tiled && cl) {
+      dw_tile_cl_kernel<scalar_t, false><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b, out.mutable_data_ptr<scalar_t>(), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (tiled) {
+      dw_tile_kernel<scalar_t, false><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
+          input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b, out.mutable_data_ptr<scalar_t>(), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     with_index_type(total, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       if (g.channels_last()) {
@@ -54,7 +122,30 @@ void depthwise_backward_data_cuda(const Conv2d& g, const Tensor& grad_output, co
                                   cudaStream_t stream) {
   const Tensor w = weight.contiguous();
   const int64_t total = grad_input.numel();
+  // Stride 1: the forward tile over grad_output with flipped taps and padding (R-1)*d - p.
+  DwTile t;
+  int64_t tile_blocks = 0;
+  const bool cl = g.channels_last();
+  const bool tiled = g.sh == 1 && g.sw == 1 && g.K <= INT32_MAX &&
+                     (cl ? cl_tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1,
+                                          (g.R - 1) * g.dh - g.ph, (g.S - 1) * g.dw - g.pw, t, tile_blocks)
+                         : tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
+                                       (g.S - 1) * g.dw - g.pw, t, tile_blocks));
   CONVRNN_DISPATCH_FLOATING(grad_output.scalar_type(), "convrnn.conv2d_backward", [&] {
+    if (tiled && cl) {
+      dw_tile_cl_kernel<scalar_t, true><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,
+          grad_input.mutable_data_ptr<scalar_t>(), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (tiled) {
+      dw_tile_kernel<scalar_t, true><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
+          grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,
+          grad_input.mutable_data_ptr<scalar_t>(), t);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     with_index_type(total, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       if (g.channels_last()) {
@@ -77,9 +168,22 @@ void depthwise_backward_weight_cuda(const Conv2d& g, const Tensor& grad_output, 
                 grad_output.stride(3), g.N * g.P * g.Q, 0, 0, static_cast<int>(g.R * g.S + 1)};
   const bool cl = g.channels_last();
   const int64_t outputs = gg.taps * g.K;
+  // At most 25 taps and 32-bit plane offsets: all taps per thread; NCHW: block per (k, chunk),
+  // about 1024 blocks of chunks of at least 1024 pixels; channels_last: block per (32 channels,
+  // chunk), about 1024 blocks of chunks of at least 128 pixels.
+  const bool taps_kernel = gg.pixels > 0 && gg.taps <= 26 && g.P * g.Q < kI32 - 1024 && g.H < kI32 / 4 && g.W < kI32 / 4 &&
+                           input.stride(2) >= 0 && input.stride(3) >= 0 && grad_output.stride(2) >= 0 &&
+                           grad_output.stride(3) >= 0 &&
+                           (g.H - 1) * input.stride(2) + (g.W - 1) * input.stride(3) < kI32 &&
+                           (g.P - 1) * grad_output.stride(2) + (g.Q - 1) * grad_output.stride(3) < kI32 &&
+                           g.P * g.sh < kI32 / 4 && g.Q * g.sw < kI32 / 4 && g.R * g.dh < kI32 / 4 &&
+                           g.S * g.dw < kI32 / 4 && g.ph < kI32 / 4 && g.pw < kI32 / 4 && g.K * 1024 < kI32;
   // Fixed by the shape: about 2^17 threads (channels_last) or 2^14 warps (NCHW) of work.
-  const conv::Chunks ch = conv::split_chunks(gg.pixels, outputs, cl ? (int64_t(1) << 17) : (int64_t(1) << 14),
-                                             cl ? 64 : 256, 1, 1024);
+  const conv::Chunks ch =
+      taps_kernel && cl ? conv::split_chunks(gg.pixels, (g.K + kClLanes - 1) / kClLanes, 1024, 128, 1, 1024)
+      : taps_kernel     ? conv::split_chunks(gg.pixels, g.K, 1024, 1024, 1, 1024)
+                  : conv::split_chunks(gg.pixels, outputs, cl ? (int64_t(1) << 17) : (int64_t(1) << 14),
+                                       cl ? 64 : 256, 1, 1024);
   gg.chunk_len = ch.len;
   gg.chunks = ch.count;
   const Tensor part = at::empty({ch.count, gg.taps, g.K},
@@ -87,7 +191,25 @@ void depthwise_backward_weight_cuda(const Conv2d& g, const Tensor& grad_output, 
   CONVRNN_DISPATCH_FLOATING(input.scalar_type(), "convrnn.conv2d_backward", [&] {
     using A = acc_t<scalar_t>;
     const int64_t items = ch.count * outputs;
-    if (cl) {
+    if (taps_kernel && cl) {
+      const unsigned blocks = static_cast<unsigned>(ch.count * ((g.K + kClLanes - 1) / kClLanes));
+      if (gg.taps <= 10) {
+        dw_wgrad_taps_cl_kernel<scalar_t, 10><<<blocks, kTileThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg);
+      } else {
+        dw_wgrad_taps_cl_kernel<scalar_t, 26><<<blocks, kTileThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg);
+      }
+    } else if (taps_kernel) {
+      const unsigned blocks = static_cast<unsigned>(ch.count * g.K);
+      if (gg.taps <= 10) {
+        dw_wgrad_taps_kernel<scalar_t, 10><<<blocks, kTileThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg);
+      } else {
+        dw_wgrad_taps_kernel<scalar_t, 26><<<blocks, kTileThreads, 0, stream>>>(
+            grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg);
+      }
+    } else if (cl) {
       dw_wgrad_thread_kernel<scalar_t><<<blocks_for(items), kThreads, 0, stream>>>(
           grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), part.mutable_data_ptr<A>(), gg,
           items);

@@ -85,6 +85,147 @@ __global__ void dw_backward_data_kernel(const T* __restrict__ go, const T* __res
   }
 }
 
+// ---- NCHW tiled direct kernels (round 2) ----
+// One block of kTileThreads = 32 x 8 threads computes a kTileP x kTileQ (16 x 32) output tile
+// of one (n, o) plane: it stages the source patch under the tile (halo included, zeros
+// outside the image) and the taps in shared memory, then each thread computes kTileRows
+// outputs of one column.  Serves the forward (source channel o / Kg, weight o) and the
+// stride-1 backward data (a forward over grad_output with flipped taps and padding
+// (R-1)*d - p, summed over the Kg channels o*Kg + j in order).  Plane-relative offsets are
+// 32-bit (the launcher checks every plane fits), the plane bases 64-bit.
+constexpr int kTileThreads = 256, kTileQ = 32, kTileRows = 2, kTileP = (kTileThreads / kTileQ) * kTileRows;
+constexpr int kTileSmem = 3072;  // patch elements (acc_t)
+constexpr int kTileTaps = 128;   // most R*S
+
+struct DwTile {
+  int OH, OW;             // output plane
+  int SH, SW;             // source plane
+  int R, S, sh, sw, ph, pw, dh, dw;
+  int patch_h, patch_w;   // (kTileP-1)*sh + (R-1)*dh + 1, (kTileQ-1)*sw + (S-1)*dw + 1
+  int tiles_p, tiles_q;   // tiles per plane
+  int OC, Kg;             // output channels; Kg of the convolution
+  int64_t ss_n, ss_c;     // source strides (n, c); ss_h, ss_w below
+  int ss_h, ss_w;
+};
+
+// FLIP: backward data (source grad_output, output grad_input); else forward.
+template <typename T, bool FLIP>
+__global__ void __launch_bounds__(kTileThreads)
+    dw_tile_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
+                   DwTile t) {
+  using A = acc_t<T>;
+  __shared__ A patch[kTileSmem];
+  __shared__ A taps[kTileTaps];
+  const int tid = threadIdx.x, tx = tid % kTileQ, ty = tid / kTileQ;
+  int64_t b = blockIdx.x;
+  const int tq = static_cast<int>(b % t.tiles_q);
+  b /= t.tiles_q;
+  const int tp = static_cast<int>(b % t.tiles_p);
+  b /= t.tiles_p;
+  const int64_t o = b % t.OC, n = b / t.OC;
+  const int p0 = tp * kTileP, q0 = tq * kTileQ;
+  const int h0 = p0 * t.sh - t.ph, w0 = q0 * t.sw - t.pw;
+  const int RS = t.R * t.S, patch_n = t.patch_h * t.patch_w;
+  A acc[kTileRows];
+#pragma unroll
+  for (int i = 0; i < kTileRows; ++i) acc[i] = (!FLIP && bias != nullptr) ? static_cast<A>(bias[o]) : A(0);
+  const int nsrc = FLIP ? t.Kg : 1;
+  for (int j = 0; j < nsrc; ++j) {
+    const int64_t sc = FLIP ? o * t.Kg + j : o / t.Kg;  // source channel = weight row for FLIP
+    const int64_t wk = FLIP ? sc : o;
+    const T* sp = src + n * t.ss_n + sc * t.ss_c;
+    if (j > 0) __syncthreads();  // the previous channel's patch is consumed
+    for (int i = tid; i < patch_n; i += kTileThreads) {
+      const int row = i / t.patch_w, col = i - row * t.patch_w;
+      const int h = h0 + row, x = w0 + col;
+      patch[i] = (h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w]) : A(0);
+    }
+    for (int i = tid; i < RS; i += kTileThreads) taps[i] = static_cast<A>(w[wk * RS + (FLIP ? RS - 1 - i : i)]);
+    __syncthreads();
+    const A* pc = patch + (ty * kTileRows * t.sh) * t.patch_w + tx * t.sw;
+    for (int r = 0; r < t.R; ++r) {
+      const A* pr = pc + r * t.dh * t.patch_w;
+      for (int s = 0; s < t.S; ++s) {
+        const A wv = taps[r * t.S + s];
+        const A* ps = pr + s * t.dw;
+#pragma unroll
+        for (int i = 0; i < kTileRows; ++i) acc[i] += ps[i * t.sh * t.patch_w] * wv;
+      }
+    }
+  }
+  const int q = q0 + tx;
+  if (q >= t.OW) return;
+  T* op = out + (n * t.OC + o) * (static_cast<int64_t>(t.OH) * t.OW);
+#pragma unroll
+  for (int i = 0; i < kTileRows; ++i) {
+    const int p = p0 + ty * kTileRows + i;
+    if (p < t.OH) op[p * t.OW + q] = static_cast<T>(acc[i]);
+  }
+}
+
+// channels_last tiled kernel: block of 32 channel lanes x 8 pixel groups per (n, output row p,
+// kClTileQ outputs along q, 32 output channels); the source rows under the tile (halo
+// included, zeros outside) staged as patch[row][col][lane], lane = channel (coalesced loads
+// along channels); each thread computes kClTileQ / 8 outputs of one channel.  Forward and
+// stride-1 backward data as dw_tile_kernel.  t.tiles_p = OH, t.tiles_q = ceil(OW / kClTileQ),
+// patch_h = (R-1)*dh + 1, patch_w = (kClTileQ-1)*sw + (S-1)*dw + 1.
+constexpr int kClTileQ = 16, kClLanes = 32, kClGroups = kTileThreads / kClLanes, kClPer = kClTileQ / kClGroups;
+constexpr int kClSmem = 4096;
+
+template <typename T, bool FLIP>
+__global__ void __launch_bounds__(kTileThreads)
+    dw_tile_cl_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
+                      DwTile t) {
+  using A = acc_t<T>;
+  __shared__ A patch[kClSmem];
+  const int tid = threadIdx.x, lane = tid % kClLanes, grp = tid / kClLanes;
+  const int tiles_c = (t.OC + kClLanes - 1) / kClLanes;
+  int64_t b = blockIdx.x;
+  const int tc = static_cast<int>(b % tiles_c);
+  b /= tiles_c;
+  const int tq = static_cast<int>(b % t.tiles_q);
+  b /= t.tiles_q;
+  const int p = static_cast<int>(b % t.OH);
+  const int64_t n = b / t.OH;
+  const int q0 = tq * kClTileQ, o = tc * kClLanes + lane;
+  const bool live = o < t.OC;
+  const int h0 = p * t.sh - t.ph, w0 = q0 * t.sw - t.pw;
+  const int RS = t.R * t.S, pix_n = t.patch_h * t.patch_w;
+  A acc[kClPer];
+#pragma unroll
+  for (int i = 0; i < kClPer; ++i) acc[i] = (!FLIP && bias != nullptr && live) ? static_cast<A>(bias[o]) : A(0);
+  const int nsrc = FLIP ? t.Kg : 1;
+  for (int j = 0; j < nsrc; ++j) {
+    const int64_t sc = !live ? 0 : FLIP ? static_cast<int64_t>(o) * t.Kg + j : o / t.Kg;  // this lane's source channel
+    if (j > 0) __syncthreads();
+    const T* sp = src + n * t.ss_n + sc * t.ss_c;
+    for (int pix = grp; pix < pix_n; pix += kClGroups) {
+      const int row = pix / t.patch_w, col = pix - row * t.patch_w;
+      const int h = h0 + row, x = w0 + col;
+      patch[pix * kClLanes + lane] =
+          (live && h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w]) : A(0);
+    }
+    __syncthreads();
+    const T* wp = w + (FLIP ? sc : static_cast<int64_t>(o)) * RS;
+    for (int r = 0; r < t.R; ++r) {
+      for (int s = 0; s < t.S; ++s) {
+        const int tap = r * t.S + s;
+        const A wv = live ? static_cast<A>(wp[FLIP ? RS - 1 - tap : tap]) : A(0);
+        const A* ps = patch + ((r * t.dh) * t.patch_w + s * t.dw) * kClLanes + lane;
+#pragma unroll
+        for (int i = 0; i < kClPer; ++i) acc[i] += ps[((grp + i * kClGroups) * t.sw) * kClLanes] * wv;
+      }
+    }
+  }
+  if (!live) return;
+  T* op = out + (n * t.OH + p) * static_cast<int64_t>(t.OW) * t.OC + o;
+#pragma unroll
+  for (int i = 0; i < kClPer; ++i) {
+    const int q = q0 + grp + i * kClGroups;
+    if (q < t.OW) op[static_cast<int64_t>(q) * t.OC] = static_cast<T>(acc[i]);
+  }
+}
+
 // Strides of both operands of the weight gradient.
 struct DwGradGeom {
   DwGeom x;  // input strides in x.xs_*
@@ -158,6 +299,151 @@ __global__ void dw_wgrad_warp_kernel(const T* __restrict__ go, const T* __restri
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
     if (lane == 0) part[(chunk * g.taps + tap) * d.K + k] = acc;
+  }
+}
+
+// NCHW, all taps per thread (round 2): block per (k, chunk); each thread walks pixels
+// first + tid, first + tid + 256, ... of the chunk, reads grad_output once per pixel and keeps
+// the R*S (+ bias) tap sums in registers (MAXT >= taps); then a fixed-order warp shuffle
+// reduction per tap and the 8 warps summed in order.  partial[chunk][tap][k] as above.
+template <typename T, int MAXT>
+__global__ void __launch_bounds__(kTileThreads)
+    dw_wgrad_taps_kernel(const T* __restrict__ go, const T* __restrict__ x, acc_t<T>* __restrict__ part, DwGradGeom g) {
+  using A = acc_t<T>;
+  __shared__ A warp_sums[kTileThreads / 32][MAXT];
+  const DwGeom& d = g.x;
+  const int64_t k = blockIdx.x % d.K, chunk = blockIdx.x / d.K;
+  const int R = static_cast<int>(d.R), S = static_cast<int>(d.S), RS = R * S;
+  const int P = static_cast<int>(d.P), Q = static_cast<int>(d.Q), H = static_cast<int>(d.H), W = static_cast<int>(d.W);
+  const int sh = static_cast<int>(d.sh), sw = static_cast<int>(d.sw), ph = static_cast<int>(d.ph),
+            pw = static_cast<int>(d.pw), dh = static_cast<int>(d.dh), dw = static_cast<int>(d.dw);
+  const int xs_h = static_cast<int>(d.xs_h), xs_w = static_cast<int>(d.xs_w);
+  const int gs_h = static_cast<int>(g.gs_h), gs_w = static_cast<int>(g.gs_w);
+  const int64_t first = chunk * g.chunk_len;
+  const int64_t last = first + g.chunk_len < g.pixels ? first + g.chunk_len : g.pixels;
+  const int64_t PQ = static_cast<int64_t>(P) * Q;
+  A acc[MAXT];
+  int tap_h[MAXT], tap_w[MAXT];  // r*dh, s*dw of tap t (compile-time indices only: registers)
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    acc[t] = A(0);
+    const int r = t / S;
+    tap_h[t] = r * dh;
+    tap_w[t] = (t - r * S) * dw;
+  }
+  const T* gk = go + k * g.gs_c;
+  const T* xk = x + (k / d.Kg) * d.xs_c;
+  // (n, pq) of the pixel stepped incrementally: no 64-bit division in the loop.
+  int64_t n = (first + threadIdx.x) / PQ;
+  int pq = static_cast<int>(first + threadIdx.x - n * PQ);
+  for (int64_t pix = first + threadIdx.x; pix < last; pix += kTileThreads) {
+    const int p = pq / Q, q = pq - p * Q;
+    const A gv = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
+    const T* xn = xk + n * d.xs_n;
+    const int h0 = p * sh - ph, w0 = q * sw - pw;
+#pragma unroll
+    for (int t = 0; t < MAXT; ++t) {
+      if (t < RS) {
+        const int h = h0 + tap_h[t], wc = w0 + tap_w[t];
+        if (h >= 0 && h < H && wc >= 0 && wc < W) acc[t] += gv * static_cast<A>(xn[h * xs_h + wc * xs_w]);
+      } else if (t == RS) {
+        acc[t] += gv;  // the bias tap
+      }
+    }
+    pq += kTileThreads;
+    while (pq >= PQ) {  // PQ < 2^31 - 256 (launcher): no overflow
+      pq -= static_cast<int>(PQ);
+      ++n;
+    }
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    A v = acc[t];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+    if (lane == 0) warp_sums[warp][t] = v;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t <= RS; t += kTileThreads) {
+    A v = 0;
+    for (int wi = 0; wi < kTileThreads / 32; ++wi) v += warp_sums[wi][t];
+    part[(chunk * g.taps + t) * d.K + k] = v;
+  }
+}
+
+// channels_last, all taps per thread (round 2): block of 32 channel lanes x 8 pixel groups
+// per (32-channel tile, chunk); group g walks pixels first + g, first + g + 8, ... (loads
+// coalesced along the channels) with the R*S (+ bias) tap sums in registers; the 8 groups are
+// then summed in group order through shared memory.  partial[chunk][tap][k].
+template <typename T, int MAXT>
+__global__ void __launch_bounds__(kTileThreads)
+    dw_wgrad_taps_cl_kernel(const T* __restrict__ go, const T* __restrict__ x, acc_t<T>* __restrict__ part,
+                            DwGradGeom g) {
+  using A = acc_t<T>;
+  __shared__ A sums[MAXT][kClLanes];
+  const DwGeom& d = g.x;
+  const int tiles_c = static_cast<int>((d.K + kClLanes - 1) / kClLanes);
+  const int tc = static_cast<int>(blockIdx.x % static_cast<unsigned>(tiles_c));  // 32-bit divisions
+  const int64_t chunk = blockIdx.x / static_cast<unsigned>(tiles_c);
+  const int lane = threadIdx.x % kClLanes, grp = threadIdx.x / kClLanes;
+  const int64_t k = static_cast<int64_t>(tc) * kClLanes + lane;
+  const bool live = k < d.K;
+  const int R = static_cast<int>(d.R), S = static_cast<int>(d.S), RS = R * S;
+  const int P = static_cast<int>(d.P), Q = static_cast<int>(d.Q), H = static_cast<int>(d.H), W = static_cast<int>(d.W);
+  const int sh = static_cast<int>(d.sh), sw = static_cast<int>(d.sw), ph = static_cast<int>(d.ph),
+            pw = static_cast<int>(d.pw), dh = static_cast<int>(d.dh), dw = static_cast<int>(d.dw);
+  const int xs_h = static_cast<int>(d.xs_h), xs_w = static_cast<int>(d.xs_w);
+  const int gs_h = static_cast<int>(g.gs_h), gs_w = static_cast<int>(g.gs_w);
+  const int64_t first = chunk * g.chunk_len;
+  const int64_t last = first + g.chunk_len < g.pixels ? first + g.chunk_len : g.pixels;
+  const int64_t PQ = static_cast<int64_t>(P) * Q;
+  A acc[MAXT];
+  int tap_h[MAXT], tap_w[MAXT];
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    acc[t] = A(0);
+    const int r = t / S;
+    tap_h[t] = r * dh;
+    tap_w[t] = (t - r * S) * dw;
+  }
+  const T* gk = go + (live ? k : 0) * g.gs_c;
+  const T* xk = x + (live ? static_cast<int>(k) / static_cast<int>(d.Kg) : 0) * d.xs_c;  // K < 2^21 (launcher)
+  int64_t n = (first + grp) / PQ;
+  int pq = static_cast<int>(first + grp - n * PQ);
+  for (int64_t pix = first + grp; pix < last; pix += kClGroups) {
+    if (live) {
+      const int p = pq / Q, q = pq - p * Q;
+      const A gv = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
+      const T* xn = xk + n * d.xs_n;
+      const int h0 = p * sh - ph, w0 = q * sw - pw;
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t) {
+        if (t < RS) {
+          const int h = h0 + tap_h[t], wc = w0 + tap_w[t];
+          if (h >= 0 && h < H && wc >= 0 && wc < W) acc[t] += gv * static_cast<A>(xn[h * xs_h + wc * xs_w]);
+        } else if (t == RS) {
+          acc[t] += gv;  // the bias tap
+        }
+      }
+    }
+    pq += kClGroups;
+    while (pq >= PQ) {
+      pq -= static_cast<int>(PQ);
+      ++n;
+    }
+  }
+  for (int gi = 0; gi < kClGroups; ++gi) {  // fixed group order
+    if (grp == gi) {
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t) sums[t][lane] = gi == 0 ? acc[t] : sums[t][lane] + acc[t];
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e < (RS + 1) * kClLanes; e += kTileThreads) {
+    const int t = e / kClLanes, l = e % kClLanes;
+    const int64_t kk = static_cast<int64_t>(tc) * kClLanes + l;
+    if (kk < d.K) part[(chunk * g.taps + t) * d.K + kk] = sums[t][l];
   }
 }
 

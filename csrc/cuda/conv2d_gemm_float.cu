@@ -19,6 +19,9 @@ bool one_by_one(const ImageGemmArgs& a) { return a.R == 1 && a.S == 1 && a.ph ==
 
 template <bool ONE>
 void image_simt_float(const ImageGemmArgs& a, cudaStream_t stream) {
+  // At most 16 columns (the backward data of C = 1..16 layers: AlexNet CONV1, 7x7 stems,
+  // LeNet): a 256 x 16 tile, half the padded columns of 128 x 32 (C = 3: 3/16 useful, not 3/32).
+  if (a.ncols <= 16) return launch_image_simt<float, 256, 16, ONE>(a, stream);
   switch (column_tile(a.ncols)) {
     case 32:
       return launch_image_simt<float, 128, 32, ONE>(a, stream);
