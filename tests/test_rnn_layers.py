@@ -226,9 +226,13 @@ def test_matches_torch(device, name, num_layers, bidirectional, variant):
 def test_float32_larger(device, name, bidirectional):
     ours, theirs = make_pair(name, num_layers=2, bidirectional=bidirectional, dtype=torch.float32, input_size=9,
                              hidden=16, device=device, scale=1.5)
-    compare(ours, theirs, make_inputs(ours, "plain", torch.float32, device, t=7, b=5), f"{name} float32")
+    # On CUDA torch runs cuDNN's RNN, which sums in its own blocked order: with these saturating
+    # weights (scale 1.5) its float32 weight gradients differ from ours (and from torch's CPU,
+    # which ours matches to 5e-5) by up to ~1.3e-4 (seen on an H200, 2026-11-25).
+    tol = dict(rtol=5e-4, atol=5e-4) if device == "cuda" else None
+    compare(ours, theirs, make_inputs(ours, "plain", torch.float32, device, t=7, b=5), f"{name} float32", tol)
     compare(ours, theirs, make_inputs(ours, "packed_unsorted", torch.float32, device, t=7, b=3),
-            f"{name} float32 packed")
+            f"{name} float32 packed", tol)
 
 
 @pytest.mark.parametrize("name", list(MODES))
