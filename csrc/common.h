@@ -143,6 +143,21 @@ inline void check_pair(const char* op, const char* arg, at::IntArrayRef v) {
               " values");
 }
 
+// The stride, padding and dilation pairs of a windowed op (pooling, convolution):
+// two values each, stride and dilation positive, padding non-negative.
+inline void check_window_args(const char* op, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
+  check_pair(op, "stride", stride);
+  check_pair(op, "padding", padding);
+  check_pair(op, "dilation", dilation);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "convrnn.", op, ": stride must be greater than zero, but got ",
+              pair_str(stride));
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "convrnn.", op,
+              ": dilation must be greater than zero, but got ", pair_str(dilation));
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "convrnn.", op, ": padding must be non-negative, but got ",
+              pair_str(padding));
+}
+
 // Channels-last when the input suggests it (as torch's pooling does), else contiguous.
 inline at::MemoryFormat image_format(const at::Tensor& t) {
   return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;

@@ -15,15 +15,7 @@ Conv2d conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor
               weight.sizes());
   check_floating(op, "input", input);
   check_same(op, "weight", weight, "input", input);
-  check_pair(op, "stride", stride);
-  check_pair(op, "padding", padding);
-  check_pair(op, "dilation", dilation);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "convrnn.", op, ": stride must be greater than zero, but got ",
-              pair_str(stride));
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "convrnn.", op,
-              ": dilation must be greater than zero, but got ", pair_str(dilation));
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "convrnn.", op, ": padding must be non-negative, but got ",
-              pair_str(padding));
+  check_window_args(op, stride, padding, dilation);
   TORCH_CHECK(groups > 0, "convrnn.", op, ": groups must be greater than zero, but got ", groups);
 
   Conv2d g;

@@ -18,17 +18,9 @@ Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef 
               input.sizes());
   check_floating(op, "input", input);
   check_pair(op, "kernel_size", kernel_size);
-  check_pair(op, "stride", stride);
-  check_pair(op, "padding", padding);
-  check_pair(op, "dilation", dilation);
   TORCH_CHECK(kernel_size[0] > 0 && kernel_size[1] > 0, "convrnn.", op,
               ": kernel_size must be greater than zero, but got ", pair_str(kernel_size));
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "convrnn.", op, ": stride must be greater than zero, but got ",
-              pair_str(stride));
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "convrnn.", op,
-              ": dilation must be greater than zero, but got ", pair_str(dilation));
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "convrnn.", op, ": padding must be non-negative, but got ",
-              pair_str(padding));
+  check_window_args(op, stride, padding, dilation);
   TORCH_CHECK(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, "convrnn.", op,
               ": padding must be at most half of kernel_size, but got padding ", pair_str(padding), " for kernel_size ",
               pair_str(kernel_size));

@@ -31,11 +31,12 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-14)}
 BAD_INPUT_ERRORS = (RuntimeError, ValueError, TypeError)
 
 
-def load_reference():
-    """The package's reference module, loaded by file path so that it is testable before the
-    extension is built (importing convrnn_kernels needs the compiled _C)."""
-    path = os.path.join(ROOT, "convrnn_kernels", "reference.py")
-    spec = importlib.util.spec_from_file_location("convrnn_reference_under_test", path)
+def load_reference(name="reference"):
+    """A reference module of the package (reference.py, reference_rnn.py), loaded by file path
+    so that it is testable before the extension is built (importing convrnn_kernels needs the
+    compiled _C)."""
+    path = os.path.join(ROOT, "convrnn_kernels", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"convrnn_{name}_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

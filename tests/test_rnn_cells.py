@@ -9,29 +9,19 @@ the functional, the module or the dispatcher op they test.
 
 Half precision follows helpers.py: with ref32 torch's float32 result on the upcast inputs,
 ours may be off by at most 2x torch's own half error plus one ulp."""
-import importlib.util
 import inspect
 import math
-import os
 from typing import NamedTuple
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import (ALL_DTYPES, BAD_INPUT_ERRORS, COMPILE_BACKEND, FLOAT_DTYPES, HALF_DTYPES, ROOT,
-                     assert_half_ok, dtype_id, grad_output_like, grad_output_variants, needs_cuda, num_threads)
+from helpers import (ALL_DTYPES, BAD_INPUT_ERRORS, COMPILE_BACKEND, FLOAT_DTYPES, HALF_DTYPES, assert_half_ok,
+                     dtype_id, grad_output_like, grad_output_variants, load_reference, needs_cuda, num_threads)
 
 
-def _load_reference_rnn():
-    path = os.path.join(ROOT, "convrnn_kernels", "reference_rnn.py")
-    spec = importlib.util.spec_from_file_location("convrnn_reference_rnn_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_reference_rnn()
+ref = load_reference("reference_rnn")
 try:
     import convrnn_kernels as ck
     _CK_ERROR = None

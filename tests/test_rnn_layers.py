@@ -7,27 +7,17 @@ dtypes, determinism, dropout, bad input, opcheck and torch.compile.
 
 Half precision follows helpers.py: with ref32 torch's float32 result, ours may be off by at
 most 2x torch's own half error plus one ulp."""
-import importlib.util
-import os
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from helpers import BAD_INPUT_ERRORS, COMPILE_BACKEND, HALF_DTYPES, ROOT, assert_half_ok, dtype_id, needs_cuda, \
-    num_threads
+from helpers import BAD_INPUT_ERRORS, COMPILE_BACKEND, HALF_DTYPES, assert_half_ok, dtype_id, load_reference, \
+    needs_cuda, num_threads
 
 
-def _load_reference_rnn():
-    path = os.path.join(ROOT, "convrnn_kernels", "reference_rnn.py")
-    spec = importlib.util.spec_from_file_location("convrnn_reference_rnn_layers_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_reference_rnn()
+ref = load_reference("reference_rnn")
 try:
     import convrnn_kernels as ck
     _CK_ERROR = None
