@@ -391,3 +391,20 @@ def test_tf32():
     for name, a, r in zip(("values", "grad input", "grad weight", "grad bias"), (out, gx, gw, gb), ref[:4]):
         rel = ((a.double() - r).norm() / r.norm()).item()
         assert rel < 2e-3, f"{name}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_results_do_not_alias_scratch(device, channels_last):
+    """The CPU kernels keep layout scratch buffers between calls: no result may live in one
+    (a later call would overwrite it), and no input is written."""
+    cfgs = [CONFIGS[0], CONFIGS[5], CONFIGS[4]]  # the GEMM engine, depthwise, 1x1
+    for cfg in cfgs:
+        x, w, b, kw = make_args(cfg, torch.float32, device, channels_last)
+        inputs = [t.clone() for t in (x, w, b)]
+        first = conv_grads(ck.conv2d, x, w, b, kw)
+        assert all(torch.equal(a, k) for a, k in zip((x, w, b), inputs)), "the op changed its inputs"
+        kept = [t.clone() for t in first[:4]]
+        x2, w2, b2, _ = make_args(cfg, torch.float32, device, channels_last, seed=5)
+        conv_grads(ck.conv2d, x2, w2, b2, kw)
+        for a, k in zip(first[:4], kept):
+            assert torch.equal(a, k), f"{cfg}: a result changed when the op ran again"
