@@ -710,6 +710,28 @@ bool depthwise_path(const Conv2d& g) { return g.depthwise() && g.Kg == 1; }
 bool fold_forward(const Conv2d& g) { return g.groups == 1 && g.dw == 1; }
 bool fold_backward_data(const Conv2d& g) { return g.groups == 1 && g.dw == 1 && g.sw == 1; }
 
+// The taps of the forward and weight-gradient GEMMs over a padded NHWC image of row width
+// Wp: one per filter row when the S taps and C channels of a row fold into one reduction of
+// length S*C (fold), else one per (r, s) with reduction length Cg.
+TapList image_taps(const Conv2d& g, int64_t Wp, bool fold) {
+  TapList taps;
+  if (fold) {
+    taps.L = g.S * g.C;
+    for (int64_t r = 0; r < g.R; ++r) {
+      taps.in.push_back(r * g.dh * Wp * g.C);
+      taps.w.push_back(r);
+    }
+  } else {
+    taps.L = g.Cg;
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s) {
+        taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
+        taps.w.push_back(r * g.S + s);
+      }
+  }
+  return taps;
+}
+
 // ---- layout copies (torch's copy_ of a permuted view runs ~1 GB/s here; these are tiled) ----
 
 // Rows [0, nrows) of one NCHW image (C planes of H x W) into NHWC rows of a (Hp, Wp, C)
@@ -783,6 +805,20 @@ Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return c.narrow(0, 0, bytes).view(c10::typeMetaToScalarType(opts.dtype())).view(sizes);
 }
 
+// The layout copies' parallel split: rows [r0, r1) of image n, about 4096 elements a task
+// (row_elems each), f(n, r0, r1) once per task.
+template <typename F>
+void for_row_tasks(int64_t N, int64_t rows, int64_t row_elems, const F& f) {
+  const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, row_elems));
+  const int64_t tasks_per_image = ceil_div(rows, rows_per_task);
+  at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t r0 = (task % tasks_per_image) * rows_per_task;
+      f(task / tasks_per_image, r0, std::min(rows, r0 + rows_per_task));
+    }
+  });
+}
+
 // A zero-padded NHWC copy (N, H+top+bottom, W+left+right, C) of a 4-D (N, C, H, W) tensor in
 // dtype `dt` (a view without copy where the tensor is already NHWC and no padding is asked).
 Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, int64_t right, at::ScalarType dt,
@@ -797,37 +833,31 @@ Tensor padded_nhwc(const Tensor& t, int64_t top, int64_t bottom, int64_t left, i
   AT_DISPATCH_FLOATING_TYPES(dt, "convrnn.conv2d_layout", [&] {
     const scalar_t* s = src.const_data_ptr<scalar_t>();
     scalar_t* d = p.data_ptr<scalar_t>();
-    const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
-    const int64_t tasks_per_image = ceil_div(Hp, rows_per_task);
-    at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t n = task / tasks_per_image;
-        const int64_t r0 = (task % tasks_per_image) * rows_per_task, r1 = std::min(Hp, r0 + rows_per_task);
-        scalar_t* di = d + n * Hp * Wp * C;
-        for (int64_t r = r0; r < r1; ++r) {  // zero the margins of these rows
-          if (r < top || r >= top + H) {
-            std::fill(di + r * Wp * C, di + (r + 1) * Wp * C, scalar_t(0));
-          } else {
-            std::fill(di + r * Wp * C, di + (r * Wp + left) * C, scalar_t(0));
-            std::fill(di + (r * Wp + left + W) * C, di + (r + 1) * Wp * C, scalar_t(0));
-          }
-        }
-        const int64_t h0 = std::max<int64_t>(r0 - top, 0), h1 = std::min<int64_t>(r1 - top, H);
-        if (h1 <= h0) continue;
-        if (cl) {
-          for (int64_t h = h0; h < h1; ++h)
-            std::copy(s + (n * H + h) * W * C, s + (n * H + h + 1) * W * C, di + ((h + top) * Wp + left) * C);
+    for_row_tasks(N, Hp, W * C, [&](int64_t n, int64_t r0, int64_t r1) {
+      scalar_t* di = d + n * Hp * Wp * C;
+      for (int64_t r = r0; r < r1; ++r) {  // zero the margins of these rows
+        if (r < top || r >= top + H) {
+          std::fill(di + r * Wp * C, di + (r + 1) * Wp * C, scalar_t(0));
         } else {
-          bool fast = false;
-#ifdef CONVRNN_CONV_AVX512
-          if (std::is_same<scalar_t, float>::value && cpu_has_avx512f()) {
-            nchw_rows_to_nhwc_avx512(reinterpret_cast<const float*>(s) + n * C * H * W,
-                                     reinterpret_cast<float*>(di) + top * Wp * C, C, H, W, h0, h1, Wp, left);
-            fast = true;
-          }
-#endif
-          if (!fast) nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left, false);
+          std::fill(di + r * Wp * C, di + (r * Wp + left) * C, scalar_t(0));
+          std::fill(di + (r * Wp + left + W) * C, di + (r + 1) * Wp * C, scalar_t(0));
         }
+      }
+      const int64_t h0 = std::max<int64_t>(r0 - top, 0), h1 = std::min<int64_t>(r1 - top, H);
+      if (h1 <= h0) return;
+      if (cl) {
+        for (int64_t h = h0; h < h1; ++h)
+          std::copy(s + (n * H + h) * W * C, s + (n * H + h + 1) * W * C, di + ((h + top) * Wp + left) * C);
+      } else {
+        bool fast = false;
+#ifdef CONVRNN_CONV_AVX512
+        if (std::is_same<scalar_t, float>::value && cpu_has_avx512f()) {
+          nchw_rows_to_nhwc_avx512(reinterpret_cast<const float*>(s) + n * C * H * W,
+                                   reinterpret_cast<float*>(di) + top * Wp * C, C, H, W, h0, h1, Wp, left);
+          fast = true;
+        }
+#endif
+        if (!fast) nchw_rows_to_nhwc<scalar_t>(s + n * C * H * W, di + top * Wp * C, C, H, W, h0, h1, Wp, left, false);
       }
     });
   });
@@ -843,22 +873,16 @@ Tensor to_format(const Tensor& nhwc, const Conv2d& g, at::ScalarType out_dtype) 
   AT_DISPATCH_FLOATING_TYPES(nhwc.scalar_type(), "convrnn.conv2d_layout", [&] {
     const scalar_t* s = nhwc.const_data_ptr<scalar_t>();
     scalar_t* d = out.data_ptr<scalar_t>();
-    const int64_t rows_per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
-    const int64_t tasks_per_image = ceil_div(H, rows_per_task);
-    at::parallel_for(0, N * tasks_per_image, 1, [&](int64_t b, int64_t e) {
-      for (int64_t task = b; task < e; ++task) {
-        const int64_t n = task / tasks_per_image;
-        const int64_t h0 = (task % tasks_per_image) * rows_per_task, h1 = std::min(H, h0 + rows_per_task);
-        bool fast = false;
+    for_row_tasks(N, H, W * C, [&](int64_t n, int64_t h0, int64_t h1) {
+      bool fast = false;
 #ifdef CONVRNN_CONV_AVX512
-        if (std::is_same<scalar_t, float>::value && cpu_has_avx512f()) {
-          nhwc_rows_to_nchw_avx512(reinterpret_cast<const float*>(s) + n * H * W * C,
-                                   reinterpret_cast<float*>(d) + n * C * H * W, C, H, W, h0, h1);
-          fast = true;
-        }
-#endif
-        if (!fast) nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1, false);
+      if (std::is_same<scalar_t, float>::value && cpu_has_avx512f()) {
+        nhwc_rows_to_nchw_avx512(reinterpret_cast<const float*>(s) + n * H * W * C,
+                                 reinterpret_cast<float*>(d) + n * C * H * W, C, H, W, h0, h1);
+        fast = true;
       }
+#endif
+      if (!fast) nhwc_rows_to_nchw<scalar_t>(s + n * H * W * C, d + n * C * H * W, C, H, W, h0, h1, false);
     });
   });
   return out.to(out_dtype);
@@ -899,21 +923,7 @@ void forward_general(const T* xp, int64_t Hp, int64_t Wp, const T* w, const T* b
   const std::vector<T> pk = pack_weights<T>(w, g, false);
   const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
   const auto blocks = channel_blocks(g.Kg);
-  TapList taps;
-  if (fold_forward(g)) {
-    taps.L = g.S * g.C;
-    for (int64_t r = 0; r < g.R; ++r) {
-      taps.in.push_back(r * g.dh * Wp * g.C);
-      taps.w.push_back(r);
-    }
-  } else {
-    taps.L = g.Cg;
-    for (int64_t r = 0; r < g.R; ++r)
-      for (int64_t s = 0; s < g.S; ++s) {
-        taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
-        taps.w.push_back(r * g.S + s);
-      }
-  }
+  const TapList taps = image_taps(g, Wp, fold_forward(g));
   // Tasks of kTaskPixels output pixels (flattened over n, p, q); per block and reduction
   // chunk, all the task's pixels, so that the chunk's weights are read from L1.
   const int64_t total = g.N * g.P * g.Q;
@@ -1265,21 +1275,7 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
   const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
   const auto blocks = channel_blocks(g.Kg);
   const int64_t wstride = round_up(g.C, kLanes);
-  TapList taps;
-  if (fold) {
-    taps.L = g.S * g.C;
-    for (int64_t r = 0; r < g.R; ++r) {
-      taps.in.push_back(r * g.dh * Wp * g.C);
-      taps.w.push_back(r);
-    }
-  } else {
-    taps.L = g.Cg;
-    for (int64_t r = 0; r < g.R; ++r)
-      for (int64_t s = 0; s < g.S; ++s) {
-        taps.in.push_back((r * g.dh * Wp + s * g.dw) * g.C);
-        taps.w.push_back(r * g.S + s);
-      }
-  }
+  const TapList taps = image_taps(g, Wp, fold);
   // Tiles of about kWgtTile pixels (whole rows, or column segments of long rows): a tile's
   // grad_output and input lines stay in L1 while the kernel runs over its reduction blocks.
   constexpr int64_t kWgtTile = 96;
