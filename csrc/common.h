@@ -158,6 +158,17 @@ inline void check_window_args(const char* op, at::IntArrayRef stride, at::IntArr
               pair_str(padding));
 }
 
+// Copies checked stride, padding and dilation pairs into a geometry's sh/sw, ph/pw, dh/dw.
+template <typename G>
+void set_window_args(G& g, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+}
+
 // Channels-last when the input suggests it (as torch's pooling does), else contiguous.
 inline at::MemoryFormat image_format(const at::Tensor& t) {
   return t.dim() == 4 ? t.suggest_memory_format() : at::MemoryFormat::Contiguous;

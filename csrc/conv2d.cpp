@@ -46,12 +46,7 @@ Conv2d conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.K, "convrnn.", op, ": bias must have shape (", g.K,
                 ",) (one per output channel), but got shape ", bias->sizes());
   }
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
+  set_window_args(g, stride, padding, dilation);
   const int64_t eh = g.dh * (g.R - 1) + 1, ew = g.dw * (g.S - 1) + 1;
   TORCH_CHECK(eh <= g.H + 2 * g.ph && ew <= g.W + 2 * g.pw, "convrnn.", op, ": kernel size (", eh, ", ", ew,
               ") (dilated) is larger than the padded input (", g.H + 2 * g.ph, ", ", g.W + 2 * g.pw, ")");

@@ -33,12 +33,7 @@ Pool2d pool2d_geometry(const char* op, const at::Tensor& input, at::IntArrayRef 
   g.W = input.size(off + 2);
   g.kh = kernel_size[0];
   g.kw = kernel_size[1];
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
+  set_window_args(g, stride, padding, dilation);
   g.OH = pool_output_size(g.H, g.kh, g.sh, g.ph, g.dh, ceil_mode);
   g.OW = pool_output_size(g.W, g.kw, g.sw, g.pw, g.dw, ceil_mode);
   TORCH_CHECK(g.OH > 0 && g.OW > 0, "convrnn.", op, ": input of size ", g.H, "x", g.W,
