@@ -12,3 +12,74 @@ def memory_format_of(input):
 def empty_like_input(input):
     """A fake gradient (or same-shaped output) for `input`."""
     return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=memory_format_of(input))
+
+
+# ---- the eager fast path ----
+#
+# Every op's autograd formula is registered with the dispatcher (torch.library.register_autograd),
+# so torch.ops.convrnn.* is differentiable on its own and torch.compile / torch.export trace it
+# with the fake kernels.  That route runs torch's generic Python autograd kernel on every call
+# (argument flattening, a generated Function, a Python redispatch): about 14 us per call when
+# no gradient is needed and 35-40 us when one is, measured on this project's 2-core CPU machine
+# (benchmarks/NOTES.md, "host overhead").  Kernels of tens of microseconds (small pooling layers on
+# a GPU, a batch-1 RNN step) were timed as that overhead.  In plain eager mode the functional
+# wrappers therefore call the op below the autograd key, through the op's own
+# torch.autograd.Function (same setup_context and backward as registered) when a gradient is
+# needed.  Anything that traces or transforms (torch.compile, torch.export, jit tracing,
+# functorch transforms, tensor subclasses such as FakeTensor or DTensor) takes the dispatcher
+# route unchanged.
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def below_autograd(op, *args):
+    """op(*args) with the autograd keys excluded: the forward of every op's Function."""
+    with _below_autograd():
+        return op(*args)
+
+
+def _eager_ok(args) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+
+
+_FUNCTIONS = {}  # op -> its OpFunction
+
+
+def call(op, *args):
+    """Runs op(*args) (an OpOverload of an OpFunction) as the dispatcher would, with
+    autograd through the op's OpFunction when a gradient is needed; see above."""
+    if not _eager_ok(args):
+        return op(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _FUNCTIONS[op].apply(*args)
+    with _below_autograd():
+        return op(*args)
+
+
+class OpFunction(torch.autograd.Function):
+    """Base of every op's torch.autograd.Function.  A subclass names its op
+    (`op_name = "max_pool2d"`) and defines two static methods:
+    save(ctx, inputs, output), what the backward needs, and backward(ctx, *grad_outputs).
+    The class then gets op (torch.ops.convrnn.<op>.default) and a forward that runs the op
+    below the autograd key and calls save; save and backward are registered with the
+    dispatcher as the op's autograd formula (torch.library.register_autograd, where save is
+    the setup_context).  The forward takes ctx (the old-style signature) because
+    Function.apply binds the arguments with inspect.signature on every call of a Function
+    that defines setup_context: ~25 us a call."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.op = getattr(torch.ops.convrnn, cls.op_name).default
+        _FUNCTIONS[cls.op] = cls
+        save = cls.save
+
+        def forward(ctx, *args):
+            output = below_autograd(cls.op, *args)
+            save(ctx, args, output)
+            return output
+
+        cls.forward = staticmethod(forward)
+        torch.library.register_autograd(f"convrnn::{cls.op_name}", cls.backward, setup_context=save)

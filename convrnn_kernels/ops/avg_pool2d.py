@@ -1,16 +1,18 @@
 """convrnn.avg_pool2d: functional wrapper, fake kernel and autograd."""
 import torch
 
-from ._common import empty_like_input
+from ._common import OpFunction, call, empty_like_input
 from ._pooling import empty_pooled, pair, stride_or_kernel
+
+OPS = torch.ops.convrnn
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None):
     """Same signature, results and gradients as torch.nn.functional.avg_pool2d."""
     k = pair(kernel_size)
-    return torch.ops.convrnn.avg_pool2d(input, k, stride_or_kernel(stride, k), pair(padding), bool(ceil_mode),
-                                        bool(count_include_pad), divisor_override)
+    return call(OPS.avg_pool2d.default, input, k, stride_or_kernel(stride, k), pair(padding), bool(ceil_mode),
+                bool(count_include_pad), divisor_override)
 
 
 @torch.library.register_fake("convrnn::avg_pool2d")
@@ -23,16 +25,12 @@ def _(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include
     return empty_like_input(input)
 
 
-class AvgPool2dFunction(torch.autograd.Function):
+class AvgPool2dFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction)."""
+    op_name = "avg_pool2d"
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        return torch.ops.convrnn.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                                            divisor_override)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         input = inputs[0]
         ctx.save_for_backward(input)
         ctx.args = tuple(inputs[1:])
@@ -43,6 +41,3 @@ class AvgPool2dFunction(torch.autograd.Function):
         grad_input = torch.ops.convrnn.avg_pool2d_backward(grad_output, input, *ctx.args)
         return (grad_input,) + (None,) * len(ctx.args)
 
-
-torch.library.register_autograd("convrnn::avg_pool2d", AvgPool2dFunction.backward,
-                                setup_context=AvgPool2dFunction.setup_context)

@@ -9,9 +9,11 @@ gradients the autograd graph needs (output_mask)."""
 import torch
 import torch.nn.functional as F
 
-from ._common import memory_format_of
+from ._common import OpFunction, call, memory_format_of
 
 _PADDING_STRINGS = ("valid", "same")
+
+OPS = torch.ops.convrnn
 
 
 def _pair(name, value):
@@ -59,7 +61,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             input = F.pad(input, extra)
     else:
         padding = _pair("padding", padding)
-    out = torch.ops.convrnn.conv2d(input, weight, bias, stride, padding, dilation, int(groups))
+    out = call(OPS.conv2d.default, input, weight, bias, stride, padding, dilation, int(groups))
     return out.squeeze(0) if unbatched else out
 
 
@@ -95,16 +97,13 @@ def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask
     return gi, gw, gb
 
 
-class Conv2dFunction(torch.autograd.Function):
+class Conv2dFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction):
     saves input and weight; the backward asks conv2d_backward for the needed gradients only."""
+    op_name = "conv2d"
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups):
-        return torch.ops.convrnn.conv2d(input, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         input, weight, bias = inputs[:3]
         ctx.save_for_backward(input, weight)
         ctx.has_bias = bias is not None
@@ -119,5 +118,3 @@ class Conv2dFunction(torch.autograd.Function):
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, None)
 
-
-torch.library.register_autograd("convrnn::conv2d", Conv2dFunction.backward, setup_context=Conv2dFunction.setup_context)

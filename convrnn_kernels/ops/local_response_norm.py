@@ -4,13 +4,15 @@ The backward recomputes the normalisation scale from the saved input rather than
 it, so the forward keeps nothing alive but the input."""
 import torch
 
-from ._common import empty_like_input
+from ._common import OpFunction, call, empty_like_input
+
+OPS = torch.ops.convrnn
 
 
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     """Same signature, results and gradients as torch.nn.functional.local_response_norm:
     out_c = x_c / (k + alpha/size * sum of x_j^2 over j in [c - size//2, c + (size-1)//2])^beta."""
-    return torch.ops.convrnn.local_response_norm(input, int(size), float(alpha), float(beta), float(k))
+    return call(OPS.local_response_norm.default, input, int(size), float(alpha), float(beta), float(k))
 
 
 @torch.library.register_fake("convrnn::local_response_norm")
@@ -23,15 +25,12 @@ def _(grad_output, input, size, alpha, beta, k):
     return empty_like_input(input)
 
 
-class LocalResponseNormFunction(torch.autograd.Function):
+class LocalResponseNormFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction)."""
+    op_name = "local_response_norm"
 
     @staticmethod
-    def forward(input, size, alpha, beta, k):
-        return torch.ops.convrnn.local_response_norm(input, size, alpha, beta, k)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
         ctx.args = tuple(inputs[1:])
 
@@ -41,6 +40,3 @@ class LocalResponseNormFunction(torch.autograd.Function):
         grad_input = torch.ops.convrnn.local_response_norm_backward(grad_output, input, *ctx.args)
         return grad_input, None, None, None, None
 
-
-torch.library.register_autograd("convrnn::local_response_norm", LocalResponseNormFunction.backward,
-                                setup_context=LocalResponseNormFunction.setup_context)

@@ -6,16 +6,18 @@ reads that instead of the input.  torch's int64 indices are computed only when t
 asks for them (return_indices=True)."""
 import torch
 
-from ._common import empty_like_input
+from ._common import OpFunction, call, empty_like_input
 from ._pooling import empty_pooled, pair, stride_or_kernel
+
+OPS = torch.ops.convrnn
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """Same signature, results, indices and gradients as torch.nn.functional.max_pool2d."""
     k = pair(kernel_size)
     save_argmax = torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad
-    out, indices, _ = torch.ops.convrnn.max_pool2d(input, k, stride_or_kernel(stride, k), pair(padding),
-                                                   pair(dilation), bool(ceil_mode), bool(return_indices), save_argmax)
+    out, indices, _ = call(OPS.max_pool2d.default, input, k, stride_or_kernel(stride, k), pair(padding), pair(dilation),
+                           bool(ceil_mode), bool(return_indices), save_argmax)
     return (out, indices) if return_indices else out
 
 
@@ -39,18 +41,14 @@ def _(grad_output, input, argmax, kernel_size, stride, padding, dilation, ceil_m
     return empty_like_input(input)
 
 
-class MaxPool2dFunction(torch.autograd.Function):
-    """The op's autograd formula; its setup_context and backward are also registered with
-    the dispatcher (register_autograd), so torch.ops.convrnn.max_pool2d is differentiable
-    on its own and torch.compile sees no Python-level Function."""
+class MaxPool2dFunction(OpFunction):
+    """The op's autograd formula, also registered with the dispatcher (OpFunction), so
+    torch.ops.convrnn.max_pool2d is differentiable on its own and torch.compile sees no
+    Python-level Function; eager calls apply this Function (_common.call)."""
+    op_name = "max_pool2d"
 
     @staticmethod
-    def forward(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, save_argmax):
-        return torch.ops.convrnn.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                                            save_argmax)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         input, kernel_size, stride, padding, dilation, ceil_mode, _, _ = inputs
         ctx.save_for_backward(input, output[2])
         ctx.mark_non_differentiable(output[1], output[2])
@@ -62,6 +60,3 @@ class MaxPool2dFunction(torch.autograd.Function):
         grad_input = torch.ops.convrnn.max_pool2d_backward(grad_output, input, argmax, *ctx.args)
         return grad_input, None, None, None, None, None, None, None
 
-
-torch.library.register_autograd("convrnn::max_pool2d", MaxPool2dFunction.backward,
-                                setup_context=MaxPool2dFunction.setup_context)

@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._common import OpFunction, call
+
 OPS = torch.ops.convrnn
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -130,9 +132,19 @@ def _rnn_backward(ctx, grad_out, grad_hn):
     return (gx, gh0, gw, gb if ctx.has_bias[0] else None, gb if ctx.has_bias[1] else None, None, None, None)
 
 
-torch.library.register_autograd("convrnn::lstm_layer", _lstm_backward, setup_context=_lstm_setup)
-torch.library.register_autograd("convrnn::gru_layer", _gru_backward, setup_context=_gru_setup)
-torch.library.register_autograd("convrnn::rnn_layer", _rnn_backward, setup_context=_rnn_setup)
+class LstmLayerFunction(OpFunction):
+    op_name = "lstm_layer"
+    save, backward = staticmethod(_lstm_setup), staticmethod(_lstm_backward)
+
+
+class GruLayerFunction(OpFunction):
+    op_name = "gru_layer"
+    save, backward = staticmethod(_gru_setup), staticmethod(_gru_backward)
+
+
+class RnnLayerFunction(OpFunction):
+    op_name = "rnn_layer"
+    save, backward = staticmethod(_rnn_setup), staticmethod(_rnn_backward)
 
 
 # ---- argument checks (messages name the op and the argument) ----
@@ -217,13 +229,15 @@ def run_layers(mode: str, input: torch.Tensor, hx: torch.Tensor, cx: Optional[to
             reverse = direction == 1
             need = grad and any(t is not None and t.requires_grad for t in (x_proj, hx, cx, w_hh, b_ih, b_hh, w_hr))
             if mode == "LSTM":
-                out, h_n, c_n, _, _, _ = OPS.lstm_layer(x_proj, hx[idx], cx[idx], w_hh, b_ih, b_hh, w_hr, batch_sizes,
-                                                        reverse, need)
+                out, h_n, c_n, _, _, _ = call(OPS.lstm_layer.default, x_proj, hx[idx], cx[idx],
+                                              w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, need)
                 cs.append(c_n)
             elif mode == "GRU":
-                out, h_n, _ = OPS.gru_layer(x_proj, hx[idx], w_hh, b_ih, b_hh, batch_sizes, reverse, need)
+                out, h_n, _ = call(OPS.gru_layer.default, x_proj, hx[idx], w_hh, b_ih, b_hh,
+                                   batch_sizes, reverse, need)
             else:
-                out, h_n = OPS.rnn_layer(x_proj, hx[idx], w_hh, b_ih, b_hh, batch_sizes, reverse, mode == "RNN_RELU")
+                out, h_n = call(OPS.rnn_layer.default, x_proj, hx[idx], w_hh, b_ih, b_hh,
+                                batch_sizes, reverse, mode == "RNN_RELU")
             outs.append(out)
             hs.append(h_n)
         layer_input = outs[0] if d == 1 else torch.cat(outs, -1)
