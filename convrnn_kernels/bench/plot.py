@@ -20,7 +20,6 @@ matplotlib is imported only when a chart is drawn, and draws on its Agg canvas: 
 no pyplot state."""
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -45,6 +44,16 @@ def load(path: str) -> dict:
 
 def _timed(rows: Sequence[dict]) -> List[dict]:
     return [r for r in rows if r["check"] == "ok" and r.get("speedup")]
+
+
+def _compute_rows(rows: Sequence[dict], device: str) -> List[dict]:
+    """The compute roofline's rows: timed on `device`, with a FLOP count and bytes moved."""
+    return [r for r in _timed(rows) if r["device"] == device and r.get("flops") and r.get("bytes")]
+
+
+def _bandwidth_rows(rows: Sequence[dict], device: str) -> List[dict]:
+    """The bandwidth panel's rows: timed on `device`, without a FLOP count."""
+    return [r for r in _timed(rows) if r["device"] == device and not r.get("flops") and r.get("gbps")]
 
 
 def _series(results: dict) -> List[Series]:
@@ -88,42 +97,44 @@ def _speedup_lines(rows: Sequence[dict]) -> List[Tuple[str, Optional[tuple]]]:
     return lines
 
 
-def _untimed_note(rows: Sequence[dict]) -> str:
-    checks = sorted({r["check"] for r in rows if r["check"] != "ok"})
-    return f"  [{'/'.join(checks)}]" if checks else ""
+def _line_labels(lines, rows: Sequence[dict]) -> List[str]:
+    """The y tick labels; a line with rows that were not timed says why (FAIL/ERROR/SKIP)."""
+    checks: Dict[tuple, set] = {}
+    for r in rows:
+        if r["check"] != "ok":
+            checks.setdefault((r["op"], r["label"], r["format"]), set()).add(r["check"])
+    return [text + (f"  [{'/'.join(sorted(checks[key]))}]" if key in checks else "") for text, key in lines]
 
 
 def speedup_panel(ax, rows: Sequence[dict], series: Sequence[Series]):
+    """One line per op x layer x format, op names in bold above their group; the series of a
+    line sit side by side (dodged) so that float16 and bfloat16 do not hide float32."""
     lines = _speedup_lines(rows)
     where = {key: y for y, (_, key) in enumerate(lines) if key}
-    dodge = 0.6 / max(1, len(series))  # series side by side within a line
-    for r in _timed(rows):
+    dodge = 0.6 / max(1, len(series))
+    timed = _timed(rows)
+    for r in timed:
         y = where[(r["op"], r["label"], r["format"])]
         y += (series.index((r["device"], r["dtype"])) - (len(series) - 1) / 2) * dodge
         _plot_row(ax, r["speedup"], y, r, series)
-    labels = []
-    for text, key in lines:
-        labels.append(text if key is None else text + _untimed_note([r for r in rows if
-                                                                  (r["op"], r["label"], r["format"]) == key]))
-    ax.set_yticks(range(len(lines)), labels, fontsize=7.5)
-    for tick, (_, key) in zip(ax.get_yticklabels(), lines):
+    ax.set_yticks(range(len(lines)), _line_labels(lines, rows), fontsize=7.5)
+    for y, (tick, (_, key)) in enumerate(zip(ax.get_yticklabels(), lines)):
         if key is None:
             tick.set_fontweight("bold")
             tick.set_fontsize(9)
-    for y, (_, key) in enumerate(lines):
-        if key is None and y:
-            ax.axhline(y - 0.5, color="0.6", linewidth=0.8)
+            if y:
+                ax.axhline(y - 0.5, color="0.6", linewidth=0.8)
     ax.set_ylim(len(lines) - 0.5, -0.5)
-    _speedup_axis(ax, [r["speedup"] for r in _timed(rows)])
+    _speedup_axis(ax, [r["speedup"] for r in timed])
 
 
-def _speedup_axis(ax, values: Sequence[float]):
+def _speedup_axis(ax, values: List[float]):
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     lo, hi = min(values + [1.0]) / 1.3, max(values + [1.0]) * 1.3
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
-    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo <= t <= hi]
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if lo <= t <= hi]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -147,10 +158,6 @@ def _peaks(meta: dict, device: str) -> Dict[str, float]:
     return out
 
 
-def _log_grid(lo: float, hi: float, n: int = 200) -> List[float]:
-    return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
-
-
 def _colour(device: str, dtype: str, series: Sequence[Series]) -> str:
     return COLOURS[series.index((device, dtype)) % len(COLOURS)] if (device, dtype) in series else "0.4"
 
@@ -171,7 +178,7 @@ def _plain_log(axis):
 
 def compute_panel(ax, rows: Sequence[dict], meta: dict, device: str, series: Sequence[Series]):
     """Achieved GFLOP/s against arithmetic intensity, under the measured ceilings."""
-    mine = [r for r in _timed(rows) if r["device"] == device and r.get("flops") and r.get("bytes")]
+    mine = _compute_rows(rows, device)
     intensity = [r["flops"] / r["bytes"] for r in mine]
     for x, r in zip(intensity, mine):
         _plot_row(ax, x, r["gflops"], r, series)
@@ -257,7 +264,7 @@ def _ops(rows: Sequence[dict]) -> List[str]:
 
 def bandwidth_panel(ax, rows: Sequence[dict], meta: dict, device: str, series: Sequence[Series]):
     """Achieved GB/s per op (rows without a FLOP count) against the copy bandwidth."""
-    mine = [r for r in _timed(rows) if r["device"] == device and not r.get("flops") and r.get("gbps")]
+    mine = _bandwidth_rows(rows, device)
     ops = _ops(mine)
     for i, op in enumerate(ops):
         members = sorted((r for r in mine if r["op"] == op),
@@ -328,9 +335,8 @@ def draw(results: dict):
     else:
         speedup_panel(fig.add_subplot(grid[:, 0]), rows, series)
     for col, device in enumerate(devices, start=1):
-        timed = [r for r in _timed(rows) if r["device"] == device]
-        panels = [p for p, has in ((compute_panel, any(r.get("flops") for r in timed)),
-                                   (bandwidth_panel, any(not r.get("flops") and r.get("gbps") for r in timed))) if has]
+        panels = [p for p, has in ((compute_panel, _compute_rows(rows, device)),
+                                   (bandwidth_panel, _bandwidth_rows(rows, device))) if has]
         for i, panel in enumerate(panels):
             panel(fig.add_subplot(grid[i, col] if len(panels) == 2 else grid[:, col]), rows, meta, device, series)
     _legend(fig, series)
