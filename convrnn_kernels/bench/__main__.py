@@ -1,7 +1,7 @@
 """python -m convrnn_kernels.bench: times our ops against PyTorch's on the seed's layer
 shapes, on every device present, after checking that both agree.  Prints a table and a
-geomean summary against the project's speed goals, writes the same to JSON, and exits
-non-zero when any of our results disagrees with torch's or raises."""
+geomean summary against the project's speed goals, writes the same to JSON with a PNG chart
+beside it (plot.py), and exits non-zero when any of our results disagrees with torch's or raises."""
 import argparse
 import os
 import sys
@@ -11,6 +11,7 @@ import torch
 
 from . import load_cases
 from .core import DIRECTIONS, DTYPES, FORMATS, Config, Rooflines, groups, run
+from .plot import chart_or_reason
 from .report import (Progress, compute_peaks, header, load_average, make_meta, render, results_table,
                      summarize, summary_table, write_json)
 
@@ -44,6 +45,8 @@ def parse_args(argv):
                    help="TF32 for float32 matrix work on CUDA, on both sides (torch.backends.cudnn.allow_tf32 "
                         "and cuda.matmul.allow_tf32; default off)")
     p.add_argument("--out", default="bench-results.json", help="JSON file to write (default %(default)s)")
+    p.add_argument("--no-chart", action="store_true",
+                   help="no PNG chart beside the JSON (default: one with the same stem, needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     args = p.parse_args(argv)
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
     print("\nGeomean over shapes, against the project's goals:\n" + summary_table(summary))
     write_json(args.out, meta, rows, summary)
     print(f"\nwrote {os.path.abspath(args.out)}")
+    if not args.no_chart:
+        print(chart_or_reason(args.out))
 
     skipped = sum(r["check"] == "SKIP" for r in rows)
     if skipped:
