@@ -26,8 +26,8 @@ def empty_like_input(input):
 # wrappers therefore call the op below the autograd key, through the op's own
 # torch.autograd.Function (same setup_context and backward as registered) when a gradient is
 # needed.  Anything that traces or transforms (torch.compile, torch.export, jit tracing,
-# functorch transforms, tensor subclasses such as FakeTensor or DTensor) takes the dispatcher
-# route unchanged.
+# functorch transforms, tensor subclasses such as FakeTensor or DTensor) and autocast (whose
+# kernels, ops/autocast.py, sit above autograd) take the dispatcher route unchanged.
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -40,7 +40,8 @@ def below_autograd(op, *args):
 
 
 def _eager_ok(args) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active() \
+            or torch._C._is_any_autocast_enabled():  # autocast's casts must be recorded by autograd
         return False
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
