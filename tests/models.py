@@ -46,8 +46,8 @@ class Captioner(nn.Module):
 class Zoo(nn.Module):
     """Every layer convert() swaps, in one model: conv (reflect padding) -> LRN -> max pool (ceil
     mode) -> avg pool -> a sequence over the 2x2 positions -> RNN (relu, batch_first) -> GRU
-    (bidirectional) -> LSTM (projections) -> RNNCell -> GRUCell -> LSTMCell over the steps.
-    8x8 images of 2 channels."""
+    (bidirectional) -> LSTM (projections) -> RNNCell -> GRUCell -> LSTMCell over the steps, and a
+    linear head over the final states.  8x8 images of 2 channels."""
 
     def __init__(self):
         super().__init__()
@@ -61,6 +61,7 @@ class Zoo(nn.Module):
         self.rnn_cell = nn.RNNCell(3, 4)
         self.gru_cell = nn.GRUCell(4, 4)
         self.lstm_cell = nn.LSTMCell(4, 3)
+        self.head = nn.Linear(18, 5)
 
     def forward(self, x):
         y = self.avg_pool(self.max_pool(self.lrn(self.conv(x))))     # (B, 4, 2, 2)
@@ -74,7 +75,7 @@ class Zoo(nn.Module):
             a = self.rnn_cell(step, a)
             g = self.gru_cell(a, g)
             state = self.lstm_cell(g, state)
-        return torch.cat([state[0], state[1], h.sum(0), hp[0], c[0]], 1)
+        return self.head(torch.cat([state[0], state[1], h.sum(0), hp[0], c[0]], 1))
 
     @staticmethod
     def inputs(batch=3, dtype=torch.float32, device="cpu", seed=0):

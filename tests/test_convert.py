@@ -148,7 +148,7 @@ def test_every_layer():
 # ---- what convert() keeps ----------------------------------------------------------------------
 
 def test_keeps_parameters_buffers_and_state_dict():
-    model = nn.Sequential(Zoo(), nn.BatchNorm1d(18))
+    model = nn.Sequential(Zoo(), nn.BatchNorm1d(5))
     params, buffers = list(model.parameters()), list(model.buffers())
     state = model.state_dict()
     assert _convert_all(model) is model
