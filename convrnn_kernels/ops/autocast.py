@@ -20,8 +20,9 @@ torch's policy (aten/src/ATen/autocast_mode.cpp, cudnn/AutocastRNN.cpp, torch 2.
                      that promote with the state, a projection (F.linear) giving a lower-precision
                      output and h_n beside a promoted c_n.  RNN's composite cells stay in the lower
                      type; GRU's promote with the state, like GRUCell.
-The layer ops' backwards run with autocast off: their C++ loops call at::mm, at::addmm and
-sum, which autocast would otherwise recast when backward() runs inside an autocast region.
+The layer ops' backwards run with autocast off, in the dtype their forward chose: their C++
+loops call at::mm and at::addmm (lower-precision lists) and sum (CUDA's float32 list), which
+autocast would otherwise recast when backward() is called inside an autocast region.
 
 A Python kernel on the AutocastCPU/AutocastCUDA keys only runs while autocast is on, so the
 cost outside autocast is nil.  torch.library.register_autocast casts to one fixed dtype chosen
@@ -63,7 +64,8 @@ def promote(*indices):
 
 
 def lstm_cpu(args, device_type):
-    """torch.nn.LSTM on the CPU (see the header); the projection case also names the outputs
+    """torch.nn.LSTM on the CPU (see the header; torch's oneDNN test also looks at the input's
+    dtype, which is float32 here as a rule); the projection case also names the outputs
     (output, h_n) that torch's composite gives in the lower type."""
     w_hr, batch_sizes = args[6], args[7]
     if w_hr is None and batch_sizes is None and torch.backends.mkldnn.is_available() \
