@@ -16,6 +16,7 @@ from .ops.local_response_norm import local_response_norm
 from .ops.max_pool2d import max_pool2d
 from .ops.rnn_cells import gru_cell, lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from .ops import rnn_layers as _rnn_layers  # noqa: F401  (fake kernels and autograd of the layer ops)
+from .ops import autocast as _autocast  # noqa: F401  (torch.autocast rules of the ops)
 from . import nn, reference  # noqa: E402
 
 __version__ = _C.build_info()["version"]

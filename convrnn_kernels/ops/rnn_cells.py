@@ -20,7 +20,7 @@ def _check(op, input, states, w_ih, w_hh, b_ih, b_hh, gates):
             [(n, b) for n, b in (("b_ih", b_ih), ("b_hh", b_hh)) if b is not None]:
         if not isinstance(t, torch.Tensor):
             fail(f"{name} must be a tensor, but got {type(t).__name__}")
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not torch._C._is_any_autocast_enabled():  # as torch.nn.RNNBase
             raise TypeError(f"convrnn.{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; "
                             "expected one dtype")
         if t.device != input.device:

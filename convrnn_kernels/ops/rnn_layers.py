@@ -197,7 +197,7 @@ def check_sequence_args(mode, input, hx, cx, weights, names, *, input_size, hidd
 
 
 def _same(op, name, t, input):
-    if t.dtype != input.dtype:
+    if t.dtype != input.dtype and not torch._C._is_any_autocast_enabled():  # as torch.nn.RNNBase
         _fail(op, f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; expected one dtype", TypeError)
     if t.device != input.device:
         _fail(op, f"{name} is on {t.device} but input is on {input.device}; expected all tensors on one device")
