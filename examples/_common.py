@@ -2,12 +2,18 @@
 --threads, --device plus the example's own options), pick the device, seed the RNGs and
 set the number of CPU threads."""
 import argparse
-import os
 import random
 import time
 
 import numpy as np
 import torch
+
+# One CPU thread by default.  These models are small: each op has too little work to split
+# over threads (the LSTMs run two small ops per time step), and on the busy, shared 2-core
+# machine they were measured on, a second OpenMP thread waiting for a core made training 4-8
+# times slower (--short runs, one thread / two: char_lstm 25-49 s / 202-210 s, lenet5_digits
+# 9.5 s / 78 s; the same results either way).  On a quiet machine with more cores, try --threads.
+THREADS = 1
 
 
 def parser(description):
@@ -15,17 +21,10 @@ def parser(description):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--short", action="store_true", help="a small training budget (what the tests run)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=default_threads(),
-                   help="CPU threads for torch (default: the cores this process may use, at most 4)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="CPU threads for torch (default 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
-
-
-def default_threads():
-    # These models are small: past a few threads the CPU kernels' work per thread gets too
-    # thin to pay for the synchronisation, and on a shared machine more threads only compete.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, cores or 1))
 
 
 def setup(args):
