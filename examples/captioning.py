@@ -64,8 +64,9 @@ def make_dataset(n, gen):
     same = (colour[:, 0] == colour[:, 1]) & (kind[:, 0] == kind[:, 1])
     colour[same, 1] = (colour[same, 1] + 1) % len(COLOURS)       # never two identical shapes
     vertical = torch.rand(n, generator=gen) < 0.5
-    # Object 0 is the left (or upper) one: its centre lies in the first third along the layout's
-    # axis, object 1's in the last third; across that axis both sit near a common line.
+    # Object 0 is the left (or upper) one: along the layout's axis its centre lies in 6-11 and
+    # object 1's in 21-26, across it both lie within 2 pixels of a common line, so that "left
+    # of" and "above" are never in doubt (10 or more pixels apart along, 4 or fewer across).
     along = torch.stack([rand(6, 11), rand(21, 26)], 1)
     line = rand(7, 25)
     across = torch.stack([line + rand(-2, 2), line + rand(-2, 2)], 1)
@@ -215,10 +216,9 @@ def main(argv=None):
                   f"{exact_match(model, xte, yte):.1%}  ({clock():.1f} s)")
 
     accuracy = exact_match(model, xte, yte)
-    pred = model.eval().caption(xte[:6]).cpu()
-    for p_, t in zip(pred, yte[:6].cpu()):
-        mark = "ok " if caption_text(p_.tolist()) == caption_text(t.tolist()) else "BAD"
-        print(f"  {mark} predicted \"{caption_text(p_.tolist())}\"  true \"{caption_text(t.tolist())}\"")
+    for guess, truth in zip(model.eval().caption(xte[:6]).cpu(), yte[:6].cpu()):
+        guess, truth = caption_text(guess.tolist()), caption_text(truth.tolist())
+        print(f"  {'ok ' if guess == truth else 'BAD'} predicted \"{guess}\"  true \"{truth}\"")
     print(f"captioning: held-out exact-match accuracy {accuracy:.1%} ({args.test} images), "
           f"{epochs} epochs in {clock():.1f} s")
     return {"exact_match": accuracy, "epochs": epochs, "seconds": clock()}

@@ -31,10 +31,10 @@ TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "alice_c
 class CharLSTM(torch.nn.Module):
     """One-hot characters -> LSTM -> a linear layer giving next-character logits."""
 
-    def __init__(self, vocab, hidden, layers=1):
+    def __init__(self, vocab, hidden):
         super().__init__()
         self.vocab = vocab
-        self.lstm = ck.nn.LSTM(vocab, hidden, num_layers=layers, batch_first=True)
+        self.lstm = ck.nn.LSTM(vocab, hidden, batch_first=True)
         self.head = torch.nn.Linear(hidden, vocab)
 
     def forward(self, ids, state=None):         # ids: (B, T) character indices
