@@ -1,0 +1,291 @@
+// Runs the persistent recurrence's CUDA kernels (csrc/cuda/rnn_persistent.cuh, the very source
+// nvcc compiles) on the CPU: one std::thread per CUDA thread, a barrier per block for
+// __syncthreads, one for the whole grid for grid.sync(), a per-warp exchange for the shuffles,
+// and NaN-filled shared memory.  A Python extension (tests/test_rnn_persistent.py builds it with
+// torch.utils.cpp_extension.load) whose forward and backward take the layer ops' tensors and an
+// explicit plan (units per block, batch rows per chunk), so that the tests compare them with
+// the CPU layer ops on machines without a GPU.  It checks the kernels' indexing, staging,
+// chunking, split-k and reduce-scatter arithmetic and the step geometry (packed, reverse); it
+// says nothing about timing, occupancy or the memory model (L1 bypass, fences).
+#include <torch/extension.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "rnn_cells.h"  // before the CUDA keyword macros below
+
+// ---- the CUDA emulation: what the kernels use ----
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint4 {
+  unsigned int x, y, z, w;
+};
+
+namespace emu {
+
+// A reusable barrier for n threads (C++17 has no std::barrier).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t generation = generation_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  uint64_t generation_ = 0;
+};
+
+struct Block {
+  Block(int threads, size_t smem_bytes) : bar(threads), smem(smem_bytes + 16, 0xFF), shuffle(threads) {
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Barrier(32));
+  }
+  unsigned char* shared() {  // 16-byte aligned, NaN-filled (0xFF bytes: NaN in every float type)
+    return smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+  }
+  Barrier bar;
+  std::vector<unsigned char> smem;
+  std::vector<float> shuffle;
+  std::vector<std::unique_ptr<Barrier>> warps;
+};
+
+struct Context {
+  Block* block = nullptr;
+  Barrier* grid = nullptr;
+};
+inline thread_local Context ctx;
+
+struct Dim {
+  unsigned int x = 0, y = 0, z = 0;
+};
+
+}  // namespace emu
+
+inline thread_local emu::Dim threadIdx, blockIdx;
+
+inline void __syncthreads() {
+  emu::ctx.block->bar.wait();
+}
+
+inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
+  emu::Block& b = *emu::ctx.block;
+  const int t = static_cast<int>(threadIdx.x);
+  b.shuffle[t] = v;
+  b.warps[t / 32]->wait();
+  const float r = b.shuffle[(t & ~31) | ((t & 31) ^ lane_mask)];
+  b.warps[t / 32]->wait();
+  return r;
+}
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+inline int min(int a, int b) {
+  return a < b ? a : b;
+}
+inline int max(int a, int b) {
+  return a > b ? a : b;
+}
+inline int64_t min(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+inline int64_t max(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { emu::ctx.grid->wait(); }
+};
+inline grid_group this_grid() {
+  return {};
+}
+}  // namespace cooperative_groups
+
+#define CONVRNN_PERSISTENT_SMEM(name) unsigned char* name = emu::ctx.block->shared()
+
+#include "cuda/rnn_persistent.cuh"
+
+// ---- launching, and the Python functions ----
+
+namespace {
+
+using namespace convrnn::persistent;
+using torch::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+template <typename Args>
+void launch(void (*kernel)(Args), int blocks, int64_t smem, const Args& args) {
+  emu::Barrier grid(blocks * kPThreads);
+  std::vector<std::unique_ptr<emu::Block>> block;
+  for (int b = 0; b < blocks; ++b) block.emplace_back(new emu::Block(kPThreads, static_cast<size_t>(smem)));
+  std::vector<std::thread> threads;
+  for (int b = 0; b < blocks; ++b) {
+    for (int t = 0; t < kPThreads; ++t) {
+      threads.emplace_back([&, b, t] {
+        emu::ctx.block = block[b].get();
+        emu::ctx.grid = &grid;
+        blockIdx.x = b;
+        threadIdx.x = t;
+        kernel(args);
+      });
+    }
+  }
+  for (auto& th : threads) th.join();
+}
+
+// cell: 0 LSTM, 1 GRU, 2 tanh, 3 relu (convrnn::RnnCell).  Calls f(T*{}, integral_constant<Kind>).
+template <typename F>
+void dispatch(const Tensor& t, int64_t cell, F&& f) {
+  auto by_cell = [&](auto tag) {
+    if (cell == 0) {
+      f(tag, std::integral_constant<Kind, Kind::kLstm>{});
+    } else if (cell == 1) {
+      f(tag, std::integral_constant<Kind, Kind::kGru>{});
+    } else {
+      f(tag, std::integral_constant<Kind, Kind::kRnn>{});
+    }
+  };
+  if (t.scalar_type() == at::kFloat) {
+    by_cell(static_cast<float*>(nullptr));
+  } else if (t.scalar_type() == at::kHalf) {
+    by_cell(static_cast<c10::Half*>(nullptr));
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "emulation: float32, float16 or bfloat16");
+    by_cell(static_cast<c10::BFloat16*>(nullptr));
+  }
+}
+
+// batch_sizes then offsets (the host's upload_steps), or undefined for B rows per step.
+Tensor steps_of(const OptTensor& batch_sizes) {
+  if (!batch_sizes.has_value()) return Tensor();
+  const Tensor bs = batch_sizes->to(at::kLong).contiguous();
+  return at::cat({bs, bs.cumsum(0) - bs});
+}
+
+template <typename T>
+T* ptr(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+int gates(int64_t cell) {
+  return cell == 0 ? 4 : (cell == 1 ? 3 : 1);
+}
+
+// x (N, G*H), h0 (B, H), c0 (B, H) or none, w (G*H, H).  Returns out, cs (LSTM), ws (need_ws),
+// NaN wherever the kernel wrote nothing.
+std::vector<Tensor> forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, Tensor w, OptTensor b_ih,
+                            OptTensor b_hh, OptTensor batch_sizes, int64_t B, bool reverse, bool need_ws,
+                            int64_t units, int64_t chunk) {
+  const int64_t N = x.size(0), H = w.size(1), G = gates(cell);
+  const Tensor steps = steps_of(batch_sizes);
+  const int64_t T = steps.defined() ? batch_sizes->numel() : N / B;
+  auto nan = [&](int64_t cols) { return at::full({N, cols}, NAN, x.options()); };
+  Tensor out = nan(H), cs = cell == 0 ? nan(H) : Tensor(), ws = need_ws && cell <= 1 ? nan(4 * H) : Tensor();
+  dispatch(x, cell, [&](auto tag, auto kind) {
+    using T_ = std::remove_pointer_t<decltype(tag)>;
+    constexpr Kind C = decltype(kind)::value;
+    ForwardArgs<T_> a{};
+    a.x = x.data_ptr<T_>();
+    a.w = w.data_ptr<T_>();
+    a.b_ih = ptr<T_>(b_ih);
+    a.b_hh = ptr<T_>(b_hh);
+    a.h0 = h0.data_ptr<T_>();
+    a.c0 = ptr<T_>(c0);
+    a.out = out.data_ptr<T_>();
+    a.cs = ptr<T_>(cs);
+    a.ws = ptr<T_>(ws);
+    a.steps = steps.defined() ? steps.data_ptr<int64_t>() : nullptr;
+    a.T = T;
+    a.B = B;
+    a.H = static_cast<int>(H);
+    a.units = static_cast<int>(units);
+    a.chunk = static_cast<int>(chunk);
+    a.reverse = reverse;
+    a.relu = cell == 3;
+    a.vec = (H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.out) && aligned16(a.h0);
+    const int64_t smem = smem_layout(static_cast<int>(G * units), static_cast<int>(H), static_cast<int>(chunk),
+                                     sizeof(T_)).total;
+    launch(&forward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), smem, a);
+  });
+  return {out, cs.defined() ? cs : at::empty({0}), ws.defined() ? ws : at::empty({0})};
+}
+
+// The backward op's tensors; dh and dc start as grad_hn / grad_cn or zeros.  Returns
+// g_hidden (N, G*H), g_input (N, 3H, GRU), grad_h0, grad_c0 (LSTM).
+std::vector<Tensor> backward(int64_t cell, OptTensor grad_out, Tensor out, OptTensor cs, OptTensor ws, Tensor h0,
+                             OptTensor c0, Tensor w, OptTensor grad_hn, OptTensor grad_cn, OptTensor batch_sizes,
+                             int64_t B, bool reverse, int64_t units, int64_t chunk) {
+  const int64_t N = out.size(0), H = w.size(1), G = gates(cell);
+  const Tensor steps = steps_of(batch_sizes);
+  const int64_t T = steps.defined() ? batch_sizes->numel() : N / B;
+  Tensor g_hidden = at::full({N, G * H}, NAN, out.options());
+  Tensor g_input = cell == 1 ? at::full({N, 3 * H}, NAN, out.options()) : Tensor();
+  Tensor dh = grad_hn.has_value() ? grad_hn->clone() : at::zeros({B, H}, out.options());
+  Tensor dc = cell == 0 ? (grad_cn.has_value() ? grad_cn->clone() : at::zeros({B, H}, out.options())) : Tensor();
+  Tensor acc = at::full({2, B, H}, NAN, out.options().dtype(at::kFloat));
+  dispatch(out, cell, [&](auto tag, auto kind) {
+    using T_ = std::remove_pointer_t<decltype(tag)>;
+    constexpr Kind C = decltype(kind)::value;
+    BackwardArgs<T_> a{};
+    a.w = w.data_ptr<T_>();
+    a.gout = ptr<T_>(grad_out);
+    a.out = out.data_ptr<T_>();
+    a.cs = ptr<T_>(cs);
+    a.ws = ptr<T_>(ws);
+    a.h0 = h0.data_ptr<T_>();
+    a.c0 = ptr<T_>(c0);
+    a.dh = dh.data_ptr<T_>();
+    a.dc = ptr<T_>(dc);
+    a.g_hidden = g_hidden.data_ptr<T_>();
+    a.g_input = ptr<T_>(g_input);
+    a.dh_acc = acc.data_ptr<float>();
+    a.dc_acc = cell == 0 ? a.dh_acc + B * H : nullptr;
+    a.steps = steps.defined() ? steps.data_ptr<int64_t>() : nullptr;
+    a.T = T;
+    a.B = B;
+    a.H = static_cast<int>(H);
+    a.units = static_cast<int>(units);
+    a.chunk = static_cast<int>(chunk);
+    a.reverse = reverse;
+    a.relu = cell == 3;
+    a.vec = (G * H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.g_hidden);
+    const int64_t smem =
+        smem_layout(static_cast<int>(units), static_cast<int>(G * H), static_cast<int>(chunk), sizeof(T_)).total;
+    launch(&backward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), smem, a);
+  });
+  return {g_hidden, g_input.defined() ? g_input : at::empty({0}), dh, dc.defined() ? dc : at::empty({0})};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "the persistent forward kernel, emulated on the CPU");
+  m.def("backward", &backward, "the persistent backward kernel, emulated on the CPU");
+}
