@@ -332,3 +332,26 @@ def test_emulated_kernels_bfloat16(emulation, name):
     torch.testing.assert_close((g_input if cell == 1 else g_hidden).float(), grads[0].reshape(g_hidden.shape[0], -1),
                                **tol)
     torch.testing.assert_close(dh.float(), grads[1], **tol)
+
+
+H100_SMEM_OPTIN = 232448  # bytes of shared memory a block may opt in to on H100/H200
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("case", ["training", "generation", "big_batch"])
+def test_plan_candidates(emulation, case, direction):
+    """The host's plan model on the benchmark shapes (LSTM, float32): every candidate fits in
+    shared memory, stages 8-row multiples (or the whole batch), and the fastest modelled is the
+    one benchmarks/NOTES-rnn-seq.md predicts from."""
+    b, h = {"training": (32, 256), "generation": (1, 128), "big_batch": (300, 512)}[case]
+    rows_per_unit, k = (4, h) if direction == "forward" else (1, 4 * h)
+    plans = emulation.plan_candidates(rows_per_unit, k, b, h, 4, H100_SMEM_OPTIN)
+    assert plans
+    for units, blocks, chunk, smem, _ in plans:
+        assert blocks == -(-h // units) and smem <= H100_SMEM_OPTIN
+        assert chunk == b if b < 8 else (chunk % 8 == 0 and 8 <= chunk <= -(-b // 8) * 8)
+    assert [p[4] for p in plans] == sorted(p[4] for p in plans)
+    expected = {("training", "forward"): 4, ("training", "backward"): 8, ("generation", "forward"): 4,
+                ("generation", "backward"): 4}
+    if (case, direction) in expected:
+        assert plans[0][0] == expected[case, direction], plans[:3]

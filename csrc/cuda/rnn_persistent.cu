@@ -58,23 +58,6 @@ int gates_of(RnnCell c) {
   return c == RnnCell::kLstm ? 4 : (c == RnnCell::kGru ? 3 : 1);
 }
 
-struct Plan {
-  int units = 0, blocks = 0, chunk = 0;
-  int64_t smem = 0;
-};
-
-// Modelled nanoseconds of one step on an H100/H200-class GPU; it only ranks the candidates
-// (benchmarks/NOTES-rnn-seq.md): the grid barrier (serialised arrivals), every block staging
-// the step's B x K operand from L2 (~4 TB/s shared by all), and one block's products (a tile
-// costs K/32 x (kTR + kTB) shared-memory wavefronts plus 32 shuffles, ~1 per clock at 1.7 GHz).
-double step_ns(int blocks, int rows, int K, int64_t B, int elem) {
-  const double tiles = std::ceil(rows / double(kTR)) * std::ceil(B / double(kTB));
-  const double barrier = 600.0 + 4.0 * blocks;
-  const double staging = 500.0 + double(blocks) * double(B) * K * elem / 4.0;
-  const double products = tiles * (std::ceil(K / 32.0) * (kTR + kTB) + 32.0) / 1.7;
-  return barrier + staging + products;
-}
-
 // Blocks of `kernel` that fit on one SM with `smem` dynamic shared memory (cached: the
 // attribute call and the query cost microseconds, and a layer calls this per launch).
 int blocks_per_sm(const void* kernel, int device, int64_t smem, int64_t smem_optin) {
@@ -97,31 +80,13 @@ int blocks_per_sm(const void* kernel, int device, int64_t smem, int64_t smem_opt
   return n;
 }
 
-// The grid: units per block among powers of two (and H itself), by step_ns, among the ones
-// whose shared memory fits (the batch staged in chunks of 8-row multiples) and whose grid is
-// co-resident.  rows_per_unit: G (forward: the gate rows of a unit) or 1 (backward: its column);
-// K: the length of those rows (H, or G H).  blocks == 0: none fits.
+// The grid: the first of plan_candidates (rnn_persistent.cuh: fastest modelled first) whose
+// blocks are all co-resident on the device.  blocks == 0: none is.
 Plan choose_plan(const void* kernel, int device, int rows_per_unit, int K, int64_t B, int H, int elem) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   const int64_t optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
-  std::vector<std::pair<double, Plan>> candidates;
-  for (int units = 1;; units = units < H && units * 2 > H ? H : units * 2) {
-    Plan p;
-    p.units = units;
-    p.blocks = (H + units - 1) / units;
-    const int rows = rows_per_unit * units;
-    int chunk = B < kTB ? static_cast<int>(B) : static_cast<int>(std::min<int64_t>((B + kTB - 1) / kTB * kTB, 1 << 16));
-    while (chunk > kTB && smem_layout(rows, K, chunk, elem).total > optin) chunk -= kTB;
-    p.chunk = chunk;
-    p.smem = smem_layout(rows, K, chunk, elem).total;
-    if (p.smem <= optin) candidates.emplace_back(step_ns(p.blocks, rows, K, B, elem), p);
-    if (units >= H) break;
-  }
-  std::stable_sort(candidates.begin(), candidates.end(),
-                   [](const auto& a, const auto& b) { return a.first < b.first; });
-  for (const auto& c : candidates) {
-    const int per_sm = blocks_per_sm(kernel, device, c.second.smem, optin);
-    if (int64_t(per_sm) * prop->multiProcessorCount >= c.second.blocks) return c.second;
+  for (const Plan& p : plan_candidates(rows_per_unit, K, B, H, elem, optin)) {
+    if (int64_t(blocks_per_sm(kernel, device, p.smem, optin)) * prop->multiProcessorCount >= p.blocks) return p;
   }
   return Plan{};
 }

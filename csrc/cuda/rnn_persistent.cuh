@@ -7,7 +7,11 @@
 #include <cooperative_groups.h>
 #endif
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "rnn_cells.h"
 
@@ -206,27 +210,53 @@ struct ForwardArgs {
   bool reverse, relu, vec;     // vec: out and h0 rows are whole 16-byte words
 };
 
-// The cell of unit j for the batch row at `row` of the (N, ...) blocks: gh[g] are the products
-// h_prev . W_hh[g H + j]; hx and cx the h (GRU) and c (LSTM) this row enters the step with.
+// What the forward cell of one (batch row, unit) reads besides the products: the input
+// projections with the biases summed in (LSTM and RNN: x + (b_ih + b_hh); GRU: x + b_ih, and
+// b_hh apart, for n's r * (hW + b_hh)), and the c the row enters the step with (LSTM; this
+// block wrote it at the previous step).  Independent of the products, so the kernel loads a
+// thread's first set before them.
+template <Kind C>
+struct ForwardIn {
+  float x[kGates<C>], b_hh[C == Kind::kGru ? 3 : 1], cx;
+};
+
 template <typename T, Kind C>
-__device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const float (&gh)[kGates<C>], int64_t row,
-                                             int j, float hx, float cx) {
+__device__ __forceinline__ ForwardIn<C> forward_inputs(const ForwardArgs<T>& p, int64_t row, int64_t b, int j,
+                                                       StepRows prev, int64_t np) {
   constexpr int G = kGates<C>;
   const int64_t H = p.H;
+  ForwardIn<C> in;
   const T* x = p.x + row * G * H + j;
-  const T* bi = p.b_ih != nullptr ? p.b_ih + j : nullptr;
-  const T* bh = p.b_hh != nullptr ? p.b_hh + j : nullptr;
-  const int64_t e = row * H + j;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    in.x[g] = static_cast<float>(x[g * H]);
+    if constexpr (C == Kind::kGru) {
+      if (p.b_ih != nullptr) in.x[g] += static_cast<float>(p.b_ih[g * H + j]);
+      in.b_hh[g] = p.b_hh != nullptr ? static_cast<float>(p.b_hh[g * H + j]) : 0.0f;
+    } else if (p.b_ih != nullptr) {
+      in.x[g] += static_cast<float>(p.b_ih[g * H + j]) + static_cast<float>(p.b_hh[g * H + j]);
+    }
+  }
+  in.cx = 0.0f;
+  if constexpr (C == Kind::kLstm) {
+    in.cx = static_cast<float>(b < np ? load_cg(p.cs + (prev.off + b) * H + j) : p.c0[b * H + j]);
+  }
+  return in;
+}
+
+// The cell of unit j for the batch row at `row` of the (N, ...) blocks: gh[g] are the products
+// h_prev . W_hh[g H + j]; hx the h this row enters the step with (GRU).
+template <typename T, Kind C>
+__device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const ForwardIn<C>& in,
+                                             const float (&gh)[kGates<C>], int64_t row, int j, float hx) {
+  const int64_t H = p.H, e = row * H + j;
   if constexpr (C == Kind::kLstm) {
     float pre[4];
 #pragma unroll
-    for (int g = 0; g < 4; ++g) {  // as the fused cell kernel: (x + h W) + (b_ih + b_hh)
-      pre[g] = static_cast<float>(x[g * H]) + gh[g];
-      if (bi != nullptr) pre[g] += static_cast<float>(bi[g * H]) + static_cast<float>(bh[g * H]);
-    }
+    for (int g = 0; g < 4; ++g) pre[g] = in.x[g] + gh[g];
     const LstmGates<float> a = lstm_gates(pre[0], pre[1], pre[2], pre[3]);
     float h, c;
-    lstm_update(a, cx, h, c);
+    lstm_update(a, in.cx, h, c);
     p.out[e] = static_cast<T>(h);
     p.cs[e] = static_cast<T>(c);
     if (p.ws != nullptr) {
@@ -237,26 +267,19 @@ __device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const floa
       w[3 * H] = static_cast<T>(a.o);
     }
   } else if constexpr (C == Kind::kGru) {
-    float xb[3], hb[3];
-#pragma unroll
-    for (int g = 0; g < 3; ++g) {
-      xb[g] = static_cast<float>(x[g * H]) + (bi != nullptr ? static_cast<float>(bi[g * H]) : 0.0f);
-      hb[g] = gh[g] + (bh != nullptr ? static_cast<float>(bh[g * H]) : 0.0f);
-    }
+    const float hn = gh[2] + in.b_hh[2];
     float r, z, n, h;
-    gru_forward(xb[0], xb[1], xb[2], hb[0], hb[1], hb[2], hx, r, z, n, h);
+    gru_forward(in.x[0], in.x[1], in.x[2], gh[0] + in.b_hh[0], gh[1] + in.b_hh[1], hn, hx, r, z, n, h);
     p.out[e] = static_cast<T>(h);
     if (p.ws != nullptr) {
       T* w = p.ws + row * 4 * H + j;
       w[0] = static_cast<T>(r);
       w[H] = static_cast<T>(z);
       w[2 * H] = static_cast<T>(n);
-      w[3 * H] = static_cast<T>(hb[2]);
+      w[3 * H] = static_cast<T>(hn);
     }
   } else {
-    float pre = static_cast<float>(x[0]) + gh[0];
-    if (bi != nullptr) pre += static_cast<float>(bi[0]) + static_cast<float>(bh[0]);
-    p.out[e] = static_cast<T>(rnn_activation(pre, p.relu));
+    p.out[e] = static_cast<T>(rnn_activation(in.x[0] + gh[0], p.relu));
   }
 }
 
@@ -283,6 +306,13 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
     const int64_t np = k > 0 ? prev.n : 0;  // rows [0, np) enter from the previous step, the rest from h0
     for (int64_t c0 = 0; c0 < cur.n; c0 += p.chunk) {
       const int nc = static_cast<int>(min(int64_t(p.chunk), cur.n - c0));
+      // This thread's first cell's inputs, loaded now: their latency hides behind the staging
+      // and the products (e = threadIdx.x below).
+      ForwardIn<C> first;
+      if (int(threadIdx.x) < nc * U) {
+        const int bl = threadIdx.x / U;
+        first = forward_inputs<T, C>(p, cur.off + c0 + bl, c0 + bl, u0 + int(threadIdx.x) - bl * U, prev, np);
+      }
       const int64_t split = max(c0, min(np, c0 + nc));
       if (split > c0) stage_rows(stage, p.out + (prev.off + c0) * H, int(split - c0) * H, p.vec);
       if (c0 + nc > split) stage_rows(stage + (split - c0) * H, p.h0 + split * H, int(c0 + nc - split) * H, p.vec);
@@ -296,11 +326,9 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
         float gh[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) gh[g] = partial_sum(part, ks, nc, rows, bl, g * U + u);
-        float cx = 0.0f;  // the LSTM's entering c: this block wrote it at the previous step
-        if constexpr (C == Kind::kLstm) {
-          cx = static_cast<float>(b < np ? load_cg(p.cs + (prev.off + b) * H + j) : p.c0[b * H + j]);
-        }
-        forward_cell<T, C>(p, gh, cur.off + b, j, static_cast<float>(stage[bl * H + j]), cx);
+        const ForwardIn<C> in =
+            e == int(threadIdx.x) ? first : forward_inputs<T, C>(p, cur.off + b, b, j, prev, np);
+        forward_cell<T, C>(p, in, gh, cur.off + b, j, static_cast<float>(stage[bl * H + j]));
       }
       __syncthreads();  // the next chunk overwrites stage (the GRU's cells read it) and part
     }
@@ -332,34 +360,58 @@ struct BackwardArgs {
   bool reverse, relu, vec;  // vec: g_hidden rows are whole 16-byte words
 };
 
-// The cell backward of unit j for batch row b at a step (rows cur; the previous processed
-// step's rows prev, of which [0, np) hold this step's entering state).  Reads the carried
-// dh (and dc), writes the step's gradient rows, and leaves in dh_acc the cell's direct
-// contribution to the entering h's gradient (the GRU's z * ghy; 0 for the others): the next
-// step processed adds g W_hh to it.
+// What the backward cell of one (batch row b, unit j) reads besides the carried dh and dc: the
+// output's gradient, the saved workspace (LSTM i, f, g, o; GRU r, z, n, hn), the entering and
+// new c (LSTM), the entering h (GRU), the new h (vanilla RNN).  None of it depends on the
+// products, so the kernel loads a thread's first set before them.  (rows cur; the previous
+// processed step's rows prev, of which [0, np) hold this step's entering state.)
+struct BackwardIn {
+  float gout, w[4], a, b;  // a, b: LSTM cx, cy; GRU hx; RNN hy
+};
+
 template <typename T, Kind C>
-__device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, StepRows cur, StepRows prev, int64_t np,
-                                              int64_t b, int j) {
+__device__ __forceinline__ BackwardIn backward_inputs(const BackwardArgs<T>& p, StepRows cur, StepRows prev,
+                                                      int64_t np, int64_t b, int j) {
   const int64_t H = p.H, row = cur.off + b, e = row * H + j, s = b * H + j;
-  const float ghy = p.dh_acc[s] + (p.gout != nullptr ? static_cast<float>(p.gout[e]) : 0.0f);
-  if constexpr (C == Kind::kLstm) {
+  BackwardIn in;
+  in.gout = p.gout != nullptr ? static_cast<float>(p.gout[e]) : 0.0f;
+  in.b = 0.0f;
+  if constexpr (C != Kind::kRnn) {
     const T* w = p.ws + row * 4 * H + j;
-    const LstmGates<float> a{static_cast<float>(w[0]), static_cast<float>(w[H]), static_cast<float>(w[2 * H]),
-                             static_cast<float>(w[3 * H])};
-    const float cx = static_cast<float>(b < np ? p.cs[(prev.off + b) * H + j] : p.c0[s]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) in.w[q] = static_cast<float>(w[q * H]);
+  }
+  if constexpr (C == Kind::kLstm) {
+    in.a = static_cast<float>(b < np ? p.cs[(prev.off + b) * H + j] : p.c0[s]);
+    in.b = static_cast<float>(p.cs[e]);
+  } else if constexpr (C == Kind::kGru) {
+    in.a = static_cast<float>(b < np ? p.out[(prev.off + b) * H + j] : p.h0[s]);
+  } else {
+    in.a = static_cast<float>(p.out[e]);
+  }
+  return in;
+}
+
+// The cell backward of unit j for batch row b at a step.  Reads the carried dh (and dc), writes
+// the step's gradient rows, and leaves in dh_acc the cell's direct contribution to the entering
+// h's gradient (the GRU's z * ghy; 0 for the others): the next step processed adds g W_hh to it.
+template <typename T, Kind C>
+__device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, const BackwardIn& in, StepRows cur,
+                                              int64_t b, int j) {
+  const int64_t H = p.H, row = cur.off + b, s = b * H + j;
+  const float ghy = p.dh_acc[s] + in.gout;
+  if constexpr (C == Kind::kLstm) {
+    const LstmGates<float> a{in.w[0], in.w[1], in.w[2], in.w[3]};
     float d[4], gcx;
-    lstm_backward(a, cx, static_cast<float>(p.cs[e]), ghy, p.dc_acc[s], d, gcx);
+    lstm_backward(a, in.a, in.b, ghy, p.dc_acc[s], d, gcx);
     T* g = p.g_hidden + row * 4 * H + j;
 #pragma unroll
     for (int q = 0; q < 4; ++q) g[q * H] = static_cast<T>(d[q]);
     p.dc_acc[s] = gcx;
     p.dh_acc[s] = 0.0f;
   } else if constexpr (C == Kind::kGru) {
-    const T* w = p.ws + row * 4 * H + j;
-    const float hx = static_cast<float>(b < np ? p.out[(prev.off + b) * H + j] : p.h0[s]);
     float dx[3], dhh[3], ghx;
-    gru_backward(static_cast<float>(w[0]), static_cast<float>(w[H]), static_cast<float>(w[2 * H]),
-                 static_cast<float>(w[3 * H]), hx, ghy, dx, dhh, ghx);
+    gru_backward(in.w[0], in.w[1], in.w[2], in.w[3], in.a, ghy, dx, dhh, ghx);
     T* gi = p.g_input + row * 3 * H + j;
     T* gh = p.g_hidden + row * 3 * H + j;
 #pragma unroll
@@ -369,7 +421,7 @@ __device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, StepRows
     }
     p.dh_acc[s] = ghx;
   } else {
-    p.g_hidden[e] = static_cast<T>(rnn_activation_grad(ghy, static_cast<float>(p.out[e]), p.relu));
+    p.g_hidden[row * H + j] = static_cast<T>(rnn_activation_grad(ghy, in.a, p.relu));
     p.dh_acc[s] = 0.0f;
   }
 }
@@ -395,6 +447,14 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
   // Processed steps k = T-1 .. 0 (the forward's order reversed), then k = -1 for the products of
   // step 0's gradients, which give grad_h0.
   for (int64_t k = p.T - 1; k >= -1; --k) {
+    // This step's rows, and this thread's first cell's inputs, loaded before the products.
+    const StepRows cur = k >= 0 ? step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 1 - k : k) : StepRows{0, 0};
+    const StepRows prev = k > 0 ? step_rows(p.steps, p.T, p.B, p.reverse ? p.T - k : k - 1) : StepRows{0, 0};
+    const int64_t np = k > 0 ? prev.n : 0;
+    BackwardIn first;
+    if (int64_t(threadIdx.x) < cur.n * U) {
+      first = backward_inputs<T, C>(p, cur, prev, np, threadIdx.x / U, u0 + int(threadIdx.x % U));
+    }
     if (k + 1 < p.T) {  // dh_acc[b][own] += g(step k+1)[b] . W_hh[:, own], for the rows active in it
       const StepRows nx = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 2 - k : k + 1);
       for (int64_t c0 = 0; c0 < nx.n; c0 += p.chunk) {
@@ -413,11 +473,11 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
     }
     if (k < 0) break;
     __syncthreads();  // dh_acc (written by other threads of this block) is complete
-    const StepRows cur = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 1 - k : k);
-    const StepRows prev = k > 0 ? step_rows(p.steps, p.T, p.B, p.reverse ? p.T - k : k - 1) : StepRows{0, 0};
-    const int64_t np = k > 0 ? prev.n : 0;
     for (int64_t e = threadIdx.x; e < cur.n * U; e += kPThreads) {
-      backward_cell<T, C>(p, cur, prev, np, e / U, u0 + static_cast<int>(e % U));
+      const int64_t b = e / U;
+      const int j = u0 + static_cast<int>(e % U);
+      const BackwardIn in = e == int64_t(threadIdx.x) ? first : backward_inputs<T, C>(p, cur, prev, np, b, j);
+      backward_cell<T, C>(p, in, cur, b, j);
     }
     grid.sync();  // every block's g rows of this step written and visible
   }
@@ -427,6 +487,51 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
     p.dh[s] = static_cast<T>(p.dh_acc[s]);
     if constexpr (C == Kind::kLstm) p.dc[s] = static_cast<T>(p.dc_acc[s]);
   }
+}
+
+
+// ---- the plan (host): grid and chunk sizes ----
+
+struct Plan {
+  int units = 0, blocks = 0, chunk = 0;  // hidden units per block, blocks, batch rows staged at once
+  int64_t smem = 0;                      // dynamic shared memory per block, bytes
+  double step_ns = 0;                    // modelled time of one step
+};
+
+// Modelled nanoseconds of one step on an H100/H200-class GPU; it only ranks the candidates
+// (benchmarks/NOTES-rnn-seq.md): the grid barrier (600 ns plus serialised arrivals), every
+// block staging the step's B x K operand from L2 (500 ns latency, ~4 TB/s = 4000 bytes/ns
+// shared by all blocks), and one block's products (a warp tile costs K/32 x (kTR + kTB)
+// shared-memory wavefronts plus 32 shuffles, ~1 per clock at 1.7 GHz).
+inline double step_ns(int blocks, int rows, int K, int64_t B, int elem) {
+  const double tiles = std::ceil(rows / double(kTR)) * std::ceil(double(B) / kTB);
+  const double barrier = 600.0 + 4.0 * blocks;
+  const double staging = 500.0 + double(blocks) * double(B) * K * elem / 4000.0;
+  const double products = tiles * (std::ceil(K / 32.0) * (kTR + kTB) + 32.0) / 1.7;
+  return barrier + staging + products;
+}
+
+// Every power-of-two number of units per block (and H itself) whose shared memory fits in
+// smem_optin, with the batch staged in chunks of 8-row multiples (all of it when they fit),
+// fastest modelled first.  rows_per_unit: G (forward: a unit's gate rows) or 1 (backward: its
+// column of W_hh); K: the length of those rows (H, or G H).
+inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, int H, int elem, int64_t smem_optin) {
+  std::vector<Plan> plans;
+  for (int units = 1;; units = units * 2 > H ? H : units * 2) {
+    Plan p;
+    p.units = units;
+    p.blocks = (H + units - 1) / units;
+    const int rows = rows_per_unit * units;
+    int chunk = B < kTB ? static_cast<int>(B) : static_cast<int>(std::min<int64_t>((B + kTB - 1) / kTB * kTB, 1 << 16));
+    while (chunk > kTB && smem_layout(rows, K, chunk, elem).total > smem_optin) chunk -= kTB;
+    p.chunk = chunk;
+    p.smem = smem_layout(rows, K, chunk, elem).total;
+    p.step_ns = step_ns(p.blocks, rows, K, B, elem);
+    if (p.smem <= smem_optin) plans.push_back(p);
+    if (units >= H) break;
+  }
+  std::stable_sort(plans.begin(), plans.end(), [](const Plan& a, const Plan& b) { return a.step_ns < b.step_ns; });
+  return plans;
 }
 
 }  // namespace persistent

@@ -283,9 +283,22 @@ std::vector<Tensor> backward(int64_t cell, OptTensor grad_out, Tensor out, OptTe
   return {g_hidden, g_input.defined() ? g_input : at::empty({0}), dh, dc.defined() ? dc : at::empty({0})};
 }
 
+// The host's plan candidates (units, blocks, chunk, smem, step_ns), fastest modelled first.
+std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double>> candidates(int64_t rows_per_unit, int64_t K,
+                                                                               int64_t B, int64_t H, int64_t elem,
+                                                                               int64_t smem_optin) {
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double>> r;
+  for (const Plan& p : plan_candidates(static_cast<int>(rows_per_unit), static_cast<int>(K), B, static_cast<int>(H),
+                                       static_cast<int>(elem), smem_optin)) {
+    r.emplace_back(p.units, p.blocks, p.chunk, p.smem, p.step_ns);
+  }
+  return r;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "the persistent forward kernel, emulated on the CPU");
   m.def("backward", &backward, "the persistent backward kernel, emulated on the CPU");
+  m.def("plan_candidates", &candidates, "the host's plan candidates, fastest modelled first");
 }
