@@ -1,7 +1,7 @@
 // Runs the persistent recurrence's CUDA kernels (csrc/cuda/rnn_persistent.cuh, the very source
 // nvcc compiles) on the CPU: one std::thread per CUDA thread, a barrier per block for
 // __syncthreads, one for the whole grid for grid.sync(), a per-warp exchange for the shuffles,
-// and NaN-filled shared memory.  A Python extension (tests/test_rnn_persistent.py builds it with
+// and NaN-filled shared memory (cuda_emulation.h).  A Python extension (tests/test_rnn_persistent.py builds it with
 // torch.utils.cpp_extension.load) whose forward and backward take the layer ops' tensors and an
 // explicit plan (units per block, batch rows per chunk), so that the tests compare them with
 // the CPU layer ops on machines without a GPU.  It checks the kernels' indexing, staging,
@@ -9,152 +9,20 @@
 // says nothing about timing, occupancy or the memory model (L1 bypass, fences).
 #include <torch/extension.h>
 
-#include <condition_variable>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
-#include "rnn_cells.h"  // before the CUDA keyword macros below
-
-// ---- the CUDA emulation: what the kernels use ----
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __align__(n) alignas(n)
-
-struct uint4 {
-  unsigned int x, y, z, w;
-};
-
-namespace emu {
-
-// A reusable barrier for n threads (C++17 has no std::barrier).
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    const uint64_t generation = generation_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != generation; });
-    }
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  int n_, count_ = 0;
-  uint64_t generation_ = 0;
-};
-
-struct Block {
-  Block(int threads, size_t smem_bytes) : bar(threads), smem(smem_bytes + 16, 0xFF), shuffle(threads) {
-    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Barrier(32));
-  }
-  unsigned char* shared() {  // 16-byte aligned, NaN-filled (0xFF bytes: NaN in every float type)
-    return smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
-  }
-  Barrier bar;
-  std::vector<unsigned char> smem;
-  std::vector<float> shuffle;
-  std::vector<std::unique_ptr<Barrier>> warps;
-};
-
-struct Context {
-  Block* block = nullptr;
-  Barrier* grid = nullptr;
-};
-inline thread_local Context ctx;
-
-struct Dim {
-  unsigned int x = 0, y = 0, z = 0;
-};
-
-}  // namespace emu
-
-inline thread_local emu::Dim threadIdx, blockIdx;
-
-inline void __syncthreads() {
-  emu::ctx.block->bar.wait();
-}
-
-inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
-  emu::Block& b = *emu::ctx.block;
-  const int t = static_cast<int>(threadIdx.x);
-  b.shuffle[t] = v;
-  b.warps[t / 32]->wait();
-  const float r = b.shuffle[(t & ~31) | ((t & 31) ^ lane_mask)];
-  b.warps[t / 32]->wait();
-  return r;
-}
-
-template <typename T>
-inline T __ldcg(const T* p) {
-  return *p;
-}
-
-inline int min(int a, int b) {
-  return a < b ? a : b;
-}
-inline int max(int a, int b) {
-  return a > b ? a : b;
-}
-inline int64_t min(int64_t a, int64_t b) {
-  return a < b ? a : b;
-}
-inline int64_t max(int64_t a, int64_t b) {
-  return a > b ? a : b;
-}
-
-namespace cooperative_groups {
-struct grid_group {
-  void sync() { emu::ctx.grid->wait(); }
-};
-inline grid_group this_grid() {
-  return {};
-}
-}  // namespace cooperative_groups
-
-#define CONVRNN_PERSISTENT_SMEM(name) unsigned char* name = emu::ctx.block->shared()
-
+#include "rnn_cells.h"
+#include "cuda_emulation.h"  // after the host headers: it defines the CUDA keywords as macros
 #include "cuda/rnn_persistent.cuh"
 
-// ---- launching, and the Python functions ----
+// ---- the Python functions ----
 
 namespace {
 
 using namespace convrnn::persistent;
 using torch::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-template <typename Args>
-void launch(void (*kernel)(Args), int blocks, int64_t smem, const Args& args) {
-  emu::Barrier grid(blocks * kPThreads);
-  std::vector<std::unique_ptr<emu::Block>> block;
-  for (int b = 0; b < blocks; ++b) block.emplace_back(new emu::Block(kPThreads, static_cast<size_t>(smem)));
-  std::vector<std::thread> threads;
-  for (int b = 0; b < blocks; ++b) {
-    for (int t = 0; t < kPThreads; ++t) {
-      threads.emplace_back([&, b, t] {
-        emu::ctx.block = block[b].get();
-        emu::ctx.grid = &grid;
-        blockIdx.x = b;
-        threadIdx.x = t;
-        kernel(args);
-      });
-    }
-  }
-  for (auto& th : threads) th.join();
-}
 
 // cell: 0 LSTM, 1 GRU, 2 tanh, 3 relu (convrnn::RnnCell).  Calls f(T*{}, integral_constant<Kind>).
 template <typename F>
@@ -232,7 +100,7 @@ std::vector<Tensor> forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, Ten
     a.vec = (H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.out) && aligned16(a.h0);
     const int64_t smem = smem_layout(static_cast<int>(G * units), static_cast<int>(H), static_cast<int>(chunk),
                                      sizeof(T_)).total;
-    launch(&forward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), smem, a);
+    emu::launch(&forward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), kPThreads, smem, a);
   });
   return {out, cs.defined() ? cs : at::empty({0}), ws.defined() ? ws : at::empty({0})};
 }
@@ -278,7 +146,7 @@ std::vector<Tensor> backward(int64_t cell, OptTensor grad_out, Tensor out, OptTe
     a.vec = (G * H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.g_hidden);
     const int64_t smem =
         smem_layout(static_cast<int>(units), static_cast<int>(G * H), static_cast<int>(chunk), sizeof(T_)).total;
-    launch(&backward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), smem, a);
+    emu::launch(&backward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), kPThreads, smem, a);
   });
   return {g_hidden, g_input.defined() ? g_input : at::empty({0}), dh, dc.defined() ? dc : at::empty({0})};
 }
