@@ -15,19 +15,63 @@
 // plus rows of h0 for sequences that start at this step (reverse direction of packed input).
 //
 // The code is device-agnostic (ATen ops and dispatcher calls only) and registered for the
-// CPU and the CUDA dispatch keys.
+// CPU and the CUDA dispatch keys.  On CUDA, with the opt-in persistent kernels on
+// (CONVRNN_PERSISTENT_RNN=1: csrc/rnn_persistent.h), each op first offers its recurrence to
+// them, and runs the step loop below only where they decline.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "rnn_persistent.h"
 
 namespace convrnn {
+
+// ---- the persistent CUDA recurrence's opt-in (rnn_persistent.h) ----
+
+namespace {
+
+// 1: on, 0: off.  From CONVRNN_PERSISTENT_RNN when first asked; convrnn::_persistent_rnn sets it.
+std::atomic<int>& persistent_mode() {
+  static std::atomic<int> mode([] {
+    const char* v = std::getenv("CONVRNN_PERSISTENT_RNN");
+    if (v == nullptr) return 0;
+    for (const char* on : {"1", "true", "on", "yes", "TRUE", "ON", "YES", "True", "On", "Yes"}) {
+      if (std::strcmp(v, on) == 0) return 1;
+    }
+    return 0;
+  }());
+  return mode;
+}
+
+std::atomic<int64_t> persistent_launches{0};
+
+// mode -1 asks, 0 or 1 sets; returns (the mode before the call, persistent kernel launches so far).
+std::tuple<int64_t, int64_t> persistent_rnn_op(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "convrnn._persistent_rnn: mode must be -1 (ask), 0 (off) or 1 (on), but got ",
+              mode);
+  const int before = mode >= 0 ? persistent_mode().exchange(static_cast<int>(mode)) : persistent_mode().load();
+  return {before, persistent_launches.load()};
+}
+
+}  // namespace
+
+bool persistent_rnn_enabled() {
+  return persistent_mode().load(std::memory_order_relaxed) != 0;
+}
+
+void note_persistent_launch() {
+  persistent_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
 namespace {
 
 using at::Tensor;
@@ -256,6 +300,30 @@ Tensor as_sequence(const Seq& s, const Tensor& rows) {
   return s.packed ? rows : rows.view({s.T, s.B, rows.size(1)});
 }
 
+// Whether to offer a layer to the persistent kernels: a CUDA tensor, the opt-in on, steps to run.
+bool offer_persistent(const Tensor& t, const Seq& s) {
+  return t.is_cuda() && s.T > 0 && s.N > 0 && persistent_rnn_enabled();
+}
+
+PersistentLayer persistent_layer(RnnCell cell, const Seq& s, int64_t H, const Tensor& w_hh, const OptTensor& b_ih,
+                                 const OptTensor& b_hh, const Tensor& h0, const Tensor& c0) {
+  PersistentLayer l;
+  l.cell = cell;
+  l.T = s.T;
+  l.B = s.B;
+  l.N = s.N;
+  l.H = H;
+  l.reverse = s.reverse;
+  l.bs = s.packed ? &s.bs : nullptr;
+  l.off = s.packed ? &s.off : nullptr;
+  l.w_hh = w_hh;
+  if (given(b_ih)) l.b_ih = *b_ih;
+  if (given(b_hh)) l.b_hh = *b_hh;
+  l.h0 = h0;
+  l.c0 = c0;
+  return l;
+}
+
 // ---- argument checks ----
 
 struct Dims {
@@ -379,6 +447,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 4 * d.H});
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
+  if (!proj && offer_persistent(x, s)) {
+    Tensor out = at::empty({s.N, d.H}, opts), cs = at::empty({s.N, d.H}, opts);
+    Tensor ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor();
+    const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, b_ih, b_hh, h_init, c_init);
+    if (persistent_forward(l, x, out, cs, ws)) {
+      const Tensor none = at::empty({0, 0}, opts);
+      Tensor h_n = final_state(s, out, h_init), c_n = final_state(s, cs, c_init);
+      return {as_sequence(s, out), h_n, c_n, need_backward ? cs : none, need_backward ? ws : none, none};
+    }
+  }
   const Tensor w_hh_t = w_hh.t().contiguous();  // (P, G*H) rows: BLAS runs h W_hh^T faster so for small batches
   const Tensor w_hr_t = proj ? w_hr->t().contiguous() : Tensor();
   const auto saved = need_backward ? StepRows::kGather : StepRows::kDrop;
@@ -427,6 +505,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.P);
   Tensor dh = grad_buffer(grad_hn, s.B, d.P, opts), dc = grad_buffer(grad_cn, s.B, d.H, opts);
+  if (!proj && offer_persistent(out, s)) {
+    Tensor gg = at::empty({s.N, 4 * d.H}, opts), none;
+    const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, c_init);
+    if (persistent_backward(l, gout, out, c_all, ws, dh, dc, gg, none)) {
+      return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), gg.sum(0), at::empty({0}, opts)};
+    }
+  }
   StepRows ggs(s, 4 * d.H, opts), dhs(s, proj ? d.P : 0, opts);
   const auto& cell_backward = lstm_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -460,7 +545,16 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor&
   const Dims d = check_layer(op, 3, x_proj, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, s);
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 3 * d.H});
-  const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t().contiguous();
+  const Tensor h_init = h0.contiguous();
+  if (offer_persistent(x, s)) {
+    Tensor out = at::empty({s.N, d.H}, opts), ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor(), none;
+    const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
+    if (persistent_forward(l, x, out, none, ws)) {
+      Tensor h_n = final_state(s, out, h_init);
+      return {as_sequence(s, out), h_n, need_backward ? ws : at::empty({0, 0}, opts)};
+    }
+  }
+  const Tensor w_hh_t = w_hh.t().contiguous();
   StepRows hs(s, d.H, opts), ws(s, 4 * d.H, opts, need_backward ? StepRows::kGather : StepRows::kDrop);
   const auto& cell = gru_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
@@ -489,6 +583,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptT
   const Tensor out = output.contiguous().view({s.N, d.H}), ws = workspace.contiguous(), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
+  if (offer_persistent(out, s)) {
+    Tensor gx = at::empty({s.N, 3 * d.H}, opts), gh = at::empty({s.N, 3 * d.H}, opts), none;
+    const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, Tensor());
+    if (persistent_backward(l, gout, out, none, ws, dh, none, gh, gx)) {
+      return {as_sequence(s, gx), dh, grad_w_hh(s, gh, out, h_init), gx.sum(0), gh.sum(0)};
+    }
+  }
   StepRows gxs(s, 3 * d.H, opts), ghs(s, 3 * d.H, opts);
   const auto& cell_backward = gru_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -514,7 +615,17 @@ std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x_proj, const Tensor& h0, con
   const Dims d = check_layer(op, 1, x_proj, h0, nullptr, w_hh, b_ih, b_hh, std::nullopt, s);
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, d.H});
-  const Tensor h_init = h0.contiguous(), w_hh_t = w_hh.t().contiguous();
+  const Tensor h_init = h0.contiguous();
+  if (offer_persistent(x, s)) {
+    Tensor out = at::empty({s.N, d.H}, opts), none;
+    const PersistentLayer l =
+        persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
+    if (persistent_forward(l, x, out, none, none)) {
+      Tensor h_n = final_state(s, out, h_init);
+      return {as_sequence(s, out), h_n};
+    }
+  }
+  const Tensor w_hh_t = w_hh.t().contiguous();
   StepRows hs(s, d.H, opts);
   const auto& cell = rnn_cell_op();
   for (int64_t k = 0; k < s.T; ++k) {
@@ -539,6 +650,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   const Tensor out = output.contiguous().view({s.N, d.H}), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
+  if (offer_persistent(out, s)) {
+    Tensor gp = at::empty({s.N, d.H}, opts), none;
+    const PersistentLayer l = persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, std::nullopt,
+                                               std::nullopt, h_init, Tensor());
+    if (persistent_backward(l, gout, out, none, none, dh, none, gp, none)) {
+      return {as_sequence(s, gp), dh, grad_w_hh(s, gp, out, h_init), gp.sum(0)};
+    }
+  }
   StepRows gps(s, d.H, opts);
   const auto& cell_backward = rnn_cell_backward_op();
   for (int64_t k = s.T - 1; k >= 0; --k) {
@@ -576,6 +695,9 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   m.def("rnn_layer_backward(Tensor? grad_output, Tensor? grad_hn, Tensor h0, Tensor w_hh, Tensor output, "
         "Tensor? batch_sizes, bool reverse, bool relu) "
         "-> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_w_hh, Tensor grad_bias)");
+  // The opt-in persistent CUDA recurrence (rnn_persistent.h): mode -1 asks, 0 turns it off, 1 on;
+  // returns the mode before the call and the number of persistent kernel launches so far.
+  m.def("_persistent_rnn(int mode=-1) -> (int, int)", &convrnn::persistent_rnn_op);
 }
 
 // Device-agnostic: the same functions for both keys (the fused ops they call dispatch on).

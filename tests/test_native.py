@@ -1,7 +1,8 @@
 """The native checks of tests/native/: C++ programs that include the CUDA kernels'
 per-element helpers (host-device code) with the host compiler and compare them bit for bit
 with brute-force definitions, so that CPU-only machines (CI) exercise the arithmetic the GPU
-kernels run.  Skipped where no C++ compiler is found."""
+kernels run; and the persistent RNN kernels run under a CPU emulation of CUDA with
+ThreadSanitizer (barrier placement).  Skipped where no C++ compiler is found."""
 import os
 import shutil
 import subprocess
@@ -13,18 +14,24 @@ import torch.utils.cpp_extension as cpp
 from helpers import ROOT
 
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-CHECKS = ["max_pool2d_items_check.cpp"]
+# source: extra compiler flags.  The race check runs the persistent RNN kernels under the CPU
+# emulation with ThreadSanitizer: a missing barrier is a data race it reports (exit status 66).
+CHECKS = {"max_pool2d_items_check.cpp": [], "rnn_persistent_race_check.cpp": ["-g", "-fsanitize=thread"]}
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
-@pytest.mark.parametrize("source", CHECKS)
+@pytest.mark.parametrize("source", list(CHECKS))
 def test_native_check(source, tmp_path):
     lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     exe = tmp_path / "check"
-    cmd = [CXX, "-std=c++20", "-O1", "-I" + os.path.join(ROOT, "csrc")] + ["-I" + p for p in cpp.include_paths()] + [
+    cmd = [CXX, "-std=c++20", "-O1", "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "tests", "native")]
+    cmd += ["-I" + p for p in cpp.include_paths()] + CHECKS[source] + [
         os.path.join(ROOT, "tests", "native", source), "-o", str(exe), "-L" + lib, "-lc10", "-Wl,-rpath," + lib,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
     build = subprocess.run(cmd, capture_output=True, text=True)
+    if build.returncode != 0 and "-fsanitize=thread" in CHECKS[source] and "tsan" in build.stderr:
+        pytest.skip("no ThreadSanitizer runtime for this compiler")
     assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and " 0 fails" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0 and " 0 fails" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

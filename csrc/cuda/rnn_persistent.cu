@@ -1,0 +1,241 @@
+// Persistent recurrence: every step of one layer and direction of an LSTM, GRU or vanilla RNN
+// in ONE cooperative kernel, forward and backward (opt-in: csrc/rnn_persistent.h).
+//
+// What it computes: the recurrent part of rnn_layers.cpp's lstm_layer / gru_layer / rnn_layer
+// and of their backward ops: the same inputs, the same saved tensors (so either backward runs
+// after either forward), the gate formulas of rnn_cells.h.  The input projections (one GEMM
+// before the forward) and the weight gradients (one GEMM after the backward) stay cuBLAS's.
+//
+//   forward,  step k:  gates = x_proj[t] + h_prev W_hh^T (+ biases); cell; out[t] (cs[t], ws[t])
+//   backward, step k:  dh = g[step after] W_hh (+ the cell's direct term); cell backward; g[t]
+//
+// How the work is split:
+//  - block i owns hidden units [i U, i U + U) (the last block may own fewer) and stages, once
+//    for all steps, the W_hh entries those units need in shared memory:
+//      forward:  the G gate rows of each unit: G U rows of H          (gates[b][g H + u])
+//      backward: the column of each unit: U rows of G H (W_hh^T rows)  (dh[b][u])
+//  - per step every block stages the step's whole left operand (the h rows the step reads, or
+//    the gate gradients of the step processed before) from L2 into shared memory, a chunk of
+//    batch rows at a time; computes its outputs' dot products (below); applies the cell to its
+//    own units and writes them; then one grid-wide barrier (cooperative groups) ends the step.
+//    Data written by other blocks earlier in the kernel is read with ld.global.cg (L2, never a
+//    stale L1 line); every row of out/cs/g is written once, so no step overwrites what another
+//    block may still be reading.
+//  - dot products: a warp takes a tile of kTR W rows x kTB batch rows and a range of k; lane l
+//    takes k = l, l + 32, ... (consecutive lanes read consecutive shared-memory words: no bank
+//    conflicts) and a butterfly reduce-scatter leaves the tile's 32 sums one per lane.  Where
+//    the tiles are fewer than the warps, k is split into ranges whose sums are added afterwards
+//    in a fixed order.  Every sum has a fixed order: results are deterministic.
+//  - the grid: the host picks U among powers of two by a per-step time model (barrier, L2
+//    staging, products) among the sizes whose slices fit in shared memory and whose grid is
+//    co-resident (occupancy query); none fits: it declines and rnn_layers.cpp runs its loop.
+//
+// The kernels and their device helpers are in rnn_persistent.cuh (so that tests/native can run
+// them on the CPU); this file has the host side: the plan (grid and chunk sizes) and the launch.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/launch.cuh"
+#include "cuda/rnn_persistent.cuh"
+#include "rnn_persistent.h"
+
+namespace convrnn {
+namespace {
+
+using at::Tensor;
+using namespace persistent;
+
+// ---- host: plan and launch ----
+
+int gates_of(RnnCell c) {
+  return c == RnnCell::kLstm ? 4 : (c == RnnCell::kGru ? 3 : 1);
+}
+
+// Blocks of `kernel` that fit on one SM with `smem` dynamic shared memory (cached: the
+// attribute call and the query cost microseconds, and a layer calls this per launch).
+int blocks_per_sm(const void* kernel, int device, int64_t smem, int64_t smem_optin) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int64_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, smem);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  // Allow the most the device allows once (also what the launch needs, smem <= optin).
+  const auto attr_key = std::make_tuple(kernel, device, int64_t(-1));
+  if (cache.find(attr_key) == cache.end()) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_optin)));
+    cache[attr_key] = 0;
+  }
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kPThreads, static_cast<size_t>(smem)));
+  cache[key] = n;
+  return n;
+}
+
+// The grid: the first of plan_candidates (rnn_persistent.cuh: fastest modelled first) whose
+// blocks are all co-resident on the device.  blocks == 0: none is.
+Plan choose_plan(const void* kernel, int device, int rows_per_unit, int K, int64_t B, int H, int elem) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  const int64_t optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  for (const Plan& p : plan_candidates(rows_per_unit, K, B, H, elem, optin)) {
+    if (int64_t(blocks_per_sm(kernel, device, p.smem, optin)) * prop->multiProcessorCount >= p.blocks) return p;
+  }
+  return Plan{};
+}
+
+// batch_sizes then offsets as an int64 device tensor (packed input), or undefined.
+Tensor upload_steps(const PersistentLayer& l, const at::Device& device) {
+  if (l.bs == nullptr) return Tensor();
+  Tensor host = at::empty({2 * l.T}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.mutable_data_ptr<int64_t>();
+  std::copy(l.bs->begin(), l.bs->end(), h);
+  std::copy(l.off->begin(), l.off->end(), h + l.T);
+  return host.to(device, /*non_blocking=*/true);
+}
+
+template <typename T>
+const T* ptr_of(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mutable_ptr_of(Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// What every launch needs: a layer with steps, a dtype we instantiate, int-sized dims and a
+// device that launches cooperative kernels.
+bool served(const PersistentLayer& l, const Tensor& x) {
+  const auto st = x.scalar_type();
+  if (!x.is_cuda() || l.T < 1 || l.B < 1 || l.H < 1) return false;
+  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;
+  if (int64_t(gates_of(l.cell)) * l.H * 4 > std::numeric_limits<int>::max()) return false;
+  return at::cuda::getDeviceProperties(x.get_device())->cooperativeLaunch != 0;
+}
+
+// Calls f(T*{}, integral_constant<Kind>{}) for the dtype and cell (dtypes: `served` checked).
+template <typename F>
+void dispatch(at::ScalarType st, RnnCell cell, F&& f) {
+  auto by_cell = [&](auto tag) {
+    switch (cell) {
+      case RnnCell::kLstm: f(tag, std::integral_constant<Kind, Kind::kLstm>{}); break;
+      case RnnCell::kGru: f(tag, std::integral_constant<Kind, Kind::kGru>{}); break;
+      default: f(tag, std::integral_constant<Kind, Kind::kRnn>{}); break;
+    }
+  };
+  if (st == at::kFloat) {
+    by_cell(static_cast<float*>(nullptr));
+  } else if (st == at::kHalf) {
+    by_cell(static_cast<c10::Half*>(nullptr));
+  } else {
+    by_cell(static_cast<c10::BFloat16*>(nullptr));
+  }
+}
+
+template <typename Args>
+void launch(const void* kernel, const Plan& plan, Args& args, cudaStream_t stream) {
+  void* params[] = {&args};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kPThreads), params,
+                                             static_cast<size_t>(plan.smem), stream));
+  note_persistent_launch();
+}
+
+}  // namespace
+
+bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+  if (!served(l, x)) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device(), H = static_cast<int>(l.H), G = gates_of(l.cell);
+  const Tensor w = l.w_hh.contiguous();
+  const Tensor bi = l.b_ih.has_value() ? l.b_ih->contiguous() : Tensor();
+  const Tensor bh = l.b_hh.has_value() ? l.b_hh->contiguous() : Tensor();
+  bool launched = false;
+  dispatch(x.scalar_type(), l.cell, [&](auto tag, auto cell) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr Kind C = decltype(cell)::value;
+    const void* kernel = reinterpret_cast<const void*>(&forward_kernel<T, C>);
+    const Plan plan = choose_plan(kernel, device, G, H, l.B, H, sizeof(T));
+    if (plan.blocks == 0) return;
+    const Tensor steps = upload_steps(l, x.device());
+    ForwardArgs<T> a{};
+    a.x = x.const_data_ptr<T>();
+    a.w = w.const_data_ptr<T>();
+    a.b_ih = ptr_of<T>(bi);
+    a.b_hh = ptr_of<T>(bh);
+    a.h0 = l.h0.const_data_ptr<T>();
+    a.c0 = ptr_of<T>(l.c0);
+    a.out = out.mutable_data_ptr<T>();
+    a.cs = mutable_ptr_of<T>(cs);
+    a.ws = mutable_ptr_of<T>(ws);
+    a.steps = steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr;
+    a.T = l.T;
+    a.B = l.B;
+    a.H = H;
+    a.units = plan.units;
+    a.chunk = plan.chunk;
+    a.reverse = l.reverse;
+    a.relu = l.cell == RnnCell::kRelu;
+    a.vec = (int64_t(H) * sizeof(T)) % 16 == 0 && aligned16(a.out) && aligned16(a.h0);
+    launch(kernel, plan, a, at::cuda::getCurrentCUDAStream());
+    launched = true;
+  });
+  return launched;
+}
+
+bool persistent_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& out, const Tensor& cs,
+                         const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& g_hidden, Tensor& g_input) {
+  if (!served(l, out)) return false;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int device = out.get_device(), H = static_cast<int>(l.H), G = gates_of(l.cell);
+  const Tensor w = l.w_hh.contiguous();
+  bool launched = false;
+  dispatch(out.scalar_type(), l.cell, [&](auto tag, auto cell) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr Kind C = decltype(cell)::value;
+    const void* kernel = reinterpret_cast<const void*>(&backward_kernel<T, C>);
+    const Plan plan = choose_plan(kernel, device, 1, G * H, l.B, H, sizeof(T));
+    if (plan.blocks == 0) return;
+    const Tensor steps = upload_steps(l, out.device());
+    Tensor acc = at::empty({C == Kind::kLstm ? 2 : 1, l.B, l.H}, out.options().dtype(at::kFloat));
+    BackwardArgs<T> a{};
+    a.w = w.const_data_ptr<T>();
+    a.gout = ptr_of<T>(grad_out);
+    a.out = out.const_data_ptr<T>();
+    a.cs = ptr_of<T>(cs);
+    a.ws = ptr_of<T>(ws);
+    a.h0 = l.h0.const_data_ptr<T>();
+    a.c0 = ptr_of<T>(l.c0);
+    a.dh = dh.mutable_data_ptr<T>();
+    a.dc = mutable_ptr_of<T>(dc);
+    a.g_hidden = g_hidden.mutable_data_ptr<T>();
+    a.g_input = mutable_ptr_of<T>(g_input);
+    a.dh_acc = acc.mutable_data_ptr<float>();
+    a.dc_acc = C == Kind::kLstm ? a.dh_acc + l.B * l.H : nullptr;
+    a.steps = steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr;
+    a.T = l.T;
+    a.B = l.B;
+    a.H = H;
+    a.units = plan.units;
+    a.chunk = plan.chunk;
+    a.reverse = l.reverse;
+    a.relu = l.cell == RnnCell::kRelu;
+    a.vec = (int64_t(G) * H * sizeof(T)) % 16 == 0 && aligned16(a.g_hidden);
+    launch(kernel, plan, a, at::cuda::getCurrentCUDAStream());
+    launched = true;
+  });
+  return launched;
+}
+
+}  // namespace convrnn

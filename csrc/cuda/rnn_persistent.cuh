@@ -1,0 +1,538 @@
+// The persistent recurrence's kernels and their device helpers (rnn_persistent.cu has the
+// design, the host side and the launch).  A header of its own so that tests/native can run this
+// very code on the CPU (rnn_persistent_emulation.cpp: a thread per CUDA thread) where no GPU is.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cooperative_groups.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "rnn_cells.h"
+
+// The block's dynamic shared memory (the CPU emulation defines its own).
+#if !defined(CONVRNN_PERSISTENT_SMEM)
+#define CONVRNN_PERSISTENT_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace convrnn {
+namespace persistent {
+
+namespace cg = cooperative_groups;
+
+constexpr int kPThreads = 256;
+constexpr int kWarps = kPThreads / 32;
+constexpr int kTR = 4;  // W rows of a warp tile
+constexpr int kTB = 8;  // batch rows of a warp tile
+static_assert(kTR * kTB == 32, "the reduce-scatter leaves one of a tile's sums in each lane");
+constexpr int kPartMin = 32 * kWarps;  // floats of split-k partial sums (see smem_layout)
+
+enum class Kind { kLstm, kGru, kRnn };
+
+template <Kind C>
+constexpr int kGates = C == Kind::kLstm ? 4 : (C == Kind::kGru ? 3 : 1);
+
+// ---- device helpers ----
+
+// Byte offsets of the shared-memory sections: the W slice (rows x K), the staged operand
+// (chunk x K), the partial sums.  The partials hold ks * nc * rows floats: nc * rows when k is
+// not split, else at most 32 * kWarps (ks * tiles <= kWarps, a tile covers 32 (b, r) pairs).
+struct SmemLayout {
+  int64_t stage, part, total;
+};
+
+CONVRNN_HD int64_t align16(int64_t n) {
+  return (n + 15) / 16 * 16;
+}
+
+CONVRNN_HD SmemLayout smem_layout(int rows, int K, int chunk, int elem) {
+  SmemLayout s;
+  s.stage = align16(int64_t(rows) * K * elem);
+  s.part = s.stage + align16(int64_t(chunk) * K * elem);
+  const int64_t partials = int64_t(chunk) * rows > kPartMin ? int64_t(chunk) * rows : kPartMin;
+  s.total = s.part + 4 * partials;
+  return s;
+}
+
+// Rows and first row of step t: from the uploaded batch_sizes/offsets, or B rows per step.
+struct StepRows {
+  int64_t n, off;
+};
+
+__device__ __forceinline__ StepRows step_rows(const int64_t* steps, int64_t T, int64_t B, int64_t t) {
+  return steps != nullptr ? StepRows{steps[t], steps[T + t]} : StepRows{B, t * B};
+}
+
+// Loads through L2 only (ld.global.cg), for data other blocks wrote earlier in this kernel.
+__device__ __forceinline__ float load_cg(const float* p) {
+  return __ldcg(p);
+}
+__device__ __forceinline__ c10::Half load_cg(const c10::Half* p) {
+  return c10::Half(__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::Half::from_bits());
+}
+__device__ __forceinline__ c10::BFloat16 load_cg(const c10::BFloat16* p) {
+  return c10::BFloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)), c10::BFloat16::from_bits());
+}
+__device__ __forceinline__ uint4 load_cg(const uint4* p) {
+  return __ldcg(p);
+}
+
+// store(i, load(i)) for i < n over the block, kBatch loads in flight per thread before their
+// stores (these copies are latency-bound: one L2 or DRAM round trip per batch).
+template <typename V, typename Load, typename Store>
+__device__ __forceinline__ void copy_batched(int n, Load load, Store store) {
+  constexpr int kBatch = sizeof(V) >= 16 ? 4 : 8;
+  for (int i0 = threadIdx.x; i0 < n; i0 += kBatch * kPThreads) {
+    V v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u * kPThreads;
+      if (i < n) v[u] = load(i);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u * kPThreads;
+      if (i < n) store(i, v[u]);
+    }
+  }
+}
+
+// n elements from global memory (through L2) into shared memory: 16-byte words when vec (the
+// host checked that both ends are 16-byte aligned and n a whole number of words).
+template <typename T>
+__device__ __forceinline__ void stage_rows(T* dst, const T* src, int n, bool vec) {
+  if (vec) {
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    copy_batched<uint4>(n / int(16 / sizeof(T)), [&](int i) { return load_cg(s + i); },
+                        [&](int i, uint4 v) { d[i] = v; });
+  } else {
+    copy_batched<T>(n, [&](int i) { return load_cg(src + i); }, [&](int i, T v) { dst[i] = v; });
+  }
+}
+
+// Butterfly reduce-scatter: lane l returns the sum over the warp of v[l].  Each step exchanges
+// half of the values still held with the lane Half away: the lane whose bit Half is set keeps
+// the upper half, so after the steps Half = 16, 8, 4, 2, 1 lane l holds index l.  31 shuffles
+// for 32 sums.  (Templates, not loops: every index must be a constant for v to stay in registers.)
+template <int Half>
+__device__ __forceinline__ void exchange_halves(float (&v)[32], int lane) {
+  const bool upper = (lane & Half) != 0;
+#pragma unroll
+  for (int i = 0; i < Half; ++i) {
+    const float give = upper ? v[i] : v[i + Half];
+    const float keep = upper ? v[i + Half] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, give, Half);
+  }
+  if constexpr (Half > 1) exchange_halves<Half / 2>(v, lane);
+}
+
+__device__ __forceinline__ float reduce_scatter(float (&v)[32], int lane) {
+  exchange_halves<16>(v, lane);
+  return v[0];
+}
+
+// Ways k is split so that the warps have work: the largest power of two with ks * tiles <= kWarps.
+__device__ __forceinline__ int k_splits(int rows, int nc) {
+  const int tiles = ((rows + kTR - 1) / kTR) * ((nc + kTB - 1) / kTB);
+  int ks = 1;
+  while (2 * ks * tiles <= kWarps) ks *= 2;
+  return ks;
+}
+
+// part[(q * nc + b) * rows + r] = sum over k in range q of A[b][k] * W[r][k], for b < nc,
+// r < rows, q < ks; A (nc x K) and W (rows x K) row-major in shared memory.  Tile rows past
+// rows or nc repeat the last one (computed, never stored), so the loop has no branches.
+template <typename T>
+__device__ void tile_products(const T* A, int nc, const T* W, int rows, int K, int ks, float* part) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tiles_r = (rows + kTR - 1) / kTR, tiles = tiles_r * ((nc + kTB - 1) / kTB);
+  const int span = ((K + ks - 1) / ks + 31) / 32 * 32;
+  for (int task = warp; task < tiles * ks; task += kWarps) {
+    const int q = task / tiles, tile = task - q * tiles;
+    const int r0 = (tile % tiles_r) * kTR, b0 = (tile / tiles_r) * kTB;
+    const int k_end = min(K, (q + 1) * span);
+    int wrow[kTR], arow[kTB];
+#pragma unroll
+    for (int i = 0; i < kTR; ++i) wrow[i] = min(r0 + i, rows - 1) * K;
+#pragma unroll
+    for (int i = 0; i < kTB; ++i) arow[i] = min(b0 + i, nc - 1) * K;
+    float acc[kTR * kTB];
+#pragma unroll
+    for (int i = 0; i < kTR * kTB; ++i) acc[i] = 0.0f;
+#pragma unroll 2
+    for (int k = q * span + lane; k < k_end; k += 32) {
+      float w[kTR], a[kTB];
+#pragma unroll
+      for (int i = 0; i < kTR; ++i) w[i] = static_cast<float>(W[wrow[i] + k]);
+#pragma unroll
+      for (int i = 0; i < kTB; ++i) a[i] = static_cast<float>(A[arow[i] + k]);
+#pragma unroll
+      for (int i = 0; i < kTR; ++i) {
+#pragma unroll
+        for (int j = 0; j < kTB; ++j) acc[i * kTB + j] = fmaf(w[i], a[j], acc[i * kTB + j]);
+      }
+    }
+    const float sum = reduce_scatter(acc, lane);
+    const int r = r0 + lane / kTB, b = b0 + lane % kTB;
+    if (r < rows && b < nc) part[(q * nc + b) * rows + r] = sum;
+  }
+}
+
+// The dot product of batch row b (of the chunk) with W row r: its ks partial sums, in order.
+__device__ __forceinline__ float partial_sum(const float* part, int ks, int nc, int rows, int b, int r) {
+  float s = part[b * rows + r];
+  for (int q = 1; q < ks; ++q) s += part[(q * nc + b) * rows + r];
+  return s;
+}
+
+// ---- forward kernel ----
+
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* x;                  // (N, G*H) input projections
+  const scalar_t* w;                  // (G*H, H) W_hh
+  const scalar_t* b_ih;               // (G*H) or null (then b_hh is null too)
+  const scalar_t* b_hh;
+  const scalar_t* h0;                 // (B, H)
+  const scalar_t* c0;                 // (B, H), LSTM
+  scalar_t* out;                      // (N, H) every step's h
+  scalar_t* cs;                       // (N, H) every step's c, LSTM
+  scalar_t* ws;                       // (N, 4H) the cell workspace, or null (no backward to follow)
+  const int64_t* steps;        // batch_sizes[T] then offsets[T], or null: B rows per step
+  int64_t T, B;
+  int H, units, chunk;         // hidden size, units per block, batch rows staged at once
+  bool reverse, relu, vec;     // vec: out and h0 rows are whole 16-byte words
+};
+
+// What the forward cell of one (batch row, unit) reads besides the products: the input
+// projections with the biases summed in (LSTM and RNN: x + (b_ih + b_hh); GRU: x + b_ih, and
+// b_hh apart, for n's r * (hW + b_hh)), and the c the row enters the step with (LSTM; this
+// block wrote it at the previous step).  Independent of the products, so the kernel loads a
+// thread's first set before them.
+template <Kind C>
+struct ForwardIn {
+  float x[kGates<C>], b_hh[C == Kind::kGru ? 3 : 1], cx;
+};
+
+template <typename T, Kind C>
+__device__ __forceinline__ ForwardIn<C> forward_inputs(const ForwardArgs<T>& p, int64_t row, int64_t b, int j,
+                                                       StepRows prev, int64_t np) {
+  constexpr int G = kGates<C>;
+  const int64_t H = p.H;
+  ForwardIn<C> in;
+  const T* x = p.x + row * G * H + j;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    in.x[g] = static_cast<float>(x[g * H]);
+    if constexpr (C == Kind::kGru) {
+      if (p.b_ih != nullptr) in.x[g] += static_cast<float>(p.b_ih[g * H + j]);
+      in.b_hh[g] = p.b_hh != nullptr ? static_cast<float>(p.b_hh[g * H + j]) : 0.0f;
+    } else if (p.b_ih != nullptr) {
+      in.x[g] += static_cast<float>(p.b_ih[g * H + j]) + static_cast<float>(p.b_hh[g * H + j]);
+    }
+  }
+  in.cx = 0.0f;
+  if constexpr (C == Kind::kLstm) {
+    in.cx = static_cast<float>(b < np ? load_cg(p.cs + (prev.off + b) * H + j) : p.c0[b * H + j]);
+  }
+  return in;
+}
+
+// The cell of unit j for the batch row at `row` of the (N, ...) blocks: gh[g] are the products
+// h_prev . W_hh[g H + j]; hx the h this row enters the step with (GRU).
+template <typename T, Kind C>
+__device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const ForwardIn<C>& in,
+                                             const float (&gh)[kGates<C>], int64_t row, int j, float hx) {
+  const int64_t H = p.H, e = row * H + j;
+  if constexpr (C == Kind::kLstm) {
+    float pre[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) pre[g] = in.x[g] + gh[g];
+    const LstmGates<float> a = lstm_gates(pre[0], pre[1], pre[2], pre[3]);
+    float h, c;
+    lstm_update(a, in.cx, h, c);
+    p.out[e] = static_cast<T>(h);
+    p.cs[e] = static_cast<T>(c);
+    if (p.ws != nullptr) {
+      T* w = p.ws + row * 4 * H + j;
+      w[0] = static_cast<T>(a.i);
+      w[H] = static_cast<T>(a.f);
+      w[2 * H] = static_cast<T>(a.g);
+      w[3 * H] = static_cast<T>(a.o);
+    }
+  } else if constexpr (C == Kind::kGru) {
+    const float hn = gh[2] + in.b_hh[2];
+    float r, z, n, h;
+    gru_forward(in.x[0], in.x[1], in.x[2], gh[0] + in.b_hh[0], gh[1] + in.b_hh[1], hn, hx, r, z, n, h);
+    p.out[e] = static_cast<T>(h);
+    if (p.ws != nullptr) {
+      T* w = p.ws + row * 4 * H + j;
+      w[0] = static_cast<T>(r);
+      w[H] = static_cast<T>(z);
+      w[2 * H] = static_cast<T>(n);
+      w[3 * H] = static_cast<T>(hn);
+    }
+  } else {
+    p.out[e] = static_cast<T>(rnn_activation(in.x[0] + gh[0], p.relu));
+  }
+}
+
+template <typename T, Kind C>
+__global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs<T> p) {
+  constexpr int G = kGates<C>;
+  CONVRNN_PERSISTENT_SMEM(smem);
+  const int H = p.H, u0 = blockIdx.x * p.units, U = min(p.units, H - u0), rows = G * U;
+  const SmemLayout lay = smem_layout(G * p.units, H, p.chunk, sizeof(T));
+  T* w_s = reinterpret_cast<T*>(smem);  // row g U + u = W_hh row g H + u0 + u
+  T* stage = reinterpret_cast<T*>(smem + lay.stage);
+  float* part = reinterpret_cast<float*>(smem + lay.part);
+  copy_batched<T>(
+      rows * H,
+      [&](int i) {
+        const int r = i / H, g = r / U;
+        return p.w[int64_t(g * H + u0 + r - g * U) * H + (i - r * H)];
+      },
+      [&](int i, T v) { w_s[i] = v; });
+  cg::grid_group grid = cg::this_grid();
+  StepRows prev{0, 0};
+  for (int64_t k = 0; k < p.T; ++k) {
+    const StepRows cur = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 1 - k : k);
+    const int64_t np = k > 0 ? prev.n : 0;  // rows [0, np) enter from the previous step, the rest from h0
+    for (int64_t c0 = 0; c0 < cur.n; c0 += p.chunk) {
+      const int nc = static_cast<int>(min(int64_t(p.chunk), cur.n - c0));
+      // This thread's first cell's inputs, loaded now: their latency hides behind the staging
+      // and the products (e = threadIdx.x below).
+      ForwardIn<C> first;
+      if (int(threadIdx.x) < nc * U) {
+        const int bl = threadIdx.x / U;
+        first = forward_inputs<T, C>(p, cur.off + c0 + bl, c0 + bl, u0 + int(threadIdx.x) - bl * U, prev, np);
+      }
+      const int64_t split = max(c0, min(np, c0 + nc));
+      if (split > c0) stage_rows(stage, p.out + (prev.off + c0) * H, int(split - c0) * H, p.vec);
+      if (c0 + nc > split) stage_rows(stage + (split - c0) * H, p.h0 + split * H, int(c0 + nc - split) * H, p.vec);
+      __syncthreads();  // the staged rows (and, at the first step, the W slice) are in place
+      const int ks = k_splits(rows, nc);
+      tile_products(stage, nc, w_s, rows, H, ks, part);
+      __syncthreads();
+      for (int e = threadIdx.x; e < nc * U; e += kPThreads) {
+        const int bl = e / U, u = e - bl * U, j = u0 + u;
+        const int64_t b = c0 + bl;
+        float gh[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) gh[g] = partial_sum(part, ks, nc, rows, bl, g * U + u);
+        const ForwardIn<C> in =
+            e == int(threadIdx.x) ? first : forward_inputs<T, C>(p, cur.off + b, b, j, prev, np);
+        forward_cell<T, C>(p, in, gh, cur.off + b, j, static_cast<float>(stage[bl * H + j]));
+      }
+      __syncthreads();  // the next chunk overwrites stage (the GRU's cells read it) and part
+    }
+    prev = cur;
+    if (k + 1 < p.T) grid.sync();  // every block's h (and c) of this step written and visible
+  }
+}
+
+// ---- backward kernel ----
+
+template <typename scalar_t>
+struct BackwardArgs {
+  const scalar_t* w;         // (G*H, H) W_hh
+  const scalar_t* gout;      // (N, H) gradient of the output, or null
+  const scalar_t* out;       // (N, H) the forward's h of every step
+  const scalar_t* cs;        // (N, H) the forward's c of every step, LSTM
+  const scalar_t* ws;        // (N, 4H) the forward's workspace, LSTM and GRU
+  const scalar_t* h0;        // (B, H)
+  const scalar_t* c0;        // (B, H), LSTM
+  scalar_t* dh;              // (B, H) in: grad_hn or zeros; out: grad_h0
+  scalar_t* dc;              // (B, H) in: grad_cn or zeros; out: grad_c0 (LSTM)
+  scalar_t* g_hidden;        // (N, G*H) gradients of the hidden-side pre-activations
+  scalar_t* g_input;         // (N, 3H) GRU: of the input-side ones
+  float* dh_acc;      // (B, H) the carried dh in float (each block its own columns)
+  float* dc_acc;      // (B, H) the carried dc in float, LSTM
+  const int64_t* steps;
+  int64_t T, B;
+  int H, units, chunk;
+  bool reverse, relu, vec;  // vec: g_hidden rows are whole 16-byte words
+};
+
+// What the backward cell of one (batch row b, unit j) reads besides the carried dh and dc: the
+// output's gradient, the saved workspace (LSTM i, f, g, o; GRU r, z, n, hn), the entering and
+// new c (LSTM), the entering h (GRU), the new h (vanilla RNN).  None of it depends on the
+// products, so the kernel loads a thread's first set before them.  (rows cur; the previous
+// processed step's rows prev, of which [0, np) hold this step's entering state.)
+struct BackwardIn {
+  float gout, w[4], a, b;  // a, b: LSTM cx, cy; GRU hx; RNN hy
+};
+
+template <typename T, Kind C>
+__device__ __forceinline__ BackwardIn backward_inputs(const BackwardArgs<T>& p, StepRows cur, StepRows prev,
+                                                      int64_t np, int64_t b, int j) {
+  const int64_t H = p.H, row = cur.off + b, e = row * H + j, s = b * H + j;
+  BackwardIn in;
+  in.gout = p.gout != nullptr ? static_cast<float>(p.gout[e]) : 0.0f;
+  in.b = 0.0f;
+  if constexpr (C != Kind::kRnn) {
+    const T* w = p.ws + row * 4 * H + j;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) in.w[q] = static_cast<float>(w[q * H]);
+  }
+  if constexpr (C == Kind::kLstm) {
+    in.a = static_cast<float>(b < np ? p.cs[(prev.off + b) * H + j] : p.c0[s]);
+    in.b = static_cast<float>(p.cs[e]);
+  } else if constexpr (C == Kind::kGru) {
+    in.a = static_cast<float>(b < np ? p.out[(prev.off + b) * H + j] : p.h0[s]);
+  } else {
+    in.a = static_cast<float>(p.out[e]);
+  }
+  return in;
+}
+
+// The cell backward of unit j for batch row b at a step.  Reads the carried dh (and dc), writes
+// the step's gradient rows, and leaves in dh_acc the cell's direct contribution to the entering
+// h's gradient (the GRU's z * ghy; 0 for the others): the next step processed adds g W_hh to it.
+template <typename T, Kind C>
+__device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, const BackwardIn& in, StepRows cur,
+                                              int64_t b, int j) {
+  const int64_t H = p.H, row = cur.off + b, s = b * H + j;
+  const float ghy = p.dh_acc[s] + in.gout;
+  if constexpr (C == Kind::kLstm) {
+    const LstmGates<float> a{in.w[0], in.w[1], in.w[2], in.w[3]};
+    float d[4], gcx;
+    lstm_backward(a, in.a, in.b, ghy, p.dc_acc[s], d, gcx);
+    T* g = p.g_hidden + row * 4 * H + j;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) g[q * H] = static_cast<T>(d[q]);
+    p.dc_acc[s] = gcx;
+    p.dh_acc[s] = 0.0f;
+  } else if constexpr (C == Kind::kGru) {
+    float dx[3], dhh[3], ghx;
+    gru_backward(in.w[0], in.w[1], in.w[2], in.w[3], in.a, ghy, dx, dhh, ghx);
+    T* gi = p.g_input + row * 3 * H + j;
+    T* gh = p.g_hidden + row * 3 * H + j;
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+      gi[q * H] = static_cast<T>(dx[q]);
+      gh[q * H] = static_cast<T>(dhh[q]);
+    }
+    p.dh_acc[s] = ghx;
+  } else {
+    p.g_hidden[row * H + j] = static_cast<T>(rnn_activation_grad(ghy, in.a, p.relu));
+    p.dh_acc[s] = 0.0f;
+  }
+}
+
+template <typename T, Kind C>
+__global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardArgs<T> p) {
+  constexpr int G = kGates<C>;
+  CONVRNN_PERSISTENT_SMEM(smem);
+  const int H = p.H, GH = G * H, u0 = blockIdx.x * p.units, U = min(p.units, H - u0);
+  const SmemLayout lay = smem_layout(p.units, GH, p.chunk, sizeof(T));
+  T* wt_s = reinterpret_cast<T*>(smem);  // row u = column u0 + u of W_hh (G H values)
+  T* stage = reinterpret_cast<T*>(smem + lay.stage);
+  float* part = reinterpret_cast<float*>(smem + lay.part);
+  copy_batched<T>(
+      U * GH, [&](int i) { return p.w[int64_t(i / U) * H + u0 + i % U]; },
+      [&](int i, T v) { wt_s[(i % U) * GH + i / U] = v; });
+  for (int64_t e = threadIdx.x; e < p.B * U; e += kPThreads) {
+    const int64_t s = (e / U) * H + u0 + e % U;
+    p.dh_acc[s] = static_cast<float>(p.dh[s]);
+    if constexpr (C == Kind::kLstm) p.dc_acc[s] = static_cast<float>(p.dc[s]);
+  }
+  cg::grid_group grid = cg::this_grid();
+  // Processed steps k = T-1 .. 0 (the forward's order reversed), then k = -1 for the products of
+  // step 0's gradients, which give grad_h0.
+  for (int64_t k = p.T - 1; k >= -1; --k) {
+    // This step's rows, and this thread's first cell's inputs, loaded before the products.
+    const StepRows cur = k >= 0 ? step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 1 - k : k) : StepRows{0, 0};
+    const StepRows prev = k > 0 ? step_rows(p.steps, p.T, p.B, p.reverse ? p.T - k : k - 1) : StepRows{0, 0};
+    const int64_t np = k > 0 ? prev.n : 0;
+    BackwardIn first;
+    if (int64_t(threadIdx.x) < cur.n * U) {
+      first = backward_inputs<T, C>(p, cur, prev, np, threadIdx.x / U, u0 + int(threadIdx.x % U));
+    }
+    if (k + 1 < p.T) {  // dh_acc[b][own] += g(step k+1)[b] . W_hh[:, own], for the rows active in it
+      const StepRows nx = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 2 - k : k + 1);
+      for (int64_t c0 = 0; c0 < nx.n; c0 += p.chunk) {
+        const int nc = static_cast<int>(min(int64_t(p.chunk), nx.n - c0));
+        stage_rows(stage, p.g_hidden + (nx.off + c0) * GH, nc * GH, p.vec);
+        __syncthreads();
+        const int ks = k_splits(U, nc);
+        tile_products(stage, nc, wt_s, U, GH, ks, part);
+        __syncthreads();
+        for (int e = threadIdx.x; e < nc * U; e += kPThreads) {
+          const int bl = e / U, u = e - bl * U;
+          p.dh_acc[(c0 + bl) * H + u0 + u] += partial_sum(part, ks, nc, U, bl, u);
+        }
+        __syncthreads();  // part and stage are rewritten by the next chunk
+      }
+    }
+    if (k < 0) break;
+    __syncthreads();  // dh_acc (written by other threads of this block) is complete
+    for (int64_t e = threadIdx.x; e < cur.n * U; e += kPThreads) {
+      const int64_t b = e / U;
+      const int j = u0 + static_cast<int>(e % U);
+      const BackwardIn in = e == int64_t(threadIdx.x) ? first : backward_inputs<T, C>(p, cur, prev, np, b, j);
+      backward_cell<T, C>(p, in, cur, b, j);
+    }
+    grid.sync();  // every block's g rows of this step written and visible
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < p.B * U; e += kPThreads) {
+    const int64_t s = (e / U) * H + u0 + e % U;
+    p.dh[s] = static_cast<T>(p.dh_acc[s]);
+    if constexpr (C == Kind::kLstm) p.dc[s] = static_cast<T>(p.dc_acc[s]);
+  }
+}
+
+
+// ---- the plan (host): grid and chunk sizes ----
+
+struct Plan {
+  int units = 0, blocks = 0, chunk = 0;  // hidden units per block, blocks, batch rows staged at once
+  int64_t smem = 0;                      // dynamic shared memory per block, bytes
+  double step_ns = 0;                    // modelled time of one step
+};
+
+// Modelled nanoseconds of one step on an H100/H200-class GPU; it only ranks the candidates
+// (benchmarks/NOTES-rnn-seq.md): the grid barrier (600 ns plus serialised arrivals), every
+// block staging the step's B x K operand from L2 (500 ns latency, ~4 TB/s = 4000 bytes/ns
+// shared by all blocks), and one block's products (a warp tile costs K/32 x (kTR + kTB)
+// shared-memory wavefronts plus 32 shuffles, ~1 per clock at 1.7 GHz).
+inline double step_ns(int blocks, int rows, int K, int64_t B, int elem) {
+  const double tiles = std::ceil(rows / double(kTR)) * std::ceil(double(B) / kTB);
+  const double barrier = 600.0 + 4.0 * blocks;
+  const double staging = 500.0 + double(blocks) * double(B) * K * elem / 4000.0;
+  const double products = tiles * (std::ceil(K / 32.0) * (kTR + kTB) + 32.0) / 1.7;
+  return barrier + staging + products;
+}
+
+// Every power-of-two number of units per block (and H itself) whose shared memory fits in
+// smem_optin, with the batch staged in chunks of 8-row multiples (all of it when they fit),
+// fastest modelled first.  rows_per_unit: G (forward: a unit's gate rows) or 1 (backward: its
+// column of W_hh); K: the length of those rows (H, or G H).
+inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, int H, int elem, int64_t smem_optin) {
+  std::vector<Plan> plans;
+  for (int units = 1;; units = units * 2 > H ? H : units * 2) {
+    Plan p;
+    p.units = units;
+    p.blocks = (H + units - 1) / units;
+    const int rows = rows_per_unit * units;
+    int chunk = B < kTB ? static_cast<int>(B) : static_cast<int>(std::min<int64_t>((B + kTB - 1) / kTB * kTB, 1 << 16));
+    while (chunk > kTB && smem_layout(rows, K, chunk, elem).total > smem_optin) chunk -= kTB;
+    p.chunk = chunk;
+    p.smem = smem_layout(rows, K, chunk, elem).total;
+    p.step_ns = step_ns(p.blocks, rows, K, B, elem);
+    if (p.smem <= smem_optin) plans.push_back(p);
+    if (units >= H) break;
+  }
+  std::stable_sort(plans.begin(), plans.end(), [](const Plan& a, const Plan& b) { return a.step_ns < b.step_ns; });
+  return plans;
+}
+
+}  // namespace persistent
+}  // namespace convrnn

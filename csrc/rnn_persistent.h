@@ -1,0 +1,68 @@
+// The persistent CUDA recurrence (csrc/cuda/rnn_persistent.cu), as rnn_layers.cpp calls it.
+//
+// One cooperative kernel runs every step of one layer and direction, forward or backward,
+// with its block's slice of W_hh staged in shared memory once for all steps and a grid-wide
+// barrier between steps (instead of a cuBLAS product and a fused cell kernel per step).
+// Opt-in until it has run on a GPU: rnn_layers.cpp asks it first only when
+// persistent_rnn_enabled() (CONVRNN_PERSISTENT_RNN=1, or convrnn::_persistent_rnn(1)), and
+// runs its own step loop wherever these functions return false (a case they do not serve:
+// fp64, a projection, sizes whose W_hh slices do not fit on chip, no CUDA build, ...).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace convrnn {
+
+enum class RnnCell : int { kLstm = 0, kGru = 1, kTanh = 2, kRelu = 3 };
+
+// One layer and direction, in rnn_layers.cpp's terms (its Seq): steps are processed in the
+// order k = 0..T-1, step(k) = reverse ? T-1-k : k, and step t is rows [off[t], off[t] + bs[t])
+// of the (N, ...) row blocks.  Every tensor is on one CUDA device, of one dtype, contiguous.
+struct PersistentLayer {
+  RnnCell cell = RnnCell::kLstm;
+  int64_t T = 0, B = 0, N = 0, H = 0;
+  bool reverse = false;
+  const std::vector<int64_t>* bs = nullptr;   // rows of each step; nullptr: every step has B rows
+  const std::vector<int64_t>* off = nullptr;  // first row of each step (with bs)
+  at::Tensor w_hh;                             // (G*H, H)
+  std::optional<at::Tensor> b_ih, b_hh;        // (G*H) each, or none
+  at::Tensor h0, c0;                           // (B, H); c0 for the LSTM only
+};
+
+// Whether the opt-in is on: CONVRNN_PERSISTENT_RNN=1 (or true/on/yes) when first asked, or
+// what convrnn::_persistent_rnn last set (rnn_layers.cpp, compiled in every build).
+bool persistent_rnn_enabled();
+// Counts persistent kernel launches (convrnn::_persistent_rnn returns the count: the tests
+// check that the path they force really ran).
+void note_persistent_launch();
+
+#if defined(CONVRNN_WITH_CUDA)
+// x: (N, G*H) input projections.  Fills out (N, H), cs (N, H) (LSTM, every step's c), and ws
+// (N, 4H) when defined (the fused cell ops' workspace: LSTM i, f, g, o; GRU r, z, n, hn), all
+// preallocated.  Returns false, launching nothing, where it does not serve the case.
+bool persistent_forward(const PersistentLayer& l, const at::Tensor& x, at::Tensor& out, at::Tensor& cs,
+                        at::Tensor& ws);
+
+// grad_out: (N, H) or undefined; out, cs, ws: what the forward saved.  dh (and dc, LSTM) come
+// in holding grad_hn (grad_cn) or zeros, (B, H), and leave holding grad_h0 (grad_c0).
+// g_hidden (N, G*H): the gradients of the hidden-side pre-activations (the LSTM's and the
+// vanilla RNN's gate gradients, the GRU's gh); g_input (N, 3H): the GRU's input-side ones
+// (undefined for the others, whose input-side gradient is g_hidden).  Preallocated.
+bool persistent_backward(const PersistentLayer& l, const at::Tensor& grad_out, const at::Tensor& out,
+                         const at::Tensor& cs, const at::Tensor& ws, at::Tensor& dh, at::Tensor& dc,
+                         at::Tensor& g_hidden, at::Tensor& g_input);
+#else
+inline bool persistent_forward(const PersistentLayer&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+  return false;
+}
+inline bool persistent_backward(const PersistentLayer&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+  return false;
+}
+#endif
+
+}  // namespace convrnn

@@ -1,0 +1,146 @@
+// A small CUDA emulation for running kernel source on the CPU: a std::thread per CUDA thread,
+// a barrier per block for __syncthreads, one for the grid for cooperative_groups' grid.sync(),
+// a per-warp exchange for __shfl_xor_sync, __ldcg as a plain load, and NaN-filled (0xFF bytes)
+// dynamic shared memory.  Enough for csrc/cuda/rnn_persistent.cuh; include it after the
+// project's host headers (it defines __global__, __device__, ... as macros) and before the
+// kernels.  For checking index logic and barrier placement (under -fsanitize=thread a missing
+// barrier is a reported data race), not timing or the GPU memory model.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint4 {
+  unsigned int x, y, z, w;
+};
+
+namespace emu {
+
+// A reusable barrier for n threads (C++17 has no std::barrier).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t generation = generation_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  uint64_t generation_ = 0;
+};
+
+struct Block {
+  Block(int threads, size_t smem_bytes) : bar(threads), smem(smem_bytes + 16, 0xFF), shuffle(threads) {
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(new Barrier(32));
+  }
+  unsigned char* shared() {  // 16-byte aligned, NaN-filled (0xFF bytes: NaN in every float type)
+    return smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
+  }
+  Barrier bar;
+  std::vector<unsigned char> smem;
+  std::vector<float> shuffle;
+  std::vector<std::unique_ptr<Barrier>> warps;
+};
+
+struct Context {
+  Block* block = nullptr;
+  Barrier* grid = nullptr;
+};
+inline thread_local Context ctx;
+
+struct Dim {
+  unsigned int x = 0, y = 0, z = 0;
+};
+
+}  // namespace emu
+
+inline thread_local emu::Dim threadIdx, blockIdx;
+
+inline void __syncthreads() {
+  emu::ctx.block->bar.wait();
+}
+
+inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
+  emu::Block& b = *emu::ctx.block;
+  const int t = static_cast<int>(threadIdx.x);
+  b.shuffle[t] = v;
+  b.warps[t / 32]->wait();
+  const float r = b.shuffle[(t & ~31) | ((t & 31) ^ lane_mask)];
+  b.warps[t / 32]->wait();
+  return r;
+}
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
+inline int min(int a, int b) {
+  return a < b ? a : b;
+}
+inline int max(int a, int b) {
+  return a > b ? a : b;
+}
+inline int64_t min(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+inline int64_t max(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { emu::ctx.grid->wait(); }
+};
+inline grid_group this_grid() {
+  return {};
+}
+}  // namespace cooperative_groups
+
+#define CONVRNN_PERSISTENT_SMEM(name) unsigned char* name = emu::ctx.block->shared()
+
+namespace emu {
+
+// Runs kernel(args) on blocks x threads CPU threads with smem bytes of shared memory a block.
+template <typename Args>
+void launch(void (*kernel)(Args), int blocks, int threads, int64_t smem, const Args& args) {
+  Barrier grid(blocks * threads);
+  std::vector<std::unique_ptr<Block>> block;
+  for (int b = 0; b < blocks; ++b) block.emplace_back(new Block(threads, static_cast<size_t>(smem)));
+  std::vector<std::thread> pool;
+  for (int b = 0; b < blocks; ++b) {
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, b, t] {
+        ctx.block = block[b].get();
+        ctx.grid = &grid;
+        blockIdx.x = b;
+        threadIdx.x = t;
+        kernel(args);
+      });
+    }
+  }
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace emu

@@ -1,0 +1,357 @@
+"""The opt-in persistent CUDA recurrence (csrc/cuda/rnn_persistent.cu): the sequence modules with
+the path forced on (torch.ops.convrnn._persistent_rnn(1)) against torch.nn's LSTM, GRU and RNN
+on CUDA (cuDNN, TF32 off) and against our own step loop, forward and every gradient, over
+batch 1 to 300 (several staged chunks), T = 1, odd hidden sizes, both directions, packed
+(unsorted) input, no hx, the two benchmark shapes, half types and determinism.  Every CUDA
+test checks that the persistent kernels really ran (their launch counter grew), so a silent
+fall-back to the step loop cannot pass for them.  Test ids carry "cuda" (the GPU script runs
+-k cuda); the one CPU test checks that the switch leaves the CPU path bit for bit alone.
+
+Half precision follows helpers.py: ours may be off the float32 result by at most 2x torch's
+own half error plus one ulp."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from helpers import HALF_DTYPES, assert_half_ok, dtype_id, import_ck, needs_cuda
+from test_rnn_layers import compare, make_inputs, make_pair, run
+
+ck = import_ck("nn")
+OPS = torch.ops.convrnn
+
+# cuDNN sums in its own blocked order; ours in a fixed order of its own (see test_rnn_layers)
+TOL32 = dict(rtol=5e-4, atol=5e-4)
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+class persistent_mode:
+    """Sets the persistent path on (1) or off (0) inside the block; .launches counts the
+    persistent kernel launches the block made."""
+
+    def __init__(self, on=True):
+        self.on = on
+
+    def __enter__(self):
+        self.before, self.start = OPS._persistent_rnn(1 if self.on else 0)
+        return self
+
+    def __exit__(self, *exc):
+        _, end = OPS._persistent_rnn(self.before)
+        self.launches = end - self.start
+
+
+def packed_lengths(t, b, seed):
+    """b lengths in [1, t], the longest t, in no particular order."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[int(torch.randint(0, b, (1,), generator=g))] = t
+    return lengths.tolist()
+
+
+def inputs_for(module, variant, dtype, t, b, seed=0):
+    inputs = make_inputs(module, "no_hx" if variant == "no_hx" else "plain", dtype, "cuda", t=t, b=b, seed=seed)
+    if variant == "packed":
+        inputs["lengths"], inputs["sorted"] = packed_lengths(t, b, seed), False
+    return inputs
+
+
+NAMES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# (T, B, I, H): T = 1 and B = 1; the generation and training benchmark sizes; odd H (H * 4 bytes
+# not a multiple of 16: the scalar staging path); B = 300 (the backward stages its operand in
+# several chunks of batch rows).
+SHAPES = {"T1_B1": (1, 1, 7, 16), "B1_H128": (9, 1, 65, 128), "B32_H256": (6, 32, 33, 256),
+          "B3_H37": (5, 3, 5, 37), "B300_H64": (3, 300, 6, 64)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["plain", "packed", "no_hx"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_persistent_matches_torch(name, shape, bidirectional, variant):
+    t, b, i, h = SHAPES[shape]
+    ours, theirs = make_pair(name, bidirectional=bidirectional, dtype=torch.float32, input_size=i, hidden=h,
+                             device="cuda", scale=1.0)
+    with persistent_mode() as mode:
+        compare(ours, theirs, inputs_for(ours, variant, torch.float32, t, b), f"{name} {shape} {variant}", TOL32)
+    assert mode.launches == 2 * (2 if bidirectional else 1), "the persistent kernels did not run"
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("case", ["training", "generation"])
+def test_cuda_persistent_bench_shapes(name, case):
+    """The issue's benchmark sequences: T50 B32 I128 H256 and T100 B1 I65 H128, 2 layers."""
+    t, b, i, h = (50, 32, 128, 256) if case == "training" else (100, 1, 65, 128)
+    ours, theirs = make_pair(name, num_layers=2, dtype=torch.float32, input_size=i, hidden=h, device="cuda",
+                             scale=1.0)
+    with persistent_mode() as mode:
+        compare(ours, theirs, inputs_for(ours, "plain", torch.float32, t, b), f"{name} {case}", TOL32)
+    assert mode.launches == 4, f"expected 2 layers x (forward + backward) persistent launches, got {mode.launches}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["plain", "packed"])
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_persistent_matches_step_loop(name, variant):
+    """Persistent vs our own step loop (cuBLAS + the fused cells): the same formulas, other sums."""
+    ours, _ = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32, input_size=12, hidden=48,
+                        device="cuda", scale=1.0)
+    inputs = inputs_for(ours, variant, torch.float32, 7, 5, seed=3)
+    with persistent_mode(False):
+        outs, grads, gouts = run(ours, inputs)
+    with persistent_mode() as mode:
+        pouts, pgrads, _ = run(ours, inputs, gouts)
+    assert mode.launches == 8
+    for k in outs:
+        if outs[k].is_floating_point():
+            torch.testing.assert_close(pouts[k], outs[k], rtol=2e-5, atol=2e-5, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(pouts[k], outs[k])
+    for k in grads:
+        torch.testing.assert_close(pgrads[k], grads[k], rtol=2e-5, atol=2e-5, msg=lambda m: f"grad {k}: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["plain", "packed"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_persistent_half_types(name, dtype, variant):
+    ours, theirs = make_pair(name, num_layers=2, bidirectional=True, dtype=dtype, input_size=24, hidden=64,
+                             device="cuda", scale=1.0)
+    _, ref32 = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32, input_size=24, hidden=64,
+                         device="cuda", scale=1.0)
+    ref32.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+    inputs = inputs_for(ours, variant, dtype, 8, 6, seed=1)
+    with persistent_mode() as mode:
+        outs, grads, gouts = run(ours, inputs)
+    assert mode.launches == 8
+    touts, tgrads, _ = run(theirs, inputs, gouts)
+    inputs32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    routs, rgrads, _ = run(ref32, inputs32, {k: v.float() for k, v in gouts.items()})
+    for k in ("output", "h_n", "c_n"):
+        if k in outs:
+            assert_half_ok(outs[k], touts[k], routs[k], f"{name} {k}")
+    for k in grads:
+        assert_half_ok(grads[k], tgrads[k], rgrads[k], f"{name} grad {k}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_cuda_persistent_deterministic(name):
+    ours, _ = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32, input_size=16, hidden=96,
+                        device="cuda", scale=1.0)
+    inputs = inputs_for(ours, "packed", torch.float32, 9, 11)
+    with persistent_mode():
+        o1, g1, gouts = run(ours, inputs)
+        o2, g2, _ = run(ours, inputs, gouts)
+    for k in o1:
+        assert torch.equal(o1[k], o2[k]), f"{k} differs between two runs"
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), f"grad {k} differs between two runs"
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_relu"])
+def test_cuda_persistent_inference(name):
+    """Under no_grad (need_backward=False: no workspace written) the same output and states."""
+    ours, _ = make_pair(name, num_layers=2, dtype=torch.float32, input_size=10, hidden=40, device="cuda", scale=1.0)
+    x = torch.randn(12, 4, 10, device="cuda")
+    with persistent_mode() as mode:
+        with torch.no_grad():
+            lean = ours(x)
+        full = ours(x)
+    assert mode.launches == 4
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
+    for a, b in zip(flat(lean), flat(full)):
+        assert torch.equal(a, b.detach())
+
+
+@needs_cuda
+def test_cuda_persistent_declines_float64():
+    """float64 is not instantiated: the step loop runs, and the results stay right."""
+    ours, theirs = make_pair("lstm", dtype=torch.float64, device="cuda")
+    with persistent_mode() as mode:
+        compare(ours, theirs, make_inputs(ours, "plain", torch.float64, "cuda"), "lstm float64",
+                dict(rtol=1e-10, atol=1e-11))
+    assert mode.launches == 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_cuda_persistent_sanitizer_subset(name):
+    """Small, so that gpu_check.sh's compute-sanitizer memcheck run covers the kernels
+    (-k "cuda and sanitizer"): packed, bidirectional, odd H, forward and backward."""
+    ours, theirs = make_pair(name, bidirectional=True, dtype=torch.float32, input_size=5, hidden=37, device="cuda",
+                             scale=1.0)
+    with persistent_mode() as mode:
+        compare(ours, theirs, inputs_for(ours, "packed", torch.float32, 4, 3), f"{name} sanitizer", TOL32)
+    assert mode.launches == 4
+
+
+def test_persistent_switch_leaves_cpu_alone():
+    """The switch is for CUDA only: on the CPU both settings give the same bits, and it answers
+    what it was set to."""
+    ours, _ = make_pair("lstm", num_layers=2, bidirectional=True, dtype=torch.float32)
+    inputs = make_inputs(ours, "packed_unsorted", torch.float32)
+    with persistent_mode(False):
+        o1, g1, gouts = run(ours, inputs)
+    with persistent_mode() as mode:
+        assert OPS._persistent_rnn()[0] == 1
+        o2, g2, _ = run(ours, inputs, gouts)
+    assert mode.launches == 0
+    for k in o1:
+        assert torch.equal(o1[k], o2[k])
+    for k in g1:
+        assert torch.equal(g1[k], g2[k])
+    with pytest.raises(RuntimeError, match=r"convrnn\._persistent_rnn: mode"):
+        OPS._persistent_rnn(2)
+
+
+# ---- the kernels emulated on the CPU (no GPU needed) ----------------------------------------------
+#
+# tests/native/rnn_persistent_emulation.cpp runs csrc/cuda/rnn_persistent.cuh, the source nvcc
+# compiles, with a CPU thread per CUDA thread, under explicit plans (units per block, batch rows
+# per chunk) chosen to reach every code path: a ragged last block, several chunks, k split over
+# warps, H * sizeof(T) a multiple of 16 bytes or not (vector or scalar staging), packed input in
+# both directions.  Reference: our CPU layer ops, on the same x_proj and saved tensors.
+
+EMU_CELLS = {"lstm": (0, "lstm_layer"), "gru": (1, "gru_layer"), "rnn_tanh": (2, "rnn_layer"),
+             "rnn_relu": (3, "rnn_layer")}
+# id: (H, units, chunk): 4 blocks the last with 1 unit, 2 chunks of 8 rows (k split 2 ways
+# forward, 8 ways backward); one block, one chunk; 3 blocks of 4 units, chunks of 5 rows
+EMU_PLANS = {"ragged": (10, 3, 8), "one_block": (10, 10, 16), "vec": (12, 4, 5)}
+EMU_T, EMU_B = 4, 11
+EMU_LENGTHS = [4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    import shutil
+    import os
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    from torch.utils.cpp_extension import load
+    from helpers import ROOT
+    return load("convrnn_persistent_emulation", [os.path.join(ROOT, "tests", "native", "rnn_persistent_emulation.cpp")],
+                extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O1"],
+                build_directory=str(tmp_path_factory.mktemp("emulation")), verbose=False)
+
+
+def _emu_layer(name, h, dtype, packed, reverse, grad_out=True, seed=0):
+    """Inputs of a layer op and our CPU op's forward and backward results on them."""
+    cell, op = EMU_CELLS[name]
+    g = {0: 4, 1: 3}.get(cell, 1)
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype)  # noqa: E731
+    bs = torch.tensor([sum(1 for n in EMU_LENGTHS if n > t) for t in range(EMU_T)]) if packed else None
+    n = int(bs.sum()) if packed else EMU_T * EMU_B
+    a = {"x": rnd(n, g * h) if packed else rnd(EMU_T, EMU_B, g * h), "h0": rnd(EMU_B, h, scale=0.8),
+         "c0": rnd(EMU_B, h) if cell == 0 else None, "w": rnd(g * h, h, scale=0.4), "bi": rnd(g * h), "bh": rnd(g * h),
+         "bs": bs}
+    fwd = getattr(OPS, op)
+    if cell == 0:
+        res = fwd(a["x"], a["h0"], a["c0"], a["w"], a["bi"], a["bh"], None, bs, reverse, True)
+    elif cell == 1:
+        res = fwd(a["x"], a["h0"], a["w"], a["bi"], a["bh"], bs, reverse, True)
+    else:
+        res = fwd(a["x"], a["h0"], a["w"], a["bi"], a["bh"], bs, reverse, cell == 3)
+    a["out"] = res[0].reshape(n, h)
+    a["gout"] = rnd(n, h) if grad_out else None
+    a["ghn"], a["gcn"] = rnd(EMU_B, h), (rnd(EMU_B, h) if cell == 0 else None)
+    gout = None if a["gout"] is None else a["gout"].reshape(res[0].shape)
+    bwd = getattr(OPS, op + "_backward")
+    if cell == 0:
+        a["cs"], a["ws"] = res[3], res[4]
+        grads = bwd(gout, a["ghn"], a["gcn"], a["h0"], a["c0"], a["w"], None, res[0], res[3], res[4], res[5], bs,
+                    reverse)
+    elif cell == 1:
+        a["cs"], a["ws"] = None, res[2]
+        grads = bwd(gout, a["ghn"], a["h0"], a["w"], res[0], res[2], bs, reverse)
+    else:
+        a["cs"], a["ws"] = None, None
+        grads = bwd(gout, a["ghn"], a["h0"], a["w"], res[0], bs, reverse, cell == 3)
+    return a, res, grads
+
+
+# (layout, plan): every layout under the richest plan, a few under the others (each case runs
+# ~1000 threads through the grid barrier: seconds)
+EMU_CASES = [(layout, "ragged") for layout in ("plain", "packed", "packed_reverse", "plain_reverse")] + [
+    ("packed_reverse", "one_block"), ("plain", "vec"), ("packed", "vec")]
+
+
+@pytest.mark.parametrize("layout,plan", EMU_CASES, ids=[f"{la}-{pl}" for la, pl in EMU_CASES])
+@pytest.mark.parametrize("name", list(EMU_CELLS))
+def test_emulated_kernels_match_cpu_ops(emulation, name, layout, plan):
+    h, units, chunk = EMU_PLANS[plan]
+    cell = EMU_CELLS[name][0]
+    packed, reverse = layout.startswith("packed"), layout.endswith("reverse")
+    a, res, grads = _emu_layer(name, h, torch.float32, packed, reverse, grad_out=plan != "one_block")
+    x = a["x"].reshape(-1, a["x"].shape[-1])
+    out, cs, ws = emulation.forward(cell, x, a["h0"], a["c0"], a["w"], a["bi"], a["bh"], a["bs"], EMU_B, reverse,
+                                    True, units, chunk)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, a["out"], **tol, msg=lambda m: f"out: {m}")
+    if cell == 0:
+        torch.testing.assert_close(cs, res[3], **tol, msg=lambda m: f"cs: {m}")
+    if cell <= 1:
+        torch.testing.assert_close(ws, res[-1] if cell == 1 else res[4], **tol, msg=lambda m: f"workspace: {m}")
+    g_hidden, g_input, dh, dc = emulation.backward(cell, a["gout"], a["out"], a["cs"], a["ws"], a["h0"], a["c0"],
+                                                   a["w"], a["ghn"], a["gcn"], a["bs"], EMU_B, reverse, units, chunk)
+    gx = grads[0].reshape(-1, grads[0].shape[-1])
+    torch.testing.assert_close(g_input if cell == 1 else g_hidden, gx, **tol, msg=lambda m: f"grad x_proj: {m}")
+    torch.testing.assert_close(dh, grads[1], **tol, msg=lambda m: f"grad h0: {m}")
+    if cell == 0:
+        torch.testing.assert_close(dc, grads[2], **tol, msg=lambda m: f"grad c0: {m}")
+    if cell == 1:
+        torch.testing.assert_close(g_hidden.sum(0), grads[4], **tol, msg=lambda m: f"grad b_hh: {m}")
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_emulated_kernels_bfloat16(emulation, name):
+    """2-byte elements (H = 16: vector staging) against our float32 CPU ops on the same values."""
+    cell = EMU_CELLS[name][0]
+    a, res, grads = _emu_layer(name, 16, torch.float32, True, True)
+    bf = {k: (v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in a.items()}
+    x = bf["x"].reshape(-1, bf["x"].shape[-1])
+    out, _, _ = emulation.forward(cell, x, bf["h0"], bf["c0"], bf["w"], bf["bi"], bf["bh"], bf["bs"], EMU_B, True,
+                                  True, 4, 8)
+    tol = dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out.float(), a["out"], **tol)
+    g_hidden, g_input, dh, _ = emulation.backward(cell, bf["gout"], bf["out"], bf["cs"], bf["ws"], bf["h0"], bf["c0"],
+                                                  bf["w"], bf["ghn"], bf["gcn"], bf["bs"], EMU_B, True, 4, 8)
+    torch.testing.assert_close((g_input if cell == 1 else g_hidden).float(), grads[0].reshape(g_hidden.shape[0], -1),
+                               **tol)
+    torch.testing.assert_close(dh.float(), grads[1], **tol)
+
+
+H100_SMEM_OPTIN = 232448  # bytes of shared memory a block may opt in to on H100/H200
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("case", ["training", "generation", "big_batch"])
+def test_plan_candidates(emulation, case, direction):
+    """The host's plan model on the benchmark shapes (LSTM, float32): every candidate fits in
+    shared memory, stages 8-row multiples (or the whole batch), and the fastest modelled is the
+    one benchmarks/NOTES-rnn-seq.md predicts from."""
+    b, h = {"training": (32, 256), "generation": (1, 128), "big_batch": (300, 512)}[case]
+    rows_per_unit, k = (4, h) if direction == "forward" else (1, 4 * h)
+    plans = emulation.plan_candidates(rows_per_unit, k, b, h, 4, H100_SMEM_OPTIN)
+    assert plans
+    for units, blocks, chunk, smem, _ in plans:
+        assert blocks == -(-h // units) and smem <= H100_SMEM_OPTIN
+        assert chunk == b if b < 8 else (chunk % 8 == 0 and 8 <= chunk <= -(-b // 8) * 8)
+    assert [p[4] for p in plans] == sorted(p[4] for p in plans)
+    expected = {("training", "forward"): 4, ("training", "backward"): 8, ("generation", "forward"): 4,
+                ("generation", "backward"): 4}
+    if (case, direction) in expected:
+        assert plans[0][0] == expected[case, direction], plans[:3]
