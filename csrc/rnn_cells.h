@@ -9,6 +9,8 @@
 #include <initializer_list>
 #include <utility>
 
+#include <torch/library.h>
+
 #include "common.h"
 
 namespace convrnn {
@@ -147,6 +149,47 @@ CONVRNN_HD A rnn_activation_grad(A ghy, A hy, bool relu) {
   return relu ? (hy > A(0) ? ghy : A(0)) : ghy * (A(1) - hy * hy);
 }
 
+// ---- the device-specific part of the cell ops ----
+//
+// Two kinds of ops use these kernels.  The fused pointwise ops (lstm_cell_fused, ...: what the
+// sequence layers call per step) get the two gate products and return the new state.  The
+// whole-cell ops (lstm_cell, gru_cell, rnn_cell: one autograd node per step) compute the gate
+// products themselves into one buffer, in rnn_cells.cpp, the same C++ for every device, and
+// call the device's kernels below in between.  Every tensor here is contiguous, checked and
+// allocated by the caller; kernels return at once when there is nothing to compute.
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct CellKernels {
+  // pre = gates_x + gates_h (+ b_ih + b_hh) -> hy, cy and the activated gates in ws (B, 4H).
+  // With gates_h undefined, ws holds gates_x + gates_h on entry (in place; gates_x unused).
+  void (*lstm)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+               const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy, const at::Tensor& ws);
+  // -> grad_gates (B, 4H), grad_cx; grad_b_ih / grad_b_hh, where defined, get the batch sum of
+  // grad_gates (the biases' gradient).
+  void (*lstm_backward)(const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& cx,
+                        const at::Tensor& cy, const at::Tensor& ws, const at::Tensor& grad_gates,
+                        const at::Tensor& grad_cx, const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh);
+  // -> hy and, when ws is defined, the workspace r, z, n, hn (B, 4H).
+  void (*gru)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+              const at::Tensor& hx, const at::Tensor& hy, const at::Tensor& ws);
+  // -> grad_gates_x, grad_gates_h (B, 3H), the direct part of grad_hx (grad_hy z), and the bias
+  // gradients (batch sums of grad_gates_x and grad_gates_h) where defined.
+  void (*gru_backward)(const at::Tensor& grad_hy, const at::Tensor& hx, const at::Tensor& ws,
+                       const at::Tensor& grad_gates_x, const at::Tensor& grad_gates_h, const at::Tensor& grad_hx,
+                       const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh);
+  // hy = act(gates_x + gates_h (+ b_ih + b_hh)); with gates_h undefined, hy holds the sum on entry.
+  void (*rnn)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+              const at::Tensor& hy, bool relu);
+  // -> grad_pre, and its batch sum into grad_b_ih / grad_b_hh where defined.
+  void (*rnn_backward)(const at::Tensor& grad_hy, const at::Tensor& hy, const at::Tensor& grad_pre,
+                       const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh, bool relu);
+};
+
+// Registers the whole-cell ops (lstm_cell, gru_cell, rnn_cell and their backward ops) for one
+// dispatch key, running `kernels` between the gate products (rnn_cells.cpp).
+void register_cell_ops(torch::Library& m, const CellKernels& kernels);
+
 // ---- host-side checks (rnn_cells.cpp) ----
 
 struct CellDims {
@@ -171,6 +214,11 @@ void check_rnn_backward(const char* op, const at::Tensor& grad_hy, const at::Ten
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // An optional incoming gradient (undefined when autograd had none for that output).
