@@ -6,6 +6,8 @@
 # protocol: every input requires grad, .grad cleared before each call, random upstream
 # gradients for every output.  cells: comma list of lstm,gru,rnn; shapes: comma list of B.
 # THREADS=n sets torch's intra-op threads (default: torch's default, 2 on the project machine).
+# CLOCK=cpu times with the process's CPU time instead of the wall clock: with THREADS=1 on a
+# loaded machine it leaves out the time the process waits for a core.
 import os
 import statistics
 import sys
@@ -66,13 +68,14 @@ def main():
                     f()
                 n = max(1, int(0.02 / max((time.perf_counter() - t0) / 4, 1e-6)))  # ~20 ms per batch
                 to, tt, r = [], [], []
+                clock = time.process_time if os.environ.get("CLOCK") == "cpu" else time.perf_counter
                 for k in range(rounds):
                     pair = [(o, to), (t, tt)] if k % 2 == 0 else [(t, tt), (o, to)]
                     for f, acc in pair:
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         for _ in range(n):
                             f()
-                        acc.append((time.perf_counter() - t0) * 1e3 / n)
+                        acc.append((clock() - t0) * 1e3 / n)
                     r.append(tt[-1] / to[-1])
                 d = "fwd+bwd" if backward else "fwd"
                 print(f"{op:14s} B{b:<4d} I{i:<5d} H{h:<5d} {d:8s} ours {statistics.median(to):8.4f} ms  "

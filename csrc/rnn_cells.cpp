@@ -160,33 +160,33 @@ Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
   return t.defined() ? t : placeholder(like);
 }
 
-// gates = x w_ih^T + h w_hh^T, (B, G*H), one buffer.
-Tensor gate_products(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh) {
-  Tensor gates = at::mm(x, w_ih.t());
-  gates.addmm_(h, w_hh.t());
-  return gates;
+Tensor empty_if(bool wanted, at::IntArrayRef size, const Tensor& like) {
+  return wanted ? at::empty(size, like.options()) : Tensor();
 }
 
-// The matrix products of a cell's backward: grad_pre_x (B, G*H) is the gradient of the
-// input-side pre-activations, grad_pre_h of the hidden-side ones (the same tensor but for the
-// GRU).  grad_hx, when defined, already holds the direct part of h's gradient and is added to.
+// The gradients of a step's arguments, in the shapes of the arguments; placeholders where the
+// mask asks for none.
 struct Grads {
   Tensor input, hx, w_ih, w_hh;
 };
 
-Grads gate_product_grads(const Tensor& grad_pre_x, const Tensor& grad_pre_h, const Tensor& x, const Tensor& h,
-                         const Tensor& w_ih, const Tensor& w_hh, Tensor grad_hx, bool want_input, bool want_hx,
-                         bool want_w_ih, bool want_w_hh) {
-  Grads g;
-  if (want_input) g.input = at::mm(grad_pre_x, w_ih);
-  if (want_hx) g.hx = grad_hx.defined() ? grad_hx.addmm_(grad_pre_h, w_hh) : at::mm(grad_pre_h, w_hh);
-  if (want_w_ih) g.w_ih = at::mm(grad_pre_x.t(), x);
-  if (want_w_hh) g.w_hh = at::mm(grad_pre_h.t(), h);
+// The backward's matrix products: grad_x (B, G*H) is the gradient of the input-side
+// pre-activations, grad_h of the hidden-side ones (the same tensor but for the GRU).
+// grad_hx, when given, already holds the direct part of h's gradient and is added to.
+Grads product_grads(const CellKernels& k, const Cell& c, const Tensor& grad_x, const Tensor& grad_h,
+                    const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, Tensor grad_hx,
+                    bool want_input, bool want_hx, bool want_w_ih, bool want_w_hh) {
+  const bool accumulate = grad_hx.defined();
+  if (!want_hx) grad_hx = Tensor();
+  if (want_hx && !accumulate) grad_hx = at::empty({c.B, c.H}, input.options());
+  Grads g{empty_if(want_input, {c.B, c.I}, input), grad_hx, empty_if(want_w_ih, w_ih.sizes(), input),
+          empty_if(want_w_hh, w_hh.sizes(), input)};
+  k.product_grads(grad_x, grad_h, rows(input), rows(hx), w_ih, w_hh, g.input, g.hx, accumulate, g.w_ih, g.w_hh);
+  g.input = want_input ? g.input.view(input.sizes()) : placeholder(input);
+  g.hx = want_hx ? g.hx.view(hx.sizes()) : placeholder(input);
+  g.w_ih = defined_or_empty(g.w_ih, input);
+  g.w_hh = defined_or_empty(g.w_hh, input);
   return g;
-}
-
-Tensor empty_if(bool wanted, at::IntArrayRef size, const Tensor& like) {
-  return wanted ? at::empty(size, like.options()) : Tensor();
 }
 
 // ---- LSTM ----
@@ -195,7 +195,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const CellKernels& k, const Tensor&
                                              const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
                                              const OptTensor& b_ih, const OptTensor& b_hh) {
   const Cell c = check_cell("lstm_cell", 4, input, {{"hx", &hx}, {"cx", &cx}}, w_ih, w_hh, b_ih, b_hh);
-  Tensor ws = gate_products(rows(input), rows(hx), w_ih, w_hh);
+  Tensor ws = at::empty({c.B, 4 * c.H}, input.options());
+  k.products(rows(input), rows(hx), w_ih, w_hh, ws, Tensor());
   Tensor hy = at::empty({c.B, c.H}, input.options()), cy = at::empty({c.B, c.H}, input.options());
   k.lstm(Tensor(), Tensor(), contiguous_opt(b_ih), contiguous_opt(b_hh), rows(cx).contiguous(), hy, cy, ws);
   return {state_out(c, hy), state_out(c, cy), ws};
@@ -214,15 +215,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
   Tensor gbi = empty_if(mask[5], {4 * c.H}, workspace), gbh = empty_if(mask[6], {4 * c.H}, workspace);
   k.lstm_backward(rows(ghy), rows(gcy), rows(cx).contiguous(), rows(cy).contiguous(),
                   workspace.contiguous(), gg, gcx, gbi, gbh);
-  const Tensor x = rows(input), h = rows(hx);
-  Grads g = gate_product_grads(gg, gg, x, h, w_ih, w_hh, Tensor(), mask[0], mask[1], mask[3], mask[4]);
-  return {mask[0] ? g.input.view(input.sizes()) : placeholder(input),
-          mask[1] ? g.hx.view(hx.sizes()) : placeholder(input),
-          mask[2] ? gcx.view(cx.sizes()) : placeholder(input),
-          defined_or_empty(g.w_ih, input),
-          defined_or_empty(g.w_hh, input),
-          defined_or_empty(gbi, input),
-          defined_or_empty(gbh, input)};
+  const Grads g =
+      product_grads(k, c, gg, gg, input, hx, w_ih, w_hh, Tensor(), mask[0], mask[1], mask[3], mask[4]);
+  return {g.input, g.hx, mask[2] ? gcx.view(cx.sizes()) : placeholder(input), g.w_ih, g.w_hh,
+          defined_or_empty(gbi, input), defined_or_empty(gbh, input)};
 }
 
 // ---- GRU ----
@@ -232,7 +228,8 @@ std::tuple<Tensor, Tensor> gru_cell(const CellKernels& k, const Tensor& input, c
                                     bool need_backward) {
   const Cell c = check_cell("gru_cell", 3, input, {{"hx", &hx}}, w_ih, w_hh, b_ih, b_hh);
   const Tensor h = rows(hx);
-  const Tensor gx = at::mm(rows(input), w_ih.t()), gh = at::mm(h, w_hh.t());
+  Tensor gx = at::empty({c.B, 3 * c.H}, input.options()), gh = at::empty({c.B, 3 * c.H}, input.options());
+  k.products(rows(input), h, w_ih, w_hh, gx, gh);
   Tensor hy = at::empty({c.B, c.H}, input.options());
   Tensor ws = need_backward ? at::empty({c.B, 4 * c.H}, input.options()) : at::empty({0}, input.options());
   k.gru(gx, gh, contiguous_opt(b_ih), contiguous_opt(b_hh), h.contiguous(), hy, need_backward ? ws : Tensor());
@@ -250,13 +247,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(
   Tensor ghx = at::empty({c.B, c.H}, workspace.options());
   Tensor gbi = empty_if(mask[4], {3 * c.H}, workspace), gbh = empty_if(mask[5], {3 * c.H}, workspace);
   k.gru_backward(rows(grad_hy).contiguous(), h.contiguous(), workspace.contiguous(), gx, gh, ghx, gbi, gbh);
-  Grads g = gate_product_grads(gx, gh, rows(input), h, w_ih, w_hh, ghx, mask[0], mask[1], mask[2], mask[3]);
-  return {mask[0] ? g.input.view(input.sizes()) : placeholder(input),
-          mask[1] ? g.hx.view(hx.sizes()) : placeholder(input),
-          defined_or_empty(g.w_ih, input),
-          defined_or_empty(g.w_hh, input),
-          defined_or_empty(gbi, input),
-          defined_or_empty(gbh, input)};
+  const Grads g = product_grads(k, c, gx, gh, input, hx, w_ih, w_hh, ghx, mask[0], mask[1], mask[2], mask[3]);
+  return {g.input, g.hx, g.w_ih, g.w_hh, defined_or_empty(gbi, input), defined_or_empty(gbh, input)};
 }
 
 // ---- vanilla RNN ----
@@ -268,7 +260,8 @@ const char* rnn_op(bool relu) {
 Tensor rnn_cell(const CellKernels& k, const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                 const OptTensor& b_ih, const OptTensor& b_hh, bool relu) {
   const Cell c = check_cell(rnn_op(relu), 1, input, {{"hx", &hx}}, w_ih, w_hh, b_ih, b_hh);
-  Tensor hy = gate_products(rows(input), rows(hx), w_ih, w_hh);
+  Tensor hy = at::empty({c.B, c.H}, input.options());
+  k.products(rows(input), rows(hx), w_ih, w_hh, hy, Tensor());
   k.rnn(Tensor(), Tensor(), contiguous_opt(b_ih), contiguous_opt(b_hh), hy, relu);
   return state_out(c, hy);
 }
@@ -281,18 +274,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
   Tensor gpre = at::empty({c.B, c.H}, input.options());
   Tensor gbi = empty_if(mask[4], {c.H}, input), gbh = empty_if(mask[5], {c.H}, input);
   k.rnn_backward(rows(grad_hy).contiguous(), rows(hy).contiguous(), gpre, gbi, gbh, relu);
-  const Tensor h = rows(hx);
-  Grads g = gate_product_grads(gpre, gpre, rows(input), h, w_ih, w_hh, Tensor(), mask[0], mask[1], mask[2],
-                               mask[3]);
-  return {mask[0] ? g.input.view(input.sizes()) : placeholder(input),
-          mask[1] ? g.hx.view(hx.sizes()) : placeholder(input),
-          defined_or_empty(g.w_ih, input),
-          defined_or_empty(g.w_hh, input),
-          defined_or_empty(gbi, input),
-          defined_or_empty(gbh, input)};
+  const Grads g =
+      product_grads(k, c, gpre, gpre, input, hx, w_ih, w_hh, Tensor(), mask[0], mask[1], mask[2], mask[3]);
+  return {g.input, g.hx, g.w_ih, g.w_hh, defined_or_empty(gbi, input), defined_or_empty(gbh, input)};
 }
 
 }  // namespace
+
+void mm_gate_products(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
+                      const Tensor& gates_h) {
+  Tensor out = gates;
+  at::mm_out(out, x, w_ih.t());
+  if (gates_h.defined()) {
+    Tensor out_h = gates_h;
+    at::mm_out(out_h, h, w_hh.t());
+  } else {
+    out.addmm_(h, w_hh.t());
+  }
+}
+
+void mm_gate_product_grads(const Tensor& grad_x, const Tensor& grad_h, const Tensor& x, const Tensor& h,
+                           const Tensor& w_ih, const Tensor& w_hh, const Tensor& grad_input, const Tensor& grad_hx,
+                           bool accumulate_hx, const Tensor& grad_w_ih, const Tensor& grad_w_hh) {
+  for (const auto& [out, a, b] : {std::tuple<const Tensor&, Tensor, const Tensor&>{grad_input, grad_x, w_ih},
+                                  {grad_w_ih, grad_x.t(), x}, {grad_w_hh, grad_h.t(), h}}) {
+    if (out.defined()) {
+      Tensor o = out;
+      at::mm_out(o, a, b);
+    }
+  }
+  if (grad_hx.defined()) {
+    Tensor o = grad_hx;
+    accumulate_hx ? o.addmm_(grad_h, w_hh) : at::mm_out(o, grad_h, w_hh);
+  }
+}
 
 void register_cell_ops(torch::Library& m, const CellKernels& kernels) {
   const CellKernels* k = &kernels;

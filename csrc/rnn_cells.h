@@ -153,14 +153,25 @@ CONVRNN_HD A rnn_activation_grad(A ghy, A hy, bool relu) {
 //
 // Two kinds of ops use these kernels.  The fused pointwise ops (lstm_cell_fused, ...: what the
 // sequence layers call per step) get the two gate products and return the new state.  The
-// whole-cell ops (lstm_cell, gru_cell, rnn_cell: one autograd node per step) compute the gate
-// products themselves into one buffer, in rnn_cells.cpp, the same C++ for every device, and
-// call the device's kernels below in between.  Every tensor here is contiguous, checked and
-// allocated by the caller; kernels return at once when there is nothing to compute.
+// whole-cell ops (lstm_cell, gru_cell, rnn_cell: one autograd node per step; rnn_cells.cpp, the
+// same C++ for every device) call the device's gate products and pointwise kernels below.
+// Every tensor here is checked and allocated by the caller; the pointwise kernels get
+// contiguous tensors and return at once when there is nothing to compute.
 
 using OptTensor = std::optional<at::Tensor>;
 
 struct CellKernels {
+  // gates = x w_ih^T + h w_hh^T, (B, G*H); with gates_h defined, gates = x w_ih^T and
+  // gates_h = h w_hh^T (the GRU keeps them apart).  x (B, I) and h (B, H) may be strided.
+  void (*products)(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const at::Tensor& gates, const at::Tensor& gates_h);
+  // The backward's products, each only where its output is defined: grad_input = grad_x w_ih,
+  // grad_hx = grad_h w_hh (added to grad_hx's values with accumulate_hx), grad_w_ih =
+  // grad_x^T x, grad_w_hh = grad_h^T h.  grad_x / grad_h: the pre-activation gradients (B, G*H).
+  void (*product_grads)(const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x,
+                        const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const at::Tensor& grad_input, const at::Tensor& grad_hx, bool accumulate_hx,
+                        const at::Tensor& grad_w_ih, const at::Tensor& grad_w_hh);
   // pre = gates_x + gates_h (+ b_ih + b_hh) -> hy, cy and the activated gates in ws (B, 4H).
   // With gates_h undefined, ws holds gates_x + gates_h on entry (in place; gates_x unused).
   void (*lstm)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
@@ -185,6 +196,22 @@ struct CellKernels {
   void (*rnn_backward)(const at::Tensor& grad_hy, const at::Tensor& hy, const at::Tensor& grad_pre,
                        const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh, bool relu);
 };
+
+// CellKernels::products and product_grads with at::mm (MKL or cuBLAS through the dispatcher).
+void mm_gate_products(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const at::Tensor& gates, const at::Tensor& gates_h);
+void mm_gate_product_grads(const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x,
+                           const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const at::Tensor& grad_input, const at::Tensor& grad_hx, bool accumulate_hx,
+                           const at::Tensor& grad_w_ih, const at::Tensor& grad_w_hh);
+
+// The CPU's (cpu/rnn_cell_products.cpp): BLAS called directly, work split over threads.
+void cpu_gate_products(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const at::Tensor& gates, const at::Tensor& gates_h);
+void cpu_gate_product_grads(const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x,
+                            const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const at::Tensor& grad_input, const at::Tensor& grad_hx, bool accumulate_hx,
+                            const at::Tensor& grad_w_ih, const at::Tensor& grad_w_hh);
 
 // Registers the whole-cell ops (lstm_cell, gru_cell, rnn_cell and their backward ops) for one
 // dispatch key, running `kernels` between the gate products (rnn_cells.cpp).

@@ -358,8 +358,8 @@ void rnn_backward_kernel(const Tensor& grad_hy, const Tensor& hy, const Tensor& 
   });
 }
 
-const CellKernels kCpuKernels{lstm_kernel, lstm_backward_kernel, gru_kernel, gru_backward_kernel, rnn_kernel,
-                              rnn_backward_kernel};
+const CellKernels kCpuKernels{cpu_gate_products, cpu_gate_product_grads, lstm_kernel, lstm_backward_kernel,
+                              gru_kernel,        gru_backward_kernel,    rnn_kernel,  rnn_backward_kernel};
 
 // ---- the fused ops ----
 

@@ -244,8 +244,9 @@ void rnn_backward_kernel_cuda(const Tensor& grad_hy, const Tensor& hy, const Ten
   bias_sums(grad_pre, grad_b_hh);
 }
 
-const CellKernels kCudaKernels{lstm_kernel_cuda, lstm_backward_kernel_cuda, gru_kernel_cuda,
-                               gru_backward_kernel_cuda, rnn_kernel_cuda, rnn_backward_kernel_cuda};
+const CellKernels kCudaKernels{mm_gate_products, mm_gate_product_grads,    lstm_kernel_cuda,
+                               lstm_backward_kernel_cuda, gru_kernel_cuda, gru_backward_kernel_cuda,
+                               rnn_kernel_cuda,           rnn_backward_kernel_cuda};
 
 // ---- the fused ops ----
 
