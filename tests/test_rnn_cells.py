@@ -684,8 +684,9 @@ def test_gradcheck_partial(device, cell, grads_of, bias):
 
 @pytest.mark.parametrize("name", list(CELLS))
 def test_eager_route_matches_dispatcher_route(device, name):
-    """ck.<cell> (eager: the op's OpFunction) and the bare op through the dispatcher
-    (register_autograd, what torch.compile traces) give the same values and gradients."""
+    """ck.<cell> (eager: the C++ twin of the op's OpFunction) and the bare op through the
+    dispatcher (register_autograd, what torch.compile traces) give the same values and
+    gradients, bit for bit."""
     cell = CELLS[name]
     ours(cell)
     op = whole_op(cell)
@@ -695,9 +696,12 @@ def test_eager_route_matches_dispatcher_route(device, name):
         leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in t.items()}
         if route == "eager":
             outs = call(ours(cell), cell, leaves)
+            # the eager node is the C++ twin (csrc/rnn_cells_autograd.cpp), not a Python node
+            assert "CppNode" in outs[0].grad_fn.name(), outs[0].grad_fn.name()
         else:
             res = op(*whole_op_args(cell, leaves))
             outs = res[:2] if cell.lstm else (res[0],) if name == "gru_cell" else (res,)
+            assert "CppNode" not in outs[0].grad_fn.name(), outs[0].grad_fn.name()
         names = [k for k in NAMES if leaves[k] is not None]
         gouts = tuple(grad_output_like(o, 9 + j) for j, o in enumerate(outs))
         grads = torch.autograd.grad(outs, [leaves[k] for k in names], gouts)

@@ -1,16 +1,17 @@
 """Recurrent cells: lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell.
 
 Each functional is one whole-cell op (convrnn::lstm_cell, gru_cell, rnn_cell): the gate
-matrix products (torch's matmul) and the fused pointwise step (csrc/rnn_cells.h) in one C++
+matrix products (BLAS / cuBLAS) and the fused pointwise step (csrc/rnn_cells.h) in one C++
 call, argument checks included, and one autograd node whose backward is one op too
 (convrnn::*_cell_backward: the fused backward kernel, the bias sums and the matrix products of
-the gradients autograd asks for).  Weights and gate order are torch.nn's, so
+the gradients autograd asks for).  In eager mode that node is C++ (csrc/rnn_cells_autograd.cpp).  Weights and gate order are torch.nn's, so
 LSTMCell/GRUCell/RNNCell weights work unchanged.
 
 The fused pointwise ops (convrnn::*_cell_fused) are what the sequence layers call per step
 (csrc/rnn_layers.cpp); their fake kernels and autograd formulas are registered here too."""
 import torch
 
+from .. import _C
 from ._common import OpFunction, call
 
 OPS = torch.ops.convrnn
@@ -104,9 +105,11 @@ def _masked(grads, mask, extra=0):
 
 
 class LstmCellFunction(OpFunction):
-    """One autograd node per LSTM step (OpFunction: applied by the eager path, registered with
-    the dispatcher for tracing).  Saves input, states, weights, c' and the activated gates."""
+    """One autograd node per LSTM step: registered with the dispatcher (OpFunction) for
+    tracing; eager calls apply its C++ twin (csrc/rnn_cells_autograd.cpp: a Python node cost as
+    much as the step at batch 1).  Saves input, states, weights, c' and the activated gates."""
     op_name = "lstm_cell"
+    eager = _C.lstm_cell_autograd
 
     @staticmethod
     def save(ctx, inputs, output):
@@ -127,8 +130,10 @@ class LstmCellFunction(OpFunction):
 
 
 class GruCellFunction(OpFunction):
-    """One autograd node per GRU step; saves input, hx, weights and the workspace (r, z, n, hn)."""
+    """One autograd node per GRU step (eager: its C++ twin, as LstmCellFunction); saves input,
+    hx, weights and the workspace (r, z, n, hn)."""
     op_name = "gru_cell"
+    eager = _C.gru_cell_autograd
 
     @staticmethod
     def save(ctx, inputs, output):
@@ -148,8 +153,10 @@ class GruCellFunction(OpFunction):
 
 
 class RnnCellFunction(OpFunction):
-    """One autograd node per vanilla RNN step; saves input, hx, weights and h' itself."""
+    """One autograd node per vanilla RNN step (eager: its C++ twin, as LstmCellFunction); saves
+    input, hx, weights and h' itself."""
     op_name = "rnn_cell"
+    eager = _C.rnn_cell_autograd
 
     @staticmethod
     def save(ctx, inputs, output):
