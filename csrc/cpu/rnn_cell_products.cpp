@@ -30,6 +30,9 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's thread-local thread count (0: back to the global one).  torch turns MKL's dynamic
+// adjustment off, so without it MKL would start its own threads inside ours.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // the C entry (mkl_set_num_threads_local is Fortran)
 }
 
 namespace convrnn {
@@ -99,6 +102,18 @@ Gemm<T> slice(Gemm<T> g, int64_t p, int64_t P) {
   return g;
 }
 
+// BLAS on one thread while in scope (in a task of ours).
+struct SequentialBlas {
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(0);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+};
+
 // Independent products (distinct outputs) that balance over the P threads as they are: which
 // thread runs each (longest first onto the least loaded), or an empty vector when the best
 // split leaves a thread more than 10% above the mean.
@@ -133,6 +148,7 @@ void run_all(const std::vector<Gemm<T>>& gemms, bool independent) {
   }
   const std::vector<int64_t> owner = independent ? whole_assignment(gemms, P, macs) : std::vector<int64_t>{};
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    const SequentialBlas sequential;
     for (int64_t p = p0; p < p1; ++p) {
       for (size_t i = 0; i < gemms.size(); ++i) {
         if (owner.empty()) {
