@@ -7,7 +7,9 @@
 # gradients for every output.  cells: comma list of lstm,gru,rnn; shapes: comma list of B.
 # THREADS=n sets torch's intra-op threads (default: torch's default, 2 on the project machine).
 # CLOCK=cpu times with the process's CPU time instead of the wall clock: with THREADS=1 on a
-# loaded machine it leaves out the time the process waits for a core.
+# loaded machine it leaves out the time the process waits for a core.  QUIET=1 starts each
+# round only when no other task is runnable (procs_running in /proc/stat, polled for up to 60 s):
+# on a shared machine whose load comes in bursts, rounds then fall in the quiet gaps.
 import os
 import statistics
 import sys
@@ -20,6 +22,21 @@ from convrnn_kernels.bench.rnn import SHAPES, _inputs
 
 CELLS = {"lstm": ("lstm_cell", ck.lstm_cell, torch.lstm_cell), "gru": ("gru_cell", ck.gru_cell, torch.gru_cell),
          "rnn": ("rnn_tanh_cell", ck.rnn_tanh_cell, torch.rnn_tanh_cell)}
+
+
+def procs_running():
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_quiet(limit=60.0):
+    """Until this process is the only runnable one (itself counted once), or `limit` seconds."""
+    t0 = time.time()
+    while procs_running() > 1 and time.time() - t0 < limit:
+        time.sleep(0.05)
 
 
 def runner(fn, lstm, inputs, backward, grads):
@@ -69,7 +86,10 @@ def main():
                 n = max(1, int(0.02 / max((time.perf_counter() - t0) / 4, 1e-6)))  # ~20 ms per batch
                 to, tt, r = [], [], []
                 clock = time.process_time if os.environ.get("CLOCK") == "cpu" else time.perf_counter
+                quiet = os.environ.get("QUIET") == "1"
                 for k in range(rounds):
+                    if quiet:
+                        wait_quiet()
                     pair = [(o, to), (t, tt)] if k % 2 == 0 else [(t, tt), (o, to)]
                     for f, acc in pair:
                         t0 = clock()
