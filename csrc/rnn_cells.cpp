@@ -11,7 +11,10 @@
 //   kernel (CellKernels, rnn_cells.h) turns that buffer into the saved workspace in place.
 //   Backward: the fused backward kernel (bias gradients summed in it), then the matrix
 //   products of the gradients output_mask asks for.
-//   The products are torch's (at::mm, so MKL or cuBLAS; half types accumulate in float).
+//   The products are the device's too (CellKernels::products): at::mm on CUDA (cuBLAS), BLAS
+//   called directly and split over the threads on the CPU (cpu/rnn_cell_products.cpp); half
+//   types accumulate in float either way.  The eager route's autograd node for these ops is
+//   C++ (rnn_cells_autograd.cpp).
 #include "rnn_cells.h"
 
 #include <array>
