@@ -9,6 +9,8 @@
 #include <initializer_list>
 #include <utility>
 
+#include <torch/library.h>
+
 #include "common.h"
 
 namespace convrnn {
@@ -147,6 +149,74 @@ CONVRNN_HD A rnn_activation_grad(A ghy, A hy, bool relu) {
   return relu ? (hy > A(0) ? ghy : A(0)) : ghy * (A(1) - hy * hy);
 }
 
+// ---- the device-specific part of the cell ops ----
+//
+// Two kinds of ops use these kernels.  The fused pointwise ops (lstm_cell_fused, ...: what the
+// sequence layers call per step) get the two gate products and return the new state.  The
+// whole-cell ops (lstm_cell, gru_cell, rnn_cell: one autograd node per step; rnn_cells.cpp, the
+// same C++ for every device) call the device's gate products and pointwise kernels below.
+// Every tensor here is checked and allocated by the caller; the pointwise kernels get
+// contiguous tensors and return at once when there is nothing to compute.
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct CellKernels {
+  // gates = x w_ih^T + h w_hh^T, (B, G*H); with gates_h defined, gates = x w_ih^T and
+  // gates_h = h w_hh^T (the GRU keeps them apart).  x (B, I) and h (B, H) may be strided.
+  void (*products)(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                   const at::Tensor& gates, const at::Tensor& gates_h);
+  // The backward's products, each only where its output is defined: grad_input = grad_x w_ih,
+  // grad_hx = grad_h w_hh (added to grad_hx's values with accumulate_hx), grad_w_ih =
+  // grad_x^T x, grad_w_hh = grad_h^T h.  grad_x / grad_h: the pre-activation gradients (B, G*H).
+  void (*product_grads)(const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x,
+                        const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const at::Tensor& grad_input, const at::Tensor& grad_hx, bool accumulate_hx,
+                        const at::Tensor& grad_w_ih, const at::Tensor& grad_w_hh);
+  // pre = gates_x + gates_h (+ b_ih + b_hh) -> hy, cy and the activated gates in ws (B, 4H).
+  // With gates_h undefined, ws holds gates_x + gates_h on entry (in place; gates_x unused).
+  void (*lstm)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+               const at::Tensor& cx, const at::Tensor& hy, const at::Tensor& cy, const at::Tensor& ws);
+  // -> grad_gates (B, 4H), grad_cx; grad_b_ih / grad_b_hh, where defined, get the batch sum of
+  // grad_gates (the biases' gradient).
+  void (*lstm_backward)(const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& cx,
+                        const at::Tensor& cy, const at::Tensor& ws, const at::Tensor& grad_gates,
+                        const at::Tensor& grad_cx, const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh);
+  // -> hy and, when ws is defined, the workspace r, z, n, hn (B, 4H).
+  void (*gru)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+              const at::Tensor& hx, const at::Tensor& hy, const at::Tensor& ws);
+  // -> grad_gates_x, grad_gates_h (B, 3H), the direct part of grad_hx (grad_hy z), and the bias
+  // gradients (batch sums of grad_gates_x and grad_gates_h) where defined.
+  void (*gru_backward)(const at::Tensor& grad_hy, const at::Tensor& hx, const at::Tensor& ws,
+                       const at::Tensor& grad_gates_x, const at::Tensor& grad_gates_h, const at::Tensor& grad_hx,
+                       const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh);
+  // hy = act(gates_x + gates_h (+ b_ih + b_hh)); with gates_h undefined, hy holds the sum on entry.
+  void (*rnn)(const at::Tensor& gates_x, const at::Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+              const at::Tensor& hy, bool relu);
+  // -> grad_pre, and its batch sum into grad_b_ih / grad_b_hh where defined.
+  void (*rnn_backward)(const at::Tensor& grad_hy, const at::Tensor& hy, const at::Tensor& grad_pre,
+                       const at::Tensor& grad_b_ih, const at::Tensor& grad_b_hh, bool relu);
+};
+
+// CellKernels::products and product_grads with at::mm (MKL or cuBLAS through the dispatcher).
+void mm_gate_products(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                      const at::Tensor& gates, const at::Tensor& gates_h);
+void mm_gate_product_grads(const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x,
+                           const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const at::Tensor& grad_input, const at::Tensor& grad_hx, bool accumulate_hx,
+                           const at::Tensor& grad_w_ih, const at::Tensor& grad_w_hh);
+
+// The CPU's (cpu/rnn_cell_products.cpp): BLAS called directly, work split over threads.
+void cpu_gate_products(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                       const at::Tensor& gates, const at::Tensor& gates_h);
+void cpu_gate_product_grads(const at::Tensor& grad_x, const at::Tensor& grad_h, const at::Tensor& x,
+                            const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                            const at::Tensor& grad_input, const at::Tensor& grad_hx, bool accumulate_hx,
+                            const at::Tensor& grad_w_ih, const at::Tensor& grad_w_hh);
+
+// Registers the whole-cell ops (lstm_cell, gru_cell, rnn_cell and their backward ops) for one
+// dispatch key, running `kernels` between the gate products (rnn_cells.cpp).
+void register_cell_ops(torch::Library& m, const CellKernels& kernels);
+
 // ---- host-side checks (rnn_cells.cpp) ----
 
 struct CellDims {
@@ -171,6 +241,11 @@ void check_rnn_backward(const char* op, const at::Tensor& grad_hy, const at::Ten
 template <typename T>
 const T* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // An optional incoming gradient (undefined when autograd had none for that output).

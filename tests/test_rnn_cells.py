@@ -600,3 +600,190 @@ def test_module_dtype_and_no_hx_default(device, name):
     out, expected = m(x), m(x, (zeros, zeros) if cell.lstm else zeros)
     for o, e in zip(out if cell.lstm else (out,), expected if cell.lstm else (expected,)):
         assert torch.equal(o, e)
+
+
+# ---- whole-cell dispatcher ops (lstm_cell, gru_cell, rnn_cell and backward) -------------------
+# The functionals above are these ops; here: the ops themselves (opcheck, the eager route and
+# the dispatcher's registered autograd agree, partial gradients, the backward ops' masks).
+
+WHOLE_OPS = {"lstm_cell": "lstm_cell", "gru_cell": "gru_cell", "rnn_tanh_cell": "rnn_cell",
+             "rnn_relu_cell": "rnn_cell"}
+
+
+def whole_op_args(cell, t, need_backward=True):
+    """The op's arguments for the inputs t of make_cell_inputs (LSTM: h and c apart)."""
+    states = [t["h"], t["c"]] if cell.lstm else [t["h"]]
+    extra = {"gru_cell": [need_backward], "rnn_tanh_cell": [False], "rnn_relu_cell": [True]}.get(cell.name, [])
+    return [t["input"], *states, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], *extra]
+
+
+def whole_op(cell):
+    return fused_op(WHOLE_OPS[cell.name]).default
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (None, 4, 6), (0, 3, 2)], ids=size_id)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_whole_op_opcheck(device, cell, size, bias):
+    op = whole_op(cell)
+    t = make_cell_inputs(cell, *size, torch.float32, device, bias)
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in whole_op_args(cell, t)]
+    torch.library.opcheck(op, tuple(args))
+
+
+@pytest.mark.parametrize("mask_id", ["all", "weights", "input", "states", "none_but_bias"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_whole_backward_op_opcheck(device, cell, mask_id, bias):
+    op = whole_op(cell)
+    bop = fused_op(WHOLE_OPS[cell.name] + "_backward").default
+    t = make_cell_inputs(cell, 3, 5, 7, torch.float32, device, bias)
+    args = whole_op_args(cell, t)
+    out = op(*args)
+    n_states = 2 if cell.lstm else 1
+    names = ["input"] + ["h", "c"][:n_states] + ["w_ih", "w_hh", "b_ih", "b_hh"]
+    wanted = {"all": names, "weights": ["w_ih", "w_hh"], "input": ["input"], "states": ["h", "c"],
+              "none_but_bias": ["b_ih", "b_hh"]}[mask_id]
+    mask = [n in wanted and (bias or not n.startswith("b_")) for n in names]
+    g = grad_output_like(t["h"], 5)
+    x, states, w_ih, w_hh = t["input"], [t["h"], t["c"]][:n_states], t["w_ih"], t["w_hh"]
+    if cell.lstm:
+        hy, cy, ws = out
+        cases = [(g, g * 0.5), (g, None), (None, g)]
+        for gh, gc in cases:
+            torch.library.opcheck(bop, (gh, gc, x, *states, w_ih, w_hh, cy, ws, mask))
+    elif cell.name == "gru_cell":
+        torch.library.opcheck(bop, (g, x, *states, w_ih, w_hh, out[1], mask))
+    else:
+        torch.library.opcheck(bop, (g, x, *states, w_ih, w_hh, out, cell.name == "rnn_relu_cell", mask))
+
+
+@pytest.mark.parametrize("grads_of", ["all", "weights", "input", "states", "biases"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_partial(device, cell, grads_of, bias):
+    """float64 gradcheck with only some arguments requiring grad (the backward op's mask)."""
+    if grads_of == "biases" and not bias:
+        pytest.skip("no biases")
+    t = make_cell_inputs(cell, 3, 4, 5, torch.float64, device, bias, seed=11)
+    groups = {"all": NAMES, "weights": ["w_ih", "w_hh"], "input": ["input"], "states": ["h", "c"],
+              "biases": ["b_ih", "b_hh"]}
+    diff = [k for k in groups[grads_of] if t[k] is not None]
+    fn = ours(cell)
+
+    def f(*args):
+        d = dict(t)
+        d.update(zip(diff, args))
+        return call(fn, cell, d)
+    assert torch.autograd.gradcheck(f, [t[k].clone().requires_grad_() for k in diff])
+    # and the gradients of the others are not computed at all
+    leaves = {k: None if v is None else v.clone().requires_grad_(k in diff) for k, v in t.items()}
+    out = call(fn, cell, leaves)
+    sum(o.sum() for o in out).backward()
+    for k, v in leaves.items():
+        if v is not None and k not in diff:
+            assert v.grad is None, f"{k} got a gradient it did not ask for"
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_eager_route_matches_dispatcher_route(device, name):
+    """ck.<cell> (eager: the C++ twin of the op's OpFunction) and the bare op through the
+    dispatcher (register_autograd, what torch.compile traces) give the same values and
+    gradients, bit for bit."""
+    cell = CELLS[name]
+    ours(cell)
+    op = whole_op(cell)
+    t = make_cell_inputs(cell, 4, 6, 5, torch.float64, device, seed=4)
+    results = []
+    for route in ("eager", "dispatcher"):
+        leaves = {k: None if v is None else v.clone().requires_grad_() for k, v in t.items()}
+        if route == "eager":
+            outs = call(ours(cell), cell, leaves)
+            # the eager node is the C++ twin (csrc/rnn_cells_autograd.cpp), not a Python node
+            assert "CppNode" in outs[0].grad_fn.name(), outs[0].grad_fn.name()
+        else:
+            res = op(*whole_op_args(cell, leaves))
+            outs = res[:2] if cell.lstm else (res[0],) if name == "gru_cell" else (res,)
+            assert "CppNode" not in outs[0].grad_fn.name(), outs[0].grad_fn.name()
+        names = [k for k in NAMES if leaves[k] is not None]
+        gouts = tuple(grad_output_like(o, 9 + j) for j, o in enumerate(outs))
+        grads = torch.autograd.grad(outs, [leaves[k] for k in names], gouts)
+        results.append((outs, grads))
+    (o1, g1), (o2, g2) = results
+    for a, b in zip(o1 + g1, o2 + g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gru_without_backward_saves_no_workspace(device):
+    cell = CELLS["gru_cell"]
+    op = whole_op(cell)
+    t = make_cell_inputs(cell, 3, 5, 7, torch.float32, device)
+    hy, ws = op(*whole_op_args(cell, t, need_backward=False))
+    hy2, ws2 = op(*whole_op_args(cell, t, need_backward=True))
+    assert ws.numel() == 0 and ws2.shape == (3, 28)
+    assert torch.equal(hy, hy2)
+    with torch.no_grad():
+        assert torch.equal(ours(cell)(t["input"], t["h"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"]), hy)
+
+
+@pytest.mark.parametrize("size", [(64, 96, 80), (5, 300, 33), (1, 512, 256)], ids=size_id)
+def test_thread_count_agrees(device, cell, size):
+    """Large steps split their products over the threads (csrc/cpu/rnn_cell_products.cpp):
+    1 and 2 threads agree to rounding and each is repeatable bit for bit."""
+    t = make_cell_inputs(cell, *size, torch.float32, device, seed=2)
+    runs = {}
+    for n in (1, 2, 2):
+        with num_threads(n):
+            outs, grads, gouts = fwd_bwd(ours(cell), cell, t, runs.get("gouts"))
+        runs.setdefault("gouts", gouts)
+        if n in runs:
+            for a, b in zip(outs + tuple(grads.values()), runs[n]):
+                assert torch.equal(a, b), "two runs with 2 threads differ"
+        runs[n] = outs + tuple(grads.values())
+    for a, b in zip(runs[1], runs[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_against_torch(ours(cell), cell, t, f"{size_id(size)}", gouts=runs["gouts"], reference=False)
+
+
+@pytest.mark.parametrize("name", ["gru_cell", "rnn_tanh_cell", "rnn_relu_cell"])
+def test_torch_compile_cell_module(device, name):
+    """fullgraph compile of a step loop through the module; values and gradients as eager."""
+    cell = CELLS[name]
+    m = module_cls(cell)(3, 4, **cell.module_kwargs).to(device)
+    torch._dynamo.reset()
+
+    def model(xs, h):
+        for x in xs:
+            h = m(x, h)
+        return h * 2
+
+    compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
+    xs = _rand(2, 2, 3, device=device, dtype=torch.float32, scale=1)
+    h0 = _rand(2, 4, seed=1, device=device, dtype=torch.float32, scale=1)
+    results = []
+    for f in (compiled, model):
+        ins = [xs.detach().requires_grad_(), h0.detach().requires_grad_()]
+        out = f(*ins)
+        results.append((out, torch.autograd.grad(out, ins + list(m.parameters()), torch.ones_like(out))))
+    (out, grads), (eout, egrads) = results
+    torch.testing.assert_close(out, eout, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, egrads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_whole_backward_bad_arguments(device):
+    kw = dict(device=device, dtype=torch.float32)
+    cell = CELLS["lstm_cell"]
+    t = make_cell_inputs(cell, 3, 5, 7, torch.float32, device)
+    op, bop = whole_op(cell), fused_op("lstm_cell_backward").default
+    hy, cy, ws = op(*whole_op_args(cell, t))
+    mask = [True] * 7
+    x, h, c, w_ih, w_hh = t["input"], t["h"], t["c"], t["w_ih"], t["w_hh"]
+    with raises_named("lstm_cell_backward", "workspace"):
+        bop(hy, cy, x, h, c, w_ih, w_hh, cy, ws[:, :-4], mask)
+    with raises_named("lstm_cell_backward", "grad_hy"):
+        bop(torch.randn(3, 8, **kw), cy, x, h, c, w_ih, w_hh, cy, ws, mask)
+    with raises_named("lstm_cell_backward", r"\bcy\b"):
+        bop(hy, cy, x, h, c, w_ih, w_hh, cy.double(), ws, mask)
+    gru, gru_b = whole_op(CELLS["gru_cell"]), fused_op("gru_cell_backward").default
+    tg = make_cell_inputs(CELLS["gru_cell"], 3, 5, 7, torch.float32, device)
+    _, empty_ws = gru(*whole_op_args(CELLS["gru_cell"], tg, need_backward=False))
+    with raises_named("gru_cell_backward", "workspace"):
+        gru_b(tg["h"], tg["input"], tg["h"], tg["w_ih"], tg["w_hh"], empty_ws, [True] * 6)

@@ -46,7 +46,7 @@ def _eager_ok(args) -> bool:
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
 
-_FUNCTIONS = {}  # op -> its OpFunction
+_FUNCTIONS = {}  # op -> how eager calls apply its autograd: its OpFunction's apply, or OpFunction.eager
 
 
 def call(op, *args):
@@ -55,7 +55,7 @@ def call(op, *args):
     if not _eager_ok(args):
         return op(*args)
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return _FUNCTIONS[op].apply(*args)
+        return _FUNCTIONS[op](*args)
     with _below_autograd():
         return op(*args)
 
@@ -69,12 +69,19 @@ class OpFunction(torch.autograd.Function):
     dispatcher as the op's autograd formula (torch.library.register_autograd, where save is
     the setup_context).  The forward takes ctx (the old-style signature) because
     Function.apply binds the arguments with inspect.signature on every call of a Function
-    that defines setup_context: ~25 us a call."""
+    that defines setup_context: ~25 us a call.
+
+    A subclass may also set `eager` to a C++ function applying a torch::autograd::Function
+    that saves and differentiates exactly as save and backward do; eager calls then use it
+    instead of this class.  For ops so small that the Python node is most of their cost (the
+    recurrent cells: csrc/rnn_cells_autograd.cpp)."""
+
+    eager = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.op = getattr(torch.ops.convrnn, cls.op_name).default
-        _FUNCTIONS[cls.op] = cls
+        _FUNCTIONS[cls.op] = cls.apply if cls.eager is None else cls.eager
         save = cls.save
 
         def forward(ctx, *args):

@@ -9,11 +9,12 @@ torch's policy (aten/src/ATen/autocast_mode.cpp, cudnn/AutocastRNN.cpp, torch 2.
                      no cast) and an empty input (returned as it is).
   cells (CUDA)       lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell: lower precision.
   cells (CPU)        not listed: torch runs the composite, whose F.linear gate products are lower
-                     precision (so are ours: the cell wrappers call F.linear) and whose remaining
-                     arithmetic promotes with the state, so LSTMCell/GRUCell give float32 with a
-                     float32 state and RNNCell the lower type.  The fused op here promotes its gates
-                     and state as autocast's `promote` policy does; the biases, which torch adds
-                     inside the lower-precision F.linear, take the promoted type.
+                     precision and whose remaining arithmetic promotes with the state, so
+                     LSTMCell/GRUCell give float32 with a float32 state and RNNCell the lower type.
+                     Our whole-cell ops (gate products inside) take autocast's `promote` policy over
+                     input and state (LSTM, GRU) or the lower type (RNN): torch's output dtypes,
+                     the products in the promoted type (no larger error).  The step ops of the
+                     layer loops promote their gates and state likewise.
   layers (CUDA)      cuDNN's RNN (and the fused-cell fallback) casts to lower precision.
   layers (CPU)       LSTM runs through mkldnn_rnn_layer (lower list) when oneDNN is enabled and the
                      input is not packed and has no projection; otherwise through composite cells
@@ -90,6 +91,16 @@ def no_cast(args, device_type):
 POLICIES = {
     "conv2d": (lower, lower),
     "local_response_norm": (lrn, lrn),
+    # the whole-cell ops (what ck.lstm_cell & co. call): torch's CPU composite computes the gate
+    # products in the lower type and promotes the rest with the state; ours computes everything in
+    # the promoted type (same output dtype, no larger error).  CUDA: torch's fused cells, lower.
+    "lstm_cell": (promote(0, 1, 2), lower),
+    "gru_cell": (promote(0, 1), lower),
+    "rnn_cell": (lower, lower),
+    "lstm_cell_backward": (no_cast, no_cast),
+    "gru_cell_backward": (no_cast, no_cast),
+    "rnn_cell_backward": (no_cast, no_cast),
+    # the step ops the layer loops call
     "lstm_cell_fused": (promote(0, 1, 2), lower),
     "gru_cell_fused": (promote(0, 1, 2), lower),
     "rnn_cell_fused": (promote(0, 1), lower),

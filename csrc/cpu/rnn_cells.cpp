@@ -1,11 +1,18 @@
-// CPU fused recurrent cells: the pointwise part of LSTM, GRU and vanilla RNN steps.
+// CPU fused recurrent cells: the pointwise part of LSTM, GRU and vanilla RNN steps, for the
+// fused ops (registered here) and the whole-cell ops (rnn_cells.cpp, which this file registers
+// for the CPU with these kernels).
 //
-// One task per batch row (parallel over rows when there is enough work); within a row one
-// loop over the H hidden units reads the gate blocks at j, H + j, 2H + j, ... as contiguous
-// streams, so the compiler vectorises it, float activations included (exp_poly in
-// rnn_cells.h).  The gate formulas are rnn_cells.h's, shared with the CUDA kernels.
+// Within a row one loop over hidden units j reads the gate blocks at j, H + j, 2H + j, ... as
+// contiguous streams, so the compiler vectorises it, float activations included (exp_poly in
+// rnn_cells.h).  The forward kernels run one task per batch row (parallel over rows when there
+// is enough work).  The backward kernels run one task per chunk of hidden units over every
+// row, in row order: the bias gradients (sums over the batch) are summed in the kernel, in an
+// order that does not depend on the thread count.  The gate formulas are rnn_cells.h's,
+// shared with the CUDA kernels.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "rnn_cells.h"
 
@@ -15,22 +22,35 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Sum of the two products and both biases for gate column k of a row.
-template <typename T, bool BIAS>
+// Gate elements of pointwise work below which a step runs on one thread (about 15 us of work:
+// a fork-join costs a few); a batch-1 step stays on the calling thread.  At 65536 a B=64 GRU
+// backward (98K elements) ran on one thread.
+constexpr int64_t kParallelWork = 16384;
+
+// ---- rows ----
+// IN_PLACE: the output (ws, or hy for the RNN) holds gates_x + gates_h on entry and gx, gh are
+// unused (the whole-cell ops); otherwise pre = gx + gh (the fused ops).  Reading through the
+// output pointer keeps the __restrict promises.
+
+// Sum of the products and both biases for gate column k of a row.
+template <typename T, bool BIAS, bool IN_PLACE>
 CONVRNN_INLINE acc_t<T> pre(const T* gx, const T* gh, const T* bi, const T* bh, int64_t k) {
-  acc_t<T> v = static_cast<acc_t<T>>(gx[k]) + static_cast<acc_t<T>>(gh[k]);
+  acc_t<T> v = static_cast<acc_t<T>>(gx[k]);
+  if (!IN_PLACE) v += static_cast<acc_t<T>>(gh[k]);
   if (BIAS) v += static_cast<acc_t<T>>(bi[k]) + static_cast<acc_t<T>>(bh[k]);
   return v;
 }
 
-template <typename T, bool BIAS>
+template <typename T, bool BIAS, bool IN_PLACE>
 CONVRNN_CPU_CLONES void lstm_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
                                  const T* __restrict bh, const T* __restrict cx, T* __restrict hy, T* __restrict cy,
                                  T* __restrict ws, int64_t H) {
   using A = acc_t<T>;
+  const T* g = IN_PLACE ? ws : gx;
   for (int64_t j = 0; j < H; ++j) {
-    const LstmGates<A> a = lstm_gates(pre<T, BIAS>(gx, gh, bi, bh, j), pre<T, BIAS>(gx, gh, bi, bh, H + j),
-                                      pre<T, BIAS>(gx, gh, bi, bh, 2 * H + j), pre<T, BIAS>(gx, gh, bi, bh, 3 * H + j));
+    const LstmGates<A> a =
+        lstm_gates(pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, j), pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, H + j),
+                   pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, 2 * H + j), pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, 3 * H + j));
     A h, c;
     lstm_update(a, static_cast<A>(cx[j]), h, c);
     hy[j] = static_cast<T>(h);
@@ -42,23 +62,7 @@ CONVRNN_CPU_CLONES void lstm_row(const T* __restrict gx, const T* __restrict gh,
   }
 }
 
-template <typename T>
-CONVRNN_CPU_CLONES void lstm_backward_row(const T* __restrict ghy, const T* __restrict gcy, const T* __restrict cx,
-                                          const T* __restrict cy, const T* __restrict ws, T* __restrict gg,
-                                          T* __restrict gcx, int64_t H) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < H; ++j) {
-    const LstmGates<A> a{static_cast<A>(ws[j]), static_cast<A>(ws[H + j]), static_cast<A>(ws[2 * H + j]),
-                         static_cast<A>(ws[3 * H + j])};
-    A d[4], dc;
-    lstm_backward(a, static_cast<A>(cx[j]), static_cast<A>(cy[j]), static_cast<A>(ghy[j]), static_cast<A>(gcy[j]), d,
-                  dc);
-    for (int k = 0; k < 4; ++k) gg[k * H + j] = static_cast<T>(d[k]);
-    gcx[j] = static_cast<T>(dc);
-  }
-}
-
-template <typename T, bool BIAS>
+template <typename T, bool BIAS, bool WS>
 CONVRNN_CPU_CLONES void gru_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
                                 const T* __restrict bh, const T* __restrict hx, T* __restrict hy, T* __restrict ws,
                                 int64_t H) {
@@ -72,177 +76,346 @@ CONVRNN_CPU_CLONES void gru_row(const T* __restrict gx, const T* __restrict gh, 
     A r, z, n, h;
     gru_forward(xb[0], xb[1], xb[2], hb[0], hb[1], hb[2], static_cast<A>(hx[j]), r, z, n, h);
     hy[j] = static_cast<T>(h);
-    ws[j] = static_cast<T>(r);
-    ws[H + j] = static_cast<T>(z);
-    ws[2 * H + j] = static_cast<T>(n);
-    ws[3 * H + j] = static_cast<T>(hb[2]);
+    if (WS) {
+      ws[j] = static_cast<T>(r);
+      ws[H + j] = static_cast<T>(z);
+      ws[2 * H + j] = static_cast<T>(n);
+      ws[3 * H + j] = static_cast<T>(hb[2]);
+    }
   }
 }
 
-template <typename T>
-CONVRNN_CPU_CLONES void gru_backward_row(const T* __restrict ghy, const T* __restrict hx, const T* __restrict ws,
-                                         T* __restrict gx, T* __restrict gh, T* __restrict ghx, int64_t H) {
-  using A = acc_t<T>;
+template <typename T, bool BIAS, bool IN_PLACE>
+CONVRNN_CPU_CLONES void rnn_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
+                                const T* __restrict bh, T* __restrict hy, int64_t H, bool relu) {
+  const T* g = IN_PLACE ? hy : gx;
   for (int64_t j = 0; j < H; ++j) {
+    hy[j] = static_cast<T>(rnn_activation(pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, j), relu));
+  }
+}
+
+// Backward rows cover n hidden units (a chunk of the row; gate blocks H apart).  With BSUM
+// they add each pre-activation gradient to bsum (gate-major, n per gate) in acc_t<T>.
+
+template <typename T, bool BSUM>
+CONVRNN_CPU_CLONES void lstm_backward_row(const T* __restrict ghy, const T* __restrict gcy, const T* __restrict cx,
+                                          const T* __restrict cy, const T* __restrict ws, T* __restrict gg,
+                                          T* __restrict gcx, acc_t<T>* __restrict bsum, int64_t H, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < n; ++j) {
+    const LstmGates<A> a{static_cast<A>(ws[j]), static_cast<A>(ws[H + j]), static_cast<A>(ws[2 * H + j]),
+                         static_cast<A>(ws[3 * H + j])};
+    A d[4], dc;
+    lstm_backward(a, static_cast<A>(cx[j]), static_cast<A>(cy[j]), static_cast<A>(ghy[j]), static_cast<A>(gcy[j]), d,
+                  dc);
+    for (int k = 0; k < 4; ++k) {
+      gg[k * H + j] = static_cast<T>(d[k]);
+      if (BSUM) bsum[k * n + j] += d[k];
+    }
+    gcx[j] = static_cast<T>(dc);
+  }
+}
+
+// bsum: 3n sums of the input-side gradients, then 3n of the hidden-side ones.
+template <typename T, bool BSUM>
+CONVRNN_CPU_CLONES void gru_backward_row(const T* __restrict ghy, const T* __restrict hx, const T* __restrict ws,
+                                         T* __restrict gx, T* __restrict gh, T* __restrict ghx,
+                                         acc_t<T>* __restrict bsum, int64_t H, int64_t n) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < n; ++j) {
     A dx[3], dh[3], d;
     gru_backward(static_cast<A>(ws[j]), static_cast<A>(ws[H + j]), static_cast<A>(ws[2 * H + j]),
                  static_cast<A>(ws[3 * H + j]), static_cast<A>(hx[j]), static_cast<A>(ghy[j]), dx, dh, d);
     for (int k = 0; k < 3; ++k) {
       gx[k * H + j] = static_cast<T>(dx[k]);
       gh[k * H + j] = static_cast<T>(dh[k]);
+      if (BSUM) {
+        bsum[k * n + j] += dx[k];
+        bsum[(3 + k) * n + j] += dh[k];
+      }
     }
     ghx[j] = static_cast<T>(d);
   }
 }
 
-template <typename T, bool BIAS>
-CONVRNN_CPU_CLONES void rnn_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
-                                const T* __restrict bh, T* __restrict hy, int64_t H, bool relu) {
-  for (int64_t j = 0; j < H; ++j) hy[j] = static_cast<T>(rnn_activation(pre<T, BIAS>(gx, gh, bi, bh, j), relu));
-}
-
-template <typename T>
+template <typename T, bool BSUM>
 CONVRNN_CPU_CLONES void rnn_backward_row(const T* __restrict ghy, const T* __restrict hy, T* __restrict gpre,
-                                         int64_t H, bool relu) {
+                                         acc_t<T>* __restrict bsum, int64_t n, bool relu) {
   using A = acc_t<T>;
-  for (int64_t j = 0; j < H; ++j) {
-    gpre[j] = static_cast<T>(rnn_activation_grad(static_cast<A>(ghy[j]), static_cast<A>(hy[j]), relu));
+  for (int64_t j = 0; j < n; ++j) {
+    const A d = rnn_activation_grad(static_cast<A>(ghy[j]), static_cast<A>(hy[j]), relu);
+    gpre[j] = static_cast<T>(d);
+    if (BSUM) bsum[j] += d;
   }
 }
 
-// Runs f(row) over the batch, in parallel once rows carry enough work to pay for threads.
+// ---- parallel drivers ----
+
+// Runs f(row) over the batch, in parallel once the step has enough work to pay for threads.
 template <typename F>
 void for_rows(int64_t B, int64_t work_per_row, F&& f) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_row)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) f(b);
+  if (B * work_per_row < kParallelWork) {
+    for (int64_t b = 0; b < B; ++b) f(b);
+    return;
+  }
+  at::parallel_for(0, B, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work_per_row)),
+                   [&](int64_t b0, int64_t b1) {
+                     for (int64_t b = b0; b < b1; ++b) f(b);
+                   });
+}
+
+// Runs f(j0, j1) over chunks of the H hidden units (multiples of 16, a vector of floats), in
+// parallel once the step has enough work; each call covers every row.
+template <typename F>
+void for_unit_chunks(int64_t B, int64_t H, int64_t work_per_unit, F&& f) {
+  const int64_t work = B * H * work_per_unit;
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, work / kParallelWork));
+  // (each task gets at least kParallelWork elements)
+  const int64_t chunk = (H + tasks - 1) / tasks;
+  const int64_t aligned = tasks == 1 ? H : (chunk + 15) / 16 * 16;
+  if (tasks == 1) {
+    f(int64_t(0), H);
+    return;
+  }
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * aligned, j1 = std::min(H, j0 + aligned);
+      if (j0 < j1) f(j0, j1);
+    }
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,
-                                                 const OptTensor& b_ih, const OptTensor& b_hh) {
-  const char* op = "lstm_cell_fused";
-  const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh, {{"cx", &cx}});
-  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), c = cx.contiguous();
-  Tensor hy = at::empty({d.B, d.H}, gx.options()), cy = at::empty({d.B, d.H}, gx.options());
-  Tensor ws = at::empty({d.B, 4 * d.H}, gx.options());
-  if (hy.numel() == 0) return {hy, cy, ws};
-  CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.lstm_cell_fused", [&] {
-    const scalar_t *bi = ptr_or_null<scalar_t>(bi_c), *bh = ptr_or_null<scalar_t>(bh_c);
-    const int64_t H = d.H;
-    for_rows(d.B, 4 * H, [&](int64_t b) {
-      auto row = [&](auto bias) {
-        lstm_row<scalar_t, decltype(bias)::value>(gx.const_data_ptr<scalar_t>() + b * 4 * H,
-                                                  gh.const_data_ptr<scalar_t>() + b * 4 * H, bi, bh,
-                                                  c.const_data_ptr<scalar_t>() + b * H, hy.data_ptr<scalar_t>() + b * H,
-                                                  cy.data_ptr<scalar_t>() + b * H, ws.data_ptr<scalar_t>() + b * 4 * H, H);
+// Writes the bias gradients of a chunk of units [j0, j0 + n): `blocks` gate blocks of H, sums
+// gate-major n per gate, into each defined output.
+template <typename T>
+void store_bias_sums(const acc_t<T>* sums, int64_t blocks, int64_t H, int64_t j0, int64_t n,
+                     std::initializer_list<const Tensor*> outs) {
+  for (const Tensor* out : outs) {
+    if (!out->defined()) continue;
+    T* p = out->data_ptr<T>();
+    for (int64_t k = 0; k < blocks; ++k) {
+      for (int64_t j = 0; j < n; ++j) p[k * H + j0 + j] = static_cast<T>(sums[k * n + j]);
+    }
+  }
+}
+
+// ---- kernels (CellKernels) ----
+
+void lstm_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                 const Tensor& cx, const Tensor& hy, const Tensor& cy, const Tensor& ws) {
+  if (hy.numel() == 0) return;
+  const int64_t B = hy.size(0), H = hy.size(1);
+  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell", [&] {
+    using T = scalar_t;
+    const T *bi = ptr_or_null<T>(b_ih), *bh = ptr_or_null<T>(b_hh);
+    const T* gx = gates_x.defined() ? gates_x.const_data_ptr<T>() : nullptr;
+    const T* gh = gates_h.defined() ? gates_h.const_data_ptr<T>() : nullptr;
+    for_rows(B, 4 * H, [&](int64_t b) {
+      auto row = [&](auto bias, auto in_place) {
+        lstm_row<T, decltype(bias)::value, decltype(in_place)::value>(
+            gx + (gx ? b * 4 * H : 0), gh + (gh ? b * 4 * H : 0), bi, bh, cx.const_data_ptr<T>() + b * H,
+            hy.data_ptr<T>() + b * H, cy.data_ptr<T>() + b * H, ws.data_ptr<T>() + b * 4 * H, H);
       };
-      bi != nullptr ? row(std::true_type()) : row(std::false_type());
+      auto with_bias = [&](auto in_place) {
+        bi != nullptr ? row(std::true_type(), in_place) : row(std::false_type(), in_place);
+      };
+      gh == nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
     });
   });
+}
+
+void lstm_backward_kernel(const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& cx, const Tensor& cy,
+                          const Tensor& ws, const Tensor& grad_gates, const Tensor& grad_cx, const Tensor& grad_b_ih,
+                          const Tensor& grad_b_hh) {
+  const int64_t B = cx.size(0), H = cx.size(1);
+  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
+  if (B * H == 0) {
+    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
+      if (t->defined()) t->zero_();
+    }
+    return;
+  }
+  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell_backward", [&] {
+    using T = scalar_t;
+    for_unit_chunks(B, H, 4, [&](int64_t j0, int64_t j1) {
+      const int64_t n = j1 - j0;
+      std::vector<acc_t<T>> sums(bsum ? 4 * n : 0, acc_t<T>(0));
+      for (int64_t b = 0; b < B; ++b) {
+        auto row = [&](auto with_sum) {
+          lstm_backward_row<T, decltype(with_sum)::value>(
+              grad_hy.const_data_ptr<T>() + b * H + j0, grad_cy.const_data_ptr<T>() + b * H + j0,
+              cx.const_data_ptr<T>() + b * H + j0, cy.const_data_ptr<T>() + b * H + j0,
+              ws.const_data_ptr<T>() + b * 4 * H + j0, grad_gates.data_ptr<T>() + b * 4 * H + j0,
+              grad_cx.data_ptr<T>() + b * H + j0, sums.data(), H, n);
+        };
+        bsum ? row(std::true_type()) : row(std::false_type());
+      }
+      store_bias_sums<T>(sums.data(), 4, H, j0, n, {&grad_b_ih, &grad_b_hh});
+    });
+  });
+}
+
+void gru_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                const Tensor& hx, const Tensor& hy, const Tensor& ws) {
+  if (hy.numel() == 0) return;
+  const int64_t B = hy.size(0), H = hy.size(1);
+  CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.gru_cell", [&] {
+    using T = scalar_t;
+    const T *bi = ptr_or_null<T>(b_ih), *bh = ptr_or_null<T>(b_hh);
+    T* w = ws.defined() ? ws.data_ptr<T>() : nullptr;
+    for_rows(B, 3 * H, [&](int64_t b) {
+      auto row = [&](auto bias, auto save) {
+        gru_row<T, decltype(bias)::value, decltype(save)::value>(
+            gates_x.const_data_ptr<T>() + b * 3 * H, gates_h.const_data_ptr<T>() + b * 3 * H, bi, bh,
+            hx.const_data_ptr<T>() + b * H, hy.data_ptr<T>() + b * H, w + (w ? b * 4 * H : 0), H);
+      };
+      auto with_bias = [&](auto save) {
+        bi != nullptr ? row(std::true_type(), save) : row(std::false_type(), save);
+      };
+      w != nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+    });
+  });
+}
+
+void gru_backward_kernel(const Tensor& grad_hy, const Tensor& hx, const Tensor& ws, const Tensor& grad_gates_x,
+                         const Tensor& grad_gates_h, const Tensor& grad_hx, const Tensor& grad_b_ih,
+                         const Tensor& grad_b_hh) {
+  const int64_t B = hx.size(0), H = hx.size(1);
+  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
+  if (B * H == 0) {
+    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
+      if (t->defined()) t->zero_();
+    }
+    return;
+  }
+  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.gru_cell_backward", [&] {
+    using T = scalar_t;
+    for_unit_chunks(B, H, 3, [&](int64_t j0, int64_t j1) {
+      const int64_t n = j1 - j0;
+      std::vector<acc_t<T>> sums(bsum ? 6 * n : 0, acc_t<T>(0));
+      for (int64_t b = 0; b < B; ++b) {
+        auto row = [&](auto with_sum) {
+          gru_backward_row<T, decltype(with_sum)::value>(
+              grad_hy.const_data_ptr<T>() + b * H + j0, hx.const_data_ptr<T>() + b * H + j0,
+              ws.const_data_ptr<T>() + b * 4 * H + j0, grad_gates_x.data_ptr<T>() + b * 3 * H + j0,
+              grad_gates_h.data_ptr<T>() + b * 3 * H + j0, grad_hx.data_ptr<T>() + b * H + j0, sums.data(), H, n);
+        };
+        bsum ? row(std::true_type()) : row(std::false_type());
+      }
+      if (bsum) {
+        store_bias_sums<T>(sums.data(), 3, H, j0, n, {&grad_b_ih});
+        store_bias_sums<T>(sums.data() + 3 * n, 3, H, j0, n, {&grad_b_hh});
+      }
+    });
+  });
+}
+
+void rnn_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                const Tensor& hy, bool relu) {
+  if (hy.numel() == 0) return;
+  const int64_t B = hy.size(0), H = hy.size(1);
+  CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.rnn_cell", [&] {
+    using T = scalar_t;
+    const T *bi = ptr_or_null<T>(b_ih), *bh = ptr_or_null<T>(b_hh);
+    const T* gx = gates_x.defined() ? gates_x.const_data_ptr<T>() : nullptr;
+    const T* gh = gates_h.defined() ? gates_h.const_data_ptr<T>() : nullptr;
+    for_rows(B, H, [&](int64_t b) {
+      auto row = [&](auto bias, auto in_place) {
+        rnn_row<T, decltype(bias)::value, decltype(in_place)::value>(
+            gx + (gx ? b * H : 0), gh + (gh ? b * H : 0), bi, bh, hy.data_ptr<T>() + b * H, H, relu);
+      };
+      auto with_bias = [&](auto in_place) {
+        bi != nullptr ? row(std::true_type(), in_place) : row(std::false_type(), in_place);
+      };
+      gh == nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+    });
+  });
+}
+
+void rnn_backward_kernel(const Tensor& grad_hy, const Tensor& hy, const Tensor& grad_pre, const Tensor& grad_b_ih,
+                         const Tensor& grad_b_hh, bool relu) {
+  const int64_t B = hy.size(0), H = hy.size(1);
+  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
+  if (B * H == 0) {
+    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
+      if (t->defined()) t->zero_();
+    }
+    return;
+  }
+  CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.rnn_cell_backward", [&] {
+    using T = scalar_t;
+    for_unit_chunks(B, H, 1, [&](int64_t j0, int64_t j1) {
+      const int64_t n = j1 - j0;
+      std::vector<acc_t<T>> sums(bsum ? n : 0, acc_t<T>(0));
+      for (int64_t b = 0; b < B; ++b) {
+        auto row = [&](auto with_sum) {
+          rnn_backward_row<T, decltype(with_sum)::value>(grad_hy.const_data_ptr<T>() + b * H + j0,
+                                                         hy.const_data_ptr<T>() + b * H + j0,
+                                                         grad_pre.data_ptr<T>() + b * H + j0, sums.data(), n, relu);
+        };
+        bsum ? row(std::true_type()) : row(std::false_type());
+      }
+      store_bias_sums<T>(sums.data(), 1, H, j0, n, {&grad_b_ih, &grad_b_hh});
+    });
+  });
+}
+
+const CellKernels kCpuKernels{cpu_gate_products, cpu_gate_product_grads, lstm_kernel, lstm_backward_kernel,
+                              gru_kernel,        gru_backward_kernel,    rnn_kernel,  rnn_backward_kernel};
+
+// ---- the fused ops ----
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_fused_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,
+                                                       const OptTensor& b_ih, const OptTensor& b_hh) {
+  const CellDims d = check_cell_gates("lstm_cell_fused", 4, gates_x, gates_h, b_ih, b_hh, {{"cx", &cx}});
+  const auto opts = gates_x.options();
+  Tensor hy = at::empty({d.B, d.H}, opts), cy = at::empty({d.B, d.H}, opts), ws = at::empty({d.B, 4 * d.H}, opts);
+  lstm_kernel(gates_x.contiguous(), gates_h.contiguous(), contiguous_opt(b_ih), contiguous_opt(b_hh),
+              cx.contiguous(), hy, cy, ws);
   return {hy, cy, ws};
 }
 
-std::tuple<Tensor, Tensor> lstm_cell_backward_cpu(const OptTensor& grad_hy, const OptTensor& grad_cy, const Tensor& cx,
-                                                  const Tensor& cy, const Tensor& workspace) {
-  const char* op = "lstm_cell_fused_backward";
+std::tuple<Tensor, Tensor> lstm_cell_fused_backward_cpu(const OptTensor& grad_hy, const OptTensor& grad_cy,
+                                                        const Tensor& cx, const Tensor& cy, const Tensor& workspace) {
   const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
-  const CellDims d =
-      check_cell_backward(op, workspace, {{"cx", &cx}, {"cy", &cy}, {"grad_hy", &ghy}, {"grad_cy", &gcy}});
-  const Tensor c = cx.contiguous(), c2 = cy.contiguous(), ws = workspace.contiguous();
-  Tensor gg = at::empty({d.B, 4 * d.H}, ws.options()), gcx = at::empty({d.B, d.H}, ws.options());
-  if (gcx.numel() == 0) return {gg, gcx};
-  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell_fused_backward", [&] {
-    const int64_t H = d.H;
-    for_rows(d.B, 4 * H, [&](int64_t b) {
-      lstm_backward_row<scalar_t>(ghy.const_data_ptr<scalar_t>() + b * H, gcy.const_data_ptr<scalar_t>() + b * H,
-                                  c.const_data_ptr<scalar_t>() + b * H, c2.const_data_ptr<scalar_t>() + b * H,
-                                  ws.const_data_ptr<scalar_t>() + b * 4 * H, gg.data_ptr<scalar_t>() + b * 4 * H,
-                                  gcx.data_ptr<scalar_t>() + b * H, H);
-    });
-  });
+  const CellDims d = check_cell_backward("lstm_cell_fused_backward", workspace,
+                                         {{"cx", &cx}, {"cy", &cy}, {"grad_hy", &ghy}, {"grad_cy", &gcy}});
+  Tensor gg = at::empty({d.B, 4 * d.H}, workspace.options()), gcx = at::empty({d.B, d.H}, workspace.options());
+  lstm_backward_kernel(ghy, gcy, cx.contiguous(), cy.contiguous(), workspace.contiguous(), gg, gcx, Tensor(),
+                       Tensor());
   return {gg, gcx};
 }
 
-std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& hx,
-                                        const OptTensor& b_ih, const OptTensor& b_hh) {
-  const char* op = "gru_cell_fused";
-  const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh, {{"hx", &hx}});
-  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), h = hx.contiguous();
-  Tensor hy = at::empty({d.B, d.H}, gx.options()), ws = at::empty({d.B, 4 * d.H}, gx.options());
-  if (hy.numel() == 0) return {hy, ws};
-  CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.gru_cell_fused", [&] {
-    const scalar_t *bi = ptr_or_null<scalar_t>(bi_c), *bh = ptr_or_null<scalar_t>(bh_c);
-    const int64_t H = d.H;
-    for_rows(d.B, 3 * H, [&](int64_t b) {
-      auto row = [&](auto bias) {
-        gru_row<scalar_t, decltype(bias)::value>(gx.const_data_ptr<scalar_t>() + b * 3 * H,
-                                                 gh.const_data_ptr<scalar_t>() + b * 3 * H, bi, bh,
-                                                 h.const_data_ptr<scalar_t>() + b * H, hy.data_ptr<scalar_t>() + b * H,
-                                                 ws.data_ptr<scalar_t>() + b * 4 * H, H);
-      };
-      bi != nullptr ? row(std::true_type()) : row(std::false_type());
-    });
-  });
+std::tuple<Tensor, Tensor> gru_cell_fused_cpu(const Tensor& gates_x, const Tensor& gates_h, const Tensor& hx,
+                                              const OptTensor& b_ih, const OptTensor& b_hh) {
+  const CellDims d = check_cell_gates("gru_cell_fused", 3, gates_x, gates_h, b_ih, b_hh, {{"hx", &hx}});
+  Tensor hy = at::empty({d.B, d.H}, gates_x.options()), ws = at::empty({d.B, 4 * d.H}, gates_x.options());
+  gru_kernel(gates_x.contiguous(), gates_h.contiguous(), contiguous_opt(b_ih), contiguous_opt(b_hh), hx.contiguous(),
+             hy, ws);
   return {hy, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hx,
-                                                         const Tensor& workspace) {
-  const char* op = "gru_cell_fused_backward";
-  const CellDims d = check_cell_backward(op, workspace, {{"hx", &hx}, {"grad_hy", &grad_hy}});
-  const Tensor ghy = grad_hy.contiguous(), h = hx.contiguous(), ws = workspace.contiguous();
-  Tensor gx = at::empty({d.B, 3 * d.H}, ws.options()), gh = at::empty({d.B, 3 * d.H}, ws.options());
-  Tensor ghx = at::empty({d.B, d.H}, ws.options());
-  if (ghx.numel() == 0) return {gx, gh, ghx};
-  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.gru_cell_fused_backward", [&] {
-    const int64_t H = d.H;
-    for_rows(d.B, 3 * H, [&](int64_t b) {
-      gru_backward_row<scalar_t>(ghy.const_data_ptr<scalar_t>() + b * H, h.const_data_ptr<scalar_t>() + b * H,
-                                 ws.const_data_ptr<scalar_t>() + b * 4 * H, gx.data_ptr<scalar_t>() + b * 3 * H,
-                                 gh.data_ptr<scalar_t>() + b * 3 * H, ghx.data_ptr<scalar_t>() + b * H, H);
-    });
-  });
+std::tuple<Tensor, Tensor, Tensor> gru_cell_fused_backward_cpu(const Tensor& grad_hy, const Tensor& hx,
+                                                               const Tensor& workspace) {
+  const CellDims d = check_cell_backward("gru_cell_fused_backward", workspace, {{"hx", &hx}, {"grad_hy", &grad_hy}});
+  const auto opts = workspace.options();
+  Tensor gx = at::empty({d.B, 3 * d.H}, opts), gh = at::empty({d.B, 3 * d.H}, opts), ghx = at::empty({d.B, d.H}, opts);
+  gru_backward_kernel(grad_hy.contiguous(), hx.contiguous(), workspace.contiguous(), gx, gh, ghx, Tensor(), Tensor());
   return {gx, gh, ghx};
 }
 
-Tensor rnn_cell_cpu(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
-                    bool relu) {
-  const char* op = "rnn_cell_fused";
-  const CellDims d = check_cell_gates(op, 1, gates_x, gates_h, b_ih, b_hh);
-  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
-  const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous();
-  Tensor hy = at::empty({d.B, d.H}, gx.options());
-  if (hy.numel() == 0) return hy;
-  CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.rnn_cell_fused", [&] {
-    const scalar_t *bi = ptr_or_null<scalar_t>(bi_c), *bh = ptr_or_null<scalar_t>(bh_c);
-    const int64_t H = d.H;
-    for_rows(d.B, H, [&](int64_t b) {
-      auto row = [&](auto bias) {
-        rnn_row<scalar_t, decltype(bias)::value>(gx.const_data_ptr<scalar_t>() + b * H,
-                                                 gh.const_data_ptr<scalar_t>() + b * H, bi, bh,
-                                                 hy.data_ptr<scalar_t>() + b * H, H, relu);
-      };
-      bi != nullptr ? row(std::true_type()) : row(std::false_type());
-    });
-  });
+Tensor rnn_cell_fused_cpu(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                          bool relu) {
+  const CellDims d = check_cell_gates("rnn_cell_fused", 1, gates_x, gates_h, b_ih, b_hh);
+  Tensor hy = at::empty({d.B, d.H}, gates_x.options());
+  rnn_kernel(gates_x.contiguous(), gates_h.contiguous(), contiguous_opt(b_ih), contiguous_opt(b_hh), hy, relu);
   return hy;
 }
 
-Tensor rnn_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hy, bool relu) {
-  const char* op = "rnn_cell_fused_backward";
-  check_rnn_backward(op, grad_hy, hy);
-  const Tensor g = grad_hy.contiguous(), h = hy.contiguous();
-  Tensor gpre = at::empty(h.sizes(), h.options());
-  if (gpre.numel() == 0) return gpre;
-  CONVRNN_DISPATCH_FLOATING(h.scalar_type(), "convrnn.rnn_cell_fused_backward", [&] {
-    const int64_t H = h.size(1);
-    for_rows(h.size(0), H, [&](int64_t b) {
-      rnn_backward_row<scalar_t>(g.const_data_ptr<scalar_t>() + b * H, h.const_data_ptr<scalar_t>() + b * H,
-                                 gpre.data_ptr<scalar_t>() + b * H, H, relu);
-    });
-  });
+Tensor rnn_cell_fused_backward_cpu(const Tensor& grad_hy, const Tensor& hy, bool relu) {
+  check_rnn_backward("rnn_cell_fused_backward", grad_hy, hy);
+  Tensor gpre = at::empty(hy.sizes(), hy.options());
+  rnn_backward_kernel(grad_hy.contiguous(), hy.contiguous(), gpre, Tensor(), Tensor(), relu);
   return gpre;
 }
 
@@ -250,10 +423,11 @@ Tensor rnn_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hy, bool relu)
 }  // namespace convrnn
 
 TORCH_LIBRARY_IMPL(convrnn, CPU, m) {
-  m.impl("lstm_cell_fused", &convrnn::lstm_cell_cpu);
-  m.impl("lstm_cell_fused_backward", &convrnn::lstm_cell_backward_cpu);
-  m.impl("gru_cell_fused", &convrnn::gru_cell_cpu);
-  m.impl("gru_cell_fused_backward", &convrnn::gru_cell_backward_cpu);
-  m.impl("rnn_cell_fused", &convrnn::rnn_cell_cpu);
-  m.impl("rnn_cell_fused_backward", &convrnn::rnn_cell_backward_cpu);
+  m.impl("lstm_cell_fused", &convrnn::lstm_cell_fused_cpu);
+  m.impl("lstm_cell_fused_backward", &convrnn::lstm_cell_fused_backward_cpu);
+  m.impl("gru_cell_fused", &convrnn::gru_cell_fused_cpu);
+  m.impl("gru_cell_fused_backward", &convrnn::gru_cell_fused_backward_cpu);
+  m.impl("rnn_cell_fused", &convrnn::rnn_cell_fused_cpu);
+  m.impl("rnn_cell_fused_backward", &convrnn::rnn_cell_fused_backward_cpu);
+  convrnn::register_cell_ops(m, convrnn::kCpuKernels);
 }

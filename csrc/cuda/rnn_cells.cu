@@ -1,4 +1,6 @@
-// CUDA fused recurrent cells: the pointwise part of LSTM, GRU and vanilla RNN steps.
+// CUDA fused recurrent cells: the pointwise part of LSTM, GRU and vanilla RNN steps, for the
+// fused ops (registered here) and the whole-cell ops (rnn_cells.cpp, which this file registers
+// for CUDA with these kernels; their bias gradients are torch's batch sums).
 //
 // One thread per (batch row, hidden unit): it reads its unit's column of each gate block
 // (neighbouring threads read neighbouring columns: coalesced), applies rnn_cells.h's
@@ -15,19 +17,23 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Pre-activation of gate column k of row b: both products, and both biases when given.
+// Pre-activation of gate column k of row b: the product(s), and both biases when given.  gh is
+// null when gx already holds both products (the whole-cell ops).
 template <typename T, typename index_t>
 __device__ __forceinline__ acc_t<T> pre_at(const T* gx, const T* gh, const T* bi, const T* bh, index_t row,
                                            index_t k) {
-  acc_t<T> v = static_cast<acc_t<T>>(gx[row + k]) + static_cast<acc_t<T>>(gh[row + k]);
+  acc_t<T> v = static_cast<acc_t<T>>(gx[row + k]);
+  if (gh != nullptr) v += static_cast<acc_t<T>>(gh[row + k]);
   if (bi != nullptr) v += static_cast<acc_t<T>>(bi[k]) + static_cast<acc_t<T>>(bh[k]);
   return v;
 }
 
+// gx and ws are not __restrict__: the whole-cell op passes the same buffer (each thread reads
+// its four gate columns, then overwrites them with the activated gates).
 template <typename T, typename index_t>
-__global__ void lstm_kernel(const T* __restrict__ gx, const T* __restrict__ gh, const T* __restrict__ bi,
+__global__ void lstm_kernel(const T* gx, const T* __restrict__ gh, const T* __restrict__ bi,
                             const T* __restrict__ bh, const T* __restrict__ cx, T* __restrict__ hy,
-                            T* __restrict__ cy, T* __restrict__ ws, index_t H, index_t total) {
+                            T* __restrict__ cy, T* ws, index_t H, index_t total) {
   using A = acc_t<T>;
   CONVRNN_GRID_STRIDE(index_t, e, total) {
     const index_t j = e % H, row = (e / H) * 4 * H;
@@ -61,6 +67,7 @@ __global__ void lstm_backward_kernel(const T* __restrict__ ghy, const T* __restr
   }
 }
 
+// ws may be null (no backward to come).
 template <typename T, typename index_t>
 __global__ void gru_kernel(const T* __restrict__ gx, const T* __restrict__ gh, const T* __restrict__ bi,
                            const T* __restrict__ bh, const T* __restrict__ hx, T* __restrict__ hy, T* __restrict__ ws,
@@ -76,10 +83,12 @@ __global__ void gru_kernel(const T* __restrict__ gx, const T* __restrict__ gh, c
     A r, z, n, h;
     gru_forward(xb[0], xb[1], xb[2], hb[0], hb[1], hb[2], static_cast<A>(hx[e]), r, z, n, h);
     hy[e] = static_cast<T>(h);
-    ws[wrow + j] = static_cast<T>(r);
-    ws[wrow + H + j] = static_cast<T>(z);
-    ws[wrow + 2 * H + j] = static_cast<T>(n);
-    ws[wrow + 3 * H + j] = static_cast<T>(hb[2]);
+    if (ws != nullptr) {
+      ws[wrow + j] = static_cast<T>(r);
+      ws[wrow + H + j] = static_cast<T>(z);
+      ws[wrow + 2 * H + j] = static_cast<T>(n);
+      ws[wrow + 3 * H + j] = static_cast<T>(hb[2]);
+    }
   }
 }
 
@@ -101,9 +110,10 @@ __global__ void gru_backward_kernel(const T* __restrict__ ghy, const T* __restri
   }
 }
 
+// gx and hy are not __restrict__: the whole-cell op passes the same buffer (in place).
 template <typename T, typename index_t>
-__global__ void rnn_kernel(const T* __restrict__ gx, const T* __restrict__ gh, const T* __restrict__ bi,
-                           const T* __restrict__ bh, T* __restrict__ hy, bool relu, index_t H, index_t total) {
+__global__ void rnn_kernel(const T* gx, const T* __restrict__ gh, const T* __restrict__ bi,
+                           const T* __restrict__ bh, T* hy, bool relu, index_t H, index_t total) {
   CONVRNN_GRID_STRIDE(index_t, e, total) {
     const index_t j = e % H;
     hy[e] = static_cast<T>(rnn_activation(pre_at(gx, gh, bi, bh, e - j, j), relu));
@@ -127,121 +137,177 @@ __global__ void rnn_backward_kernel(const T* __restrict__ ghy, const T* __restri
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
   })
 
+// Bias gradients: batch sums of the pre-activation gradients (torch's reduction: deterministic).
+void bias_sums(const Tensor& grad_pre, const Tensor& grad_b) {
+  if (grad_b.defined()) at::sum_out(const_cast<Tensor&>(grad_b), grad_pre, {0});
+}
+
+// ---- kernels (CellKernels) ----
+
+void lstm_kernel_cuda(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                      const Tensor& cx, const Tensor& hy, const Tensor& cy, const Tensor& ws) {
+  const int64_t total = hy.numel();
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(ws.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Tensor& gx = gates_h.defined() ? gates_x : ws;  // in place: ws holds the summed products
+  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell", [&] {
+    CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, lstm_kernel, gx.const_data_ptr<scalar_t>(),
+                        ptr_or_null<scalar_t>(gates_h), ptr_or_null<scalar_t>(b_ih), ptr_or_null<scalar_t>(b_hh),
+                        cx.const_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
+                        ws.mutable_data_ptr<scalar_t>(), static_cast<index_t>(hy.size(1)),
+                        static_cast<index_t>(total));
+  });
+}
+
+void lstm_backward_kernel_cuda(const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& cx, const Tensor& cy,
+                               const Tensor& ws, const Tensor& grad_gates, const Tensor& grad_cx,
+                               const Tensor& grad_b_ih, const Tensor& grad_b_hh) {
+  const int64_t total = grad_cx.numel();
+  const c10::cuda::CUDAGuard guard(ws.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (total != 0) {
+    CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell_backward", [&] {
+      CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, lstm_backward_kernel, grad_hy.const_data_ptr<scalar_t>(),
+                          grad_cy.const_data_ptr<scalar_t>(), cx.const_data_ptr<scalar_t>(),
+                          cy.const_data_ptr<scalar_t>(), ws.const_data_ptr<scalar_t>(),
+                          grad_gates.mutable_data_ptr<scalar_t>(), grad_cx.mutable_data_ptr<scalar_t>(),
+                          static_cast<index_t>(cx.size(1)), static_cast<index_t>(total));
+    });
+  }
+  bias_sums(grad_gates, grad_b_ih);
+  bias_sums(grad_gates, grad_b_hh);
+}
+
+void gru_kernel_cuda(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                     const Tensor& hx, const Tensor& hy, const Tensor& ws) {
+  const int64_t total = hy.numel();
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(hy.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.gru_cell", [&] {
+    CONVRNN_LAUNCH_CELL(4 * total, total, stream, gru_kernel, gates_x.const_data_ptr<scalar_t>(),
+                        gates_h.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(b_ih), ptr_or_null<scalar_t>(b_hh),
+                        hx.const_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(),
+                        ws.defined() ? ws.mutable_data_ptr<scalar_t>() : nullptr, static_cast<index_t>(hy.size(1)),
+                        static_cast<index_t>(total));
+  });
+}
+
+void gru_backward_kernel_cuda(const Tensor& grad_hy, const Tensor& hx, const Tensor& ws, const Tensor& grad_gates_x,
+                              const Tensor& grad_gates_h, const Tensor& grad_hx, const Tensor& grad_b_ih,
+                              const Tensor& grad_b_hh) {
+  const int64_t total = grad_hx.numel();
+  const c10::cuda::CUDAGuard guard(ws.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (total != 0) {
+    CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.gru_cell_backward", [&] {
+      CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, gru_backward_kernel, grad_hy.const_data_ptr<scalar_t>(),
+                          hx.const_data_ptr<scalar_t>(), ws.const_data_ptr<scalar_t>(),
+                          grad_gates_x.mutable_data_ptr<scalar_t>(), grad_gates_h.mutable_data_ptr<scalar_t>(),
+                          grad_hx.mutable_data_ptr<scalar_t>(), static_cast<index_t>(hx.size(1)),
+                          static_cast<index_t>(total));
+    });
+  }
+  bias_sums(grad_gates_x, grad_b_ih);
+  bias_sums(grad_gates_h, grad_b_hh);
+}
+
+void rnn_kernel_cuda(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
+                     const Tensor& hy, bool relu) {
+  const int64_t total = hy.numel();
+  if (total == 0) return;
+  const c10::cuda::CUDAGuard guard(hy.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Tensor& gx = gates_h.defined() ? gates_x : hy;  // in place: hy holds the summed products
+  CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.rnn_cell", [&] {
+    CONVRNN_LAUNCH_CELL(total, total, stream, rnn_kernel, gx.const_data_ptr<scalar_t>(),
+                        ptr_or_null<scalar_t>(gates_h), ptr_or_null<scalar_t>(b_ih), ptr_or_null<scalar_t>(b_hh),
+                        hy.mutable_data_ptr<scalar_t>(), relu, static_cast<index_t>(hy.size(1)),
+                        static_cast<index_t>(total));
+  });
+}
+
+void rnn_backward_kernel_cuda(const Tensor& grad_hy, const Tensor& hy, const Tensor& grad_pre,
+                              const Tensor& grad_b_ih, const Tensor& grad_b_hh, bool relu) {
+  const int64_t total = hy.numel();
+  const c10::cuda::CUDAGuard guard(hy.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (total != 0) {
+    CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.rnn_cell_backward", [&] {
+      CONVRNN_LAUNCH_CELL(total, total, stream, rnn_backward_kernel, grad_hy.const_data_ptr<scalar_t>(),
+                          hy.const_data_ptr<scalar_t>(), grad_pre.mutable_data_ptr<scalar_t>(), relu,
+                          static_cast<index_t>(total));
+    });
+  }
+  bias_sums(grad_pre, grad_b_ih);
+  bias_sums(grad_pre, grad_b_hh);
+}
+
+const CellKernels kCudaKernels{mm_gate_products, mm_gate_product_grads,    lstm_kernel_cuda,
+                               lstm_backward_kernel_cuda, gru_kernel_cuda, gru_backward_kernel_cuda,
+                               rnn_kernel_cuda,           rnn_backward_kernel_cuda};
+
+// ---- the fused ops ----
+
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const Tensor& cx,
                                                   const OptTensor& b_ih, const OptTensor& b_hh) {
-  const char* op = "lstm_cell_fused";
-  const CellDims d = check_cell_gates(op, 4, gates_x, gates_h, b_ih, b_hh, {{"cx", &cx}});
-  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
+  const CellDims d = check_cell_gates("lstm_cell_fused", 4, gates_x, gates_h, b_ih, b_hh, {{"cx", &cx}});
   const c10::cuda::CUDAGuard guard(gates_x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), c = cx.contiguous();
-  Tensor hy = at::empty({d.B, d.H}, gx.options()), cy = at::empty({d.B, d.H}, gx.options());
-  Tensor ws = at::empty({d.B, 4 * d.H}, gx.options());
-  const int64_t total = hy.numel();
-  if (total == 0) return {hy, cy, ws};
-  CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.lstm_cell_fused", [&] {
-    CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, lstm_kernel, gx.const_data_ptr<scalar_t>(),
-                        gh.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bi_c), ptr_or_null<scalar_t>(bh_c),
-                        c.const_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>(),
-                        ws.mutable_data_ptr<scalar_t>(), static_cast<index_t>(d.H), static_cast<index_t>(total));
-  });
+  const auto opts = gates_x.options();
+  Tensor hy = at::empty({d.B, d.H}, opts), cy = at::empty({d.B, d.H}, opts), ws = at::empty({d.B, 4 * d.H}, opts);
+  lstm_kernel_cuda(gates_x.contiguous(), gates_h.contiguous(), contiguous_opt(b_ih), contiguous_opt(b_hh),
+                   cx.contiguous(), hy, cy, ws);
   return {hy, cy, ws};
 }
 
 std::tuple<Tensor, Tensor> lstm_cell_backward_cuda(const OptTensor& grad_hy, const OptTensor& grad_cy,
                                                    const Tensor& cx, const Tensor& cy, const Tensor& workspace) {
-  const char* op = "lstm_cell_fused_backward";
-  const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
-  const CellDims d =
-      check_cell_backward(op, workspace, {{"cx", &cx}, {"cy", &cy}, {"grad_hy", &ghy}, {"grad_cy", &gcy}});
   const c10::cuda::CUDAGuard guard(workspace.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor c = cx.contiguous(), c2 = cy.contiguous(), ws = workspace.contiguous();
-  Tensor gg = at::empty({d.B, 4 * d.H}, ws.options()), gcx = at::empty({d.B, d.H}, ws.options());
-  const int64_t total = gcx.numel();
-  if (total == 0) return {gg, gcx};
-  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell_fused_backward", [&] {
-    CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, lstm_backward_kernel, ghy.const_data_ptr<scalar_t>(),
-                        gcy.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>(), c2.const_data_ptr<scalar_t>(),
-                        ws.const_data_ptr<scalar_t>(), gg.mutable_data_ptr<scalar_t>(),
-                        gcx.mutable_data_ptr<scalar_t>(), static_cast<index_t>(d.H), static_cast<index_t>(total));
-  });
+  const Tensor ghy = zeros_if_absent(grad_hy, cy), gcy = zeros_if_absent(grad_cy, cy);
+  const CellDims d = check_cell_backward("lstm_cell_fused_backward", workspace,
+                                         {{"cx", &cx}, {"cy", &cy}, {"grad_hy", &ghy}, {"grad_cy", &gcy}});
+  Tensor gg = at::empty({d.B, 4 * d.H}, workspace.options()), gcx = at::empty({d.B, d.H}, workspace.options());
+  lstm_backward_kernel_cuda(ghy, gcy, cx.contiguous(), cy.contiguous(), workspace.contiguous(), gg, gcx, Tensor(),
+                            Tensor());
   return {gg, gcx};
 }
 
 std::tuple<Tensor, Tensor> gru_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const Tensor& hx,
                                          const OptTensor& b_ih, const OptTensor& b_hh) {
-  const char* op = "gru_cell_fused";
-  const CellDims d = check_cell_gates(op, 3, gates_x, gates_h, b_ih, b_hh, {{"hx", &hx}});
-  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
+  const CellDims d = check_cell_gates("gru_cell_fused", 3, gates_x, gates_h, b_ih, b_hh, {{"hx", &hx}});
   const c10::cuda::CUDAGuard guard(gates_x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous(), h = hx.contiguous();
-  Tensor hy = at::empty({d.B, d.H}, gx.options()), ws = at::empty({d.B, 4 * d.H}, gx.options());
-  const int64_t total = hy.numel();
-  if (total == 0) return {hy, ws};
-  CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.gru_cell_fused", [&] {
-    CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, gru_kernel, gx.const_data_ptr<scalar_t>(),
-                        gh.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(bi_c), ptr_or_null<scalar_t>(bh_c),
-                        h.const_data_ptr<scalar_t>(), hy.mutable_data_ptr<scalar_t>(), ws.mutable_data_ptr<scalar_t>(),
-                        static_cast<index_t>(d.H), static_cast<index_t>(total));
-  });
+  Tensor hy = at::empty({d.B, d.H}, gates_x.options()), ws = at::empty({d.B, 4 * d.H}, gates_x.options());
+  gru_kernel_cuda(gates_x.contiguous(), gates_h.contiguous(), contiguous_opt(b_ih), contiguous_opt(b_hh),
+                  hx.contiguous(), hy, ws);
   return {hy, ws};
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cuda(const Tensor& grad_hy, const Tensor& hx,
                                                           const Tensor& workspace) {
-  const char* op = "gru_cell_fused_backward";
-  const CellDims d = check_cell_backward(op, workspace, {{"hx", &hx}, {"grad_hy", &grad_hy}});
+  const CellDims d = check_cell_backward("gru_cell_fused_backward", workspace, {{"hx", &hx}, {"grad_hy", &grad_hy}});
   const c10::cuda::CUDAGuard guard(workspace.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor ghy = grad_hy.contiguous(), h = hx.contiguous(), ws = workspace.contiguous();
-  Tensor gx = at::empty({d.B, 3 * d.H}, ws.options()), gh = at::empty({d.B, 3 * d.H}, ws.options());
-  Tensor ghx = at::empty({d.B, d.H}, ws.options());
-  const int64_t total = ghx.numel();
-  if (total == 0) return {gx, gh, ghx};
-  CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.gru_cell_fused_backward", [&] {
-    CONVRNN_LAUNCH_CELL(ws.numel(), total, stream, gru_backward_kernel, ghy.const_data_ptr<scalar_t>(),
-                        h.const_data_ptr<scalar_t>(), ws.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
-                        gh.mutable_data_ptr<scalar_t>(), ghx.mutable_data_ptr<scalar_t>(), static_cast<index_t>(d.H),
-                        static_cast<index_t>(total));
-  });
+  const auto opts = workspace.options();
+  Tensor gx = at::empty({d.B, 3 * d.H}, opts), gh = at::empty({d.B, 3 * d.H}, opts), ghx = at::empty({d.B, d.H}, opts);
+  gru_backward_kernel_cuda(grad_hy.contiguous(), hx.contiguous(), workspace.contiguous(), gx, gh, ghx, Tensor(),
+                           Tensor());
   return {gx, gh, ghx};
 }
 
 Tensor rnn_cell_cuda(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b_ih, const OptTensor& b_hh,
                      bool relu) {
-  const char* op = "rnn_cell_fused";
-  const CellDims d = check_cell_gates(op, 1, gates_x, gates_h, b_ih, b_hh);
-  const OptTensor bi_c = contiguous_opt(b_ih), bh_c = contiguous_opt(b_hh);
+  const CellDims d = check_cell_gates("rnn_cell_fused", 1, gates_x, gates_h, b_ih, b_hh);
   const c10::cuda::CUDAGuard guard(gates_x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor gx = gates_x.contiguous(), gh = gates_h.contiguous();
-  Tensor hy = at::empty({d.B, d.H}, gx.options());
-  const int64_t total = hy.numel();
-  if (total == 0) return hy;
-  CONVRNN_DISPATCH_FLOATING(gx.scalar_type(), "convrnn.rnn_cell_fused", [&] {
-    CONVRNN_LAUNCH_CELL(total, total, stream, rnn_kernel, gx.const_data_ptr<scalar_t>(), gh.const_data_ptr<scalar_t>(),
-                        ptr_or_null<scalar_t>(bi_c), ptr_or_null<scalar_t>(bh_c), hy.mutable_data_ptr<scalar_t>(), relu,
-                        static_cast<index_t>(d.H), static_cast<index_t>(total));
-  });
+  Tensor hy = at::empty({d.B, d.H}, gates_x.options());
+  rnn_kernel_cuda(gates_x.contiguous(), gates_h.contiguous(), contiguous_opt(b_ih), contiguous_opt(b_hh), hy, relu);
   return hy;
 }
 
 Tensor rnn_cell_backward_cuda(const Tensor& grad_hy, const Tensor& hy, bool relu) {
-  const char* op = "rnn_cell_fused_backward";
-  check_rnn_backward(op, grad_hy, hy);
+  check_rnn_backward("rnn_cell_fused_backward", grad_hy, hy);
   const c10::cuda::CUDAGuard guard(hy.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const Tensor g = grad_hy.contiguous(), h = hy.contiguous();
-  Tensor gpre = at::empty(h.sizes(), h.options());
-  const int64_t total = gpre.numel();
-  if (total == 0) return gpre;
-  CONVRNN_DISPATCH_FLOATING(h.scalar_type(), "convrnn.rnn_cell_fused_backward", [&] {
-    CONVRNN_LAUNCH_CELL(total, total, stream, rnn_backward_kernel, g.const_data_ptr<scalar_t>(),
-                        h.const_data_ptr<scalar_t>(), gpre.mutable_data_ptr<scalar_t>(), relu,
-                        static_cast<index_t>(total));
-  });
+  Tensor gpre = at::empty(hy.sizes(), hy.options());
+  rnn_backward_kernel_cuda(grad_hy.contiguous(), hy.contiguous(), gpre, Tensor(), Tensor(), relu);
   return gpre;
 }
 
@@ -255,4 +321,5 @@ TORCH_LIBRARY_IMPL(convrnn, CUDA, m) {
   m.impl("gru_cell_fused_backward", &convrnn::gru_cell_backward_cuda);
   m.impl("rnn_cell_fused", &convrnn::rnn_cell_cuda);
   m.impl("rnn_cell_fused_backward", &convrnn::rnn_cell_backward_cuda);
+  convrnn::register_cell_ops(m, convrnn::kCudaKernels);
 }
