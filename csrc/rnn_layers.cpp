@@ -15,9 +15,9 @@
 // plus rows of h0 for sequences that start at this step (reverse direction of packed input).
 //
 // The code is device-agnostic (ATen ops and dispatcher calls only) and registered for the
-// CPU and the CUDA dispatch keys.  On CUDA, with the opt-in persistent kernels on
-// (CONVRNN_PERSISTENT_RNN=1: csrc/rnn_persistent.h), each op first offers its recurrence to
-// them, and runs the step loop below only where they decline.
+// CPU and the CUDA dispatch keys.  On CUDA each op first offers its recurrence to the
+// persistent kernels (csrc/rnn_persistent.h; CONVRNN_PERSISTENT_RNN=0 turns them off), and
+// runs the step loop below only where they decline.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -35,19 +35,20 @@
 
 namespace convrnn {
 
-// ---- the persistent CUDA recurrence's opt-in (rnn_persistent.h) ----
+// ---- the persistent CUDA recurrence's switch (rnn_persistent.h) ----
 
 namespace {
 
-// 1: on, 0: off.  From CONVRNN_PERSISTENT_RNN when first asked; convrnn::_persistent_rnn sets it.
+// 1: on (the default), 0: off.  CONVRNN_PERSISTENT_RNN=0 (or false/off/no) when first asked
+// turns it off; convrnn::_persistent_rnn sets it.
 std::atomic<int>& persistent_mode() {
   static std::atomic<int> mode([] {
     const char* v = std::getenv("CONVRNN_PERSISTENT_RNN");
-    if (v == nullptr) return 0;
-    for (const char* on : {"1", "true", "on", "yes", "TRUE", "ON", "YES", "True", "On", "Yes"}) {
-      if (std::strcmp(v, on) == 0) return 1;
+    if (v == nullptr) return 1;
+    for (const char* off : {"0", "false", "off", "no", "FALSE", "OFF", "NO", "False", "Off", "No"}) {
+      if (std::strcmp(v, off) == 0) return 0;
     }
-    return 0;
+    return 1;
   }());
   return mode;
 }

@@ -3,10 +3,11 @@
 // One cooperative kernel runs every step of one layer and direction, forward or backward,
 // with its block's slice of W_hh staged in shared memory once for all steps and a grid-wide
 // barrier between steps (instead of a cuBLAS product and a fused cell kernel per step).
-// Opt-in until it has run on a GPU: rnn_layers.cpp asks it first only when
-// persistent_rnn_enabled() (CONVRNN_PERSISTENT_RNN=1, or convrnn::_persistent_rnn(1)), and
-// runs its own step loop wherever these functions return false (a case they do not serve:
-// fp64, a projection, sizes whose W_hh slices do not fit on chip, no CUDA build, ...).
+// On by default since its first GPU run (H200, 2026-11-26: benchmarks/NOTES-rnn-seq.md):
+// rnn_layers.cpp asks it first when persistent_rnn_enabled() (unless CONVRNN_PERSISTENT_RNN=0,
+// or convrnn::_persistent_rnn(0)), and runs its own step loop wherever these functions return
+// false (a case they do not serve: fp64, a projection, sizes whose W_hh slices do not fit on
+// chip, no CUDA build, ...).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,8 +34,8 @@ struct PersistentLayer {
   at::Tensor h0, c0;                           // (B, H); c0 for the LSTM only
 };
 
-// Whether the opt-in is on: CONVRNN_PERSISTENT_RNN=1 (or true/on/yes) when first asked, or
-// what convrnn::_persistent_rnn last set (rnn_layers.cpp, compiled in every build).
+// Whether it is on: yes unless CONVRNN_PERSISTENT_RNN=0 (or false/off/no) when first asked,
+// or what convrnn::_persistent_rnn last set (rnn_layers.cpp, compiled in every build).
 bool persistent_rnn_enabled();
 // Counts persistent kernel launches (convrnn::_persistent_rnn returns the count: the tests
 // check that the path they force really ran).
