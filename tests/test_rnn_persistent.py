@@ -14,23 +14,13 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from helpers import HALF_DTYPES, assert_half_ok, dtype_id, half_atol, import_ck, needs_cuda
-from test_rnn_layers import compare, make_inputs, make_pair, run
+from test_rnn_layers import compare, exact_float32, make_inputs, make_pair, run  # noqa: F401 (autouse fixture)
 
 ck = import_ck("nn")
 OPS = torch.ops.convrnn
 
 # cuDNN sums in its own blocked order; ours in a fixed order of its own (see test_rnn_layers)
 TOL32 = dict(rtol=5e-4, atol=5e-4)
-
-
-@pytest.fixture(autouse=True)
-def exact_float32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
 
 
 class persistent_mode:

@@ -152,6 +152,19 @@ void launch(const void* kernel, const Plan& plan, Args& args, cudaStream_t strea
   note_persistent_launch();
 }
 
+// The step geometry that the forward and the backward kernels' arguments both carry.
+template <typename Args>
+void set_geometry(Args& a, const PersistentLayer& l, const Plan& plan, const Tensor& steps, int H) {
+  a.steps = steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr;
+  a.T = l.T;
+  a.B = l.B;
+  a.H = H;
+  a.units = plan.units;
+  a.chunk = plan.chunk;
+  a.reverse = l.reverse;
+  a.relu = l.cell == RnnCell::kRelu;
+}
+
 }  // namespace
 
 bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
@@ -179,14 +192,7 @@ bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, 
     a.out = out.mutable_data_ptr<T>();
     a.cs = mutable_ptr_of<T>(cs);
     a.ws = mutable_ptr_of<T>(ws);
-    a.steps = steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr;
-    a.T = l.T;
-    a.B = l.B;
-    a.H = H;
-    a.units = plan.units;
-    a.chunk = plan.chunk;
-    a.reverse = l.reverse;
-    a.relu = l.cell == RnnCell::kRelu;
+    set_geometry(a, l, plan, steps, H);
     a.vec = (int64_t(H) * sizeof(T)) % 16 == 0 && aligned16(a.out) && aligned16(a.h0);
     launch(kernel, plan, a, at::cuda::getCurrentCUDAStream());
     launched = true;
@@ -223,14 +229,7 @@ bool persistent_backward(const PersistentLayer& l, const Tensor& grad_out, const
     a.g_input = mutable_ptr_of<T>(g_input);
     a.dh_acc = acc.mutable_data_ptr<float>();
     a.dc_acc = C == Kind::kLstm ? a.dh_acc + l.B * l.H : nullptr;
-    a.steps = steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr;
-    a.T = l.T;
-    a.B = l.B;
-    a.H = H;
-    a.units = plan.units;
-    a.chunk = plan.chunk;
-    a.reverse = l.reverse;
-    a.relu = l.cell == RnnCell::kRelu;
+    set_geometry(a, l, plan, steps, H);
     a.vec = (int64_t(G) * H * sizeof(T)) % 16 == 0 && aligned16(a.g_hidden);
     launch(kernel, plan, a, at::cuda::getCurrentCUDAStream());
     launched = true;
