@@ -12,10 +12,11 @@
 // Forward runs the op below the autograd keys (device-agnostic: the dispatcher picks the CPU or
 // CUDA kernel).  needs_input_grad counts only the tensors given, so the biases' entries exist
 // only when they do (both or neither: the forward checks).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <array>
+
+#include "typed_op.h"
 
 namespace convrnn {
 namespace {
@@ -39,11 +40,6 @@ using RnnFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                      bool);
 using RnnBackwardFn = Grads6(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              bool, std::array<bool, 6>);
-
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 
 #define CONVRNN_OP_HANDLE(fn, type, name)                         \
   const c10::TypedOperatorHandle<type>& fn() {                    \

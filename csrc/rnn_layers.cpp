@@ -19,7 +19,6 @@
 // persistent kernels (csrc/rnn_persistent.h; CONVRNN_PERSISTENT_RNN=0 turns them off), and
 // runs the step loop below only where they decline.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +31,7 @@
 
 #include "common.h"
 #include "rnn_persistent.h"
+#include "typed_op.h"
 
 namespace convrnn {
 
@@ -93,11 +93,6 @@ using GruCellFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
 using GruCellBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&);
 using RnnCellFn = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool);
 using RnnCellBackwardFn = Tensor(const Tensor&, const Tensor&, bool);
-
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 
 const c10::TypedOperatorHandle<LstmCellFn>& lstm_cell_op() {
   static const auto h = typed_op<LstmCellFn>("convrnn::lstm_cell_fused");
