@@ -1274,7 +1274,6 @@ void backward_weight_partials(const T* xp, int64_t Hp, int64_t Wp, const T* go, 
   const bool fold = !dw_path && fold_forward(g);
   const int64_t gsize = packed_group_size(g.Kg, g.R * g.S * g.Cg);
   const auto blocks = channel_blocks(g.Kg);
-  const int64_t wstride = round_up(g.C, kLanes);
   const TapList taps = image_taps(g, Wp, fold);
   // Tiles of about kWgtTile pixels (whole rows, or column segments of long rows): a tile's
   // grad_output and input lines stay in L1 while the kernel runs over its reduction blocks.
@@ -1446,49 +1445,49 @@ void with_sw(int64_t sw, const F& f) {
   }
 }
 
+// Runs body(plane, channel, buf, sw) over the N * C planes of a depthwise NCHW convolution in
+// parallel; buf is a task's scratch of buf_size elements, sw an integral_constant: the column
+// stride when it is 1, else 0 (any).
+template <typename T, typename F>
+void for_depthwise_planes(const Conv2d& g, int64_t buf_size, const F& body) {
+  with_sw(g.sw, [&](auto sw) {
+    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> buf(buf_size);
+      for (int64_t plane = b; plane < e; ++plane) body(plane, plane % g.C, buf.data(), sw);
+    });
+  });
+}
+
 template <typename T>
 void forward_depthwise_nchw(const T* x, const T* w, const T* bias, T* y, const Conv2d& g) {
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw + g.sw * 16;
-  with_sw(g.sw, [&](auto sw_c) {
-    constexpr int SW = decltype(sw_c)::value;
-    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> buf(Hp * Wp);
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % g.C;
-        pad_plane<T>(x + plane * g.H * g.W, buf.data(), g.H, g.W, g.ph, g.pw, Hp, Wp);
+  for_depthwise_planes<T>(g, Hp * Wp, [&](int64_t plane, int64_t c, T* buf, auto sw) {
+    constexpr int SW = decltype(sw)::value;
+    pad_plane<T>(x + plane * g.H * g.W, buf, g.H, g.W, g.ph, g.pw, Hp, Wp);
 #ifdef CONVRNN_CONV_AVX512
-        if (std::is_same<T, float>::value && SW == 1 && cpu_has_avx512f()) {
-          dw_plane_forward_avx512(reinterpret_cast<const float*>(buf.data()), Wp,
-                                  reinterpret_cast<const float*>(w) + c * g.R * g.S,
-                                  bias != nullptr ? static_cast<float>(bias[c]) : 0.f,
-                                  reinterpret_cast<float*>(y) + plane * g.P * g.Q, g.P, g.Q, g.R, g.S, g.sh, g.dh, g.dw);
-          continue;
-        }
+    if (std::is_same<T, float>::value && SW == 1 && cpu_has_avx512f()) {
+      dw_plane_forward_avx512(reinterpret_cast<const float*>(buf), Wp, reinterpret_cast<const float*>(w) + c * g.R * g.S,
+                              bias != nullptr ? static_cast<float>(bias[c]) : 0.f,
+                              reinterpret_cast<float*>(y) + plane * g.P * g.Q, g.P, g.Q, g.R, g.S, g.sh, g.dh, g.dw);
+      return;
+    }
 #endif
-        dw_plane_forward<T, SW>(buf.data(), Wp, w + c * g.R * g.S, bias != nullptr ? bias[c] : T(0),
-                                y + plane * g.P * g.Q, g.P, g.Q, g.R, g.S, g.sh, g.sw, g.dh, g.dw);
-      }
-    });
+    dw_plane_forward<T, SW>(buf, Wp, w + c * g.R * g.S, bias != nullptr ? bias[c] : T(0), y + plane * g.P * g.Q, g.P,
+                            g.Q, g.R, g.S, g.sh, g.sw, g.dh, g.dw);
   });
 }
 
 template <typename T>
 void backward_data_depthwise_nchw(const T* go, const T* w, T* gx, const Conv2d& g) {
   const int64_t Hp = g.H + 2 * g.ph + g.sh * 2 + g.dh * g.R, Wp = g.W + 2 * g.pw + g.sw * 2 + g.dw * g.S;
-  with_sw(g.sw, [&](auto sw_c) {
-    constexpr int SW = decltype(sw_c)::value;
-    at::parallel_for(0, g.N * g.C, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> buf(Hp * Wp);
-      for (int64_t plane = b; plane < e; ++plane) {
-        const int64_t c = plane % g.C;
-        std::fill(buf.begin(), buf.end(), T(0));
-        dw_plane_backward_data<T, SW>(go + plane * g.P * g.Q, w + c * g.R * g.S, buf.data(), Wp, g.P, g.Q, g.R, g.S,
-                                      g.sh, g.sw, g.dh, g.dw);
-        T* o = gx + plane * g.H * g.W;
-        for (int64_t h = 0; h < g.H; ++h)
-          std::copy(buf.data() + (h + g.ph) * Wp + g.pw, buf.data() + (h + g.ph) * Wp + g.pw + g.W, o + h * g.W);
-      }
-    });
+  for_depthwise_planes<T>(g, Hp * Wp, [&](int64_t plane, int64_t c, T* buf, auto sw) {
+    constexpr int SW = decltype(sw)::value;
+    std::fill(buf, buf + Hp * Wp, T(0));
+    dw_plane_backward_data<T, SW>(go + plane * g.P * g.Q, w + c * g.R * g.S, buf, Wp, g.P, g.Q, g.R, g.S, g.sh, g.sw,
+                                  g.dh, g.dw);
+    T* o = gx + plane * g.H * g.W;
+    for (int64_t h = 0; h < g.H; ++h)
+      std::copy(buf + (h + g.ph) * Wp + g.pw, buf + (h + g.ph) * Wp + g.pw + g.W, o + h * g.W);
   });
 }
 
