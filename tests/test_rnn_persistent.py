@@ -11,10 +11,10 @@ Half precision follows helpers.py: ours may be off the float32 result by at most
 own half error plus one ulp."""
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from helpers import HALF_DTYPES, assert_half_ok, dtype_id, half_atol, import_ck, needs_cuda
-from test_rnn_layers import compare, exact_float32, make_inputs, make_pair, run  # noqa: F401 (autouse fixture)
+from test_rnn_layers import (assert_runs_identical, compare, exact_float32, make_inputs, make_pair,  # noqa: F401
+                             run)  # (exact_float32: an autouse fixture)
 
 ck = import_ck("nn")
 OPS = torch.ops.convrnn
@@ -160,12 +160,7 @@ def test_cuda_persistent_deterministic(name):
                         device="cuda", scale=1.0)
     inputs = inputs_for(ours, "packed", torch.float32, 9, 11)
     with persistent_mode():
-        o1, g1, gouts = run(ours, inputs)
-        o2, g2, _ = run(ours, inputs, gouts)
-    for k in o1:
-        assert torch.equal(o1[k], o2[k]), f"{k} differs between two runs"
-    for k in g1:
-        assert torch.equal(g1[k], g2[k]), f"grad {k} differs between two runs"
+        assert_runs_identical(ours, inputs)
 
 
 @needs_cuda
