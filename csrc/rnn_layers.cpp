@@ -16,8 +16,9 @@
 //
 // The code is device-agnostic (ATen ops and dispatcher calls only) and registered for the
 // CPU and the CUDA dispatch keys.  On CUDA each op first offers its recurrence to the
-// persistent kernels (csrc/rnn_persistent.h; CONVRNN_PERSISTENT_RNN=0 turns them off), and
-// runs the step loop below only where they decline.
+// persistent kernels (csrc/rnn_persistent.h; CONVRNN_PERSISTENT_RNN=0 turns them off), on the
+// CPU the LSTM ops offer theirs to the CPU recurrence (csrc/cpu/rnn_recurrence.h;
+// CONVRNN_CPU_RECURRENCE=0 turns it off), and run the step loop below only where they decline.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -26,10 +27,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "cpu/rnn_recurrence.h"
 #include "rnn_persistent.h"
 #include "typed_op.h"
 
@@ -39,28 +42,53 @@ namespace convrnn {
 
 namespace {
 
+// A switch's mode from the environment when first asked: 1 (on) unless the variable says 0
+// (or false/off/no), or a number its op takes.
+int env_mode(const char* name, int highest) {
+  const char* v = std::getenv(name);
+  if (v == nullptr) return 1;
+  for (const char* off : {"0", "false", "off", "no", "FALSE", "OFF", "NO", "False", "Off", "No"}) {
+    if (std::strcmp(v, off) == 0) return 0;
+  }
+  for (int m = 1; m <= highest; ++m) {
+    if (std::strcmp(v, std::to_string(m).c_str()) == 0) return m;
+  }
+  return 1;
+}
+
 // 1: on (the default), 0: off.  CONVRNN_PERSISTENT_RNN=0 (or false/off/no) when first asked
 // turns it off; convrnn::_persistent_rnn sets it.
 std::atomic<int>& persistent_mode() {
-  static std::atomic<int> mode([] {
-    const char* v = std::getenv("CONVRNN_PERSISTENT_RNN");
-    if (v == nullptr) return 1;
-    for (const char* off : {"0", "false", "off", "no", "FALSE", "OFF", "NO", "False", "Off", "No"}) {
-      if (std::strcmp(v, off) == 0) return 0;
-    }
-    return 1;
-  }());
+  static std::atomic<int> mode(env_mode("CONVRNN_PERSISTENT_RNN", 1));
   return mode;
 }
 
-std::atomic<int64_t> persistent_launches{0};
+// The CPU recurrence (cpu/rnn_recurrence.h): 1 on (the default), 0 off, 2 on with every step
+// split over the threads; CONVRNN_CPU_RECURRENCE when first asked, convrnn::_cpu_recurrence.
+std::atomic<int>& cpu_mode() {
+  static std::atomic<int> mode(env_mode("CONVRNN_CPU_RECURRENCE", 2));
+  return mode;
+}
 
-// mode -1 asks, 0 or 1 sets; returns (the mode before the call, persistent kernel launches so far).
+std::atomic<int64_t> persistent_launches{0}, cpu_runs{0};
+
+// mode -1 asks, 0..highest sets; returns (the mode before the call, the count so far).
+std::tuple<int64_t, int64_t> switch_op(const char* op, std::atomic<int>& mode, const std::atomic<int64_t>& count,
+                                       int64_t value, int64_t highest) {
+  TORCH_CHECK(value >= -1 && value <= highest, "convrnn.", op, ": mode must be -1 (ask), 0 (off) or 1 (on)",
+              highest > 1 ? " or 2 (on, every step split over the threads)" : "", ", but got ", value);
+  const int before = value >= 0 ? mode.exchange(static_cast<int>(value)) : mode.load();
+  return {before, count.load()};
+}
+
+// Counts persistent kernel launches.
 std::tuple<int64_t, int64_t> persistent_rnn_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "convrnn._persistent_rnn: mode must be -1 (ask), 0 (off) or 1 (on), but got ",
-              mode);
-  const int before = mode >= 0 ? persistent_mode().exchange(static_cast<int>(mode)) : persistent_mode().load();
-  return {before, persistent_launches.load()};
+  return switch_op("_persistent_rnn", persistent_mode(), persistent_launches, mode, 1);
+}
+
+// Counts the layer calls (forward or backward) the CPU recurrence ran.
+std::tuple<int64_t, int64_t> cpu_recurrence_op(int64_t mode) {
+  return switch_op("_cpu_recurrence", cpu_mode(), cpu_runs, mode, 2);
 }
 
 }  // namespace
@@ -71,6 +99,14 @@ bool persistent_rnn_enabled() {
 
 void note_persistent_launch() {
   persistent_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
+int cpu_recurrence_mode() {
+  return cpu_mode().load(std::memory_order_relaxed);
+}
+
+void note_cpu_recurrence_run() {
+  cpu_runs.fetch_add(1, std::memory_order_relaxed);
 }
 
 namespace {
@@ -296,9 +332,15 @@ Tensor as_sequence(const Seq& s, const Tensor& rows) {
   return s.packed ? rows : rows.view({s.T, s.B, rows.size(1)});
 }
 
-// Whether to offer a layer to the persistent kernels: a CUDA tensor, the opt-in on, steps to run.
+// Whether to offer a layer to the persistent kernels: a CUDA tensor, the switch on, steps to run.
 bool offer_persistent(const Tensor& t, const Seq& s) {
   return t.is_cuda() && s.T > 0 && s.N > 0 && persistent_rnn_enabled();
+}
+
+// Whether to offer an LSTM layer to the CPU recurrence: a CPU tensor of a dtype it serves, the
+// switch on, steps to run.
+bool offer_cpu_recurrence(const Tensor& t, const Seq& s) {
+  return t.is_cpu() && s.T > 0 && s.N > 0 && cpu_recurrence_mode() != 0 && cpu_recurrence_serves(t.scalar_type());
 }
 
 PersistentLayer persistent_layer(RnnCell cell, const Seq& s, int64_t H, const Tensor& w_hh, const OptTensor& b_ih,
@@ -443,11 +485,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 4 * d.H});
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
-  if (!proj && offer_persistent(x, s)) {
+  if (!proj && (offer_persistent(x, s) || offer_cpu_recurrence(x, s))) {
     Tensor out = at::empty({s.N, d.H}, opts), cs = at::empty({s.N, d.H}, opts);
     Tensor ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor();
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, b_ih, b_hh, h_init, c_init);
-    if (persistent_forward(l, x, out, cs, ws)) {
+    if (x.is_cuda() ? persistent_forward(l, x, out, cs, ws) : cpu_lstm_forward(l, x, out, cs, ws)) {
       const Tensor none = at::empty({0, 0}, opts);
       Tensor h_n = final_state(s, out, h_init), c_n = final_state(s, cs, c_init);
       return {as_sequence(s, out), h_n, c_n, need_backward ? cs : none, need_backward ? ws : none, none};
@@ -501,11 +543,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.P);
   Tensor dh = grad_buffer(grad_hn, s.B, d.P, opts), dc = grad_buffer(grad_cn, s.B, d.H, opts);
-  if (!proj && offer_persistent(out, s)) {
+  if (!proj && (offer_persistent(out, s) || offer_cpu_recurrence(out, s))) {
     Tensor gg = at::empty({s.N, 4 * d.H}, opts), none;
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, c_init);
-    if (persistent_backward(l, gout, out, c_all, ws, dh, dc, gg, none)) {
+    if (out.is_cuda() && persistent_backward(l, gout, out, c_all, ws, dh, dc, gg, none)) {
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), gg.sum(0), at::empty({0}, opts)};
+    }
+    Tensor grad_bias = at::empty({4 * d.H}, opts);
+    if (out.is_cpu() && cpu_lstm_backward(l, gout, out, c_all, ws, dh, dc, gg, grad_bias)) {
+      return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), grad_bias, at::empty({0}, opts)};
     }
   }
   StepRows ggs(s, 4 * d.H, opts), dhs(s, proj ? d.P : 0, opts);
@@ -694,6 +740,9 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   // The opt-in persistent CUDA recurrence (rnn_persistent.h): mode -1 asks, 0 turns it off, 1 on;
   // returns the mode before the call and the number of persistent kernel launches so far.
   m.def("_persistent_rnn(int mode=-1) -> (int, int)", &convrnn::persistent_rnn_op);
+  // The CPU recurrence (cpu/rnn_recurrence.h): mode -1 asks, 0 off, 1 on, 2 on with every step
+  // split over the threads; returns the mode before the call and the layer calls it ran so far.
+  m.def("_cpu_recurrence(int mode=-1) -> (int, int)", &convrnn::cpu_recurrence_op);
 }
 
 // Device-agnostic: the same functions for both keys (the fused ops they call dispatch on).

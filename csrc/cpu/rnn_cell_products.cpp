@@ -1,9 +1,8 @@
 // CPU gate products of the whole-cell ops (CellKernels::products and product_grads).
 //
-// float and double call the BLAS routine at::mm reaches (sgemm_ / dgemm_: MKL in torch's
-// x86 builds; declared as torch declares them, weak, so a build without them falls back) on
-// the tensors' memory directly.  At a batch-1 step at::mm's own work (dispatch, transposed
-// views, output checks and allocation) took ~4 of its ~6 us a call; six calls a step.
+// float and double call BLAS (cpu/blas.h) on the tensors' memory directly.  At a batch-1
+// step at::mm's own work (dispatch, transposed views, output checks and allocation) took ~4
+// of its ~6 us a call; six calls a step.
 // Half types, and anything BLAS cannot take, go through at::mm (mm_gate_products).
 //
 // A step with enough work splits its products over the intra-op threads itself, calling BLAS
@@ -12,37 +11,19 @@
 // grad_hx + grad_w_ih cost the same), otherwise thread t of T computes the t-th slice (a block
 // of output columns, or of weight-gradient rows) of every product.  Either way every output
 // element is computed by one BLAS call in an order fixed by the shapes and T.
-//
-// Row-major throughout: C (m x n) = op(A) op(B) (+ C).  Column-major BLAS computes C^T =
-// op(B)^T op(A)^T with the same memory, so A and B swap places and the flags carry over.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <climits>
 #include <vector>
 
+#include "blas.h"
 #include "rnn_cells.h"
-
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-// MKL's thread-local thread count (0: back to the global one).  torch turns MKL's dynamic
-// adjustment off, so without it MKL would start its own threads inside ours.
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // the C entry (mkl_set_num_threads_local is Fortran)
-}
 
 namespace convrnn {
 namespace {
 
 using at::Tensor;
-
-// Below this many multiply-adds a step's products run on the calling thread (BLAS decides its
-// own threads there); a fork-join costs a few microseconds.
-constexpr int64_t kParallelMacs = int64_t(1) << 21;
 
 // One product, row-major: c (m x n) = op(a) op(b), added to c's values with accumulate.
 template <typename T>
@@ -59,18 +40,6 @@ struct Gemm {
   bool split_rows;  // slices are blocks of c's rows (else of its columns)
 };
 
-void blas(bool ta, bool tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta,
-          float* c, int ldc) {
-  const float one = 1.0f;
-  sgemm_(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
-}
-
-void blas(bool ta, bool tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb, double beta,
-          double* c, int ldc) {
-  const double one = 1.0;
-  dgemm_(tb ? "T" : "N", ta ? "T" : "N", &n, &m, &k, &one, b, &ldb, a, &lda, &beta, c, &ldc);
-}
-
 template <typename T>
 void run(const Gemm<T>& g) {
   if (g.m == 0 || g.n == 0) return;
@@ -80,7 +49,7 @@ void run(const Gemm<T>& g) {
     }
     return;
   }
-  blas(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb), g.accumulate ? T(1) : T(0), g.c,
+  cpu_blas::gemm(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb), g.accumulate ? T(1) : T(0), g.c,
        int(g.ldc));
 }
 
@@ -101,18 +70,6 @@ Gemm<T> slice(Gemm<T> g, int64_t p, int64_t P) {
   }
   return g;
 }
-
-// BLAS on one thread while in scope (in a task of ours).
-struct SequentialBlas {
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(0);
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-};
 
 // Independent products (distinct outputs) that balance over the P threads as they are: which
 // thread runs each (longest first onto the least loaded), or an empty vector when the best
@@ -142,13 +99,13 @@ void run_all(const std::vector<Gemm<T>>& gemms, bool independent) {
   int64_t macs = 0;
   for (const auto& g : gemms) macs += g.m * g.n * g.k;
   const int64_t P = at::get_num_threads();
-  if (P == 1 || macs < kParallelMacs) {
+  if (P == 1 || macs < cpu_blas::kParallelMacs) {
     for (const auto& g : gemms) run(g);
     return;
   }
   const std::vector<int64_t> owner = independent ? whole_assignment(gemms, P, macs) : std::vector<int64_t>{};
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    const SequentialBlas sequential;
+    const cpu_blas::Sequential sequential;
     for (int64_t p = p0; p < p1; ++p) {
       for (size_t i = 0; i < gemms.size(); ++i) {
         if (owner.empty()) {
@@ -181,16 +138,11 @@ const T* cptr(const Tensor& t) {
   return t.const_data_ptr<T>();
 }
 
-// BLAS takes this dtype and is linked in.
-bool has_blas(at::ScalarType s) {
-  return (s == at::kFloat && sgemm_ != nullptr) || (s == at::kDouble && dgemm_ != nullptr);
-}
-
 }  // namespace
 
 void cpu_gate_products(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
                        const Tensor& gates, const Tensor& gates_h) {
-  if (!has_blas(gates.scalar_type()) || w_ih_.size(0) >= INT_MAX || w_ih_.size(1) >= INT_MAX) {
+  if (!cpu_blas::available(gates.scalar_type()) || w_ih_.size(0) >= INT_MAX || w_ih_.size(1) >= INT_MAX) {
     mm_gate_products(x_, h_, w_ih_, w_hh_, gates, gates_h);
     return;
   }
@@ -211,7 +163,7 @@ void cpu_gate_products(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, 
 void cpu_gate_product_grads(const Tensor& grad_x, const Tensor& grad_h, const Tensor& x_, const Tensor& h_,
                             const Tensor& w_ih_, const Tensor& w_hh_, const Tensor& grad_input, const Tensor& grad_hx,
                             bool accumulate_hx, const Tensor& grad_w_ih, const Tensor& grad_w_hh) {
-  if (!has_blas(grad_x.scalar_type()) || w_ih_.size(0) >= INT_MAX || w_ih_.size(1) >= INT_MAX) {
+  if (!cpu_blas::available(grad_x.scalar_type()) || w_ih_.size(0) >= INT_MAX || w_ih_.size(1) >= INT_MAX) {
     mm_gate_product_grads(grad_x, grad_h, x_, h_, w_ih_, w_hh_, grad_input, grad_hx, accumulate_hx, grad_w_ih,
                           grad_w_hh);
     return;

@@ -2,19 +2,17 @@
 // fused ops (registered here) and the whole-cell ops (rnn_cells.cpp, which this file registers
 // for the CPU with these kernels).
 //
-// Within a row one loop over hidden units j reads the gate blocks at j, H + j, 2H + j, ... as
-// contiguous streams, so the compiler vectorises it, float activations included (exp_poly in
-// rnn_cells.h).  The forward kernels run one task per batch row (parallel over rows when there
+// The row loops are rnn_rows.h's.  The forward kernels run one task per batch row (parallel over rows when there
 // is enough work).  The backward kernels run one task per chunk of hidden units over every
 // row, in row order: the bias gradients (sums over the batch) are summed in the kernel, in an
-// order that does not depend on the thread count.  The gate formulas are rnn_cells.h's,
-// shared with the CUDA kernels.
+// order that does not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "rnn_cells.h"
+#include "rnn_rows.h"
 
 namespace convrnn {
 namespace {
@@ -26,128 +24,6 @@ using OptTensor = std::optional<Tensor>;
 // a fork-join costs a few); a batch-1 step stays on the calling thread.  At 65536 a B=64 GRU
 // backward (98K elements) ran on one thread.
 constexpr int64_t kParallelWork = 16384;
-
-// ---- rows ----
-// IN_PLACE: the output (ws, or hy for the RNN) holds gates_x + gates_h on entry and gx, gh are
-// unused (the whole-cell ops); otherwise pre = gx + gh (the fused ops).  Reading through the
-// output pointer keeps the __restrict promises.
-
-// Sum of the products and both biases for gate column k of a row.
-template <typename T, bool BIAS, bool IN_PLACE>
-CONVRNN_INLINE acc_t<T> pre(const T* gx, const T* gh, const T* bi, const T* bh, int64_t k) {
-  acc_t<T> v = static_cast<acc_t<T>>(gx[k]);
-  if (!IN_PLACE) v += static_cast<acc_t<T>>(gh[k]);
-  if (BIAS) v += static_cast<acc_t<T>>(bi[k]) + static_cast<acc_t<T>>(bh[k]);
-  return v;
-}
-
-template <typename T, bool BIAS, bool IN_PLACE>
-CONVRNN_CPU_CLONES void lstm_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
-                                 const T* __restrict bh, const T* __restrict cx, T* __restrict hy, T* __restrict cy,
-                                 T* __restrict ws, int64_t H) {
-  using A = acc_t<T>;
-  const T* g = IN_PLACE ? ws : gx;
-  for (int64_t j = 0; j < H; ++j) {
-    const LstmGates<A> a =
-        lstm_gates(pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, j), pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, H + j),
-                   pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, 2 * H + j), pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, 3 * H + j));
-    A h, c;
-    lstm_update(a, static_cast<A>(cx[j]), h, c);
-    hy[j] = static_cast<T>(h);
-    cy[j] = static_cast<T>(c);
-    ws[j] = static_cast<T>(a.i);
-    ws[H + j] = static_cast<T>(a.f);
-    ws[2 * H + j] = static_cast<T>(a.g);
-    ws[3 * H + j] = static_cast<T>(a.o);
-  }
-}
-
-template <typename T, bool BIAS, bool WS>
-CONVRNN_CPU_CLONES void gru_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
-                                const T* __restrict bh, const T* __restrict hx, T* __restrict hy, T* __restrict ws,
-                                int64_t H) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < H; ++j) {
-    A xb[3], hb[3];
-    for (int k = 0; k < 3; ++k) {
-      xb[k] = static_cast<A>(gx[k * H + j]) + (BIAS ? static_cast<A>(bi[k * H + j]) : A(0));
-      hb[k] = static_cast<A>(gh[k * H + j]) + (BIAS ? static_cast<A>(bh[k * H + j]) : A(0));
-    }
-    A r, z, n, h;
-    gru_forward(xb[0], xb[1], xb[2], hb[0], hb[1], hb[2], static_cast<A>(hx[j]), r, z, n, h);
-    hy[j] = static_cast<T>(h);
-    if (WS) {
-      ws[j] = static_cast<T>(r);
-      ws[H + j] = static_cast<T>(z);
-      ws[2 * H + j] = static_cast<T>(n);
-      ws[3 * H + j] = static_cast<T>(hb[2]);
-    }
-  }
-}
-
-template <typename T, bool BIAS, bool IN_PLACE>
-CONVRNN_CPU_CLONES void rnn_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
-                                const T* __restrict bh, T* __restrict hy, int64_t H, bool relu) {
-  const T* g = IN_PLACE ? hy : gx;
-  for (int64_t j = 0; j < H; ++j) {
-    hy[j] = static_cast<T>(rnn_activation(pre<T, BIAS, IN_PLACE>(g, gh, bi, bh, j), relu));
-  }
-}
-
-// Backward rows cover n hidden units (a chunk of the row; gate blocks H apart).  With BSUM
-// they add each pre-activation gradient to bsum (gate-major, n per gate) in acc_t<T>.
-
-template <typename T, bool BSUM>
-CONVRNN_CPU_CLONES void lstm_backward_row(const T* __restrict ghy, const T* __restrict gcy, const T* __restrict cx,
-                                          const T* __restrict cy, const T* __restrict ws, T* __restrict gg,
-                                          T* __restrict gcx, acc_t<T>* __restrict bsum, int64_t H, int64_t n) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < n; ++j) {
-    const LstmGates<A> a{static_cast<A>(ws[j]), static_cast<A>(ws[H + j]), static_cast<A>(ws[2 * H + j]),
-                         static_cast<A>(ws[3 * H + j])};
-    A d[4], dc;
-    lstm_backward(a, static_cast<A>(cx[j]), static_cast<A>(cy[j]), static_cast<A>(ghy[j]), static_cast<A>(gcy[j]), d,
-                  dc);
-    for (int k = 0; k < 4; ++k) {
-      gg[k * H + j] = static_cast<T>(d[k]);
-      if (BSUM) bsum[k * n + j] += d[k];
-    }
-    gcx[j] = static_cast<T>(dc);
-  }
-}
-
-// bsum: 3n sums of the input-side gradients, then 3n of the hidden-side ones.
-template <typename T, bool BSUM>
-CONVRNN_CPU_CLONES void gru_backward_row(const T* __restrict ghy, const T* __restrict hx, const T* __restrict ws,
-                                         T* __restrict gx, T* __restrict gh, T* __restrict ghx,
-                                         acc_t<T>* __restrict bsum, int64_t H, int64_t n) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < n; ++j) {
-    A dx[3], dh[3], d;
-    gru_backward(static_cast<A>(ws[j]), static_cast<A>(ws[H + j]), static_cast<A>(ws[2 * H + j]),
-                 static_cast<A>(ws[3 * H + j]), static_cast<A>(hx[j]), static_cast<A>(ghy[j]), dx, dh, d);
-    for (int k = 0; k < 3; ++k) {
-      gx[k * H + j] = static_cast<T>(dx[k]);
-      gh[k * H + j] = static_cast<T>(dh[k]);
-      if (BSUM) {
-        bsum[k * n + j] += dx[k];
-        bsum[(3 + k) * n + j] += dh[k];
-      }
-    }
-    ghx[j] = static_cast<T>(d);
-  }
-}
-
-template <typename T, bool BSUM>
-CONVRNN_CPU_CLONES void rnn_backward_row(const T* __restrict ghy, const T* __restrict hy, T* __restrict gpre,
-                                         acc_t<T>* __restrict bsum, int64_t n, bool relu) {
-  using A = acc_t<T>;
-  for (int64_t j = 0; j < n; ++j) {
-    const A d = rnn_activation_grad(static_cast<A>(ghy[j]), static_cast<A>(hy[j]), relu);
-    gpre[j] = static_cast<T>(d);
-    if (BSUM) bsum[j] += d;
-  }
-}
 
 // ---- parallel drivers ----
 
@@ -214,7 +90,7 @@ void lstm_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& 
       auto row = [&](auto bias, auto in_place) {
         lstm_row<T, decltype(bias)::value, decltype(in_place)::value>(
             gx + (gx ? b * 4 * H : 0), gh + (gh ? b * 4 * H : 0), bi, bh, cx.const_data_ptr<T>() + b * H,
-            hy.data_ptr<T>() + b * H, cy.data_ptr<T>() + b * H, ws.data_ptr<T>() + b * 4 * H, H);
+            hy.data_ptr<T>() + b * H, cy.data_ptr<T>() + b * H, ws.data_ptr<T>() + b * 4 * H, H, H, H);
       };
       auto with_bias = [&](auto in_place) {
         bi != nullptr ? row(std::true_type(), in_place) : row(std::false_type(), in_place);

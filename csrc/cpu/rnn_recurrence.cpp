@@ -1,0 +1,269 @@
+// The CPU layer recurrence of the LSTM (rnn_recurrence.h): every step of one layer and direction
+// in one call.
+//
+// The step loop in rnn_layers.cpp pays per step for at::mm (dispatch, MKL's own threading: a
+// B=32, H=256 step product took 74 us on MKL's two threads against 46 us as two single-threaded
+// halves), a fused cell call (checks, three allocations), and copies into the gathered outputs.
+// Here the H hidden units are split once into tasks (one per intra-op thread, multiples of 16
+// units), and each task keeps, for the whole sequence, its units' rows of W_hh (gate-major) as
+// one right operand, MKL-packed for float (a batch-1 product: 1.9 us packed against 3.6 us for
+// sgemm_).  A step is one parallel region; each task:
+//   forward:  multiplies the state entering the step by its slice into its own (B, 4n) block,
+//             then runs the cell (rnn_rows.h: rnn_cells.h's formulas) on its units, writing h,
+//             c and the activated gates straight into the layer's outputs;
+//   backward: finishes dh for its units (the gate gradients of the step processed before times
+//             its columns of W_hh), adds the output's gradient, and runs the cell backward on
+//             its units, writing the gate gradients in place and summing the bias gradient.
+// The end of a region is the barrier between steps: a task reads only rows that earlier regions
+// finished (the whole state, or the whole gate gradients, of the step before).  Every output
+// element comes from one task in a fixed order: results do not depend on the thread timing, and
+// the bias sums (per unit, steps in processing order, rows in order) not on the thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+#include <vector>
+
+#include "blas.h"
+#include "rnn_recurrence.h"
+#include "rnn_rows.h"
+
+namespace convrnn {
+namespace {
+
+using at::Tensor;
+
+// The hidden units split into `count` tasks of `units` units (the last may have fewer).
+struct Tasks {
+  int64_t count, units, H;
+  int64_t j0(int64_t p) const {
+    return p * units;
+  }
+  int64_t size(int64_t p) const {
+    return std::min(H, j0(p) + units) - j0(p);
+  }
+};
+
+// One task per intra-op thread (at most one per 16 units) once a step's product has enough
+// multiply-adds to pay for a fork-join, else one task.
+Tasks split_units(int64_t B, int64_t G, int64_t H) {
+  const int64_t threads = at::get_num_threads();
+  const bool big = cpu_recurrence_mode() == 2 || B * G * H * H >= cpu_blas::kParallelMacs;
+  int64_t count = threads > 1 && big ? std::min<int64_t>(threads, (H + 15) / 16) : 1;
+  int64_t units = H;
+  if (count > 1) {
+    units = ((H + count - 1) / count + 15) / 16 * 16;
+    count = (H + units - 1) / units;
+  }
+  return {count, units, H};
+}
+
+// Runs f(p) for every task: in a parallel region with BLAS single-threaded inside it, or, for one
+// task, on the calling thread (BLAS may then use its own threads).
+template <typename F>
+void run_tasks(const Tasks& tasks, const F& f) {
+  if (tasks.count == 1) {
+    f(int64_t(0));
+    return;
+  }
+  at::parallel_for(0, tasks.count, 1, [&](int64_t p0, int64_t p1) {
+    const cpu_blas::Sequential sequential;
+    for (int64_t p = p0; p < p1; ++p) f(p);
+  });
+}
+
+// The k-th processed step: step t, its n rows from row `off`; the state it enters with is rows
+// [0, from_prev) of the step processed before (from row prev_off), then rows of h0 / c0.
+struct Step {
+  int64_t t, n, off, from_prev, prev_off;
+};
+
+Step step_at(const PersistentLayer& l, int64_t k) {
+  const auto index = [&](int64_t kk) { return l.reverse ? l.T - 1 - kk : kk; };
+  const auto rows = [&](int64_t t) { return l.bs != nullptr ? (*l.bs)[t] : l.B; };
+  const auto first = [&](int64_t t) { return l.off != nullptr ? (*l.off)[t] : t * l.B; };
+  Step s{index(k), 0, 0, 0, 0};
+  s.n = rows(s.t);
+  s.off = first(s.t);
+  if (k > 0) {
+    const int64_t tp = index(k - 1);
+    s.from_prev = std::min(s.n, rows(tp));
+    s.prev_off = first(tp);
+  }
+  return s;
+}
+
+// A task's units [j0, j0 + n) of W_hh (4H, H): its rows q * H + j0 + u, gate-major, as a (4n, H)
+// matrix (W_hh itself for a task of every unit), the right operand of h W_hh^T; for float also
+// MKL's packed copy of that operand for products of `packed_rows` rows (other row counts, from
+// packed sequences, use the plain rows).
+template <typename T>
+struct Slice {
+  int64_t j0 = 0, n = 0, H = 0;
+  Tensor rows, packed;
+  int64_t packed_rows = -1;
+
+  void build(const Tensor& w_hh, int64_t j0_, int64_t n_, int64_t m) {
+    j0 = j0_;
+    n = n_;
+    H = w_hh.size(1);
+    if (n == H) {
+      rows = w_hh;
+    } else {
+      rows = at::empty({4 * n, H}, w_hh.options());
+      for (int64_t q = 0; q < 4; ++q) {
+        std::copy_n(w_hh.const_data_ptr<T>() + (q * H + j0) * H, n * H, rows.data_ptr<T>() + q * n * H);
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu_blas::packed_available() && m > 0) {
+        const size_t bytes = cblas_sgemm_pack_get_size(cpu_blas::kBMatrix, int(m), int(4 * n), int(H));
+        packed = at::empty({int64_t(bytes)}, w_hh.options().dtype(at::kByte));  // 64-byte aligned
+        cblas_sgemm_pack(cpu_blas::kRowMajor, cpu_blas::kBMatrix, cpu_blas::kTrans, int(m), int(4 * n), int(H), 1.0f,
+                         rows.const_data_ptr<float>(), int(H), static_cast<float*>(packed.data_ptr()));
+        packed_rows = m;
+      }
+    }
+  }
+
+  // c (m, 4n) = a (m, H) times the slice's rows, transposed.
+  void multiply(int64_t m, const T* a, T* c) const {
+    if (m == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+      if (m == packed_rows) {
+        cblas_sgemm_compute(cpu_blas::kRowMajor, cpu_blas::kNoTrans, cpu_blas::kPacked, int(m), int(4 * n), int(H), a,
+                            int(H), static_cast<const float*>(packed.const_data_ptr()), int(H), 0.0f, c, int(4 * n));
+        return;
+      }
+    }
+    cpu_blas::gemm(false, true, int(m), int(4 * n), int(H), a, int(H), rows.const_data_ptr<T>(), int(H), T(0), c,
+                   int(4 * n));
+  }
+};
+
+template <typename T>
+const T* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+void lstm_forward_steps(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+  const int64_t H = l.H, B = l.B;
+  const Tasks tasks = split_units(B, 4, H);
+  const Tensor w_hh = l.w_hh.contiguous();
+  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
+  std::vector<Slice<T>> slices(tasks.count);
+  run_tasks(tasks, [&](int64_t p) { slices[p].build(w_hh, tasks.j0(p), tasks.size(p), B); });
+  Tensor scratch = at::empty({tasks.count, B, 4 * tasks.units}, x.options());
+  const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>(), *c0 = l.c0.const_data_ptr<T>();
+  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  T *po = out.data_ptr<T>(), *pc = cs.data_ptr<T>(), *pw = ws.defined() ? ws.data_ptr<T>() : nullptr;
+  T* ps = scratch.data_ptr<T>();
+  auto steps = [&](auto bias, auto save) {
+    constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
+    for (int64_t k = 0; k < l.T; ++k) {
+      const Step st = step_at(l, k);
+      run_tasks(tasks, [&](int64_t p) {
+        const Slice<T>& sl = slices[p];
+        const int64_t j0 = sl.j0, n = sl.n;
+        T* gates = ps + p * B * 4 * tasks.units;  // (n rows, 4n)
+        sl.multiply(st.from_prev, po + st.prev_off * H, gates);
+        sl.multiply(st.n - st.from_prev, h0 + st.from_prev * H, gates + st.from_prev * 4 * n);
+        for (int64_t b = 0; b < st.n; ++b) {
+          const int64_t r = st.off + b;
+          const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
+          lstm_row<T, kBias, false, kSave>(px + r * 4 * H + j0, gates + b * 4 * n, kBias ? bi + j0 : nullptr,
+                                           kBias ? bh + j0 : nullptr, cx + j0, po + r * H + j0, pc + r * H + j0,
+                                           kSave ? pw + r * 4 * H + j0 : nullptr, n, H, n);
+        }
+      });
+    }
+  };
+  auto with_bias = [&](auto save) {
+    bi != nullptr ? steps(std::true_type(), save) : steps(std::false_type(), save);
+  };
+  pw != nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+}
+
+template <typename T>
+void lstm_backward_steps(const PersistentLayer& l, const Tensor& grad_out, const Tensor& cs, const Tensor& ws, Tensor& dh,
+                   Tensor& dc, Tensor& gg, Tensor& grad_bias) {
+  const int64_t H = l.H, B = l.B;
+  const Tasks tasks = split_units(B, 4, H);
+  const Tensor w_hh = l.w_hh.contiguous();  // (4H, H): a task's columns are its units of dh
+  const T *pw = w_hh.const_data_ptr<T>(), *pgo = data_or_null<T>(grad_out), *c0 = l.c0.const_data_ptr<T>();
+  const T *pc = cs.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
+  T *pdh = dh.data_ptr<T>(), *pdc = dc.data_ptr<T>(), *pg = gg.data_ptr<T>();
+  std::vector<std::vector<acc_t<T>>> sums(tasks.count);
+  std::vector<std::vector<T>> gcx(tasks.count);
+  for (int64_t p = 0; p < tasks.count; ++p) {
+    sums[p].assign(4 * tasks.size(p), acc_t<T>(0));
+    gcx[p].resize(tasks.size(p));
+  }
+  // dh (rows [0, st.n), the task's columns) = the gate gradients of step st times W_hh
+  const auto dh_from = [&](const Step& st, int64_t j0, int64_t n) {
+    cpu_blas::gemm(false, false, int(st.n), int(n), int(4 * H), pg + st.off * 4 * H, int(4 * H), pw + j0, int(H),
+                   T(0), pdh + j0, int(H));
+  };
+  for (int64_t k = l.T - 1; k >= 0; --k) {
+    const Step st = step_at(l, k);
+    const bool carried = k + 1 < l.T;
+    const Step next = carried ? step_at(l, k + 1) : st;
+    run_tasks(tasks, [&](int64_t p) {
+      const int64_t j0 = tasks.j0(p), n = tasks.size(p);
+      if (carried) dh_from(next, j0, n);
+      for (int64_t b = 0; b < st.n; ++b) {
+        const int64_t r = st.off + b;
+        T* ghy = pdh + b * H + j0;
+        if (pgo != nullptr) {
+          const T* go = pgo + r * H + j0;
+          for (int64_t u = 0; u < n; ++u) ghy[u] += go[u];
+        }
+        const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
+        lstm_backward_row<T, true>(ghy, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
+                                   pg + r * 4 * H + j0, gcx[p].data(), sums[p].data(), H, n);
+        std::copy(gcx[p].begin(), gcx[p].end(), pdc + b * H + j0);
+      }
+    });
+  }
+  const Step first = step_at(l, 0);
+  run_tasks(tasks, [&](int64_t p) { dh_from(first, tasks.j0(p), tasks.size(p)); });
+  T* pb = grad_bias.data_ptr<T>();
+  for (int64_t p = 0; p < tasks.count; ++p) {
+    const int64_t j0 = tasks.j0(p), n = tasks.size(p);
+    for (int64_t q = 0; q < 4; ++q) {
+      for (int64_t u = 0; u < n; ++u) pb[q * H + j0 + u] = static_cast<T>(sums[p][q * n + u]);
+    }
+  }
+}
+
+// The sizes BLAS takes as int, on the CPU, an LSTM with steps to run.
+bool serves(const PersistentLayer& l, const Tensor& t) {
+  return t.is_cpu() && l.cell == RnnCell::kLstm && cpu_recurrence_serves(t.scalar_type()) && l.T > 0 && l.N > 0 &&
+         l.B < INT_MAX && 4 * l.H < INT_MAX;
+}
+
+}  // namespace
+
+bool cpu_recurrence_serves(at::ScalarType dtype) {
+  return cpu_blas::available(dtype);
+}
+
+bool cpu_lstm_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+  if (!serves(l, x)) return false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convrnn.lstm_layer", [&] { lstm_forward_steps<scalar_t>(l, x, out, cs, ws); });
+  note_cpu_recurrence_run();
+  return true;
+}
+
+bool cpu_lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor&, const Tensor& cs,
+                       const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& gg, Tensor& grad_bias) {
+  if (!serves(l, cs)) return false;
+  AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "convrnn.lstm_layer_backward",
+                             [&] { lstm_backward_steps<scalar_t>(l, grad_out, cs, ws, dh, dc, gg, grad_bias); });
+  note_cpu_recurrence_run();
+  return true;
+}
+
+}  // namespace convrnn

@@ -1,0 +1,173 @@
+"""The CPU layer recurrence of the LSTM (csrc/cpu/rnn_recurrence.cpp): on by default for float32
+and float64 LSTMs without a projection (torch.ops.convrnn._cpu_recurrence(0) turns it off, 2
+splits every step over the threads whatever its size).  Against our own step loop (the same
+formulas, other products) and torch.nn.LSTM, forward and every gradient, over packed input in
+both directions, batch 1, odd and split hidden sizes, 1 to 3 threads; float64 gradcheck through
+the split path; determinism; inference (no workspace written); what it declines.  Every test
+that means the recurrence to run checks its run counter, so a silent fall-back to the step loop
+cannot pass for it."""
+import pytest
+import torch
+
+from helpers import num_threads
+from test_rnn_layers import TOL, assert_runs_identical, compare, make_inputs, make_pair, run  # noqa: F401
+
+OPS = torch.ops.convrnn
+
+
+class recurrence_mode:
+    """Sets the CPU recurrence's mode inside the block; .runs counts the layer calls (forward or
+    backward, per layer and direction) it ran."""
+
+    def __init__(self, mode=1):
+        self.mode = mode
+
+    def __enter__(self):
+        self.before, self.start = OPS._cpu_recurrence(self.mode)
+        return self
+
+    def __exit__(self, *exc):
+        _, end = OPS._cpu_recurrence(self.before)
+        self.runs = end - self.start
+
+
+def step_loop_and_recurrence(module, inputs, mode, threads):
+    with num_threads(threads):
+        with recurrence_mode(0) as off:
+            outs, grads, gouts = run(module, inputs)
+        with recurrence_mode(mode) as on:
+            routs, rgrads, _ = run(module, inputs, gouts)
+    assert off.runs == 0
+    return (outs, grads), (routs, rgrads), on.runs
+
+
+# (T, B, I, H): batch 1; odd H (one task, or 16-unit tasks with a ragged last one); the
+# training benchmark's batch and hidden size (split over the threads in mode 1 too)
+SHAPES = {"B1_H9": (5, 1, 4, 9), "B5_H37": (6, 5, 3, 37), "B32_H64": (4, 32, 7, 64), "B7_H130": (3, 7, 5, 130)}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("mode", [1, 2], ids=["auto", "split"])
+@pytest.mark.parametrize("variant", ["plain", "packed_unsorted", "no_hx"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_matches_step_loop(dtype, shape, variant, mode, threads):
+    t, b, i, h = SHAPES[shape]
+    ours, _ = make_pair("lstm", num_layers=2, bidirectional=True, dtype=dtype, input_size=i, hidden=h, scale=1.0)
+    inputs = make_inputs(ours, variant, dtype, t=t, b=b, seed=3)
+    (outs, grads), (routs, rgrads), runs = step_loop_and_recurrence(ours, inputs, mode, threads)
+    assert runs == 8  # 2 layers x 2 directions, forward and backward
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for k in outs:
+        if outs[k].is_floating_point():
+            torch.testing.assert_close(routs[k], outs[k], **tol, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(routs[k], outs[k])
+    for k in grads:
+        torch.testing.assert_close(rgrads[k], grads[k], **tol, msg=lambda m: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("variant", ["plain", "packed_sorted", "packed_unsorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_matches_torch(dtype, variant):
+    ours, theirs = make_pair("lstm", num_layers=2, bidirectional=True, dtype=dtype, input_size=6, hidden=48)
+    with num_threads(2), recurrence_mode(2) as mode:
+        compare(ours, theirs, make_inputs(ours, variant, dtype, t=5, b=3), f"lstm {variant}")
+    assert mode.runs == 8
+
+
+@pytest.mark.parametrize("case", ["training", "generation"])
+def test_bench_shapes(case):
+    """The benchmark's two sequence shapes (fewer steps) against torch (oneDNN) in float32."""
+    t, b, i, h = (6, 32, 128, 256) if case == "training" else (12, 1, 65, 128)
+    ours, theirs = make_pair("lstm", num_layers=2, dtype=torch.float32, input_size=i, hidden=h, scale=1.0)
+    with num_threads(2), recurrence_mode() as mode:
+        compare(ours, theirs, make_inputs(ours, "plain", torch.float32, t=t, b=b), case,
+                dict(rtol=1e-4, atol=1e-4))
+    assert mode.runs == 4
+
+
+@pytest.mark.parametrize("variant", ["plain", "packed_unsorted"])
+def test_gradcheck_split(variant):
+    """float64 gradcheck through the split path (3 tasks of 16 units, the last ragged)."""
+    ours, _ = make_pair("lstm", bidirectional=True, input_size=3, hidden=35, scale=1.5)
+    inputs = make_inputs(ours, variant, t=3, b=3)
+    names = [n for n, _ in ours.named_parameters()]
+    leaves = [inputs[k] for k in ("x", "h", "c")]
+
+    def f(x, h, c, *params):
+        if "lengths" in inputs:
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"], enforce_sorted=False)
+        out, (hn, cn) = torch.func.functional_call(ours, dict(zip(names, params)), (x, (h, c)))
+        return (out.data if "lengths" in inputs else out), hn, cn
+
+    args = [t.detach().requires_grad_() for t in leaves + [p for _, p in ours.named_parameters()]]
+    with num_threads(3), recurrence_mode(2) as mode:
+        assert torch.autograd.gradcheck(f, args, fast_mode=True)
+    assert mode.runs > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic(threads):
+    ours, _ = make_pair("lstm", num_layers=2, bidirectional=True, dtype=torch.float32, input_size=16, hidden=64,
+                        scale=1.0)
+    inputs = make_inputs(ours, "packed_unsorted", torch.float32, t=9, b=3)
+    with num_threads(threads), recurrence_mode(2) as mode:
+        assert_runs_identical(ours, inputs)
+    assert mode.runs == 16
+
+
+def test_bias_gradient_independent_of_threads():
+    """The bias gradient is summed per unit, steps and rows in a fixed order: the same bits
+    whatever the number of tasks."""
+    ours, _ = make_pair("lstm", dtype=torch.float32, input_size=5, hidden=48, scale=1.0)
+    inputs = make_inputs(ours, "plain", torch.float32, t=7, b=6)
+    got = []
+    for threads in (1, 2, 3):
+        with num_threads(threads), recurrence_mode(2):
+            _, grads, gouts = run(ours, inputs, None if not got else got[0][1])
+        got.append((grads["bias_ih_l0"], gouts))
+    for g, _ in got[1:]:
+        assert torch.equal(g, got[0][0])
+
+
+def test_inference_writes_no_workspace():
+    """Under no_grad (need_backward=False) the same output and states as with a gradient."""
+    ours, _ = make_pair("lstm", num_layers=2, dtype=torch.float32, input_size=10, hidden=40, scale=1.0)
+    x = torch.randn(12, 4, 10)
+    with num_threads(2), recurrence_mode(2) as mode:
+        with torch.no_grad():
+            lean = ours(x)
+        full = ours(x)
+    assert mode.runs == 4
+    for a, b in zip([lean[0], *lean[1]], [full[0], *full[1]]):
+        assert torch.equal(a, b.detach())
+    args = (torch.randn(5, 3, 16), torch.randn(3, 4), torch.randn(3, 4), torch.randn(16, 4), None, None, None, None,
+            False)
+    with recurrence_mode() as mode:
+        lean, full = OPS.lstm_layer(*args, False), OPS.lstm_layer(*args, True)
+    assert mode.runs == 2
+    assert all(t.shape == (0, 0) for t in lean[3:])
+    for a, b in zip(lean[:3], full[:3]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "proj_size", "switched_off"])
+def test_declines(case):
+    """Half types and proj_size run the step loop (and stay right); so does everything when off."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case, torch.float64)
+    ours, theirs = make_pair("lstm_proj" if case == "proj_size" else "lstm", dtype=dtype, scale=1.0)
+    with recurrence_mode(0 if case == "switched_off" else 1) as mode:
+        outs, _, _ = run(ours, make_inputs(ours, "plain", dtype))
+    assert mode.runs == 0
+    if dtype == torch.float64:
+        with recurrence_mode(0 if case == "switched_off" else 1):
+            compare(ours, theirs, make_inputs(ours, "plain", dtype), case)
+
+
+def test_switch():
+    before, _ = OPS._cpu_recurrence(-1)
+    assert before in (0, 1, 2)
+    with pytest.raises(RuntimeError, match=r"convrnn\._cpu_recurrence: mode"):
+        OPS._cpu_recurrence(3)
+    assert OPS._cpu_recurrence(-1)[0] == before
