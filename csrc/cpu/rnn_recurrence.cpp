@@ -35,8 +35,10 @@ namespace {
 using at::Tensor;
 
 // The hidden units split into `count` tasks of `units` units (the last may have fewer).
+// blas_threads: one task with a product big enough for BLAS's own threads (H too small to split).
 struct Tasks {
   int64_t count, units, H;
+  bool blas_threads;
   int64_t j0(int64_t p) const {
     return p * units;
   }
@@ -56,15 +58,21 @@ Tasks split_units(int64_t B, int64_t G, int64_t H) {
     units = ((H + count - 1) / count + 15) / 16 * 16;
     count = (H + units - 1) / units;
   }
-  return {count, units, H};
+  return {count, units, H, count == 1 && big && threads > 1};
 }
 
-// Runs f(p) for every task: in a parallel region with BLAS single-threaded inside it, or, for one
-// task, on the calling thread (BLAS may then use its own threads).
+// Runs f(p) for every task, BLAS single-threaded: in a parallel region, or, for one task, on the
+// calling thread (with BLAS's own threads where the product is big; a small product on MKL's
+// threads spent most of its time waking them: a batch-1 gemv measured ~40% in libgomp).
 template <typename F>
 void run_tasks(const Tasks& tasks, const F& f) {
   if (tasks.count == 1) {
-    f(int64_t(0));
+    if (tasks.blas_threads) {
+      f(int64_t(0));
+    } else {
+      const cpu_blas::Sequential sequential;
+      f(int64_t(0));
+    }
     return;
   }
   at::parallel_for(0, tasks.count, 1, [&](int64_t p0, int64_t p1) {
@@ -147,6 +155,27 @@ const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+// Asks for `gates` blocks of n elements, `ld` apart, in rows of `stride` from p (rows [0, rows)),
+// to be brought into the cache (for writing with `write`).  A step's pointwise part streams
+// these rows from memory; asked for before the step's product (which computes from the cache),
+// they arrive while it runs.
+template <typename T>
+void prefetch_rows(const T* p, int64_t rows, int64_t stride, int64_t gates, int64_t ld, int64_t n, bool write) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t q = 0; q < gates; ++q) {
+      const T* block = p + b * stride + q * ld;
+      for (int64_t u = 0; u < n; u += kLine) {
+        if (write) {
+          __builtin_prefetch(block + u, 1, 2);
+        } else {
+          __builtin_prefetch(block + u, 0, 2);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void lstm_forward_steps(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
   const int64_t H = l.H, B = l.B;
@@ -168,6 +197,8 @@ void lstm_forward_steps(const PersistentLayer& l, const Tensor& x, Tensor& out, 
         const Slice<T>& sl = slices[p];
         const int64_t j0 = sl.j0, n = sl.n;
         T* gates = ps + p * B * 4 * tasks.units;  // (n rows, 4n)
+        prefetch_rows(px + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, false);
+        if (kSave) prefetch_rows(pw + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, true);
         sl.multiply(st.from_prev, po + st.prev_off * H, gates);
         sl.multiply(st.n - st.from_prev, h0 + st.from_prev * H, gates + st.from_prev * 4 * n);
         for (int64_t b = 0; b < st.n; ++b) {
@@ -212,6 +243,10 @@ void lstm_backward_steps(const PersistentLayer& l, const Tensor& grad_out, const
     const Step next = carried ? step_at(l, k + 1) : st;
     run_tasks(tasks, [&](int64_t p) {
       const int64_t j0 = tasks.j0(p), n = tasks.size(p);
+      prefetch_rows(pws + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, false);
+      prefetch_rows(pc + st.off * H + j0, st.n, H, 1, 0, n, false);
+      prefetch_rows(pg + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, true);
+      if (pgo != nullptr) prefetch_rows(pgo + st.off * H + j0, st.n, H, 1, 0, n, false);
       if (carried) dh_from(next, j0, n);
       for (int64_t b = 0; b < st.n; ++b) {
         const int64_t r = st.off + b;
