@@ -549,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
     if (out.is_cuda() && persistent_backward(l, gout, out, c_all, ws, dh, dc, gg, none)) {
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), gg.sum(0), at::empty({0}, opts)};
     }
-    Tensor grad_bias = at::empty({4 * d.H}, opts);
+    Tensor grad_bias = out.is_cpu() ? at::empty({4 * d.H}, opts) : Tensor();
     if (out.is_cpu() && cpu_lstm_backward(l, gout, out, c_all, ws, dh, dc, gg, grad_bias)) {
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), grad_bias, at::empty({0}, opts)};
     }
