@@ -17,7 +17,7 @@
 // The code is device-agnostic (ATen ops and dispatcher calls only) and registered for the
 // CPU and the CUDA dispatch keys.  On CUDA each op first offers its recurrence to the
 // persistent kernels (csrc/rnn_persistent.h; CONVRNN_PERSISTENT_RNN=0 turns them off), on the
-// CPU the LSTM ops offer theirs to the CPU recurrence (csrc/cpu/rnn_recurrence.h;
+// CPU they offer it to the CPU recurrence (csrc/cpu/rnn_recurrence.h;
 // CONVRNN_CPU_RECURRENCE=0 turns it off), and run the step loop below only where they decline.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -337,8 +337,8 @@ bool offer_persistent(const Tensor& t, const Seq& s) {
   return t.is_cuda() && s.T > 0 && s.N > 0 && persistent_rnn_enabled();
 }
 
-// Whether to offer an LSTM layer to the CPU recurrence: a CPU tensor of a dtype it serves, the
-// switch on, steps to run.
+// Whether to offer a layer to the CPU recurrence: a CPU tensor of a dtype it serves, the switch
+// on, steps to run.
 bool offer_cpu_recurrence(const Tensor& t, const Seq& s) {
   return t.is_cpu() && s.T > 0 && s.N > 0 && cpu_recurrence_mode() != 0 && cpu_recurrence_serves(t.scalar_type());
 }
@@ -489,7 +489,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
     Tensor out = at::empty({s.N, d.H}, opts), cs = at::empty({s.N, d.H}, opts);
     Tensor ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor();
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, b_ih, b_hh, h_init, c_init);
-    if (x.is_cuda() ? persistent_forward(l, x, out, cs, ws) : cpu_lstm_forward(l, x, out, cs, ws)) {
+    if (x.is_cuda() ? persistent_forward(l, x, out, cs, ws) : cpu_recurrence_forward(l, x, out, cs, ws)) {
       const Tensor none = at::empty({0, 0}, opts);
       Tensor h_n = final_state(s, out, h_init), c_n = final_state(s, cs, c_init);
       return {as_sequence(s, out), h_n, c_n, need_backward ? cs : none, need_backward ? ws : none, none};
@@ -550,7 +550,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), gg.sum(0), at::empty({0}, opts)};
     }
     Tensor grad_bias = out.is_cpu() ? at::empty({4 * d.H}, opts) : Tensor();
-    if (out.is_cpu() && cpu_lstm_backward(l, gout, out, c_all, ws, dh, dc, gg, grad_bias)) {
+    if (out.is_cpu() && cpu_recurrence_backward(l, gout, out, c_all, ws, dh, dc, gg, none, grad_bias, none)) {
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), grad_bias, at::empty({0}, opts)};
     }
   }
@@ -588,10 +588,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor&
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 3 * d.H});
   const Tensor h_init = h0.contiguous();
-  if (offer_persistent(x, s)) {
+  if (offer_persistent(x, s) || offer_cpu_recurrence(x, s)) {
     Tensor out = at::empty({s.N, d.H}, opts), ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor(), none;
     const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
-    if (persistent_forward(l, x, out, none, ws)) {
+    if (x.is_cuda() ? persistent_forward(l, x, out, none, ws) : cpu_recurrence_forward(l, x, out, none, ws)) {
       Tensor h_n = final_state(s, out, h_init);
       return {as_sequence(s, out), h_n, need_backward ? ws : at::empty({0, 0}, opts)};
     }
@@ -625,11 +625,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptT
   const Tensor out = output.contiguous().view({s.N, d.H}), ws = workspace.contiguous(), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  if (offer_persistent(out, s)) {
+  if (offer_persistent(out, s) || offer_cpu_recurrence(out, s)) {
     Tensor gx = at::empty({s.N, 3 * d.H}, opts), gh = at::empty({s.N, 3 * d.H}, opts), none;
     const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, Tensor());
-    if (persistent_backward(l, gout, out, none, ws, dh, none, gh, gx)) {
+    if (out.is_cuda() && persistent_backward(l, gout, out, none, ws, dh, none, gh, gx)) {
       return {as_sequence(s, gx), dh, grad_w_hh(s, gh, out, h_init), gx.sum(0), gh.sum(0)};
+    }
+    Tensor gb_ih = out.is_cpu() ? at::empty({3 * d.H}, opts) : Tensor(), gb_hh = at::empty_like(gb_ih);
+    if (out.is_cpu() && cpu_recurrence_backward(l, gout, out, none, ws, dh, none, gh, gx, gb_ih, gb_hh)) {
+      return {as_sequence(s, gx), dh, grad_w_hh(s, gh, out, h_init), gb_ih, gb_hh};
     }
   }
   StepRows gxs(s, 3 * d.H, opts), ghs(s, 3 * d.H, opts);
@@ -658,11 +662,11 @@ std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x_proj, const Tensor& h0, con
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, d.H});
   const Tensor h_init = h0.contiguous();
-  if (offer_persistent(x, s)) {
+  if (offer_persistent(x, s) || offer_cpu_recurrence(x, s)) {
     Tensor out = at::empty({s.N, d.H}, opts), none;
     const PersistentLayer l =
         persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
-    if (persistent_forward(l, x, out, none, none)) {
+    if (x.is_cuda() ? persistent_forward(l, x, out, none, none) : cpu_recurrence_forward(l, x, out, none, none)) {
       Tensor h_n = final_state(s, out, h_init);
       return {as_sequence(s, out), h_n};
     }
@@ -692,12 +696,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   const Tensor out = output.contiguous().view({s.N, d.H}), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  if (offer_persistent(out, s)) {
+  if (offer_persistent(out, s) || offer_cpu_recurrence(out, s)) {
     Tensor gp = at::empty({s.N, d.H}, opts), none;
     const PersistentLayer l = persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, std::nullopt,
                                                std::nullopt, h_init, Tensor());
-    if (persistent_backward(l, gout, out, none, none, dh, none, gp, none)) {
+    if (out.is_cuda() && persistent_backward(l, gout, out, none, none, dh, none, gp, none)) {
       return {as_sequence(s, gp), dh, grad_w_hh(s, gp, out, h_init), gp.sum(0)};
+    }
+    Tensor grad_bias = out.is_cpu() ? at::empty({d.H}, opts) : Tensor();
+    if (out.is_cpu() && cpu_recurrence_backward(l, gout, out, none, none, dh, none, gp, none, grad_bias, none)) {
+      return {as_sequence(s, gp), dh, grad_w_hh(s, gp, out, h_init), grad_bias};
     }
   }
   StepRows gps(s, d.H, opts);

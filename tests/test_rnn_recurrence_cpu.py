@@ -1,7 +1,7 @@
-"""The CPU layer recurrence of the LSTM (csrc/cpu/rnn_recurrence.cpp): on by default for float32
-and float64 LSTMs without a projection (torch.ops.convrnn._cpu_recurrence(0) turns it off, 2
+"""The CPU layer recurrence (csrc/cpu/rnn_recurrence.cpp): on by default for float32 and float64
+LSTM (without a projection), GRU and vanilla RNN layers (torch.ops.convrnn._cpu_recurrence(0) turns it off, 2
 splits every step over the threads whatever its size).  Against our own step loop (the same
-formulas, other products) and torch.nn.LSTM, forward and every gradient, over packed input in
+formulas, other products) and torch.nn's modules, forward and every gradient, over packed input in
 both directions, batch 1, odd and split hidden sizes, 1 to 3 threads; float64 gradcheck through
 the split path; determinism; inference (no workspace written); what it declines.  Every test
 that means the recurrence to run checks its run counter, so a silent fall-back to the step loop
@@ -44,6 +44,7 @@ def step_loop_and_recurrence(module, inputs, mode, threads):
 # (T, B, I, H): batch 1; odd H (one task, or 16-unit tasks with a ragged last one); the
 # training benchmark's batch and hidden size (split over the threads in mode 1 too)
 SHAPES = {"B1_H9": (5, 1, 4, 9), "B5_H37": (6, 5, 3, 37), "B32_H64": (4, 32, 7, 64), "B7_H130": (3, 7, 5, 130)}
+NAMES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -51,9 +52,10 @@ SHAPES = {"B1_H9": (5, 1, 4, 9), "B5_H37": (6, 5, 3, 37), "B32_H64": (4, 32, 7, 
 @pytest.mark.parametrize("variant", ["plain", "packed_unsorted", "no_hx"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_matches_step_loop(dtype, shape, variant, mode, threads):
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_step_loop(name, dtype, shape, variant, mode, threads):
     t, b, i, h = SHAPES[shape]
-    ours, _ = make_pair("lstm", num_layers=2, bidirectional=True, dtype=dtype, input_size=i, hidden=h, scale=1.0)
+    ours, _ = make_pair(name, num_layers=2, bidirectional=True, dtype=dtype, input_size=i, hidden=h, scale=1.0)
     inputs = make_inputs(ours, variant, dtype, t=t, b=b, seed=3)
     (outs, grads), (routs, rgrads), runs = step_loop_and_recurrence(ours, inputs, mode, threads)
     assert runs == 8  # 2 layers x 2 directions, forward and backward
@@ -69,18 +71,20 @@ def test_matches_step_loop(dtype, shape, variant, mode, threads):
 
 @pytest.mark.parametrize("variant", ["plain", "packed_sorted", "packed_unsorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_matches_torch(dtype, variant):
-    ours, theirs = make_pair("lstm", num_layers=2, bidirectional=True, dtype=dtype, input_size=6, hidden=48)
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_torch(name, dtype, variant):
+    ours, theirs = make_pair(name, num_layers=2, bidirectional=True, dtype=dtype, input_size=6, hidden=48)
     with num_threads(2), recurrence_mode(2) as mode:
-        compare(ours, theirs, make_inputs(ours, variant, dtype, t=5, b=3), f"lstm {variant}")
+        compare(ours, theirs, make_inputs(ours, variant, dtype, t=5, b=3), f"{name} {variant}")
     assert mode.runs == 8
 
 
 @pytest.mark.parametrize("case", ["training", "generation"])
-def test_bench_shapes(case):
-    """The benchmark's two sequence shapes (fewer steps) against torch (oneDNN) in float32."""
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_bench_shapes(name, case):
+    """The benchmark's two sequence shapes (fewer steps) against torch in float32."""
     t, b, i, h = (6, 32, 128, 256) if case == "training" else (12, 1, 65, 128)
-    ours, theirs = make_pair("lstm", num_layers=2, dtype=torch.float32, input_size=i, hidden=h, scale=1.0)
+    ours, theirs = make_pair(name, num_layers=2, dtype=torch.float32, input_size=i, hidden=h, scale=1.0)
     with num_threads(2), recurrence_mode() as mode:
         compare(ours, theirs, make_inputs(ours, "plain", torch.float32, t=t, b=b), case,
                 dict(rtol=1e-4, atol=1e-4))
@@ -88,18 +92,20 @@ def test_bench_shapes(case):
 
 
 @pytest.mark.parametrize("variant", ["plain", "packed_unsorted"])
-def test_gradcheck_split(variant):
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck_split(name, variant):
     """float64 gradcheck through the split path (3 tasks of 16 units, the last ragged)."""
-    ours, _ = make_pair("lstm", bidirectional=True, input_size=3, hidden=35, scale=1.5)
+    ours, _ = make_pair(name, bidirectional=True, input_size=3, hidden=35, scale=1.5)
     inputs = make_inputs(ours, variant, t=3, b=3)
     names = [n for n, _ in ours.named_parameters()]
-    leaves = [inputs[k] for k in ("x", "h", "c")]
+    leaves = [inputs[k] for k in ("x", "h", "c") if k in inputs]
 
-    def f(x, h, c, *params):
+    def f(x, h, *rest):
+        c, params = (rest[0], rest[1:]) if "c" in inputs else (None, rest)
         if "lengths" in inputs:
             x = torch.nn.utils.rnn.pack_padded_sequence(x, inputs["lengths"], enforce_sorted=False)
-        out, (hn, cn) = torch.func.functional_call(ours, dict(zip(names, params)), (x, (h, c)))
-        return (out.data if "lengths" in inputs else out), hn, cn
+        out, hn = torch.func.functional_call(ours, dict(zip(names, params)), (x, (h, c) if c is not None else h))
+        return ((out.data if "lengths" in inputs else out),) + (hn if isinstance(hn, tuple) else (hn,))
 
     args = [t.detach().requires_grad_() for t in leaves + [p for _, p in ours.named_parameters()]]
     with num_threads(3), recurrence_mode(2) as mode:
@@ -108,8 +114,9 @@ def test_gradcheck_split(variant):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_deterministic(threads):
-    ours, _ = make_pair("lstm", num_layers=2, bidirectional=True, dtype=torch.float32, input_size=16, hidden=64,
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic(name, threads):
+    ours, _ = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32, input_size=16, hidden=64,
                         scale=1.0)
     inputs = make_inputs(ours, "packed_unsorted", torch.float32, t=9, b=3)
     with num_threads(threads), recurrence_mode(2) as mode:
@@ -117,31 +124,36 @@ def test_deterministic(threads):
     assert mode.runs == 16
 
 
-def test_bias_gradient_independent_of_threads():
-    """The bias gradient is summed per unit, steps and rows in a fixed order: the same bits
+@pytest.mark.parametrize("name", NAMES)
+def test_bias_gradient_independent_of_threads(name):
+    """The bias gradients are summed per unit, steps and rows in a fixed order: the same bits
     whatever the number of tasks."""
-    ours, _ = make_pair("lstm", dtype=torch.float32, input_size=5, hidden=48, scale=1.0)
+    ours, _ = make_pair(name, dtype=torch.float32, input_size=5, hidden=48, scale=1.0)
     inputs = make_inputs(ours, "plain", torch.float32, t=7, b=6)
     got = []
     for threads in (1, 2, 3):
         with num_threads(threads), recurrence_mode(2):
-            _, grads, gouts = run(ours, inputs, None if not got else got[0][1])
-        got.append((grads["bias_ih_l0"], gouts))
-    for g, _ in got[1:]:
-        assert torch.equal(g, got[0][0])
+            _, grads, gouts = run(ours, inputs, None if not got else got[0][2])
+        got.append((grads["bias_ih_l0"], grads["bias_hh_l0"], gouts))
+    for gi, gh, _ in got[1:]:
+        assert torch.equal(gi, got[0][0]) and torch.equal(gh, got[0][1])
 
 
-def test_inference_writes_no_workspace():
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_relu"])
+def test_inference_writes_no_workspace(name):
     """Under no_grad (need_backward=False) the same output and states as with a gradient."""
-    ours, _ = make_pair("lstm", num_layers=2, dtype=torch.float32, input_size=10, hidden=40, scale=1.0)
+    ours, _ = make_pair(name, num_layers=2, dtype=torch.float32, input_size=10, hidden=40, scale=1.0)
     x = torch.randn(12, 4, 10)
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
     with num_threads(2), recurrence_mode(2) as mode:
         with torch.no_grad():
             lean = ours(x)
         full = ours(x)
     assert mode.runs == 4
-    for a, b in zip([lean[0], *lean[1]], [full[0], *full[1]]):
+    for a, b in zip(flat(lean), flat(full)):
         assert torch.equal(a, b.detach())
+    if name != "lstm":
+        return
     args = (torch.randn(5, 3, 16), torch.randn(3, 4), torch.randn(3, 4), torch.randn(16, 4), None, None, None, None,
             False)
     with recurrence_mode() as mode:
@@ -152,16 +164,18 @@ def test_inference_writes_no_workspace():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["bfloat16", "float16", "proj_size", "switched_off"])
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "proj_size", "switched_off", "gru_half", "gru_off"])
 def test_declines(case):
     """Half types and proj_size run the step loop (and stay right); so does everything when off."""
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case, torch.float64)
-    ours, theirs = make_pair("lstm_proj" if case == "proj_size" else "lstm", dtype=dtype, scale=1.0)
-    with recurrence_mode(0 if case == "switched_off" else 1) as mode:
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "gru_half": torch.bfloat16}.get(case, torch.float64)
+    name = {"proj_size": "lstm_proj", "gru_half": "gru", "gru_off": "gru"}.get(case, "lstm")
+    ours, theirs = make_pair(name, dtype=dtype, scale=1.0)
+    off = case in ("switched_off", "gru_off")
+    with recurrence_mode(0 if off else 1) as mode:
         outs, _, _ = run(ours, make_inputs(ours, "plain", dtype))
     assert mode.runs == 0
     if dtype == torch.float64:
-        with recurrence_mode(0 if case == "switched_off" else 1):
+        with recurrence_mode(0 if off else 1):
             compare(ours, theirs, make_inputs(ours, "plain", dtype), case)
 
 

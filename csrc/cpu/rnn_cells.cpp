@@ -143,7 +143,7 @@ void gru_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b
       auto row = [&](auto bias, auto save) {
         gru_row<T, decltype(bias)::value, decltype(save)::value>(
             gates_x.const_data_ptr<T>() + b * 3 * H, gates_h.const_data_ptr<T>() + b * 3 * H, bi, bh,
-            hx.const_data_ptr<T>() + b * H, hy.data_ptr<T>() + b * H, w + (w ? b * 4 * H : 0), H);
+            hx.const_data_ptr<T>() + b * H, hy.data_ptr<T>() + b * H, w + (w ? b * 4 * H : 0), H, H, H);
       };
       auto with_bias = [&](auto save) {
         bi != nullptr ? row(std::true_type(), save) : row(std::false_type(), save);

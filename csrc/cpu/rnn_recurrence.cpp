@@ -1,5 +1,5 @@
-// The CPU layer recurrence of the LSTM (rnn_recurrence.h): every step of one layer and direction
-// in one call.
+// The CPU layer recurrence of the LSTM, GRU and vanilla RNN (rnn_recurrence.h): every step of one
+// layer and direction in one call.
 //
 // The step loop in rnn_layers.cpp pays per step for at::mm (dispatch, MKL's own threading: a
 // B=32, H=256 step product took 74 us on MKL's two threads against 46 us as two single-threaded
@@ -7,13 +7,14 @@
 // Here the H hidden units are split once into tasks (one per intra-op thread, multiples of 16
 // units), and each task keeps, for the whole sequence, its units' rows of W_hh (gate-major) as
 // one right operand, MKL-packed for float (a batch-1 product: 1.9 us packed against 3.6 us for
-// sgemm_).  A step is one parallel region; each task:
-//   forward:  multiplies the state entering the step by its slice into its own (B, 4n) block,
-//             then runs the cell (rnn_rows.h: rnn_cells.h's formulas) on its units, writing h,
-//             c and the activated gates straight into the layer's outputs;
-//   backward: finishes dh for its units (the gate gradients of the step processed before times
-//             its columns of W_hh), adds the output's gradient, and runs the cell backward on
-//             its units, writing the gate gradients in place and summing the bias gradient.
+// sgemm_; B=32, H=256: 41 against 53 us).  A step is one parallel region; each task:
+//   forward:  multiplies the state entering the step by its slice into its own (B, G n) block,
+//             then runs the cell (rnn_rows.h: rnn_cells.h's formulas) on its units, writing h
+//             (c) and the workspace straight into the layer's outputs;
+//   backward: finishes dh for its units (the hidden-side gate gradients of the step processed
+//             before times its columns of W_hh, plus the GRU's direct part), adds the output's
+//             gradient, and runs the cell backward on its units, writing the gate gradients in
+//             place and summing the bias gradients.
 // The end of a region is the barrier between steps: a task reads only rows that earlier regions
 // finished (the whole state, or the whole gate gradients, of the step before).  Every output
 // element comes from one task in a fixed order: results do not depend on the thread timing, and
@@ -114,57 +115,58 @@ Tensor pack_buffer(int64_t p, int64_t bytes) {
   return b;
 }
 
-// A task's units [j0, j0 + n) of W_hh (4H, H): its rows q * H + j0 + u, gate-major, as a (4n, H)
+// A task's units [j0, j0 + n) of W_hh (G*H, H): its rows q * H + j0 + u, gate-major, as a (G n, H)
 // matrix (W_hh itself for a task of every unit), the right operand of h W_hh^T; for float also
 // MKL's packed copy of that operand for products of `packed_rows` rows (other row counts, from
 // packed sequences, use the plain rows).
 template <typename T>
 struct Slice {
-  int64_t j0 = 0, n = 0, H = 0;
+  int64_t G = 1, j0 = 0, n = 0, H = 0;
   Tensor rows, packed;
   int64_t packed_rows = -1;
 
   // The MKL-packed operand goes to `buffer` (packed_bytes(...) of it) where defined.
-  void build(const Tensor& w_hh, int64_t j0_, int64_t n_, int64_t m, const Tensor& buffer) {
+  void build(const Tensor& w_hh, int64_t G_, int64_t j0_, int64_t n_, int64_t m, const Tensor& buffer) {
+    G = G_;
     j0 = j0_;
     n = n_;
     H = w_hh.size(1);
     if (n == H) {
       rows = w_hh;
     } else {
-      rows = at::empty({4 * n, H}, w_hh.options());
-      for (int64_t q = 0; q < 4; ++q) {
+      rows = at::empty({G * n, H}, w_hh.options());
+      for (int64_t q = 0; q < G; ++q) {
         std::copy_n(w_hh.const_data_ptr<T>() + (q * H + j0) * H, n * H, rows.data_ptr<T>() + q * n * H);
       }
     }
     if constexpr (std::is_same_v<T, float>) {
       if (buffer.defined()) {
         packed = buffer;
-        cblas_sgemm_pack(cpu_blas::kRowMajor, cpu_blas::kBMatrix, cpu_blas::kTrans, int(m), int(4 * n), int(H), 1.0f,
+        cblas_sgemm_pack(cpu_blas::kRowMajor, cpu_blas::kBMatrix, cpu_blas::kTrans, int(m), int(G * n), int(H), 1.0f,
                          rows.const_data_ptr<float>(), int(H), static_cast<float*>(packed.data_ptr()));
         packed_rows = m;
       }
     }
   }
 
-  // Bytes of the packed operand for products of m rows of n units (0: not packed).
-  static int64_t packed_bytes(int64_t m, int64_t n, int64_t H) {
+  // Bytes of the packed operand for products of m rows of G n columns (0: not packed).
+  static int64_t packed_bytes(int64_t m, int64_t G, int64_t n, int64_t H) {
     if (!std::is_same_v<T, float> || !cpu_blas::packed_available() || m == 0) return 0;
-    return int64_t(cblas_sgemm_pack_get_size(cpu_blas::kBMatrix, int(m), int(4 * n), int(H)));
+    return int64_t(cblas_sgemm_pack_get_size(cpu_blas::kBMatrix, int(m), int(G * n), int(H)));
   }
 
-  // c (m, 4n) = a (m, H) times the slice's rows, transposed.
+  // c (m, G n) = a (m, H) times the slice's rows, transposed.
   void multiply(int64_t m, const T* a, T* c) const {
     if (m == 0) return;
     if constexpr (std::is_same_v<T, float>) {
       if (m == packed_rows) {
-        cblas_sgemm_compute(cpu_blas::kRowMajor, cpu_blas::kNoTrans, cpu_blas::kPacked, int(m), int(4 * n), int(H), a,
-                            int(H), static_cast<const float*>(packed.const_data_ptr()), int(H), 0.0f, c, int(4 * n));
+        cblas_sgemm_compute(cpu_blas::kRowMajor, cpu_blas::kNoTrans, cpu_blas::kPacked, int(m), int(G * n), int(H), a,
+                            int(H), static_cast<const float*>(packed.const_data_ptr()), int(H), 0.0f, c, int(G * n));
         return;
       }
     }
-    cpu_blas::gemm(false, true, int(m), int(4 * n), int(H), a, int(H), rows.const_data_ptr<T>(), int(H), T(0), c,
-                   int(4 * n));
+    cpu_blas::gemm(false, true, int(m), int(G * n), int(H), a, int(H), rows.const_data_ptr<T>(), int(H), T(0), c,
+                   int(G * n));
   }
 };
 
@@ -173,92 +175,57 @@ const T* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// Asks for `gates` blocks of n elements, `ld` apart, in rows of `stride` from p (rows [0, rows)),
-// to be brought into the cache (for writing with `write`).  A step's pointwise part streams
-// these rows from memory; asked for before the step's product (which computes from the cache),
-// they arrive while it runs.
 template <typename T>
-void prefetch_rows(const T* p, int64_t rows, int64_t stride, int64_t gates, int64_t ld, int64_t n, bool write) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t b = 0; b < rows; ++b) {
-    for (int64_t q = 0; q < gates; ++q) {
-      const T* block = p + b * stride + q * ld;
-      for (int64_t u = 0; u < n; u += kLine) {
-        if (write) {
-          __builtin_prefetch(block + u, 1, 2);
-        } else {
-          __builtin_prefetch(block + u, 0, 2);
-        }
-      }
-    }
-  }
+const T* data_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
 }
 
-template <typename T>
-void lstm_forward_steps(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+// The forward steps of a cell with G gates: per step and task, the products of the state entering
+// the step with the task's slice into its (rows, G n) block `gates`, then row(p, step, b, gates of
+// row b) for every row b of the step.  h: the layer's output (N, H); h0 (B, H).
+template <typename T, typename Row>
+void forward_steps(const PersistentLayer& l, int64_t G, const T* h0, const T* h, const Row& row) {
   const int64_t H = l.H, B = l.B;
-  const Tasks tasks = split_units(B, 4, H);
+  const Tasks tasks = split_units(B, G, H);
   const Tensor w_hh = l.w_hh.contiguous();
-  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
   std::vector<Slice<T>> slices(tasks.count);
   std::vector<Tensor> buffers(tasks.count);
   for (int64_t p = 0; p < tasks.count; ++p) {
-    const int64_t bytes = Slice<T>::packed_bytes(B, tasks.size(p), H);
+    const int64_t bytes = Slice<T>::packed_bytes(B, G, tasks.size(p), H);
     if (bytes > 0) buffers[p] = pack_buffer(p, bytes);
   }
-  run_tasks(tasks, [&](int64_t p) { slices[p].build(w_hh, tasks.j0(p), tasks.size(p), B, buffers[p]); });
-  Tensor scratch = at::empty({tasks.count, B, 4 * tasks.units}, x.options());
-  const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>(), *c0 = l.c0.const_data_ptr<T>();
-  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
-  T *po = out.data_ptr<T>(), *pc = cs.data_ptr<T>(), *pw = ws.defined() ? ws.data_ptr<T>() : nullptr;
+  run_tasks(tasks, [&](int64_t p) { slices[p].build(w_hh, G, tasks.j0(p), tasks.size(p), B, buffers[p]); });
+  Tensor scratch = at::empty({tasks.count, B, G * tasks.units}, w_hh.options());
   T* ps = scratch.data_ptr<T>();
-  auto steps = [&](auto bias, auto save) {
-    constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
-    for (int64_t k = 0; k < l.T; ++k) {
-      const Step st = step_at(l, k);
-      run_tasks(tasks, [&](int64_t p) {
-        const Slice<T>& sl = slices[p];
-        const int64_t j0 = sl.j0, n = sl.n;
-        T* gates = ps + p * B * 4 * tasks.units;  // (n rows, 4n)
-        prefetch_rows(px + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, false);
-        if (kSave) prefetch_rows(pw + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, true);
-        sl.multiply(st.from_prev, po + st.prev_off * H, gates);
-        sl.multiply(st.n - st.from_prev, h0 + st.from_prev * H, gates + st.from_prev * 4 * n);
-        for (int64_t b = 0; b < st.n; ++b) {
-          const int64_t r = st.off + b;
-          const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
-          lstm_row<T, kBias, false, kSave>(px + r * 4 * H + j0, gates + b * 4 * n, kBias ? bi + j0 : nullptr,
-                                           kBias ? bh + j0 : nullptr, cx + j0, po + r * H + j0, pc + r * H + j0,
-                                           kSave ? pw + r * 4 * H + j0 : nullptr, n, H, n);
-        }
-      });
-    }
-  };
-  auto with_bias = [&](auto save) {
-    bi != nullptr ? steps(std::true_type(), save) : steps(std::false_type(), save);
-  };
-  pw != nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+  for (int64_t k = 0; k < l.T; ++k) {
+    const Step st = step_at(l, k);
+    run_tasks(tasks, [&](int64_t p) {
+      const Slice<T>& sl = slices[p];
+      const int64_t width = G * sl.n;
+      T* gates = ps + p * B * G * tasks.units;
+      sl.multiply(st.from_prev, h + st.prev_off * H, gates);
+      sl.multiply(st.n - st.from_prev, h0 + st.from_prev * H, gates + st.from_prev * width);
+      for (int64_t b = 0; b < st.n; ++b) row(sl.j0, sl.n, st, b, gates + b * width);
+    });
+  }
 }
 
-template <typename T>
-void lstm_backward_steps(const PersistentLayer& l, const Tensor& grad_out, const Tensor& cs, const Tensor& ws, Tensor& dh,
-                   Tensor& dc, Tensor& gg, Tensor& grad_bias) {
+// The backward steps of a cell with G gates.  dh (B, H) holds the carried gradient; per step and
+// task: dh's rows of the step processed before, the task's columns, get that step's hidden-side
+// gate gradients (g_hidden, (N, G H)) times the task's columns of W_hh (added to what dh holds with
+// `accumulate`: the GRU's direct part, stored there by its row), the output's gradient is added to
+// the step's rows, and row(p, j0, n, step, b) runs the cell backward on row b.  After the last step,
+// dh gets the same product for the first processed step: the gradient of h0.
+template <typename T, typename Row>
+void backward_steps(const PersistentLayer& l, int64_t G, const Tensor& grad_out, T* pdh, const T* g_hidden,
+                    bool accumulate, const Row& row) {
   const int64_t H = l.H, B = l.B;
-  const Tasks tasks = split_units(B, 4, H);
-  const Tensor w_hh = l.w_hh.contiguous();  // (4H, H): a task's columns are its units of dh
-  const T *pw = w_hh.const_data_ptr<T>(), *pgo = data_or_null<T>(grad_out), *c0 = l.c0.const_data_ptr<T>();
-  const T *pc = cs.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
-  T *pdh = dh.data_ptr<T>(), *pdc = dc.data_ptr<T>(), *pg = gg.data_ptr<T>();
-  std::vector<std::vector<acc_t<T>>> sums(tasks.count);
-  std::vector<std::vector<T>> gcx(tasks.count);
-  for (int64_t p = 0; p < tasks.count; ++p) {
-    sums[p].assign(4 * tasks.size(p), acc_t<T>(0));
-    gcx[p].resize(tasks.size(p));
-  }
-  // dh (rows [0, st.n), the task's columns) = the gate gradients of step st times W_hh
+  const Tasks tasks = split_units(B, G, H);
+  const Tensor w_hh = l.w_hh.contiguous();  // (G H, H): a task's columns are its units of dh
+  const T *pw = w_hh.const_data_ptr<T>(), *pgo = data_or_null<T>(grad_out);
   const auto dh_from = [&](const Step& st, int64_t j0, int64_t n) {
-    cpu_blas::gemm(false, false, int(st.n), int(n), int(4 * H), pg + st.off * 4 * H, int(4 * H), pw + j0, int(H),
-                   T(0), pdh + j0, int(H));
+    cpu_blas::gemm(false, false, int(st.n), int(n), int(G * H), g_hidden + st.off * G * H, int(G * H), pw + j0, int(H),
+                   accumulate ? T(1) : T(0), pdh + j0, int(H));
   };
   for (int64_t k = l.T - 1; k >= 0; --k) {
     const Step st = step_at(l, k);
@@ -266,40 +233,182 @@ void lstm_backward_steps(const PersistentLayer& l, const Tensor& grad_out, const
     const Step next = carried ? step_at(l, k + 1) : st;
     run_tasks(tasks, [&](int64_t p) {
       const int64_t j0 = tasks.j0(p), n = tasks.size(p);
-      prefetch_rows(pws + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, false);
-      prefetch_rows(pc + st.off * H + j0, st.n, H, 1, 0, n, false);
-      prefetch_rows(pg + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n, true);
-      if (pgo != nullptr) prefetch_rows(pgo + st.off * H + j0, st.n, H, 1, 0, n, false);
       if (carried) dh_from(next, j0, n);
       for (int64_t b = 0; b < st.n; ++b) {
-        const int64_t r = st.off + b;
-        T* ghy = pdh + b * H + j0;
         if (pgo != nullptr) {
-          const T* go = pgo + r * H + j0;
+          T* ghy = pdh + b * H + j0;
+          const T* go = pgo + (st.off + b) * H + j0;
           for (int64_t u = 0; u < n; ++u) ghy[u] += go[u];
         }
-        const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
-        lstm_backward_row<T, true>(ghy, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
-                                   pg + r * 4 * H + j0, gcx[p].data(), sums[p].data(), H, n);
-        std::copy(gcx[p].begin(), gcx[p].end(), pdc + b * H + j0);
+        row(p, j0, n, st, b);
       }
     });
   }
   const Step first = step_at(l, 0);
   run_tasks(tasks, [&](int64_t p) { dh_from(first, tasks.j0(p), tasks.size(p)); });
-  T* pb = grad_bias.data_ptr<T>();
-  for (int64_t p = 0; p < tasks.count; ++p) {
-    const int64_t j0 = tasks.j0(p), n = tasks.size(p);
-    for (int64_t q = 0; q < 4; ++q) {
-      for (int64_t u = 0; u < n; ++u) pb[q * H + j0 + u] = static_cast<T>(sums[p][q * n + u]);
-    }
-  }
 }
 
-// The sizes BLAS takes as int, on the CPU, an LSTM with steps to run.
+// Per-task sums of the bias gradients (acc_t<T>, `blocks` blocks of n per task, as the backward
+// rows add them), and a per-task row of n elements for a state gradient the row writes before it
+// is copied over its input.
+template <typename T>
+struct TaskBuffers {
+  std::vector<std::vector<acc_t<T>>> sums;
+  std::vector<std::vector<T>> row;
+
+  TaskBuffers(const Tasks& tasks, int64_t blocks) : sums(tasks.count), row(tasks.count) {
+    for (int64_t p = 0; p < tasks.count; ++p) {
+      sums[p].assign(blocks * tasks.size(p), acc_t<T>(0));
+      row[p].resize(tasks.size(p));
+    }
+  }
+
+  // Writes sums blocks [first, first + count) of every task into out (count H: block q, unit j).
+  void store(const Tasks& tasks, int64_t first, int64_t count, const Tensor& out) const {
+    T* o = out.data_ptr<T>();
+    for (int64_t p = 0; p < tasks.count; ++p) {
+      const int64_t j0 = tasks.j0(p), n = tasks.size(p);
+      for (int64_t q = 0; q < count; ++q) {
+        for (int64_t u = 0; u < n; ++u) o[q * tasks.H + j0 + u] = static_cast<T>(sums[p][(first + q) * n + u]);
+      }
+    }
+  }
+};
+
+// Calls f(std::bool_constant<a>, std::bool_constant<b>).
+template <typename F>
+void with_flags(bool a, bool b, const F& f) {
+  auto inner = [&](auto x) { b ? f(x, std::true_type()) : f(x, std::false_type()); };
+  a ? inner(std::true_type()) : inner(std::false_type());
+}
+
+// ---- the cells ----
+
+template <typename T>
+void lstm_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+  const int64_t H = l.H;
+  const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>(), *c0 = l.c0.const_data_ptr<T>();
+  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
+  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  T *po = out.data_ptr<T>(), *pc = cs.data_ptr<T>(), *pw = ws.defined() ? ws.data_ptr<T>() : nullptr;
+  with_flags(bi != nullptr, pw != nullptr, [&](auto bias, auto save) {
+    constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
+    forward_steps<T>(l, 4, h0, po, [&](int64_t j0, int64_t n, const Step& st, int64_t b, const T* gates) {
+      const int64_t r = st.off + b;
+      const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
+      lstm_row<T, kBias, false, kSave>(px + r * 4 * H + j0, gates, kBias ? bi + j0 : nullptr, kBias ? bh + j0 : nullptr,
+                                       cx + j0, po + r * H + j0, pc + r * H + j0, kSave ? pw + r * 4 * H + j0 : nullptr,
+                                       n, H, n);
+    });
+  });
+}
+
+template <typename T>
+void lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& cs, const Tensor& ws, Tensor& dh,
+                   Tensor& dc, Tensor& gg, Tensor& grad_bias) {
+  const int64_t H = l.H;
+  const T *c0 = l.c0.const_data_ptr<T>(), *pc = cs.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
+  T *pdh = dh.data_ptr<T>(), *pdc = dc.data_ptr<T>(), *pg = gg.data_ptr<T>();
+  const Tasks tasks = split_units(l.B, 4, H);
+  TaskBuffers<T> buf(tasks, 4);
+  backward_steps<T>(l, 4, grad_out, pdh, pg, false, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
+    const int64_t r = st.off + b;
+    const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
+    T* gcx = buf.row[p].data();
+    lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
+                               pg + r * 4 * H + j0, gcx, buf.sums[p].data(), H, n);
+    std::copy_n(gcx, n, pdc + b * H + j0);
+  });
+  buf.store(tasks, 0, 4, grad_bias);
+}
+
+template <typename T>
+void gru_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& ws) {
+  const int64_t H = l.H;
+  const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>();
+  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
+  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  T *po = out.data_ptr<T>(), *pw = ws.defined() ? ws.data_ptr<T>() : nullptr;
+  with_flags(bi != nullptr, pw != nullptr, [&](auto bias, auto save) {
+    constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
+    forward_steps<T>(l, 3, h0, po, [&](int64_t j0, int64_t n, const Step& st, int64_t b, const T* gates) {
+      const int64_t r = st.off + b;
+      const T* hx = b < st.from_prev ? po + (st.prev_off + b) * H : h0 + b * H;
+      gru_row<T, kBias, kSave>(px + r * 3 * H + j0, gates, kBias ? bi + j0 : nullptr, kBias ? bh + j0 : nullptr,
+                               hx + j0, po + r * H + j0, kSave ? pw + r * 4 * H + j0 : nullptr, n, H, n);
+    });
+  });
+}
+
+template <typename T>
+void gru_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& out, const Tensor& ws, Tensor& dh,
+                  Tensor& gh, Tensor& gx, Tensor& grad_b_ih, Tensor& grad_b_hh) {
+  const int64_t H = l.H;
+  const T *h0 = l.h0.const_data_ptr<T>(), *po = out.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
+  T *pdh = dh.data_ptr<T>(), *pgh = gh.data_ptr<T>(), *pgx = gx.data_ptr<T>();
+  const Tasks tasks = split_units(l.B, 3, H);
+  TaskBuffers<T> buf(tasks, 6);
+  // the row leaves the direct part of the state's gradient (grad_hy z) in dh; the next region
+  // adds the products to it
+  backward_steps<T>(l, 3, grad_out, pdh, pgh, true, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
+    const int64_t r = st.off + b;
+    const T* hx = b < st.from_prev ? po + (st.prev_off + b) * H : h0 + b * H;
+    T* ghx = buf.row[p].data();
+    gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
+                              pgh + r * 3 * H + j0, ghx, buf.sums[p].data(), H, n);
+    std::copy_n(ghx, n, pdh + b * H + j0);
+  });
+  buf.store(tasks, 0, 3, grad_b_ih);
+  buf.store(tasks, 3, 3, grad_b_hh);
+}
+
+template <typename T>
+void rnn_forward(const PersistentLayer& l, const Tensor& x, Tensor& out) {
+  const int64_t H = l.H;
+  const bool relu = l.cell == RnnCell::kRelu;
+  const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>();
+  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
+  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  T* po = out.data_ptr<T>();
+  with_flags(bi != nullptr, false, [&](auto bias, auto) {
+    constexpr bool kBias = decltype(bias)::value;
+    forward_steps<T>(l, 1, h0, po, [&](int64_t j0, int64_t n, const Step& st, int64_t b, const T* gates) {
+      const int64_t r = st.off + b;
+      rnn_row<T, kBias, false>(px + r * H + j0, gates, kBias ? bi + j0 : nullptr, kBias ? bh + j0 : nullptr,
+                               po + r * H + j0, n, relu);
+    });
+  });
+}
+
+template <typename T>
+void rnn_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& out, Tensor& dh, Tensor& gp,
+                  Tensor& grad_bias) {
+  const int64_t H = l.H;
+  const bool relu = l.cell == RnnCell::kRelu;
+  const T* po = out.const_data_ptr<T>();
+  T *pdh = dh.data_ptr<T>(), *pgp = gp.data_ptr<T>();
+  const Tasks tasks = split_units(l.B, 1, H);
+  TaskBuffers<T> buf(tasks, 1);
+  backward_steps<T>(l, 1, grad_out, pdh, pgp, false, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
+    const int64_t r = st.off + b;
+    rnn_backward_row<T, true>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, buf.sums[p].data(), n, relu);
+  });
+  buf.store(tasks, 0, 1, grad_bias);
+}
+
+// The sizes BLAS takes as int, on the CPU, steps to run.
 bool serves(const PersistentLayer& l, const Tensor& t) {
-  return t.is_cpu() && l.cell == RnnCell::kLstm && cpu_recurrence_serves(t.scalar_type()) && l.T > 0 && l.N > 0 &&
-         l.B < INT_MAX && 4 * l.H < INT_MAX;
+  return t.is_cpu() && cpu_recurrence_serves(t.scalar_type()) && l.T > 0 && l.N > 0 && l.B < INT_MAX &&
+         4 * l.H < INT_MAX;
+}
+
+// Runs f<scalar_t>() where served, counting the run.
+template <typename F>
+bool serve(const PersistentLayer& l, const Tensor& t, const F& f) {
+  if (!serves(l, t)) return false;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "convrnn.cpu_recurrence", [&] { f(scalar_t()); });
+  note_cpu_recurrence_run();
+  return true;
 }
 
 }  // namespace
@@ -308,20 +417,38 @@ bool cpu_recurrence_serves(at::ScalarType dtype) {
   return cpu_blas::available(dtype);
 }
 
-bool cpu_lstm_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
-  if (!serves(l, x)) return false;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convrnn.lstm_layer", [&] { lstm_forward_steps<scalar_t>(l, x, out, cs, ws); });
-  note_cpu_recurrence_run();
-  return true;
+bool cpu_recurrence_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+  return serve(l, x, [&](auto v) {
+    using T = decltype(v);
+    switch (l.cell) {
+      case RnnCell::kLstm:
+        lstm_forward<T>(l, x, out, cs, ws);
+        break;
+      case RnnCell::kGru:
+        gru_forward<T>(l, x, out, ws);
+        break;
+      default:
+        rnn_forward<T>(l, x, out);
+    }
+  });
 }
 
-bool cpu_lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor&, const Tensor& cs,
-                       const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& gg, Tensor& grad_bias) {
-  if (!serves(l, cs)) return false;
-  AT_DISPATCH_FLOATING_TYPES(cs.scalar_type(), "convrnn.lstm_layer_backward",
-                             [&] { lstm_backward_steps<scalar_t>(l, grad_out, cs, ws, dh, dc, gg, grad_bias); });
-  note_cpu_recurrence_run();
-  return true;
+bool cpu_recurrence_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& out, const Tensor& cs,
+                             const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& g_hidden, Tensor& g_input,
+                             Tensor& grad_b_ih, Tensor& grad_b_hh) {
+  return serve(l, out, [&](auto v) {
+    using T = decltype(v);
+    switch (l.cell) {
+      case RnnCell::kLstm:
+        lstm_backward<T>(l, grad_out, cs, ws, dh, dc, g_hidden, grad_b_ih);
+        break;
+      case RnnCell::kGru:
+        gru_backward<T>(l, grad_out, out, ws, dh, g_hidden, g_input, grad_b_ih, grad_b_hh);
+        break;
+      default:
+        rnn_backward<T>(l, grad_out, out, dh, g_hidden, grad_b_ih);
+    }
+  });
 }
 
 }  // namespace convrnn

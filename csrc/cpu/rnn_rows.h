@@ -53,25 +53,26 @@ CONVRNN_CPU_CLONES void lstm_row(const T* __restrict gx, const T* __restrict gh,
   }
 }
 
+// n units of a row, gate blocks `ld` apart (gh's `ldh` apart), as lstm_row; ws: r, z, n and hn.
 template <typename T, bool BIAS, bool WS>
 CONVRNN_CPU_CLONES void gru_row(const T* __restrict gx, const T* __restrict gh, const T* __restrict bi,
                                 const T* __restrict bh, const T* __restrict hx, T* __restrict hy, T* __restrict ws,
-                                int64_t H) {
+                                int64_t n, int64_t ld, int64_t ldh) {
   using A = acc_t<T>;
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     A xb[3], hb[3];
     for (int k = 0; k < 3; ++k) {
-      xb[k] = static_cast<A>(gx[k * H + j]) + (BIAS ? static_cast<A>(bi[k * H + j]) : A(0));
-      hb[k] = static_cast<A>(gh[k * H + j]) + (BIAS ? static_cast<A>(bh[k * H + j]) : A(0));
+      xb[k] = static_cast<A>(gx[k * ld + j]) + (BIAS ? static_cast<A>(bi[k * ld + j]) : A(0));
+      hb[k] = static_cast<A>(gh[k * ldh + j]) + (BIAS ? static_cast<A>(bh[k * ld + j]) : A(0));
     }
-    A r, z, n, h;
-    gru_forward(xb[0], xb[1], xb[2], hb[0], hb[1], hb[2], static_cast<A>(hx[j]), r, z, n, h);
+    A r, z, nn, h;
+    gru_forward(xb[0], xb[1], xb[2], hb[0], hb[1], hb[2], static_cast<A>(hx[j]), r, z, nn, h);
     hy[j] = static_cast<T>(h);
     if (WS) {
       ws[j] = static_cast<T>(r);
-      ws[H + j] = static_cast<T>(z);
-      ws[2 * H + j] = static_cast<T>(n);
-      ws[3 * H + j] = static_cast<T>(hb[2]);
+      ws[ld + j] = static_cast<T>(z);
+      ws[2 * ld + j] = static_cast<T>(nn);
+      ws[3 * ld + j] = static_cast<T>(hb[2]);
     }
   }
 }
