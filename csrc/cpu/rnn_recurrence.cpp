@@ -88,6 +88,13 @@ struct Step {
   int64_t t, n, off, from_prev, prev_off;
 };
 
+// Row b of the state the step enters with: a row of `all` (the layer's (N, H) states) from the
+// step before, or of `init` ((B, H): h0 or c0).
+template <typename T>
+const T* entering(const Step& st, int64_t b, const T* all, const T* init, int64_t H) {
+  return b < st.from_prev ? all + (st.prev_off + b) * H : init + b * H;
+}
+
 Step step_at(const PersistentLayer& l, int64_t k) {
   const auto index = [&](int64_t kk) { return l.reverse ? l.T - 1 - kk : kk; };
   const auto rows = [&](int64_t t) { return l.bs != nullptr ? (*l.bs)[t] : l.B; };
@@ -295,7 +302,7 @@ void lstm_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor
     constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
     forward_steps<T>(l, 4, h0, po, [&](int64_t j0, int64_t n, const Step& st, int64_t b, const T* gates) {
       const int64_t r = st.off + b;
-      const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
+      const T* cx = entering(st, b, pc, c0, H);
       lstm_row<T, kBias, false, kSave>(px + r * 4 * H + j0, gates, kBias ? bi + j0 : nullptr, kBias ? bh + j0 : nullptr,
                                        cx + j0, po + r * H + j0, pc + r * H + j0, kSave ? pw + r * 4 * H + j0 : nullptr,
                                        n, H, n);
@@ -313,7 +320,7 @@ void lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tenso
   TaskBuffers<T> buf(tasks, 4);
   backward_steps<T>(l, 4, grad_out, pdh, pg, false, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
-    const T* cx = b < st.from_prev ? pc + (st.prev_off + b) * H : c0 + b * H;
+    const T* cx = entering(st, b, pc, c0, H);
     T* gcx = buf.row[p].data();
     lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
                                pg + r * 4 * H + j0, gcx, buf.sums[p].data(), H, n);
@@ -333,7 +340,7 @@ void gru_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor&
     constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
     forward_steps<T>(l, 3, h0, po, [&](int64_t j0, int64_t n, const Step& st, int64_t b, const T* gates) {
       const int64_t r = st.off + b;
-      const T* hx = b < st.from_prev ? po + (st.prev_off + b) * H : h0 + b * H;
+      const T* hx = entering(st, b, po, h0, H);
       gru_row<T, kBias, kSave>(px + r * 3 * H + j0, gates, kBias ? bi + j0 : nullptr, kBias ? bh + j0 : nullptr,
                                hx + j0, po + r * H + j0, kSave ? pw + r * 4 * H + j0 : nullptr, n, H, n);
     });
@@ -352,7 +359,7 @@ void gru_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   // adds the products to it
   backward_steps<T>(l, 3, grad_out, pdh, pgh, true, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
-    const T* hx = b < st.from_prev ? po + (st.prev_off + b) * H : h0 + b * H;
+    const T* hx = entering(st, b, po, h0, H);
     T* ghx = buf.row[p].data();
     gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
                               pgh + r * 3 * H + j0, ghx, buf.sums[p].data(), H, n);
