@@ -24,6 +24,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc) __attribute__((weak));
 // MKL's thread-local thread count (0: back to the global one).  torch turns MKL's dynamic
 // adjustment off, so without it MKL would start its own threads inside ours.
+// Returns the thread's previous value.
 int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));  // the C entry (mkl_set_num_threads_local is Fortran)
 // The packed API (MKL_INT = int: LP64; the CBLAS enums are ints).
 size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
@@ -65,13 +66,14 @@ inline bool packed_available() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
 }
 
-// BLAS on one thread while in scope (in a task of ours).
+// BLAS on one thread while in scope (in a task of ours); the thread's setting before is restored.
 struct Sequential {
+  int before = 0;
   Sequential() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(1);
+    if (MKL_Set_Num_Threads_Local != nullptr) before = MKL_Set_Num_Threads_Local(1);
   }
   ~Sequential() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(0);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(before);
   }
   Sequential(const Sequential&) = delete;
   Sequential& operator=(const Sequential&) = delete;

@@ -114,7 +114,10 @@ Step step_at(const PersistentLayer& l, int64_t k) {
 // call.  MKL asks for ~9-11 MB per packed slice and writes a small part of it; allocated per call
 // (mmap) the written pages faulted in every call: ~400 page faults, ~0.5 ms, per B=32 H=256
 // forward, while torch's LSTM took none.
+// Buffers over 64 MiB (W_hh of H > ~2900 in float) are not kept: allocated per call.
 Tensor pack_buffer(int64_t p, int64_t bytes) {
+  constexpr int64_t kPooled = int64_t(64) << 20;
+  if (bytes > kPooled) return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
   thread_local std::vector<Tensor> pool;
   if (int64_t(pool.size()) <= p) pool.resize(p + 1);
   Tensor& b = pool[p];
