@@ -332,15 +332,38 @@ Tensor as_sequence(const Seq& s, const Tensor& rows) {
   return s.packed ? rows : rows.view({s.T, s.B, rows.size(1)});
 }
 
-// Whether to offer a layer to the persistent kernels: a CUDA tensor, the switch on, steps to run.
-bool offer_persistent(const Tensor& t, const Seq& s) {
-  return t.is_cuda() && s.T > 0 && s.N > 0 && persistent_rnn_enabled();
+// Whether to offer a layer to this device's whole-layer recurrence (steps to run): on CUDA the
+// persistent kernels when their switch is on, on the CPU the CPU recurrence when its switch is on
+// and it serves the dtype.
+bool offer_layer(const Tensor& t, const Seq& s) {
+  if (s.T == 0 || s.N == 0) return false;
+  if (t.is_cuda()) return persistent_rnn_enabled();
+  return t.is_cpu() && cpu_recurrence_mode() != 0 && cpu_recurrence_serves(t.scalar_type());
 }
 
-// Whether to offer a layer to the CPU recurrence: a CPU tensor of a dtype it serves, the switch
-// on, steps to run.
-bool offer_cpu_recurrence(const Tensor& t, const Seq& s) {
-  return t.is_cpu() && s.T > 0 && s.N > 0 && cpu_recurrence_mode() != 0 && cpu_recurrence_serves(t.scalar_type());
+// The whole-layer forward of this device (persistent_forward's arguments); false where it declines.
+bool layer_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
+  return x.is_cuda() ? persistent_forward(l, x, out, cs, ws) : cpu_recurrence_forward(l, x, out, cs, ws);
+}
+
+// The whole-layer backward of this device (persistent_backward's arguments), and the bias
+// gradients: grad_b_ih the sum over all rows of the input-side gate gradients (g_input for the
+// GRU, else g_hidden: the LSTM's and the RNN's serve both biases), grad_b_hh the GRU's of g_hidden
+// (undefined for the others).  The CPU recurrence sums them as it goes; on CUDA they are summed
+// after.  False where it declines.
+bool layer_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& out, const Tensor& cs,
+                    const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& g_hidden, Tensor& g_input, Tensor& grad_b_ih,
+                    Tensor& grad_b_hh) {
+  const bool gru = l.cell == RnnCell::kGru;
+  if (out.is_cuda()) {
+    if (!persistent_backward(l, grad_out, out, cs, ws, dh, dc, g_hidden, g_input)) return false;
+    grad_b_ih = (gru ? g_input : g_hidden).sum(0);
+    if (gru) grad_b_hh = g_hidden.sum(0);
+    return true;
+  }
+  grad_b_ih = at::empty({g_hidden.size(1)}, out.options());
+  if (gru) grad_b_hh = at::empty({g_hidden.size(1)}, out.options());
+  return cpu_recurrence_backward(l, grad_out, out, cs, ws, dh, dc, g_hidden, g_input, grad_b_ih, grad_b_hh);
 }
 
 PersistentLayer persistent_layer(RnnCell cell, const Seq& s, int64_t H, const Tensor& w_hh, const OptTensor& b_ih,
@@ -485,11 +508,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 4 * d.H});
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
-  if (!proj && (offer_persistent(x, s) || offer_cpu_recurrence(x, s))) {
+  if (!proj && offer_layer(x, s)) {
     Tensor out = at::empty({s.N, d.H}, opts), cs = at::empty({s.N, d.H}, opts);
     Tensor ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor();
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, b_ih, b_hh, h_init, c_init);
-    if (x.is_cuda() ? persistent_forward(l, x, out, cs, ws) : cpu_recurrence_forward(l, x, out, cs, ws)) {
+    if (layer_forward(l, x, out, cs, ws)) {
       const Tensor none = at::empty({0, 0}, opts);
       Tensor h_n = final_state(s, out, h_init), c_n = final_state(s, cs, c_init);
       return {as_sequence(s, out), h_n, c_n, need_backward ? cs : none, need_backward ? ws : none, none};
@@ -543,14 +566,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.P);
   Tensor dh = grad_buffer(grad_hn, s.B, d.P, opts), dc = grad_buffer(grad_cn, s.B, d.H, opts);
-  if (!proj && (offer_persistent(out, s) || offer_cpu_recurrence(out, s))) {
-    Tensor gg = at::empty({s.N, 4 * d.H}, opts), none;
+  if (!proj && offer_layer(out, s)) {
+    Tensor gg = at::empty({s.N, 4 * d.H}, opts), none, grad_bias, unused;
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, c_init);
-    if (out.is_cuda() && persistent_backward(l, gout, out, c_all, ws, dh, dc, gg, none)) {
-      return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), gg.sum(0), at::empty({0}, opts)};
-    }
-    Tensor grad_bias = out.is_cpu() ? at::empty({4 * d.H}, opts) : Tensor();
-    if (out.is_cpu() && cpu_recurrence_backward(l, gout, out, c_all, ws, dh, dc, gg, none, grad_bias, none)) {
+    if (layer_backward(l, gout, out, c_all, ws, dh, dc, gg, none, grad_bias, unused)) {
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), grad_bias, at::empty({0}, opts)};
     }
   }
@@ -588,10 +607,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor&
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, 3 * d.H});
   const Tensor h_init = h0.contiguous();
-  if (offer_persistent(x, s) || offer_cpu_recurrence(x, s)) {
+  if (offer_layer(x, s)) {
     Tensor out = at::empty({s.N, d.H}, opts), ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor(), none;
     const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
-    if (x.is_cuda() ? persistent_forward(l, x, out, none, ws) : cpu_recurrence_forward(l, x, out, none, ws)) {
+    if (layer_forward(l, x, out, none, ws)) {
       Tensor h_n = final_state(s, out, h_init);
       return {as_sequence(s, out), h_n, need_backward ? ws : at::empty({0, 0}, opts)};
     }
@@ -625,14 +644,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptT
   const Tensor out = output.contiguous().view({s.N, d.H}), ws = workspace.contiguous(), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  if (offer_persistent(out, s) || offer_cpu_recurrence(out, s)) {
-    Tensor gx = at::empty({s.N, 3 * d.H}, opts), gh = at::empty({s.N, 3 * d.H}, opts), none;
+  if (offer_layer(out, s)) {
+    Tensor gx = at::empty({s.N, 3 * d.H}, opts), gh = at::empty({s.N, 3 * d.H}, opts), none, gb_ih, gb_hh;
     const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, Tensor());
-    if (out.is_cuda() && persistent_backward(l, gout, out, none, ws, dh, none, gh, gx)) {
-      return {as_sequence(s, gx), dh, grad_w_hh(s, gh, out, h_init), gx.sum(0), gh.sum(0)};
-    }
-    Tensor gb_ih = out.is_cpu() ? at::empty({3 * d.H}, opts) : Tensor(), gb_hh = at::empty_like(gb_ih);
-    if (out.is_cpu() && cpu_recurrence_backward(l, gout, out, none, ws, dh, none, gh, gx, gb_ih, gb_hh)) {
+    if (layer_backward(l, gout, out, none, ws, dh, none, gh, gx, gb_ih, gb_hh)) {
       return {as_sequence(s, gx), dh, grad_w_hh(s, gh, out, h_init), gb_ih, gb_hh};
     }
   }
@@ -662,11 +677,11 @@ std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x_proj, const Tensor& h0, con
   const auto opts = x_proj.options();
   const Tensor x = x_proj.contiguous().view({s.N, d.H});
   const Tensor h_init = h0.contiguous();
-  if (offer_persistent(x, s) || offer_cpu_recurrence(x, s)) {
+  if (offer_layer(x, s)) {
     Tensor out = at::empty({s.N, d.H}, opts), none;
     const PersistentLayer l =
         persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
-    if (x.is_cuda() ? persistent_forward(l, x, out, none, none) : cpu_recurrence_forward(l, x, out, none, none)) {
+    if (layer_forward(l, x, out, none, none)) {
       Tensor h_n = final_state(s, out, h_init);
       return {as_sequence(s, out), h_n};
     }
@@ -696,15 +711,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   const Tensor out = output.contiguous().view({s.N, d.H}), h_init = h0.contiguous();
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
-  if (offer_persistent(out, s) || offer_cpu_recurrence(out, s)) {
-    Tensor gp = at::empty({s.N, d.H}, opts), none;
+  if (offer_layer(out, s)) {
+    Tensor gp = at::empty({s.N, d.H}, opts), none, grad_bias, unused;
     const PersistentLayer l = persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, std::nullopt,
                                                std::nullopt, h_init, Tensor());
-    if (out.is_cuda() && persistent_backward(l, gout, out, none, none, dh, none, gp, none)) {
-      return {as_sequence(s, gp), dh, grad_w_hh(s, gp, out, h_init), gp.sum(0)};
-    }
-    Tensor grad_bias = out.is_cpu() ? at::empty({d.H}, opts) : Tensor();
-    if (out.is_cpu() && cpu_recurrence_backward(l, gout, out, none, none, dh, none, gp, none, grad_bias, none)) {
+    if (layer_backward(l, gout, out, none, none, dh, none, gp, none, grad_bias, unused)) {
       return {as_sequence(s, gp), dh, grad_w_hh(s, gp, out, h_init), grad_bias};
     }
   }

@@ -61,18 +61,32 @@ void for_unit_chunks(int64_t B, int64_t H, int64_t work_per_unit, F&& f) {
   });
 }
 
-// Writes the bias gradients of a chunk of units [j0, j0 + n): `blocks` gate blocks of H, sums
-// gate-major n per gate, into each defined output.
-template <typename T>
-void store_bias_sums(const acc_t<T>* sums, int64_t blocks, int64_t H, int64_t j0, int64_t n,
-                     std::initializer_list<const Tensor*> outs) {
-  for (const Tensor* out : outs) {
-    if (!out->defined()) continue;
-    T* p = out->data_ptr<T>();
-    for (int64_t k = 0; k < blocks; ++k) {
-      for (int64_t j = 0; j < n; ++j) p[k * H + j0 + j] = static_cast<T>(sums[k * n + j]);
+// The backward kernels' driver: over chunks of the H hidden units, every row in row order,
+// row(with_sum, b, j0, n, sums) with the chunk's bias sums (`blocks` blocks of n for grad_b_ih,
+// then, with separate_hh, `blocks` more for grad_b_hh; else both get the first `blocks`), then
+// stores them into the bias gradients that are defined.  An empty batch zeroes them.
+template <typename T, typename Row>
+void backward_chunks(int64_t B, int64_t H, int64_t blocks, bool separate_hh, const Tensor& grad_b_ih,
+                     const Tensor& grad_b_hh, const Row& row) {
+  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
+  if (B * H == 0) {
+    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
+      if (t->defined()) t->zero_();
     }
+    return;
   }
+  const int64_t hh = separate_hh ? blocks : 0;
+  for_unit_chunks(B, H, blocks, [&](int64_t j0, int64_t j1) {
+    const int64_t n = j1 - j0;
+    std::vector<acc_t<T>> sums(bsum ? (blocks + hh) * n : 0, acc_t<T>(0));
+    for (int64_t b = 0; b < B; ++b) {
+      bsum ? row(std::true_type(), b, j0, n, sums.data()) : row(std::false_type(), b, j0, n, sums.data());
+    }
+    if (bsum) {
+      store_bias_sums<T>(sums.data(), blocks, H, j0, n, {&grad_b_ih});
+      store_bias_sums<T>(sums.data() + hh * n, blocks, H, j0, n, {&grad_b_hh});
+    }
+  });
 }
 
 // ---- kernels (CellKernels) ----
@@ -104,30 +118,16 @@ void lstm_backward_kernel(const Tensor& grad_hy, const Tensor& grad_cy, const Te
                           const Tensor& ws, const Tensor& grad_gates, const Tensor& grad_cx, const Tensor& grad_b_ih,
                           const Tensor& grad_b_hh) {
   const int64_t B = cx.size(0), H = cx.size(1);
-  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
-  if (B * H == 0) {
-    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
-      if (t->defined()) t->zero_();
-    }
-    return;
-  }
   CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.lstm_cell_backward", [&] {
     using T = scalar_t;
-    for_unit_chunks(B, H, 4, [&](int64_t j0, int64_t j1) {
-      const int64_t n = j1 - j0;
-      std::vector<acc_t<T>> sums(bsum ? 4 * n : 0, acc_t<T>(0));
-      for (int64_t b = 0; b < B; ++b) {
-        auto row = [&](auto with_sum) {
-          lstm_backward_row<T, decltype(with_sum)::value>(
-              grad_hy.const_data_ptr<T>() + b * H + j0, grad_cy.const_data_ptr<T>() + b * H + j0,
-              cx.const_data_ptr<T>() + b * H + j0, cy.const_data_ptr<T>() + b * H + j0,
-              ws.const_data_ptr<T>() + b * 4 * H + j0, grad_gates.data_ptr<T>() + b * 4 * H + j0,
-              grad_cx.data_ptr<T>() + b * H + j0, sums.data(), H, n);
-        };
-        bsum ? row(std::true_type()) : row(std::false_type());
-      }
-      store_bias_sums<T>(sums.data(), 4, H, j0, n, {&grad_b_ih, &grad_b_hh});
-    });
+    backward_chunks<T>(B, H, 4, false, grad_b_ih, grad_b_hh,
+                       [&](auto with_sum, int64_t b, int64_t j0, int64_t n, acc_t<T>* sums) {
+                         lstm_backward_row<T, decltype(with_sum)::value>(
+                             grad_hy.const_data_ptr<T>() + b * H + j0, grad_cy.const_data_ptr<T>() + b * H + j0,
+                             cx.const_data_ptr<T>() + b * H + j0, cy.const_data_ptr<T>() + b * H + j0,
+                             ws.const_data_ptr<T>() + b * 4 * H + j0, grad_gates.data_ptr<T>() + b * 4 * H + j0,
+                             grad_cx.data_ptr<T>() + b * H + j0, sums, H, n);
+                       });
   });
 }
 
@@ -157,32 +157,16 @@ void gru_backward_kernel(const Tensor& grad_hy, const Tensor& hx, const Tensor& 
                          const Tensor& grad_gates_h, const Tensor& grad_hx, const Tensor& grad_b_ih,
                          const Tensor& grad_b_hh) {
   const int64_t B = hx.size(0), H = hx.size(1);
-  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
-  if (B * H == 0) {
-    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
-      if (t->defined()) t->zero_();
-    }
-    return;
-  }
   CONVRNN_DISPATCH_FLOATING(ws.scalar_type(), "convrnn.gru_cell_backward", [&] {
     using T = scalar_t;
-    for_unit_chunks(B, H, 3, [&](int64_t j0, int64_t j1) {
-      const int64_t n = j1 - j0;
-      std::vector<acc_t<T>> sums(bsum ? 6 * n : 0, acc_t<T>(0));
-      for (int64_t b = 0; b < B; ++b) {
-        auto row = [&](auto with_sum) {
-          gru_backward_row<T, decltype(with_sum)::value>(
-              grad_hy.const_data_ptr<T>() + b * H + j0, hx.const_data_ptr<T>() + b * H + j0,
-              ws.const_data_ptr<T>() + b * 4 * H + j0, grad_gates_x.data_ptr<T>() + b * 3 * H + j0,
-              grad_gates_h.data_ptr<T>() + b * 3 * H + j0, grad_hx.data_ptr<T>() + b * H + j0, sums.data(), H, n);
-        };
-        bsum ? row(std::true_type()) : row(std::false_type());
-      }
-      if (bsum) {
-        store_bias_sums<T>(sums.data(), 3, H, j0, n, {&grad_b_ih});
-        store_bias_sums<T>(sums.data() + 3 * n, 3, H, j0, n, {&grad_b_hh});
-      }
-    });
+    backward_chunks<T>(B, H, 3, true, grad_b_ih, grad_b_hh,
+                       [&](auto with_sum, int64_t b, int64_t j0, int64_t n, acc_t<T>* sums) {
+                         gru_backward_row<T, decltype(with_sum)::value>(
+                             grad_hy.const_data_ptr<T>() + b * H + j0, hx.const_data_ptr<T>() + b * H + j0,
+                             ws.const_data_ptr<T>() + b * 4 * H + j0, grad_gates_x.data_ptr<T>() + b * 3 * H + j0,
+                             grad_gates_h.data_ptr<T>() + b * 3 * H + j0, grad_hx.data_ptr<T>() + b * H + j0, sums,
+                             H, n);
+                       });
   });
 }
 
@@ -211,28 +195,15 @@ void rnn_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b
 void rnn_backward_kernel(const Tensor& grad_hy, const Tensor& hy, const Tensor& grad_pre, const Tensor& grad_b_ih,
                          const Tensor& grad_b_hh, bool relu) {
   const int64_t B = hy.size(0), H = hy.size(1);
-  const bool bsum = grad_b_ih.defined() || grad_b_hh.defined();
-  if (B * H == 0) {
-    for (const Tensor* t : {&grad_b_ih, &grad_b_hh}) {
-      if (t->defined()) t->zero_();
-    }
-    return;
-  }
   CONVRNN_DISPATCH_FLOATING(hy.scalar_type(), "convrnn.rnn_cell_backward", [&] {
     using T = scalar_t;
-    for_unit_chunks(B, H, 1, [&](int64_t j0, int64_t j1) {
-      const int64_t n = j1 - j0;
-      std::vector<acc_t<T>> sums(bsum ? n : 0, acc_t<T>(0));
-      for (int64_t b = 0; b < B; ++b) {
-        auto row = [&](auto with_sum) {
-          rnn_backward_row<T, decltype(with_sum)::value>(grad_hy.const_data_ptr<T>() + b * H + j0,
-                                                         hy.const_data_ptr<T>() + b * H + j0,
-                                                         grad_pre.data_ptr<T>() + b * H + j0, sums.data(), n, relu);
-        };
-        bsum ? row(std::true_type()) : row(std::false_type());
-      }
-      store_bias_sums<T>(sums.data(), 1, H, j0, n, {&grad_b_ih, &grad_b_hh});
-    });
+    backward_chunks<T>(B, H, 1, false, grad_b_ih, grad_b_hh,
+                       [&](auto with_sum, int64_t b, int64_t j0, int64_t n, acc_t<T>* sums) {
+                         rnn_backward_row<T, decltype(with_sum)::value>(grad_hy.const_data_ptr<T>() + b * H + j0,
+                                                                        hy.const_data_ptr<T>() + b * H + j0,
+                                                                        grad_pre.data_ptr<T>() + b * H + j0, sums, n,
+                                                                        relu);
+                       });
   });
 }
 

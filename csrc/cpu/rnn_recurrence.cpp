@@ -225,12 +225,12 @@ void forward_steps(const PersistentLayer& l, int64_t G, const T* h0, const T* h,
 // gate gradients (g_hidden, (N, G H)) times the task's columns of W_hh (added to what dh holds with
 // `accumulate`: the GRU's direct part, stored there by its row), the output's gradient is added to
 // the step's rows, and row(p, j0, n, step, b) runs the cell backward on row b.  After the last step,
-// dh gets the same product for the first processed step: the gradient of h0.
+// dh gets the same product for the first processed step: the gradient of h0.  tasks: the caller's
+// split_units(B, G, H), the one its per-task buffers were sized for.
 template <typename T, typename Row>
-void backward_steps(const PersistentLayer& l, int64_t G, const Tensor& grad_out, T* pdh, const T* g_hidden,
-                    bool accumulate, const Row& row) {
-  const int64_t H = l.H, B = l.B;
-  const Tasks tasks = split_units(B, G, H);
+void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, const Tensor& grad_out, T* pdh,
+                    const T* g_hidden, bool accumulate, const Row& row) {
+  const int64_t H = l.H;
   const Tensor w_hh = l.w_hh.contiguous();  // (G H, H): a task's columns are its units of dh
   const T *pw = w_hh.const_data_ptr<T>(), *pgo = data_or_null<T>(grad_out);
   const auto dh_from = [&](const Step& st, int64_t j0, int64_t n) {
@@ -275,12 +275,9 @@ struct TaskBuffers {
 
   // Writes sums blocks [first, first + count) of every task into out (count H: block q, unit j).
   void store(const Tasks& tasks, int64_t first, int64_t count, const Tensor& out) const {
-    T* o = out.data_ptr<T>();
     for (int64_t p = 0; p < tasks.count; ++p) {
-      const int64_t j0 = tasks.j0(p), n = tasks.size(p);
-      for (int64_t q = 0; q < count; ++q) {
-        for (int64_t u = 0; u < n; ++u) o[q * tasks.H + j0 + u] = static_cast<T>(sums[p][(first + q) * n + u]);
-      }
+      const int64_t n = tasks.size(p);
+      store_bias_sums<T>(sums[p].data() + first * n, count, tasks.H, tasks.j0(p), n, {&out});
     }
   }
 };
@@ -321,14 +318,15 @@ void lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tenso
   T *pdh = dh.data_ptr<T>(), *pdc = dc.data_ptr<T>(), *pg = gg.data_ptr<T>();
   const Tasks tasks = split_units(l.B, 4, H);
   TaskBuffers<T> buf(tasks, 4);
-  backward_steps<T>(l, 4, grad_out, pdh, pg, false, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
+  const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     const T* cx = entering(st, b, pc, c0, H);
     T* gcx = buf.row[p].data();
     lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
                                pg + r * 4 * H + j0, gcx, buf.sums[p].data(), H, n);
     std::copy_n(gcx, n, pdc + b * H + j0);
-  });
+  };
+  backward_steps<T>(l, tasks, 4, grad_out, pdh, pg, false, row);
   buf.store(tasks, 0, 4, grad_bias);
 }
 
@@ -360,14 +358,15 @@ void gru_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   TaskBuffers<T> buf(tasks, 6);
   // the row leaves the direct part of the state's gradient (grad_hy z) in dh; the next region
   // adds the products to it
-  backward_steps<T>(l, 3, grad_out, pdh, pgh, true, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
+  const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     const T* hx = entering(st, b, po, h0, H);
     T* ghx = buf.row[p].data();
     gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
                               pgh + r * 3 * H + j0, ghx, buf.sums[p].data(), H, n);
     std::copy_n(ghx, n, pdh + b * H + j0);
-  });
+  };
+  backward_steps<T>(l, tasks, 3, grad_out, pdh, pgh, true, row);
   buf.store(tasks, 0, 3, grad_b_ih);
   buf.store(tasks, 3, 3, grad_b_hh);
 }
@@ -399,10 +398,11 @@ void rnn_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   T *pdh = dh.data_ptr<T>(), *pgp = gp.data_ptr<T>();
   const Tasks tasks = split_units(l.B, 1, H);
   TaskBuffers<T> buf(tasks, 1);
-  backward_steps<T>(l, 1, grad_out, pdh, pgp, false, [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
+  const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     rnn_backward_row<T, true>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, buf.sums[p].data(), n, relu);
-  });
+  };
+  backward_steps<T>(l, tasks, 1, grad_out, pdh, pgp, false, row);
   buf.store(tasks, 0, 1, grad_bias);
 }
 

@@ -182,5 +182,19 @@ CONVRNN_CPU_CLONES void rnn_backward_row(const T* __restrict ghy, const T* __res
   }
 }
 
+// Writes the bias gradients of a chunk of units [j0, j0 + n): `blocks` gate blocks of H, sums
+// gate-major n per gate, into each defined output.
+template <typename T>
+void store_bias_sums(const acc_t<T>* sums, int64_t blocks, int64_t H, int64_t j0, int64_t n,
+                     std::initializer_list<const at::Tensor*> outs) {
+  for (const at::Tensor* out : outs) {
+    if (!out->defined()) continue;
+    T* p = out->data_ptr<T>();
+    for (int64_t k = 0; k < blocks; ++k) {
+      for (int64_t j = 0; j < n; ++j) p[k * H + j0 + j] = static_cast<T>(sums[k * n + j]);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace convrnn

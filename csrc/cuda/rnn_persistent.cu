@@ -152,17 +152,11 @@ void launch(const void* kernel, const Plan& plan, Args& args, cudaStream_t strea
   note_persistent_launch();
 }
 
-// The step geometry that the forward and the backward kernels' arguments both carry.
+// set_step_geometry from the layer and the plan.
 template <typename Args>
 void set_geometry(Args& a, const PersistentLayer& l, const Plan& plan, const Tensor& steps, int H) {
-  a.steps = steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr;
-  a.T = l.T;
-  a.B = l.B;
-  a.H = H;
-  a.units = plan.units;
-  a.chunk = plan.chunk;
-  a.reverse = l.reverse;
-  a.relu = l.cell == RnnCell::kRelu;
+  set_step_geometry(a, steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr, l.T, l.B, H, plan.units,
+                    plan.chunk, l.reverse, l.cell == RnnCell::kRelu);
 }
 
 }  // namespace

@@ -360,6 +360,21 @@ struct BackwardArgs {
   bool reverse, relu, vec;  // vec: g_hidden rows are whole 16-byte words
 };
 
+// The step geometry that the forward and the backward kernels' arguments both carry (host; the
+// launcher and the CPU emulation tests set it alike).
+template <typename Args>
+void set_step_geometry(Args& a, const int64_t* steps, int64_t T, int64_t B, int H, int units, int chunk,
+                       bool reverse, bool relu) {
+  a.steps = steps;
+  a.T = T;
+  a.B = B;
+  a.H = H;
+  a.units = units;
+  a.chunk = chunk;
+  a.reverse = reverse;
+  a.relu = relu;
+}
+
 // What the backward cell of one (batch row b, unit j) reads besides the carried dh and dc: the
 // output's gradient, the saved workspace (LSTM i, f, g, o; GRU r, z, n, hn), the entering and
 // new c (LSTM), the entering h (GRU), the new h (vanilla RNN).  None of it depends on the

@@ -89,14 +89,8 @@ std::vector<Tensor> forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, Ten
     a.out = out.data_ptr<T_>();
     a.cs = ptr<T_>(cs);
     a.ws = ptr<T_>(ws);
-    a.steps = steps.defined() ? steps.data_ptr<int64_t>() : nullptr;
-    a.T = T;
-    a.B = B;
-    a.H = static_cast<int>(H);
-    a.units = static_cast<int>(units);
-    a.chunk = static_cast<int>(chunk);
-    a.reverse = reverse;
-    a.relu = cell == 3;
+    set_step_geometry(a, steps.defined() ? steps.data_ptr<int64_t>() : nullptr, T, B, static_cast<int>(H),
+                      static_cast<int>(units), static_cast<int>(chunk), reverse, cell == 3);
     a.vec = (H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.out) && aligned16(a.h0);
     const int64_t smem = smem_layout(static_cast<int>(G * units), static_cast<int>(H), static_cast<int>(chunk),
                                      sizeof(T_)).total;
@@ -135,14 +129,8 @@ std::vector<Tensor> backward(int64_t cell, OptTensor grad_out, Tensor out, OptTe
     a.g_input = ptr<T_>(g_input);
     a.dh_acc = acc.data_ptr<float>();
     a.dc_acc = cell == 0 ? a.dh_acc + B * H : nullptr;
-    a.steps = steps.defined() ? steps.data_ptr<int64_t>() : nullptr;
-    a.T = T;
-    a.B = B;
-    a.H = static_cast<int>(H);
-    a.units = static_cast<int>(units);
-    a.chunk = static_cast<int>(chunk);
-    a.reverse = reverse;
-    a.relu = cell == 3;
+    set_step_geometry(a, steps.defined() ? steps.data_ptr<int64_t>() : nullptr, T, B, static_cast<int>(H),
+                      static_cast<int>(units), static_cast<int>(chunk), reverse, cell == 3);
     a.vec = (G * H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.g_hidden);
     const int64_t smem =
         smem_layout(static_cast<int>(units), static_cast<int>(G * H), static_cast<int>(chunk), sizeof(T_)).total;

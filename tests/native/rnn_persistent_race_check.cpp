@@ -59,13 +59,7 @@ void run(const char* name, bool packed, bool reverse, int units, int chunk) {
   f.out = out.data();
   f.cs = C == Kind::kLstm ? cs.data() : nullptr;
   f.ws = C != Kind::kRnn ? ws.data() : nullptr;
-  f.steps = packed ? steps.data() : nullptr;
-  f.T = T;
-  f.B = B;
-  f.H = H;
-  f.units = units;
-  f.chunk = chunk;
-  f.reverse = reverse;
+  set_step_geometry(f, packed ? steps.data() : nullptr, T, B, H, units, chunk, reverse, false);
   const int blocks = (H + units - 1) / units;
   emu::launch(&forward_kernel<float, C>, blocks, kPThreads, smem_layout(G * units, H, chunk, 4).total, f);
   auto gout = random_values(N * H), dh = random_values(B * H), dc = random_values(B * H);
@@ -84,13 +78,7 @@ void run(const char* name, bool packed, bool reverse, int units, int chunk) {
   b.g_input = g_input.data();
   b.dh_acc = acc.data();
   b.dc_acc = acc.data() + B * H;
-  b.steps = f.steps;
-  b.T = T;
-  b.B = B;
-  b.H = H;
-  b.units = units;
-  b.chunk = chunk;
-  b.reverse = reverse;
+  set_step_geometry(b, f.steps, T, B, H, units, chunk, reverse, false);
   emu::launch(&backward_kernel<float, C>, blocks, kPThreads, smem_layout(units, G * H, chunk, 4).total, b);
   std::printf("%s packed=%d reverse=%d units=%d chunk=%d: ran\n", name, packed, reverse, units, chunk);
 }
