@@ -101,15 +101,11 @@ void lstm_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& 
     const T* gx = gates_x.defined() ? gates_x.const_data_ptr<T>() : nullptr;
     const T* gh = gates_h.defined() ? gates_h.const_data_ptr<T>() : nullptr;
     for_rows(B, 4 * H, [&](int64_t b) {
-      auto row = [&](auto bias, auto in_place) {
+      with_flags(bi != nullptr, gh == nullptr, [&](auto bias, auto in_place) {
         lstm_row<T, decltype(bias)::value, decltype(in_place)::value>(
             gx + (gx ? b * 4 * H : 0), gh + (gh ? b * 4 * H : 0), bi, bh, cx.const_data_ptr<T>() + b * H,
             hy.data_ptr<T>() + b * H, cy.data_ptr<T>() + b * H, ws.data_ptr<T>() + b * 4 * H, H, H, H);
-      };
-      auto with_bias = [&](auto in_place) {
-        bi != nullptr ? row(std::true_type(), in_place) : row(std::false_type(), in_place);
-      };
-      gh == nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+      });
     });
   });
 }
@@ -140,15 +136,11 @@ void gru_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b
     const T *bi = ptr_or_null<T>(b_ih), *bh = ptr_or_null<T>(b_hh);
     T* w = ws.defined() ? ws.data_ptr<T>() : nullptr;
     for_rows(B, 3 * H, [&](int64_t b) {
-      auto row = [&](auto bias, auto save) {
+      with_flags(bi != nullptr, w != nullptr, [&](auto bias, auto save) {
         gru_row<T, decltype(bias)::value, decltype(save)::value>(
             gates_x.const_data_ptr<T>() + b * 3 * H, gates_h.const_data_ptr<T>() + b * 3 * H, bi, bh,
             hx.const_data_ptr<T>() + b * H, hy.data_ptr<T>() + b * H, w + (w ? b * 4 * H : 0), H, H, H);
-      };
-      auto with_bias = [&](auto save) {
-        bi != nullptr ? row(std::true_type(), save) : row(std::false_type(), save);
-      };
-      w != nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+      });
     });
   });
 }
@@ -180,14 +172,10 @@ void rnn_kernel(const Tensor& gates_x, const Tensor& gates_h, const OptTensor& b
     const T* gx = gates_x.defined() ? gates_x.const_data_ptr<T>() : nullptr;
     const T* gh = gates_h.defined() ? gates_h.const_data_ptr<T>() : nullptr;
     for_rows(B, H, [&](int64_t b) {
-      auto row = [&](auto bias, auto in_place) {
+      with_flags(bi != nullptr, gh == nullptr, [&](auto bias, auto in_place) {
         rnn_row<T, decltype(bias)::value, decltype(in_place)::value>(
             gx + (gx ? b * H : 0), gh + (gh ? b * H : 0), bi, bh, hy.data_ptr<T>() + b * H, H, relu);
-      };
-      auto with_bias = [&](auto in_place) {
-        bi != nullptr ? row(std::true_type(), in_place) : row(std::false_type(), in_place);
-      };
-      gh == nullptr ? with_bias(std::true_type()) : with_bias(std::false_type());
+      });
     });
   });
 }

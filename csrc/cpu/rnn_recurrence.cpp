@@ -282,13 +282,6 @@ struct TaskBuffers {
   }
 };
 
-// Calls f(std::bool_constant<a>, std::bool_constant<b>).
-template <typename F>
-void with_flags(bool a, bool b, const F& f) {
-  auto inner = [&](auto x) { b ? f(x, std::true_type()) : f(x, std::false_type()); };
-  a ? inner(std::true_type()) : inner(std::false_type());
-}
-
 // ---- the cells ----
 
 template <typename T>

@@ -8,10 +8,19 @@
 // instruction set (CONVRNN_CPU_CLONES) in the file that calls them.
 #pragma once
 
+#include <type_traits>
+
 #include "rnn_cells.h"
 
 namespace convrnn {
 namespace {
+
+// Calls f(std::bool_constant<a>, std::bool_constant<b>): the row templates' flags from runtime values.
+template <typename F>
+void with_flags(bool a, bool b, const F& f) {
+  auto inner = [&](auto x) { b ? f(x, std::true_type()) : f(x, std::false_type()); };
+  a ? inner(std::true_type()) : inner(std::false_type());
+}
 
 // IN_PLACE: the output (ws, or hy for the RNN) holds gates_x + gates_h on entry and gx, gh are
 // unused (the whole-cell ops); otherwise pre = gx + gh (the fused ops).  Reading through the
