@@ -5,10 +5,12 @@
 #   1. builds the extension in place with all cores, for the GPU that is present;
 #   2. runs the CUDA tests;
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
-#   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16; then conv2d
-#      float32 with TF32 on);
+#   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
+#      runtime switches (persistent recurrence barriers, max-pool round 3), then conv2d float32
+#      with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
-# Usage: benchmarks/gpu_check.sh OUTDIR
+# Usage: benchmarks/gpu_check.sh OUTDIR   (GPU_CHECK_SECONDS, GPU_CHECK_EXAMPLES=0, GPU_CHECK_TF32=0,
+# BENCH_SECONDS: see below)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -18,6 +20,8 @@ py=${PYTHON:-python3}
 status=0
 step() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
+examples=${GPU_CHECK_EXAMPLES:-1}  # 0: skip the examples/ecosystem step (about 75 s)
+tf32=${GPU_CHECK_TF32:-1}          # 0: skip the conv2d TF32 run (about 30 s)
 # seconds a step may take: its cap, less what the later steps are promised (reserve)
 budget() { local cap=$1 reserve=$2 left=$(( deadline - $(date +%s) - $2 ));
            (( left < cap )) && cap=$left; (( cap < 10 )) && cap=10; echo $cap; }
@@ -54,20 +58,22 @@ fi
 step "CUDA tests"
 # pytest-xdist, where present: a test that crashes its worker is reported, the rest still run
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout $(budget 150 390) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
+timeout $(budget 150 $(( 295 + 100 * examples + 40 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
   --durations=15 > "$out/tests.log" 2>&1 || status=1
 grep -E "^FAILED|^ERROR" "$out/tests.log" | head -40 | tee -a "$out/summary.txt"
 tail -1 "$out/tests.log" | tee -a "$out/summary.txt"
 
-step "examples, convert() and the ecosystem tests (CUDA where present)"
-timeout $(budget 100 250) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q -p no:cacheprovider $xdist \
-  -rf > "$out/tests-examples.log" 2>&1 || status=1
-grep -E "^FAILED|^ERROR" "$out/tests-examples.log" | head -20 | tee -a "$out/summary.txt"
-tail -1 "$out/tests-examples.log" | tee -a "$out/summary.txt"
+if (( examples )); then
+  step "examples, convert() and the ecosystem tests (CUDA where present)"
+  timeout $(budget 100 $(( 295 + 40 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
+    -p no:cacheprovider $xdist -rf > "$out/tests-examples.log" 2>&1 || status=1
+  grep -E "^FAILED|^ERROR" "$out/tests-examples.log" | head -20 | tee -a "$out/summary.txt"
+  tail -1 "$out/tests-examples.log" | tee -a "$out/summary.txt"
+fi
 
 step "compute-sanitizer memcheck (small CUDA subset)"
 if command -v compute-sanitizer > /dev/null; then
-  timeout $(budget 70 220) compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout $(budget 60 $(( 245 + 40 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
     $py -m pytest tests -q -p no:cacheprovider -k "cuda and sanitizer" > "$out/sanitizer.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$out/sanitizer.log" | tail -3 | tee -a "$out/summary.txt"
 else
@@ -75,12 +81,30 @@ else
 fi
 
 step "benchmark on cuda"
-timeout $(budget 150 40) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
+timeout $(budget 150 $(( 105 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
   --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
 tail -45 "$out/bench.txt"
-step "benchmark on cuda: conv2d float32 with TF32 on (both sides)"
-timeout $(budget 40 0) $py -m convrnn_kernels.bench --devices cuda --ops conv2d --dtypes float32 --tf32 on \
-  --no-progress --no-chart --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench-tf32.json" >> "$out/bench.txt" 2>&1 || status=1
-grep -A4 "^Geomean" "$out/bench.txt" | tail -5
+# A/B of runtime switches, each against the main run's default (bench.json): the persistent
+# recurrence with the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0) and with clusters but no
+# distributed shared memory (=1); the max-pool forward without its round-3 kernels
+# (CONVRNN_MAXPOOL_R3=0).
+ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
+  step "A/B $name: $env ($ops, $dtypes)"
+  env $env timeout $(budget 35 $(( reserve + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
+    --no-progress --no-chart --seconds ${BENCH_SECONDS:-0.25} --out "$out/ab-$name.json" > "$out/ab-$name.txt" 2>&1 \
+    || status=1
+  grep -A4 "^Geomean" "$out/ab-$name.txt" | tail -4
+}
+ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 70
+ab seq-cluster-l2 CONVRNN_PERSISTENT_CLUSTER=1 lstm_seq,gru_seq float32,bfloat16 35
+ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 0
+
+if (( tf32 )); then
+  step "benchmark on cuda: conv2d float32 with TF32 on (both sides)"
+  timeout $(budget 40 0) $py -m convrnn_kernels.bench --devices cuda --ops conv2d --dtypes float32 --tf32 on \
+    --no-progress --no-chart --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench-tf32.json" >> "$out/bench.txt" 2>&1 \
+    || status=1
+  grep -A4 "^Geomean" "$out/bench.txt" | tail -5
+fi
 step "done (status $status)"
 exit $status

@@ -71,6 +71,7 @@ std::atomic<int>& cpu_mode() {
 }
 
 std::atomic<int64_t> persistent_launches{0}, cpu_runs{0};
+std::atomic<int64_t> persistent_launches_by_sync[3] = {{0}, {0}, {0}};
 
 // mode -1 asks, 0..highest sets; returns (the mode before the call, the count so far).
 std::tuple<int64_t, int64_t> switch_op(const char* op, std::atomic<int>& mode, const std::atomic<int64_t>& count,
@@ -86,6 +87,14 @@ std::tuple<int64_t, int64_t> persistent_rnn_op(int64_t mode) {
   return switch_op("_persistent_rnn", persistent_mode(), persistent_launches, mode, 1);
 }
 
+// The persistent launches so far by how their blocks synchronised: [grid barrier, one cluster,
+// one cluster exchanging through distributed shared memory] (cuda/rnn_persistent.cuh: Sync).
+std::vector<int64_t> persistent_launches_op() {
+  std::vector<int64_t> n;
+  for (const auto& c : persistent_launches_by_sync) n.push_back(c.load());
+  return n;
+}
+
 // Counts the layer calls (forward or backward) the CPU recurrence ran.
 std::tuple<int64_t, int64_t> cpu_recurrence_op(int64_t mode) {
   return switch_op("_cpu_recurrence", cpu_mode(), cpu_runs, mode, 2);
@@ -97,8 +106,9 @@ bool persistent_rnn_enabled() {
   return persistent_mode().load(std::memory_order_relaxed) != 0;
 }
 
-void note_persistent_launch() {
+void note_persistent_launch(int sync) {
   persistent_launches.fetch_add(1, std::memory_order_relaxed);
+  persistent_launches_by_sync[std::clamp(sync, 0, 2)].fetch_add(1, std::memory_order_relaxed);
 }
 
 int cpu_recurrence_mode() {
@@ -759,6 +769,8 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   // The opt-in persistent CUDA recurrence (rnn_persistent.h): mode -1 asks, 0 turns it off, 1 on;
   // returns the mode before the call and the number of persistent kernel launches so far.
   m.def("_persistent_rnn(int mode=-1) -> (int, int)", &convrnn::persistent_rnn_op);
+  // Its launches so far by step barrier: [grid, cluster, cluster + distributed shared memory].
+  m.def("_persistent_rnn_launches() -> int[]", &convrnn::persistent_launches_op);
   // The CPU recurrence (cpu/rnn_recurrence.h): mode -1 asks, 0 off, 1 on, 2 on with every step
   // split over the threads; returns the mode before the call and the layer calls it ran so far.
   m.def("_cpu_recurrence(int mode=-1) -> (int, int)", &convrnn::cpu_recurrence_op);

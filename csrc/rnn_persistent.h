@@ -38,8 +38,9 @@ struct PersistentLayer {
 // or what convrnn::_persistent_rnn last set (rnn_layers.cpp, compiled in every build).
 bool persistent_rnn_enabled();
 // Counts persistent kernel launches (convrnn::_persistent_rnn returns the count: the tests
-// check that the path they force really ran).
-void note_persistent_launch();
+// check that the path they force really ran), and by sync (0 grid barrier, 1 cluster, 2 cluster
+// with distributed shared memory: convrnn::_persistent_rnn_launches).
+void note_persistent_launch(int sync);
 
 #if defined(CONVRNN_WITH_CUDA)
 // x: (N, G*H) input projections.  Fills out (N, H), cs (N, H) (LSTM, every step's c), and ws

@@ -90,6 +90,30 @@ def test_cuda_persistent_bench_shapes(name, case):
 
 
 @needs_cuda
+@pytest.mark.parametrize("cluster", [0, 1, 2])
+@pytest.mark.parametrize("variant", ["plain", "packed"])
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_persistent_cluster_modes(name, variant, cluster, monkeypatch):
+    """CONVRNN_PERSISTENT_CLUSTER (read per call): 0 grid barrier only; 1 small grids as one
+    thread-block cluster; 2 (the default) clusters exchanging through distributed shared memory.
+    Batch 5, H 96 (small enough for a cluster on sm_90+), both directions, two layers: each mode
+    against cuDNN, and the launches counted by the barrier they used."""
+    monkeypatch.setenv("CONVRNN_PERSISTENT_CLUSTER", str(cluster))
+    ours, theirs = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32, input_size=12, hidden=96,
+                             device="cuda", scale=1.0)
+    before = OPS._persistent_rnn_launches()
+    with persistent_mode() as mode:
+        compare(ours, theirs, inputs_for(ours, variant, torch.float32, 9, 5, seed=4), f"{name} cluster {cluster}",
+                TOL32)
+    used = [a - b for a, b in zip(OPS._persistent_rnn_launches(), before)]
+    assert mode.launches == 8 and sum(used) == 8, used
+    if cluster == 0 or torch.cuda.get_device_capability()[0] < 9:
+        assert used == [8, 0, 0], used
+    else:
+        assert used[cluster] == 8, used
+
+
+@needs_cuda
 @pytest.mark.parametrize("variant", ["plain", "packed"])
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_persistent_matches_step_loop(name, variant):
@@ -232,7 +256,9 @@ EMU_CELLS = {"lstm": (0, "lstm_layer"), "gru": (1, "gru_layer"), "rnn_tanh": (2,
              "rnn_relu": (3, "rnn_layer")}
 # id: (H, units, chunk): 4 blocks the last with 1 unit, 2 chunks of 8 rows (k split 2 ways
 # forward, 8 ways backward); one block, one chunk; 3 blocks of 4 units, chunks of 5 rows
-EMU_PLANS = {"ragged": (10, 3, 8), "one_block": (10, 10, 16), "vec": (12, 4, 5)}
+EMU_PLANS = {"ragged": (10, 3, 8), "one_block": (10, 10, 16), "vec": (12, 4, 5),
+             # one chunk holds the batch (the exchange through peers' shared memory needs it)
+             "ragged_one_chunk": (10, 3, 16), "vec_one_chunk": (12, 4, 11)}
 EMU_T, EMU_B = 4, 11
 EMU_LENGTHS = [4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1]
 
@@ -286,22 +312,26 @@ def _emu_layer(name, h, dtype, packed, reverse, grad_out=True, seed=0):
     return a, res, grads
 
 
-# (layout, plan): every layout under the richest plan, a few under the others (each case runs
-# ~1000 threads through the grid barrier: seconds)
-EMU_CASES = [(layout, "ragged") for layout in ("plain", "packed", "packed_reverse", "plain_reverse")] + [
-    ("packed_reverse", "one_block"), ("plain", "vec"), ("packed", "vec")]
+# (layout, plan, sync): every layout under the richest plan, a few under the others (each case
+# runs ~1000 threads through the step barrier: seconds).  sync: 0 grid barrier, 1 the grid as one
+# cluster (its barrier, staging from L2), 2 the cluster exchanging the operand through its
+# blocks' shared memory (the emulation maps a peer's shared memory; the barrier is the grid's).
+EMU_CASES = [(layout, "ragged", 0) for layout in ("plain", "packed", "packed_reverse", "plain_reverse")] + [
+    ("packed_reverse", "one_block", 0), ("plain", "vec", 0), ("packed", "vec", 0), ("packed_reverse", "ragged", 1)] + [
+    (layout, "ragged_one_chunk", 2) for layout in ("plain", "packed", "packed_reverse")] + [
+    ("plain_reverse", "vec_one_chunk", 2)]
 
 
-@pytest.mark.parametrize("layout,plan", EMU_CASES, ids=[f"{la}-{pl}" for la, pl in EMU_CASES])
+@pytest.mark.parametrize("layout,plan,sync", EMU_CASES, ids=[f"{la}-{pl}-sync{sy}" for la, pl, sy in EMU_CASES])
 @pytest.mark.parametrize("name", list(EMU_CELLS))
-def test_emulated_kernels_match_cpu_ops(emulation, name, layout, plan):
+def test_emulated_kernels_match_cpu_ops(emulation, name, layout, plan, sync):
     h, units, chunk = EMU_PLANS[plan]
     cell = EMU_CELLS[name][0]
     packed, reverse = layout.startswith("packed"), layout.endswith("reverse")
     a, res, grads = _emu_layer(name, h, torch.float32, packed, reverse, grad_out=plan != "one_block")
     x = a["x"].reshape(-1, a["x"].shape[-1])
     out, cs, ws = emulation.forward(cell, x, a["h0"], a["c0"], a["w"], a["bi"], a["bh"], a["bs"], EMU_B, reverse,
-                                    True, units, chunk)
+                                    True, units, chunk, sync)
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, a["out"], **tol, msg=lambda m: f"out: {m}")
     if cell == 0:
@@ -309,7 +339,8 @@ def test_emulated_kernels_match_cpu_ops(emulation, name, layout, plan):
     if cell <= 1:
         torch.testing.assert_close(ws, res[-1] if cell == 1 else res[4], **tol, msg=lambda m: f"workspace: {m}")
     g_hidden, g_input, dh, dc = emulation.backward(cell, a["gout"], a["out"], a["cs"], a["ws"], a["h0"], a["c0"],
-                                                   a["w"], a["ghn"], a["gcn"], a["bs"], EMU_B, reverse, units, chunk)
+                                                   a["w"], a["ghn"], a["gcn"], a["bs"], EMU_B, reverse, units, chunk,
+                                                   sync)
     gx = grads[0].reshape(-1, grads[0].shape[-1])
     torch.testing.assert_close(g_input if cell == 1 else g_hidden, gx, **tol, msg=lambda m: f"grad x_proj: {m}")
     torch.testing.assert_close(dh, grads[1], **tol, msg=lambda m: f"grad h0: {m}")
@@ -319,19 +350,21 @@ def test_emulated_kernels_match_cpu_ops(emulation, name, layout, plan):
         torch.testing.assert_close(g_hidden.sum(0), grads[4], **tol, msg=lambda m: f"grad b_hh: {m}")
 
 
+@pytest.mark.parametrize("sync", [0, 2])
 @pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_emulated_kernels_bfloat16(emulation, name):
+def test_emulated_kernels_bfloat16(emulation, name, sync):
     """2-byte elements (H = 16: vector staging) against our float32 CPU ops on the same values."""
     cell = EMU_CELLS[name][0]
+    chunk = 8 if sync == 0 else 16
     a, res, grads = _emu_layer(name, 16, torch.float32, True, True)
     bf = {k: (v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in a.items()}
     x = bf["x"].reshape(-1, bf["x"].shape[-1])
     out, _, _ = emulation.forward(cell, x, bf["h0"], bf["c0"], bf["w"], bf["bi"], bf["bh"], bf["bs"], EMU_B, True,
-                                  True, 4, 8)
+                                  True, 4, chunk, sync)
     tol = dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(out.float(), a["out"], **tol)
     g_hidden, g_input, dh, _ = emulation.backward(cell, bf["gout"], bf["out"], bf["cs"], bf["ws"], bf["h0"], bf["c0"],
-                                                  bf["w"], bf["ghn"], bf["gcn"], bf["bs"], EMU_B, True, 4, 8)
+                                                  bf["w"], bf["ghn"], bf["gcn"], bf["bs"], EMU_B, True, 4, chunk, sync)
     torch.testing.assert_close((g_input if cell == 1 else g_hidden).float(), grads[0].reshape(g_hidden.shape[0], -1),
                                **tol)
     torch.testing.assert_close(dh.float(), grads[1], **tol)
@@ -350,11 +383,32 @@ def test_plan_candidates(emulation, case, direction):
     rows_per_unit, k = (4, h) if direction == "forward" else (1, 4 * h)
     plans = emulation.plan_candidates(rows_per_unit, k, b, h, 4, H100_SMEM_OPTIN)
     assert plans
-    for units, blocks, chunk, smem, _ in plans:
-        assert blocks == -(-h // units) and smem <= H100_SMEM_OPTIN
+    for units, blocks, chunk, smem, _, sync in plans:
+        assert blocks == -(-h // units) and smem <= H100_SMEM_OPTIN and sync == 0
         assert chunk == b if b < 8 else (chunk % 8 == 0 and 8 <= chunk <= -(-b // 8) * 8)
     assert [p[4] for p in plans] == sorted(p[4] for p in plans)
     expected = {("training", "forward"): 4, ("training", "backward"): 8, ("generation", "forward"): 4,
                 ("generation", "backward"): 4}
     if (case, direction) in expected:
         assert plans[0][0] == expected[case, direction], plans[:3]
+
+
+@pytest.mark.parametrize("dsmem", [True, False])
+@pytest.mark.parametrize("case", ["training", "generation"])
+def test_plan_candidates_cluster(emulation, case, dsmem):
+    """With clusters of up to 16 blocks allowed (sm_90+), the model offers each grid that small as
+    one cluster too, and with the operand in peers' shared memory only where one chunk holds the
+    whole batch twice over; generation (batch 1, H = 128) then runs as a cluster, training
+    (batch 32, H = 256: 16 blocks would do 4x the products each) keeps the grid plan."""
+    b, h = {"training": (32, 256), "generation": (1, 128)}[case]
+    for rows_per_unit, k in ((4, h), (1, 4 * h)):
+        plans = emulation.plan_candidates(rows_per_unit, k, b, h, 4, H100_SMEM_OPTIN, 16, dsmem)
+        grid = emulation.plan_candidates(rows_per_unit, k, b, h, 4, H100_SMEM_OPTIN)
+        assert [p for p in plans if p[5] == 0] == grid
+        for units, blocks, chunk, smem, _, sync in plans:
+            assert sync == 0 or blocks <= 16
+            assert sync != 2 or (dsmem and chunk >= b and smem <= H100_SMEM_OPTIN)
+        if case == "generation":
+            assert plans[0][5] == (2 if dsmem else 1) and plans[0][1] <= 16, plans[:3]
+        else:
+            assert plans[0] == grid[0], plans[:3]

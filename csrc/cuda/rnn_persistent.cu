@@ -1,5 +1,5 @@
 // Persistent recurrence: every step of one layer and direction of an LSTM, GRU or vanilla RNN
-// in ONE cooperative kernel, forward and backward (opt-in: csrc/rnn_persistent.h).
+// in ONE persistent kernel, forward and backward (on by default: csrc/rnn_persistent.h).
 //
 // What it computes: the recurrent part of rnn_layers.cpp's lstm_layer / gru_layer / rnn_layer
 // and of their backward ops: the same inputs, the same saved tensors (so either backward runs
@@ -17,7 +17,10 @@
 //  - per step every block stages the step's whole left operand (the h rows the step reads, or
 //    the gate gradients of the step processed before) from L2 into shared memory, a chunk of
 //    batch rows at a time; computes its outputs' dot products (below); applies the cell to its
-//    own units and writes them; then one grid-wide barrier (cooperative groups) ends the step.
+//    own units and writes them; then one barrier ends the step: grid-wide (cooperative groups),
+//    or, where the grid is small enough to be one thread-block cluster (sm_90+, <= 16 blocks:
+//    small H, e.g. generation at batch 1), the cluster's hardware barrier, with the step's
+//    results stored straight into every block's shared memory (rnn_persistent.cuh: Sync).
 //    Data written by other blocks earlier in the kernel is read with ld.global.cg (L2, never a
 //    stale L1 line); every row of out/cs/g is written once, so no step overwrites what another
 //    block may still be reading.
@@ -26,14 +29,16 @@
 //    conflicts) and a butterfly reduce-scatter leaves the tile's 32 sums one per lane.  Where
 //    the tiles are fewer than the warps, k is split into ranges whose sums are added afterwards
 //    in a fixed order.  Every sum has a fixed order: results are deterministic.
-//  - the grid: the host picks U among powers of two by a per-step time model (barrier, L2
-//    staging, products) among the sizes whose slices fit in shared memory and whose grid is
-//    co-resident (occupancy query); none fits: it declines and rnn_layers.cpp runs its loop.
+//  - the grid: the host picks U (and grid or cluster) among powers of two by a per-step time
+//    model (barrier, L2 staging, products) among the sizes whose slices fit in shared memory and
+//    whose grid is co-resident (occupancy query) or cluster placeable (cluster occupancy query);
+//    none fits: it declines and rnn_layers.cpp runs its loop.
 //
 // The kernels and their device helpers are in rnn_persistent.cuh (so that tests/native can run
 // them on the CPU); this file has the host side: the plan (grid and chunk sizes) and the launch.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <map>
@@ -80,13 +85,59 @@ int blocks_per_sm(const void* kernel, int device, int64_t smem, int64_t smem_opt
   return n;
 }
 
-// The grid: the first of plan_candidates (rnn_persistent.cuh: fastest modelled first) whose
-// blocks are all co-resident on the device.  blocks == 0: none is.
+// CONVRNN_PERSISTENT_CLUSTER: 0 never a thread-block cluster, 1 clusters with the operand
+// staged from L2, unset or 2 clusters with it exchanged through distributed shared memory too.
+// Read per call, so that a benchmark can compare them in one process.
+int cluster_mode() {
+  const char* v = std::getenv("CONVRNN_PERSISTENT_CLUSTER");
+  if (v == nullptr || *v == '\0') return 2;
+  return std::clamp(std::atoi(v), 0, 2);
+}
+
+// Whether `blocks` blocks of `kernel` with `smem` bytes each can run as one cluster on `device`
+// (cached; false where the runtime says no or the query fails).
+bool cluster_fits(const void* kernel, int device, int blocks, int64_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int64_t>, bool> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, blocks, smem);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  bool fits = false;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kPThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = blocks;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    fits = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n >= 1;
+  }
+  (void)cudaGetLastError();  // a refused attribute or query is an answer (no), not an error to keep
+  cache[key] = fits;
+  return fits;
+}
+
+// The first of plan_candidates (rnn_persistent.cuh: fastest modelled first) that can run: a grid
+// whose blocks are all co-resident on the device, or a cluster the device can place (sm_90+, at
+// most 16 blocks).  blocks == 0: none can.
 Plan choose_plan(const void* kernel, int device, int rows_per_unit, int K, int64_t B, int H, int elem) {
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   const int64_t optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
-  for (const Plan& p : plan_candidates(rows_per_unit, K, B, H, elem, optin)) {
-    if (int64_t(blocks_per_sm(kernel, device, p.smem, optin)) * prop->multiProcessorCount >= p.blocks) return p;
+  const int mode = prop->major >= 9 ? cluster_mode() : 0;
+  for (const Plan& p : plan_candidates(rows_per_unit, K, B, H, elem, optin, mode > 0 ? 16 : 0, mode == 2)) {
+    // (blocks_per_sm also raises the kernel's dynamic shared-memory limit, which the cluster query needs)
+    const int per_sm = blocks_per_sm(kernel, device, p.smem, optin);
+    if (p.sync == Sync::kGrid ? int64_t(per_sm) * prop->multiProcessorCount >= p.blocks
+                              : per_sm >= 1 && cluster_fits(kernel, device, p.blocks, p.smem)) {
+      return p;
+    }
   }
   return Plan{};
 }
@@ -147,16 +198,32 @@ void dispatch(at::ScalarType st, RnnCell cell, F&& f) {
 template <typename Args>
 void launch(const void* kernel, const Plan& plan, Args& args, cudaStream_t stream) {
   void* params[] = {&args};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kPThreads), params,
-                                             static_cast<size_t>(plan.smem), stream));
-  note_persistent_launch();
+  if (plan.sync == Sync::kGrid) {
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kPThreads), params,
+                                               static_cast<size_t>(plan.smem), stream));
+  } else {  // the whole grid as one cluster
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(plan.blocks);
+    cfg.blockDim = dim3(kPThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = plan.blocks;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelExC(&cfg, kernel, params));
+  }
+  note_persistent_launch(static_cast<int>(plan.sync));
 }
 
 // set_step_geometry from the layer and the plan.
 template <typename Args>
 void set_geometry(Args& a, const PersistentLayer& l, const Plan& plan, const Tensor& steps, int H) {
   set_step_geometry(a, steps.defined() ? steps.const_data_ptr<int64_t>() : nullptr, l.T, l.B, H, plan.units,
-                    plan.chunk, l.reverse, l.cell == RnnCell::kRelu);
+                    plan.chunk, l.reverse, l.cell == RnnCell::kRelu, plan.sync);
 }
 
 }  // namespace

@@ -40,7 +40,8 @@ constexpr int kGates = C == Kind::kLstm ? 4 : (C == Kind::kGru ? 3 : 1);
 // ---- device helpers ----
 
 // Byte offsets of the shared-memory sections: the W slice (rows x K), the staged operand
-// (chunk x K), the partial sums.  The partials hold ks * nc * rows floats: nc * rows when k is
+// (chunk x K; two of them, one per step parity, when the blocks exchange it through distributed
+// shared memory: Sync::kClusterDsmem below), the partial sums.  The partials hold ks * nc * rows floats: nc * rows when k is
 // not split, else at most 32 * kWarps (ks * tiles <= kWarps, a tile covers 32 (b, r) pairs).
 struct SmemLayout {
   int64_t stage, part, total;
@@ -50,10 +51,10 @@ CONVRNN_HD int64_t align16(int64_t n) {
   return (n + 15) / 16 * 16;
 }
 
-CONVRNN_HD SmemLayout smem_layout(int rows, int K, int chunk, int elem) {
+CONVRNN_HD SmemLayout smem_layout(int rows, int K, int chunk, int elem, int stages = 1) {
   SmemLayout s;
   s.stage = align16(int64_t(rows) * K * elem);
-  s.part = s.stage + align16(int64_t(chunk) * K * elem);
+  s.part = s.stage + stages * align16(int64_t(chunk) * K * elem);
   const int64_t partials = int64_t(chunk) * rows > kPartMin ? int64_t(chunk) * rows : kPartMin;
   s.total = s.part + 4 * partials;
   return s;
@@ -66,6 +67,60 @@ struct StepRows {
 
 __device__ __forceinline__ StepRows step_rows(const int64_t* steps, int64_t T, int64_t B, int64_t t) {
   return steps != nullptr ? StepRows{steps[t], steps[T + t]} : StepRows{B, t * B};
+}
+
+// How the blocks end a step and share its results.
+//  - kGrid: a cooperative launch; grid.sync() ends the step, and each block stages the next
+//    step's operand (h rows, or gate-gradient rows) from L2.
+//  - kCluster: the whole grid is ONE thread-block cluster (sm_90+, at most 16 blocks); the
+//    cluster's hardware barrier (arrive.release / wait.acquire at cluster scope) ends the step,
+//    staging as kGrid.  A grid barrier is a global atomic plus polling through L2, a few
+//    microseconds a step at batch 1; the cluster barrier is a fraction of that.
+//  - kClusterDsmem: kCluster, and the operand travels through distributed shared memory: each
+//    block stores the values its cells produce straight into every block's staging buffer for
+//    the next step (st.shared::cluster, before the barrier), so no block reads L2 for it.  Two
+//    staging buffers by step parity: the values for step k + 1 go to buffer (k + 1) % 2 while
+//    the blocks read buffer k % 2; a block writes buffer k % 2 again only during step k + 1 (for
+//    step k + 2), after the barrier that every block reached once done reading it in step k.
+//    Needs the whole batch in one chunk.
+enum class Sync : int { kGrid = 0, kCluster = 1, kClusterDsmem = 2 };
+
+#if defined(__CUDACC__)
+// The cluster barrier and a peer block's shared memory (sm_90+; the host never picks a cluster
+// plan below that, and the emulation in tests/native defines its own).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(_CG_HAS_CLUSTER_GROUP)
+  cg::this_cluster().sync();
+#else
+  __trap();
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {
+#if defined(_CG_HAS_CLUSTER_GROUP)
+  return cg::this_cluster().map_shared_rank(p, rank);
+#else
+  __trap();
+  return p;
+#endif
+}
+#endif
+
+// The barrier that ends a step.
+__device__ __forceinline__ void step_barrier(Sync sync) {
+  if (sync == Sync::kGrid) {
+    cg::this_grid().sync();
+  } else {
+    cluster_sync();
+  }
+}
+
+// v into element i of every block's buffer `buf` (a shared-memory address in this block, the
+// same offset in each peer), for kClusterDsmem.
+template <typename T>
+__device__ __forceinline__ void publish(T* buf, int64_t i, T v, int blocks) {
+  for (int r = 0; r < blocks; ++r) cluster_peer(buf, r)[i] = v;
 }
 
 // Loads through L2 only (ld.global.cg), for data other blocks wrote earlier in this kernel.
@@ -208,6 +263,7 @@ struct ForwardArgs {
   int64_t T, B;
   int H, units, chunk;         // hidden size, units per block, batch rows staged at once
   bool reverse, relu, vec;     // vec: out and h0 rows are whole 16-byte words
+  Sync sync;                   // the step barrier and how h travels (Sync above)
 };
 
 // What the forward cell of one (batch row, unit) reads besides the products: the input
@@ -245,11 +301,13 @@ __device__ __forceinline__ ForwardIn<C> forward_inputs(const ForwardArgs<T>& p, 
 }
 
 // The cell of unit j for the batch row at `row` of the (N, ...) blocks: gh[g] are the products
-// h_prev . W_hh[g H + j]; hx the h this row enters the step with (GRU).
+// h_prev . W_hh[g H + j]; hx the h this row enters the step with (GRU).  Returns the new h as
+// stored.
 template <typename T, Kind C>
-__device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const ForwardIn<C>& in,
-                                             const float (&gh)[kGates<C>], int64_t row, int j, float hx) {
+__device__ __forceinline__ T forward_cell(const ForwardArgs<T>& p, const ForwardIn<C>& in,
+                                          const float (&gh)[kGates<C>], int64_t row, int j, float hx) {
   const int64_t H = p.H, e = row * H + j;
+  T hv;
   if constexpr (C == Kind::kLstm) {
     float pre[4];
 #pragma unroll
@@ -257,7 +315,7 @@ __device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const Forw
     const LstmGates<float> a = lstm_gates(pre[0], pre[1], pre[2], pre[3]);
     float h, c;
     lstm_update(a, in.cx, h, c);
-    p.out[e] = static_cast<T>(h);
+    hv = static_cast<T>(h);
     p.cs[e] = static_cast<T>(c);
     if (p.ws != nullptr) {
       T* w = p.ws + row * 4 * H + j;
@@ -270,7 +328,7 @@ __device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const Forw
     const float hn = gh[2] + in.b_hh[2];
     float r, z, n, h;
     gru_forward(in.x[0], in.x[1], in.x[2], gh[0] + in.b_hh[0], gh[1] + in.b_hh[1], hn, hx, r, z, n, h);
-    p.out[e] = static_cast<T>(h);
+    hv = static_cast<T>(h);
     if (p.ws != nullptr) {
       T* w = p.ws + row * 4 * H + j;
       w[0] = static_cast<T>(r);
@@ -279,8 +337,10 @@ __device__ __forceinline__ void forward_cell(const ForwardArgs<T>& p, const Forw
       w[3 * H] = static_cast<T>(hn);
     }
   } else {
-    p.out[e] = static_cast<T>(rnn_activation(in.x[0] + gh[0], p.relu));
+    hv = static_cast<T>(rnn_activation(in.x[0] + gh[0], p.relu));
   }
+  p.out[e] = hv;
+  return hv;
 }
 
 template <typename T, Kind C>
@@ -288,9 +348,12 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
   constexpr int G = kGates<C>;
   CONVRNN_PERSISTENT_SMEM(smem);
   const int H = p.H, u0 = blockIdx.x * p.units, U = min(p.units, H - u0), rows = G * U;
-  const SmemLayout lay = smem_layout(G * p.units, H, p.chunk, sizeof(T));
+  const int blocks = (H + p.units - 1) / p.units;
+  const bool dsmem = p.sync == Sync::kClusterDsmem;  // then one chunk holds the whole batch
+  const SmemLayout lay = smem_layout(G * p.units, H, p.chunk, sizeof(T), dsmem ? 2 : 1);
   T* w_s = reinterpret_cast<T*>(smem);  // row g U + u = W_hh row g H + u0 + u
-  T* stage = reinterpret_cast<T*>(smem + lay.stage);
+  T* const stages = reinterpret_cast<T*>(smem + lay.stage);
+  const int64_t stage_elems = align16(int64_t(p.chunk) * H * sizeof(T)) / int64_t(sizeof(T));
   float* part = reinterpret_cast<float*>(smem + lay.part);
   copy_batched<T>(
       rows * H,
@@ -299,11 +362,12 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
         return p.w[int64_t(g * H + u0 + r - g * U) * H + (i - r * H)];
       },
       [&](int i, T v) { w_s[i] = v; });
-  cg::grid_group grid = cg::this_grid();
+  if (dsmem) cluster_sync();  // every block of the cluster runs before any stores into its shared memory
   StepRows prev{0, 0};
   for (int64_t k = 0; k < p.T; ++k) {
     const StepRows cur = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 1 - k : k);
     const int64_t np = k > 0 ? prev.n : 0;  // rows [0, np) enter from the previous step, the rest from h0
+    T* const stage = dsmem ? stages + (k & 1) * stage_elems : stages;
     for (int64_t c0 = 0; c0 < cur.n; c0 += p.chunk) {
       const int nc = static_cast<int>(min(int64_t(p.chunk), cur.n - c0));
       // This thread's first cell's inputs, loaded now: their latency hides behind the staging
@@ -313,8 +377,9 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
         const int bl = threadIdx.x / U;
         first = forward_inputs<T, C>(p, cur.off + c0 + bl, c0 + bl, u0 + int(threadIdx.x) - bl * U, prev, np);
       }
+      // Rows entering from the previous step: from L2, or (dsmem) already here.
       const int64_t split = max(c0, min(np, c0 + nc));
-      if (split > c0) stage_rows(stage, p.out + (prev.off + c0) * H, int(split - c0) * H, p.vec);
+      if (split > c0 && !dsmem) stage_rows(stage, p.out + (prev.off + c0) * H, int(split - c0) * H, p.vec);
       if (c0 + nc > split) stage_rows(stage + (split - c0) * H, p.h0 + split * H, int(c0 + nc - split) * H, p.vec);
       __syncthreads();  // the staged rows (and, at the first step, the W slice) are in place
       const int ks = k_splits(rows, nc);
@@ -328,12 +393,13 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
         for (int g = 0; g < G; ++g) gh[g] = partial_sum(part, ks, nc, rows, bl, g * U + u);
         const ForwardIn<C> in =
             e == int(threadIdx.x) ? first : forward_inputs<T, C>(p, cur.off + b, b, j, prev, np);
-        forward_cell<T, C>(p, in, gh, cur.off + b, j, static_cast<float>(stage[bl * H + j]));
+        const T h = forward_cell<T, C>(p, in, gh, cur.off + b, j, static_cast<float>(stage[bl * H + j]));
+        if (dsmem && k + 1 < p.T) publish(stages + ((k + 1) & 1) * stage_elems, b * H + j, h, blocks);
       }
       __syncthreads();  // the next chunk overwrites stage (the GRU's cells read it) and part
     }
     prev = cur;
-    if (k + 1 < p.T) grid.sync();  // every block's h (and c) of this step written and visible
+    if (k + 1 < p.T) step_barrier(p.sync);  // every block's h (and c) of this step written and visible
   }
 }
 
@@ -358,13 +424,15 @@ struct BackwardArgs {
   int64_t T, B;
   int H, units, chunk;
   bool reverse, relu, vec;  // vec: g_hidden rows are whole 16-byte words
+  Sync sync;                // the step barrier and how the gate gradients travel (Sync above)
 };
 
 // The step geometry that the forward and the backward kernels' arguments both carry (host; the
 // launcher and the CPU emulation tests set it alike).
 template <typename Args>
 void set_step_geometry(Args& a, const int64_t* steps, int64_t T, int64_t B, int H, int units, int chunk,
-                       bool reverse, bool relu) {
+                       bool reverse, bool relu, Sync sync = Sync::kGrid) {
+  a.sync = sync;
   a.steps = steps;
   a.T = T;
   a.B = B;
@@ -408,11 +476,12 @@ __device__ __forceinline__ BackwardIn backward_inputs(const BackwardArgs<T>& p, 
 }
 
 // The cell backward of unit j for batch row b at a step.  Reads the carried dh (and dc), writes
-// the step's gradient rows, and leaves in dh_acc the cell's direct contribution to the entering
-// h's gradient (the GRU's z * ghy; 0 for the others): the next step processed adds g W_hh to it.
-template <typename T, Kind C>
+// the step's gradient rows (passing each hidden-side gate gradient q, as stored, to out(q, v)),
+// and leaves in dh_acc the cell's direct contribution to the entering h's gradient (the GRU's
+// z * ghy; 0 for the others): the next step processed adds g W_hh to it.
+template <typename T, Kind C, typename Out>
 __device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, const BackwardIn& in, StepRows cur,
-                                              int64_t b, int j) {
+                                              int64_t b, int j, Out&& out) {
   const int64_t H = p.H, row = cur.off + b, s = b * H + j;
   const float ghy = p.dh_acc[s] + in.gout;
   if constexpr (C == Kind::kLstm) {
@@ -421,7 +490,7 @@ __device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, const Ba
     lstm_backward(a, in.a, in.b, ghy, p.dc_acc[s], d, gcx);
     T* g = p.g_hidden + row * 4 * H + j;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) g[q * H] = static_cast<T>(d[q]);
+    for (int q = 0; q < 4; ++q) out(q, g[q * H] = static_cast<T>(d[q]));
     p.dc_acc[s] = gcx;
     p.dh_acc[s] = 0.0f;
   } else if constexpr (C == Kind::kGru) {
@@ -432,11 +501,11 @@ __device__ __forceinline__ void backward_cell(const BackwardArgs<T>& p, const Ba
 #pragma unroll
     for (int q = 0; q < 3; ++q) {
       gi[q * H] = static_cast<T>(dx[q]);
-      gh[q * H] = static_cast<T>(dhh[q]);
+      out(q, gh[q * H] = static_cast<T>(dhh[q]));
     }
     p.dh_acc[s] = ghx;
   } else {
-    p.g_hidden[row * H + j] = static_cast<T>(rnn_activation_grad(ghy, in.a, p.relu));
+    out(0, p.g_hidden[row * H + j] = static_cast<T>(rnn_activation_grad(ghy, in.a, p.relu)));
     p.dh_acc[s] = 0.0f;
   }
 }
@@ -446,9 +515,12 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
   constexpr int G = kGates<C>;
   CONVRNN_PERSISTENT_SMEM(smem);
   const int H = p.H, GH = G * H, u0 = blockIdx.x * p.units, U = min(p.units, H - u0);
-  const SmemLayout lay = smem_layout(p.units, GH, p.chunk, sizeof(T));
+  const int blocks = (H + p.units - 1) / p.units;
+  const bool dsmem = p.sync == Sync::kClusterDsmem;  // then one chunk holds the whole batch
+  const SmemLayout lay = smem_layout(p.units, GH, p.chunk, sizeof(T), dsmem ? 2 : 1);
   T* wt_s = reinterpret_cast<T*>(smem);  // row u = column u0 + u of W_hh (G H values)
-  T* stage = reinterpret_cast<T*>(smem + lay.stage);
+  T* const stages = reinterpret_cast<T*>(smem + lay.stage);
+  const int64_t stage_elems = align16(int64_t(p.chunk) * GH * sizeof(T)) / int64_t(sizeof(T));
   float* part = reinterpret_cast<float*>(smem + lay.part);
   copy_batched<T>(
       U * GH, [&](int i) { return p.w[int64_t(i / U) * H + u0 + i % U]; },
@@ -458,7 +530,7 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
     p.dh_acc[s] = static_cast<float>(p.dh[s]);
     if constexpr (C == Kind::kLstm) p.dc_acc[s] = static_cast<float>(p.dc[s]);
   }
-  cg::grid_group grid = cg::this_grid();
+  if (dsmem) cluster_sync();  // every block of the cluster runs before any stores into its shared memory
   // Processed steps k = T-1 .. 0 (the forward's order reversed), then k = -1 for the products of
   // step 0's gradients, which give grad_h0.
   for (int64_t k = p.T - 1; k >= -1; --k) {
@@ -470,11 +542,14 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
     if (int64_t(threadIdx.x) < cur.n * U) {
       first = backward_inputs<T, C>(p, cur, prev, np, threadIdx.x / U, u0 + int(threadIdx.x % U));
     }
+    // dsmem: step k+1's gradient rows arrived in buffer (k + 1) % 2; this step's go to k % 2.
+    T* const stage = dsmem ? stages + ((k + 1) & 1) * stage_elems : stages;
+    T* const next = dsmem && k >= 0 ? stages + (k & 1) * stage_elems : nullptr;
     if (k + 1 < p.T) {  // dh_acc[b][own] += g(step k+1)[b] . W_hh[:, own], for the rows active in it
       const StepRows nx = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 2 - k : k + 1);
       for (int64_t c0 = 0; c0 < nx.n; c0 += p.chunk) {
         const int nc = static_cast<int>(min(int64_t(p.chunk), nx.n - c0));
-        stage_rows(stage, p.g_hidden + (nx.off + c0) * GH, nc * GH, p.vec);
+        if (!dsmem) stage_rows(stage, p.g_hidden + (nx.off + c0) * GH, nc * GH, p.vec);
         __syncthreads();
         const int ks = k_splits(U, nc);
         tile_products(stage, nc, wt_s, U, GH, ks, part);
@@ -492,9 +567,11 @@ __global__ void __launch_bounds__(kPThreads, 2) backward_kernel(const BackwardAr
       const int64_t b = e / U;
       const int j = u0 + static_cast<int>(e % U);
       const BackwardIn in = e == int64_t(threadIdx.x) ? first : backward_inputs<T, C>(p, cur, prev, np, b, j);
-      backward_cell<T, C>(p, in, cur, b, j);
+      backward_cell<T, C>(p, in, cur, b, j, [&](int q, T v) {
+        if (next != nullptr) publish(next, b * GH + q * H + j, v, blocks);
+      });
     }
-    grid.sync();  // every block's g rows of this step written and visible
+    step_barrier(p.sync);  // every block's g rows of this step written and visible
   }
   __syncthreads();
   for (int64_t e = threadIdx.x; e < p.B * U; e += kPThreads) {
@@ -511,17 +588,22 @@ struct Plan {
   int units = 0, blocks = 0, chunk = 0;  // hidden units per block, blocks, batch rows staged at once
   int64_t smem = 0;                      // dynamic shared memory per block, bytes
   double step_ns = 0;                    // modelled time of one step
+  Sync sync = Sync::kGrid;               // the step barrier and how the operand travels
 };
 
 // Modelled nanoseconds of one step on an H100/H200-class GPU; it only ranks the candidates
-// (benchmarks/NOTES-rnn-seq.md): the grid barrier (600 ns plus serialised arrivals), every
-// block staging the step's B x K operand from L2 (500 ns latency, ~4 TB/s = 4000 bytes/ns
-// shared by all blocks), and one block's products (a warp tile costs K/32 x (kTR + kTB)
+// (benchmarks/NOTES-rnn-seq.md): the step barrier (grid: 600 ns plus serialised arrivals;
+// cluster: 300 ns, a guess until measured), every block staging the step's B x K operand from L2
+// (500 ns latency, ~4 TB/s = 4000 bytes/ns shared by all blocks; none through distributed shared
+// memory, where each block instead stores its rows_per_unit x units x B results into every
+// block, ~2 ns a store a thread), and one block's products (a warp tile costs K/32 x (kTR + kTB)
 // shared-memory wavefronts plus 32 shuffles, ~1 per clock at 1.7 GHz).
-inline double step_ns(int blocks, int rows, int K, int64_t B, int elem) {
+inline double step_ns(int blocks, int rows, int K, int64_t B, int elem, Sync sync = Sync::kGrid) {
   const double tiles = std::ceil(rows / double(kTR)) * std::ceil(double(B) / kTB);
-  const double barrier = 600.0 + 4.0 * blocks;
-  const double staging = 500.0 + double(blocks) * double(B) * K * elem / 4000.0;
+  const double barrier = sync == Sync::kGrid ? 600.0 + 4.0 * blocks : 300.0;
+  const double staging = sync == Sync::kClusterDsmem
+                             ? 2.0 * std::ceil(double(rows) * double(B) * blocks / kPThreads)
+                             : 500.0 + double(blocks) * double(B) * K * elem / 4000.0;
   const double products = tiles * (std::ceil(K / 32.0) * (kTR + kTB) + 32.0) / 1.7;
   return barrier + staging + products;
 }
@@ -529,8 +611,11 @@ inline double step_ns(int blocks, int rows, int K, int64_t B, int elem) {
 // Every power-of-two number of units per block (and H itself) whose shared memory fits in
 // smem_optin, with the batch staged in chunks of 8-row multiples (all of it when they fit),
 // fastest modelled first.  rows_per_unit: G (forward: a unit's gate rows) or 1 (backward: its
-// column of W_hh); K: the length of those rows (H, or G H).
-inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, int H, int elem, int64_t smem_optin) {
+// column of W_hh); K: the length of those rows (H, or G H).  Grids of at most max_cluster blocks
+// are also offered as one thread-block cluster (kCluster), and as kClusterDsmem where the whole
+// batch fits one chunk with two staging buffers (dsmem false: not offered).
+inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, int H, int elem, int64_t smem_optin,
+                                         int max_cluster = 0, bool dsmem = true) {
   std::vector<Plan> plans;
   for (int units = 1;; units = units * 2 > H ? H : units * 2) {
     Plan p;
@@ -542,7 +627,22 @@ inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, in
     p.chunk = chunk;
     p.smem = smem_layout(rows, K, chunk, elem).total;
     p.step_ns = step_ns(p.blocks, rows, K, B, elem);
-    if (p.smem <= smem_optin) plans.push_back(p);
+    if (p.smem <= smem_optin) {
+      plans.push_back(p);
+      if (p.blocks <= max_cluster) {
+        Plan c = p;
+        c.sync = Sync::kCluster;
+        c.step_ns = step_ns(p.blocks, rows, K, B, elem, c.sync);
+        plans.push_back(c);
+        const int64_t two = smem_layout(rows, K, chunk, elem, 2).total;
+        if (dsmem && chunk >= B && two <= smem_optin) {
+          c.sync = Sync::kClusterDsmem;
+          c.smem = two;
+          c.step_ns = step_ns(p.blocks, rows, K, B, elem, c.sync);
+          plans.push_back(c);
+        }
+      }
+    }
     if (units >= H) break;
   }
   std::stable_sort(plans.begin(), plans.end(), [](const Plan& a, const Plan& b) { return a.step_ns < b.step_ns; });

@@ -1,5 +1,6 @@
 // A small CUDA emulation for running kernel source on the CPU: a std::thread per CUDA thread,
-// a barrier per block for __syncthreads, one for the grid for cooperative_groups' grid.sync(),
+// a barrier per block for __syncthreads, one for the grid for cooperative_groups' grid.sync()
+// (and for the cluster barrier, the grid being one cluster; cluster_peer maps shared memory),
 // a per-warp exchange for __shfl_xor_sync, __ldcg as a plain load, and NaN-filled (0xFF bytes)
 // dynamic shared memory.  Enough for csrc/cuda/rnn_persistent.cuh; include it after the
 // project's host headers (it defines __global__, __device__, ... as macros) and before the
@@ -66,6 +67,7 @@ struct Block {
 struct Context {
   Block* block = nullptr;
   Barrier* grid = nullptr;
+  std::vector<std::unique_ptr<Block>>* blocks = nullptr;  // the grid's blocks (one cluster)
 };
 inline thread_local Context ctx;
 
@@ -118,6 +120,19 @@ inline grid_group this_grid() {
 }
 }  // namespace cooperative_groups
 
+// The whole grid as one thread-block cluster: its barrier is the grid's, and a shared-memory
+// address maps to the same offset in another block's shared memory.
+inline void cluster_sync() {
+  emu::ctx.grid->wait();
+}
+
+template <typename T>
+inline T* cluster_peer(T* p, int rank) {
+  unsigned char* own = emu::ctx.block->shared();
+  const std::ptrdiff_t offset = reinterpret_cast<unsigned char*>(p) - own;
+  return reinterpret_cast<T*>((*emu::ctx.blocks)[rank]->shared() + offset);
+}
+
 #define CONVRNN_PERSISTENT_SMEM(name) unsigned char* name = emu::ctx.block->shared()
 
 namespace emu {
@@ -134,6 +149,7 @@ void launch(void (*kernel)(Args), int blocks, int threads, int64_t smem, const A
       pool.emplace_back([&, b, t] {
         ctx.block = block[b].get();
         ctx.grid = &grid;
+        ctx.blocks = &block;
         blockIdx.x = b;
         threadIdx.x = t;
         kernel(args);

@@ -70,7 +70,7 @@ int gates(int64_t cell) {
 // NaN wherever the kernel wrote nothing.
 std::vector<Tensor> forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, Tensor w, OptTensor b_ih,
                             OptTensor b_hh, OptTensor batch_sizes, int64_t B, bool reverse, bool need_ws,
-                            int64_t units, int64_t chunk) {
+                            int64_t units, int64_t chunk, int64_t sync) {
   const int64_t N = x.size(0), H = w.size(1), G = gates(cell);
   const Tensor steps = steps_of(batch_sizes);
   const int64_t T = steps.defined() ? batch_sizes->numel() : N / B;
@@ -90,10 +90,10 @@ std::vector<Tensor> forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, Ten
     a.cs = ptr<T_>(cs);
     a.ws = ptr<T_>(ws);
     set_step_geometry(a, steps.defined() ? steps.data_ptr<int64_t>() : nullptr, T, B, static_cast<int>(H),
-                      static_cast<int>(units), static_cast<int>(chunk), reverse, cell == 3);
+                      static_cast<int>(units), static_cast<int>(chunk), reverse, cell == 3, static_cast<Sync>(sync));
     a.vec = (H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.out) && aligned16(a.h0);
     const int64_t smem = smem_layout(static_cast<int>(G * units), static_cast<int>(H), static_cast<int>(chunk),
-                                     sizeof(T_)).total;
+                                     sizeof(T_), sync == 2 ? 2 : 1).total;
     emu::launch(&forward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), kPThreads, smem, a);
   });
   return {out, cs.defined() ? cs : at::empty({0}), ws.defined() ? ws : at::empty({0})};
@@ -103,7 +103,7 @@ std::vector<Tensor> forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, Ten
 // g_hidden (N, G*H), g_input (N, 3H, GRU), grad_h0, grad_c0 (LSTM).
 std::vector<Tensor> backward(int64_t cell, OptTensor grad_out, Tensor out, OptTensor cs, OptTensor ws, Tensor h0,
                              OptTensor c0, Tensor w, OptTensor grad_hn, OptTensor grad_cn, OptTensor batch_sizes,
-                             int64_t B, bool reverse, int64_t units, int64_t chunk) {
+                             int64_t B, bool reverse, int64_t units, int64_t chunk, int64_t sync) {
   const int64_t N = out.size(0), H = w.size(1), G = gates(cell);
   const Tensor steps = steps_of(batch_sizes);
   const int64_t T = steps.defined() ? batch_sizes->numel() : N / B;
@@ -130,23 +130,23 @@ std::vector<Tensor> backward(int64_t cell, OptTensor grad_out, Tensor out, OptTe
     a.dh_acc = acc.data_ptr<float>();
     a.dc_acc = cell == 0 ? a.dh_acc + B * H : nullptr;
     set_step_geometry(a, steps.defined() ? steps.data_ptr<int64_t>() : nullptr, T, B, static_cast<int>(H),
-                      static_cast<int>(units), static_cast<int>(chunk), reverse, cell == 3);
+                      static_cast<int>(units), static_cast<int>(chunk), reverse, cell == 3, static_cast<Sync>(sync));
     a.vec = (G * H * int64_t(sizeof(T_))) % 16 == 0 && aligned16(a.g_hidden);
-    const int64_t smem =
-        smem_layout(static_cast<int>(units), static_cast<int>(G * H), static_cast<int>(chunk), sizeof(T_)).total;
+    const int64_t smem = smem_layout(static_cast<int>(units), static_cast<int>(G * H), static_cast<int>(chunk),
+                                     sizeof(T_), sync == 2 ? 2 : 1).total;
     emu::launch(&backward_kernel<T_, C>, static_cast<int>((H + units - 1) / units), kPThreads, smem, a);
   });
   return {g_hidden, g_input.defined() ? g_input : at::empty({0}), dh, dc.defined() ? dc : at::empty({0})};
 }
 
-// The host's plan candidates (units, blocks, chunk, smem, step_ns), fastest modelled first.
-std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double>> candidates(int64_t rows_per_unit, int64_t K,
-                                                                               int64_t B, int64_t H, int64_t elem,
-                                                                               int64_t smem_optin) {
-  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double>> r;
+// The host's plan candidates (units, blocks, chunk, smem, step_ns, sync), fastest modelled first.
+using PlanTuple = std::tuple<int64_t, int64_t, int64_t, int64_t, double, int64_t>;
+std::vector<PlanTuple> candidates(int64_t rows_per_unit, int64_t K, int64_t B, int64_t H, int64_t elem,
+                                  int64_t smem_optin, int64_t max_cluster, bool dsmem) {
+  std::vector<PlanTuple> r;
   for (const Plan& p : plan_candidates(static_cast<int>(rows_per_unit), static_cast<int>(K), B, static_cast<int>(H),
-                                       static_cast<int>(elem), smem_optin)) {
-    r.emplace_back(p.units, p.blocks, p.chunk, p.smem, p.step_ns);
+                                       static_cast<int>(elem), smem_optin, static_cast<int>(max_cluster), dsmem)) {
+    r.emplace_back(p.units, p.blocks, p.chunk, p.smem, p.step_ns, static_cast<int64_t>(p.sync));
   }
   return r;
 }
@@ -154,7 +154,16 @@ std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, double>> candidates(i
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "the persistent forward kernel, emulated on the CPU");
-  m.def("backward", &backward, "the persistent backward kernel, emulated on the CPU");
-  m.def("plan_candidates", &candidates, "the host's plan candidates, fastest modelled first");
+  // sync: 0 grid barrier, 1 cluster barrier, 2 cluster barrier + distributed shared memory (Sync)
+  m.def("forward", &forward, "the persistent forward kernel, emulated on the CPU", py::arg("cell"), py::arg("x"),
+        py::arg("h0"), py::arg("c0"), py::arg("w"), py::arg("b_ih"), py::arg("b_hh"), py::arg("batch_sizes"),
+        py::arg("B"), py::arg("reverse"), py::arg("need_ws"), py::arg("units"), py::arg("chunk"),
+        py::arg("sync") = 0);
+  m.def("backward", &backward, "the persistent backward kernel, emulated on the CPU", py::arg("cell"),
+        py::arg("grad_out"), py::arg("out"), py::arg("cs"), py::arg("ws"), py::arg("h0"), py::arg("c0"), py::arg("w"),
+        py::arg("grad_hn"), py::arg("grad_cn"), py::arg("batch_sizes"), py::arg("B"), py::arg("reverse"),
+        py::arg("units"), py::arg("chunk"), py::arg("sync") = 0);
+  m.def("plan_candidates", &candidates, "the host's plan candidates, fastest modelled first", py::arg("rows_per_unit"),
+        py::arg("K"), py::arg("B"), py::arg("H"), py::arg("elem"), py::arg("smem_optin"), py::arg("max_cluster") = 0,
+        py::arg("dsmem") = true);
 }

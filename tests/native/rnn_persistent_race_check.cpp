@@ -2,7 +2,8 @@
 // cell's forward and backward kernel runs under the CPU emulation (cuda_emulation.h), plans with
 // a ragged last block, several chunks of batch rows and k split across warps, packed input in
 // both directions.  Built with -fsanitize=thread (tests/test_native.py), a missing
-// __syncthreads or grid.sync() between a write and another thread's read is a reported data race
+// __syncthreads or step barrier between a write and another thread's read (also a store into a
+// peer block's shared memory, Sync::kClusterDsmem) is a reported data race
 // (checked: deleting the forward's end-of-chunk barrier is reported).  Values are the emulation
 // tests' business (tests/test_rnn_persistent.py -k emulated); this prints "0 fails" when the
 // kernels ran to the end, which is all it checks itself.
@@ -29,7 +30,7 @@ std::vector<float> random_values(size_t n) {
 
 // One layer forward then backward: H = 10, B = 11, T = 4 (packed lengths 4 4 3 3 2 2 2 1 1 1 1).
 template <Kind C>
-void run(const char* name, bool packed, bool reverse, int units, int chunk) {
+void run(const char* name, bool packed, bool reverse, int units, int chunk, Sync sync = Sync::kGrid) {
   constexpr int G = kGates<C>;
   const int H = 10, B = 11, T = 4;
   const int64_t lengths[] = {4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1};
@@ -59,9 +60,9 @@ void run(const char* name, bool packed, bool reverse, int units, int chunk) {
   f.out = out.data();
   f.cs = C == Kind::kLstm ? cs.data() : nullptr;
   f.ws = C != Kind::kRnn ? ws.data() : nullptr;
-  set_step_geometry(f, packed ? steps.data() : nullptr, T, B, H, units, chunk, reverse, false);
-  const int blocks = (H + units - 1) / units;
-  emu::launch(&forward_kernel<float, C>, blocks, kPThreads, smem_layout(G * units, H, chunk, 4).total, f);
+  set_step_geometry(f, packed ? steps.data() : nullptr, T, B, H, units, chunk, reverse, false, sync);
+  const int blocks = (H + units - 1) / units, stages = sync == Sync::kClusterDsmem ? 2 : 1;
+  emu::launch(&forward_kernel<float, C>, blocks, kPThreads, smem_layout(G * units, H, chunk, 4, stages).total, f);
   auto gout = random_values(N * H), dh = random_values(B * H), dc = random_values(B * H);
   std::vector<float> g_hidden(N * G * H), g_input(N * 3 * H), acc(2 * B * H);
   BackwardArgs<float> b{};
@@ -78,9 +79,10 @@ void run(const char* name, bool packed, bool reverse, int units, int chunk) {
   b.g_input = g_input.data();
   b.dh_acc = acc.data();
   b.dc_acc = acc.data() + B * H;
-  set_step_geometry(b, f.steps, T, B, H, units, chunk, reverse, false);
-  emu::launch(&backward_kernel<float, C>, blocks, kPThreads, smem_layout(units, G * H, chunk, 4).total, b);
-  std::printf("%s packed=%d reverse=%d units=%d chunk=%d: ran\n", name, packed, reverse, units, chunk);
+  set_step_geometry(b, f.steps, T, B, H, units, chunk, reverse, false, sync);
+  emu::launch(&backward_kernel<float, C>, blocks, kPThreads, smem_layout(units, G * H, chunk, 4, stages).total, b);
+  std::printf("%s packed=%d reverse=%d units=%d chunk=%d sync=%d: ran\n", name, packed, reverse, units, chunk,
+              static_cast<int>(sync));
 }
 
 }  // namespace
@@ -91,6 +93,11 @@ int main() {
   run<Kind::kGru>("gru", true, true, 3, 8);
   run<Kind::kGru>("gru", true, false, 10, 16);
   run<Kind::kRnn>("rnn", false, true, 3, 8);
-  std::printf("5 checks, 0 fails\n");
+  // the whole grid as one cluster: its barrier, and the operand through peers' shared memory
+  run<Kind::kLstm>("lstm", true, false, 3, 16, Sync::kClusterDsmem);
+  run<Kind::kGru>("gru", true, true, 3, 11, Sync::kClusterDsmem);
+  run<Kind::kRnn>("rnn", false, false, 4, 16, Sync::kClusterDsmem);
+  run<Kind::kLstm>("lstm", false, true, 3, 8, Sync::kCluster);
+  std::printf("9 checks, 0 fails\n");
   return 0;
 }
