@@ -58,14 +58,14 @@ fi
 step "CUDA tests"
 # pytest-xdist, where present: a test that crashes its worker is reported, the rest still run
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout $(budget 150 $(( 295 + 100 * examples + 40 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
+timeout $(budget 150 $(( 335 + 100 * examples + 40 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
   --durations=15 > "$out/tests.log" 2>&1 || status=1
 grep -E "^FAILED|^ERROR" "$out/tests.log" | head -40 | tee -a "$out/summary.txt"
 tail -1 "$out/tests.log" | tee -a "$out/summary.txt"
 
 if (( examples )); then
   step "examples, convert() and the ecosystem tests (CUDA where present)"
-  timeout $(budget 100 $(( 295 + 40 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
+  timeout $(budget 100 $(( 335 + 40 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
     -p no:cacheprovider $xdist -rf > "$out/tests-examples.log" 2>&1 || status=1
   grep -E "^FAILED|^ERROR" "$out/tests-examples.log" | head -20 | tee -a "$out/summary.txt"
   tail -1 "$out/tests-examples.log" | tee -a "$out/summary.txt"
@@ -73,7 +73,7 @@ fi
 
 step "compute-sanitizer memcheck (small CUDA subset)"
 if command -v compute-sanitizer > /dev/null; then
-  timeout $(budget 60 $(( 245 + 40 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout $(budget 60 $(( 285 + 40 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
     $py -m pytest tests -q -p no:cacheprovider -k "cuda and sanitizer" > "$out/sanitizer.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$out/sanitizer.log" | tail -3 | tee -a "$out/summary.txt"
 else
@@ -81,7 +81,7 @@ else
 fi
 
 step "benchmark on cuda"
-timeout $(budget 150 $(( 105 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
+timeout $(budget 150 $(( 145 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
   --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
 tail -45 "$out/bench.txt"
 # A/B of runtime switches, each against the main run's default (bench.json): the persistent
@@ -95,9 +95,14 @@ ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
     || status=1
   grep -A4 "^Geomean" "$out/ab-$name.txt" | tail -4
 }
-ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 70
-ab seq-cluster-l2 CONVRNN_PERSISTENT_CLUSTER=1 lstm_seq,gru_seq float32,bfloat16 35
-ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 0
+ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 110
+ab seq-cluster-l2 CONVRNN_PERSISTENT_CLUSTER=1 lstm_seq,gru_seq float32,bfloat16 75
+ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 40
+
+step "cell forward: GPU kernel time against host time per call (benchmarks/cells_profile.py)"
+timeout $(budget 40 $(( 40 * tf32 ))) $py benchmarks/cells_profile.py --device cuda -n 100 > "$out/cells-profile.txt" 2>&1 \
+  || status=1
+tail -3 "$out/cells-profile.txt"
 
 if (( tf32 )); then
   step "benchmark on cuda: conv2d float32 with TF32 on (both sides)"
