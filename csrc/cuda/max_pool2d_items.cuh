@@ -5,7 +5,10 @@
 // Forward, windows of compile-time size KH x KW (the common 2x2 and 3x3): a kernel first
 // loads the windows of all its outputs (load_window) and only then scans them
 // (max_loaded_window), so every load of a thread is in flight at once; a runtime-sized
-// loop (max_window) issues them one after another.
+// loop (max_window) issues them one after another.  NCHW 3x3 windows with column stride 2
+// (round 3): four outputs of a row share 9 columns, loaded in aligned vectors
+// (load_rows_quad), and without argmax their values come from a cheaper separable max
+// (max_values_quad) with the scan as fix-up where the order matters.
 // Backward, cell form (cell_grads): the input is cut into cells of sh x sw positions, cell
 // (A, B) holding the positions whose windows' starts round down to output (A, B); the
 // windows that can cover a position of the cell are outputs [A - R, A] x [B - R, B]
@@ -15,6 +18,8 @@
 // Backward, gather form (gather_grad), for windows reaching further: one input position
 // sums grad_output over the outputs covering it whose saved argmax is that position.
 #pragma once
+
+#include <cstring>
 
 #include "cuda/pool_dims.cuh"
 #include "max_pool2d.h"
@@ -132,6 +137,180 @@ CONVRNN_HD void max_loaded_window(const T (&v)[KH * KW], index_t first_tap, acc_
       best = a;
       tap = static_cast<index_t>(k);
     }
+  }
+}
+
+// Round 3: four horizontally adjacent outputs (ow .. ow + 3) of one NCHW row, windows of
+// KH x 3 taps with column stride 2 and column dilation 1 (the 3x3/2 pools).  Their taps
+// span the 9 columns wstart .. wstart + 8, output l using columns 2l .. 2l + 2: 9 columns
+// a row for 4 outputs (the pair's 5 for 2), read in as few aligned vector loads as the row's
+// alignment allows, so load instructions, index work and the window bounds are spent once
+// for four outputs.
+constexpr int kQuadCols = 9;
+
+// Widest piece that can start at element i of a run of n contiguous elements whose element
+// 0 lies m elements past a V-element boundary: the largest power of two w <= V with
+// (m + i) % w == 0 and i + w <= n, so those w elements are one aligned w-wide access.
+// (V = 4, n = 9: m = 0 -> 4 + 4 + 1; m = 3 (the stem's wstart = 8q - 1) -> 1 + 4 + 4;
+// m = 1, 2 -> four pieces.)
+constexpr int run_piece(int m, int i, int n, int V) {
+  int w = V;
+  while (w > 1 && ((m + i) % w != 0 || i + w > n)) w /= 2;
+  return w;
+}
+
+// Elements c0 + I .. c0 + N - 1 of `row` (a row of W elements) into c[I..N), element c0 lying
+// M elements past a V-element boundary: each piece of run_piece by one access when it lies
+// in the row, else element by element with -inf outside [0, W) (no memory touched there).
+template <int M, int V, int N, int I, typename T, typename index_t>
+CONVRNN_HD void load_run_from(const T* row, index_t c0, index_t W, T (&c)[N]) {
+  if constexpr (I < N) {
+    constexpr int w = run_piece(M, I, N, V);
+    const index_t lo = c0 + static_cast<index_t>(I);
+    bool whole = false;
+    if constexpr (w > 1) {
+      whole = lo >= 0 && lo + w <= W;
+      if (whole) {
+#if defined(CONVRNN_CHECK_PIECE_ALIGNMENT)  // the CPU checker: every piece aligned to its width
+        CONVRNN_CHECK_PIECE_ALIGNMENT(reinterpret_cast<uintptr_t>(row + lo) % (w * sizeof(T)) == 0);
+#endif
+        const Lanes<T, w> v = *reinterpret_cast<const Lanes<T, w>*>(row + lo);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+        for (int k = 0; k < w; ++k) c[I + k] = v.v[k];
+      }
+    }
+    if (!whole) {
+      const T ninf = static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int k = 0; k < w; ++k) {
+        const index_t col = lo + k;
+        c[I + k] = col >= 0 && col < W ? row[col] : ninf;
+      }
+    }
+    load_run_from<M, V, N, I + w>(row, c0, W, c);
+  }
+}
+
+// load_run_from with the misalignment m (0 <= m < V) known at run time: one code path per m.
+// Where W is a multiple of V, m is the same for every item of a launch (wstart = 8q - pw), so
+// the branch is uniform; for odd W (V = 2) it changes with the plane and the row's parity.
+template <int V, int N, int M = 0, typename T, typename index_t>
+CONVRNN_HD void load_run(const T* row, index_t c0, index_t W, unsigned m, T (&c)[N]) {
+  if constexpr (M + 1 < V) {
+    if (m != static_cast<unsigned>(M)) {
+      load_run<V, N, M + 1>(row, c0, W, m, c);
+      return;
+    }
+  }
+  load_run_from<M, V, N, 0>(row, c0, W, c);
+}
+
+// The KH rows of the four windows: r[t][j] = element (hstart + t*dh, wstart + j) of the plane,
+// -inf for rows outside th and columns outside [0, W).  plane_mis: the plane's first element's
+// address in elements, mod V (any value whose residue mod V is that).
+template <int V, int KH, typename T, typename index_t>
+CONVRNN_HD void load_rows_quad(const T* plane, unsigned plane_mis, index_t W, index_t hstart, index_t wstart, Taps th,
+                               index_t dh, T (&r)[KH][kQuadCols]) {
+  static_assert(V >= 2 && (V & (V - 1)) == 0 && V * sizeof(T) <= 16, "V: a power of two, at most 16 bytes");
+  const index_t tlo = static_cast<index_t>(th.lo), thi = static_cast<index_t>(th.hi);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int t = 0; t < KH; ++t) {
+    if (t >= tlo && t < thi) {
+      const index_t roff = (hstart + t * dh) * W;
+      const unsigned m = (plane_mis + static_cast<unsigned>(roff + wstart)) & static_cast<unsigned>(V - 1);
+      load_run<V>(plane + roff, wstart, W, m, r[t]);
+    } else {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int j = 0; j < kQuadCols; ++j) r[t][j] = static_cast<T>(-static_cast<acc_t<T>>(INFINITY));
+    }
+  }
+}
+
+// Output l's window (0 <= l < 4) of rows loaded by load_rows_quad, row-major, as load_window
+// would leave it.
+template <int KH, typename T>
+CONVRNN_HD void quad_window(const T (&r)[KH][kQuadCols], int l, T (&v)[KH * 3]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int t = 0; t < KH; ++t) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int u = 0; u < 3; ++u) v[t * 3 + u] = r[t][2 * l + u];
+  }
+}
+
+// A NaN-propagating max (NaN if either is NaN) whose result is only used where it is neither
+// NaN nor zero (max_values_quad): there any NaN-propagating max gives the same bits (the max
+// of a set is unique unless it is a zero, +0 and -0 comparing equal), so which NaN or which
+// zero comes out does not matter.  float on sm_80+: one instruction (max.NaN.f32, FMNMX.NAN);
+// elsewhere the scan's own select.  The host version (the CPU checker) returns a different NaN
+// and the later of two equal zeros, unlike the scan, so that the checker sees the fix-up of
+// max_values_quad at work.
+template <typename A>
+CONVRNN_HD A nan_max(A a, A b) {
+  return max_takes(b, a) ? b : a;
+}
+
+CONVRNN_HD float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#elif defined(__CUDA_ARCH__)
+  return max_takes(b, a) ? b : a;
+#else
+  if (a != a || b != b) {
+    uint32_t bits = 0x7fffffffu;  // the device's canonical NaN, not an input's
+    float nan;
+    std::memcpy(&nan, &bits, sizeof(nan));
+    return nan;
+  }
+  return a > b ? a : b;
+#endif
+}
+
+// The values (not the taps) of the four outputs, as max_loaded_window would give them: the
+// columns' maxima over the KH rows first (each shared column computed once), then each
+// output's over its 3 columns: 2*9 + 4*2 = 26 nan_max for four 3x3 windows, against 36
+// compare-and-selects.  Where a result is NaN or a zero (the only results whose bits depend on
+// the order or on which NaN: torch keeps the last NaN and the first of tied zeros), that
+// output is recomputed by the scan itself, so the bits are always the scan's.
+template <int KH, typename T>
+CONVRNN_HD void max_values_quad(const T (&r)[KH][kQuadCols], acc_t<T> (&best)[4]) {
+  using A = acc_t<T>;
+  A cm[kQuadCols];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kQuadCols; ++j) {
+    cm[j] = static_cast<A>(r[0][j]);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int t = 1; t < KH; ++t) cm[j] = nan_max(cm[j], static_cast<A>(r[t][j]));
+  }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int l = 0; l < 4; ++l) {
+    A m = nan_max(nan_max(cm[2 * l], cm[2 * l + 1]), cm[2 * l + 2]);
+    if (!(m > A(0) || m < A(0))) {  // NaN or a zero: the scan decides
+      T v[KH * 3];
+      quad_window<KH, T>(r, l, v);
+      int tap;
+      max_loaded_window<KH, 3, T, int>(v, 0, m, tap);
+    }
+    best[l] = m;
   }
 }
 

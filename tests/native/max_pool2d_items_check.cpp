@@ -1,4 +1,7 @@
 // CPU check of the CUDA max_pool2d per-element helpers against the original kernel bodies.
+// load_run_from reports here whether each vector piece it reads is aligned to its width.
+static long piece_misaligned = 0, pieces = 0;
+#define CONVRNN_CHECK_PIECE_ALIGNMENT(ok) (++pieces, piece_misaligned += !(ok))
 #include "cuda/max_pool2d_items.cuh"
 #include <cmath>
 #include <cstdio>
@@ -10,7 +13,7 @@ static std::mt19937_64 rng(12345);
 static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 static long fails = 0, checks = 0;
 static long reach_hist[5];
-static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0;
+static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0;
 static long line_fails[1000];
 #define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 
@@ -70,9 +73,11 @@ static std::vector<T> make_data(int64_t n, int mode) {
   for (auto& v : x) {
     int r = int(rnd(0, 99));
     if (mode == 1 && r < 60) v = T(-INFINITY);            // many -inf windows
-    else if (r < 3) v = T(NAN);
+    else if (r < 2) v = T(NAN);
+    else if (r < 3) v = T(-NAN);                         // another NaN: the argmax is the last one
     else if (r < 6) v = T(-INFINITY);
     else if (r < 8) v = T(INFINITY);
+    else if (r < 12) v = T(-0.0);                        // ties of -0 with +0: the first wins
     else v = T(double(rnd(-4, 4)));                      // many ties
   }
   return x;
@@ -130,6 +135,98 @@ static void check_forward_pair(const Pool2d& g, const std::vector<T>& x) {
   }
   ++pair_geoms;
   compare_forward<false, T, index_t>(g, x, val, idx, tp, K, 0);
+}
+
+template <typename T>
+static bool same_bits_strict(T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
+
+// forward_quad_kernel's body (NCHW 3x3, column stride 2, column dilation 1), item by item,
+// with vector width V and the input placed `off` elements past an aligned address (so every
+// residue of the rows is met), values compared bit for bit with max_window's (NaN payloads and
+// the sign of zero included); TAPS: also the int64 index and the argmax byte.
+template <int V, bool TAPS, typename T, typename index_t>
+static void check_forward_quad(const Pool2d& g, const std::vector<T>& x0, int off) {
+  PoolDims<index_t> d(g);
+  std::vector<T> buf(x0.size() + 16);
+  std::copy(x0.begin(), x0.end(), buf.begin() + off);
+  const T* x = buf.data() + off;
+  const unsigned x_mis = static_cast<unsigned>(reinterpret_cast<uintptr_t>(x) / sizeof(T));
+  const index_t total = d.N * d.C * d.OH * d.OW;
+  std::vector<T> val(total, T(0.375));
+  std::vector<int64_t> idx(total, -7);
+  std::vector<uint8_t> tp(total, 77);
+  std::vector<int> written(total, 0);
+  const index_t OQ = (d.OW + 3) / 4;
+  PosDividers<index_t> dv(d.C, d.OH, OQ);
+  for (index_t e = 0; e < d.N * d.C * d.OH * OQ; ++e) {
+    const Pos<index_t> p = decompose<false>(e, dv);
+    const index_t ow = 4 * p.col;
+    const index_t hstart = p.row * d.sh - d.ph, wstart = 2 * ow - d.pw;
+    const Taps th = window_taps<index_t>(hstart, d.H, 3, d.dh);
+    const index_t plane = plane_offset<false>(p.n, p.c, d.C, d.H, d.W);
+    T r[3][kQuadCols];
+    load_rows_quad<V, 3, T, index_t>(x + plane, x_mis + static_cast<unsigned>(plane), d.W, hstart, wstart, th, d.dh, r);
+    const index_t o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
+    const index_t count = d.OW - ow < 4 ? d.OW - ow : index_t(4);
+    T out[4];
+    uint8_t out_tap[4] = {0, 0, 0, 0};
+    int64_t out_idx[4] = {0, 0, 0, 0};
+    if constexpr (TAPS) {
+      for (int l = 0; l < 4; ++l) {
+        const Taps tw = window_taps<index_t>(wstart + 2 * l, d.W, 3, index_t(1));
+        T v[9];
+        quad_window<3, T>(r, l, v);
+        acc_t<T> best; index_t tap;
+        max_loaded_window<3, 3, T, index_t>(v, index_t(th.lo) * 3 + index_t(tw.lo), best, tap);
+        out[l] = T(best);
+        out_tap[l] = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+        out_idx[l] = tap_index<index_t>(tap, hstart, wstart + 2 * l, 3, d.dh, index_t(1), d.W);
+      }
+    } else {
+      acc_t<T> best[4];
+      max_values_quad<3, T>(r, best);
+      for (int l = 0; l < 4; ++l) {
+        out[l] = T(best[l]);
+        quad_fixups += !(best[l] > 0 || best[l] < 0);  // NaN or zero: decided by the fix-up scan
+      }
+    }
+    for (index_t l = 0; l < count; ++l) {
+      TCHECK(!written[o0 + l], "quad output written twice o=%lld", (long long)(o0 + l));
+      written[o0 + l] = 1;
+      val[o0 + l] = out[l];
+      tp[o0 + l] = out_tap[l];
+      idx[o0 + l] = out_idx[l];
+    }
+  }
+  ++quad_runs;
+  for (index_t e = 0; e < total; ++e) {
+    const Pos<index_t> p = decompose<false>(e, d.C, d.OH, d.OW);
+    const index_t hstart = p.row * d.sh - d.ph, wstart = p.col * d.sw - d.pw;
+    const Taps th = window_taps<index_t>(hstart, d.H, d.kh, d.dh), tw = window_taps<index_t>(wstart, d.W, d.kw, d.dw);
+    acc_t<T> best; index_t tap;
+    max_window<T, index_t>(x + plane_offset<false>(p.n, p.c, d.C, d.H, d.W), d.W, index_t(1), hstart, wstart, th, tw, d.kw, d.dh, d.dw, best, tap);
+    const int64_t ref_index = tap_index<index_t>(tap, hstart, wstart, d.kw, d.dh, d.dw, d.W);
+    const uint8_t ref_tap = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+    TCHECK(written[e] && same_bits_strict(T(best), val[e]) && (!TAPS || (ref_index == idx[e] && ref_tap == tp[e])),
+           "quad V=%d TAPS=%d off=%d e=%lld: %g/%g index %lld/%lld tap %d/%d (H %lld W %lld s %lld p %lld,%lld)", V, int(TAPS), off, (long long)e,
+           double(T(best)), double(val[e]), (long long)ref_index, (long long)idx[e], int(ref_tap), int(tp[e]),
+           (long long)g.H, (long long)g.W, (long long)g.sh, (long long)g.ph, (long long)g.pw);
+  }
+}
+
+template <typename T, typename index_t>
+static void check_forward_quads(const Pool2d& g, const std::vector<T>& x) {
+  const int off = int(rnd(0, 7));
+  check_forward_quad<2, false, T, index_t>(g, x, off);
+  check_forward_quad<2, true, T, index_t>(g, x, off);
+  if constexpr (sizeof(T) <= 4) {
+    check_forward_quad<4, false, T, index_t>(g, x, off);
+    check_forward_quad<4, true, T, index_t>(g, x, off);
+  }
+  if constexpr (sizeof(T) <= 2) {
+    check_forward_quad<8, false, T, index_t>(g, x, off);
+    check_forward_quad<8, true, T, index_t>(g, x, off);
+  }
 }
 
 // Original forward body (max_window) against the unrolled one, for every output; L > 1:
@@ -212,6 +309,7 @@ static void run_geom(const Pool2d& g, int mode) {
   if constexpr (!CL) {
     if (g.sw == 2 && g.dw == 1 && g.kh == 2 && g.kw == 2) check_forward_pair<2, T, index_t>(g, x);
     if (g.sw == 2 && g.dw == 1 && g.kh == 3 && g.kw == 3) check_forward_pair<3, T, index_t>(g, x);
+    if (g.sw == 2 && g.dw == 1 && g.kh == 3 && g.kw == 3) check_forward_quads<T, index_t>(g, x);
   }
   if constexpr (CL) {
     if (g.C % 2 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 2>(g, x); ++lane_geoms; }
@@ -290,6 +388,8 @@ int main() {
     }
   }
   printf("lane (L=2) forward checks over %ld geometries, lane backward over %ld, W-pair forward over %ld\n", lane_geoms, lane_bwd, pair_geoms);
+  printf("quad forward: %ld runs (V, TAPS, dtype), %ld outputs decided by the fix-up scan; %ld vector pieces, %ld misaligned\n", quad_runs, quad_fixups, pieces, piece_misaligned);
+  TCHECK(piece_misaligned == 0 && quad_runs > 0 && quad_fixups > 0 && pieces > 0, "quad coverage / piece alignment");
   printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
   for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
   return fails != 0;
