@@ -13,8 +13,10 @@
 //    windows are all loaded (load_window, out-of-image taps as -inf) before any is scanned
 //    (max_loaded_window), so 16-18 loads a thread are in flight: enough bytes in flight to
 //    reach memory bandwidth, where one scalar load at a time is latency bound;
-//  - NCHW 3x3 windows with column stride 2 (forward_quad_kernel, round 3; forward_pair_kernel
-//    with CONVRNN_MAXPOOL_R3=0): four (two) outputs of a row a thread, sharing their columns;
+//  - NCHW 3x3 windows with column stride 2: forward_pair_kernel, two outputs of a row a
+//    thread sharing their middle column; or, for 2-byte types with W % 8 == 0 and no argmax
+//    (where it measured faster; CONVRNN_MAXPOOL_R3=0 turns it off), round 3's
+//    forward_quad_kernel: four outputs a thread from 16-byte row pieces;
 //  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
 //    kernels' function).
 // Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
@@ -389,7 +391,15 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             // whose windows share nothing: there the pair kernel measured 0.055 ms against the
             // unrolled kernel's 0.041 ms (VGG, H200, 2026-11-25), while the 3x3/2 stem gained
             // 0.059 -> 0.047 ms.
-            if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1 && quad_forward_enabled()) {
+            // Round 3's quads, only where they measured faster (H200, 2026-11-26, same run,
+            // benchmarks/NOTES-maxpool-cuda.md): 2-byte types with 16-byte row pieces (W % 8 == 0)
+            // and no argmax or indices to write: the stem's float16 forward 41.2 -> 32.8 us.  They
+            // lost elsewhere: AlexNet (W = 55, 2-wide pieces) 23.0 -> 32.4 us float32 and
+            // 18.6 -> 23.4 us float16, the stem in float32 46.6 -> 46.2 us (nothing), and with
+            // argmax (forward+backward) the stem 130 -> 137 us.
+            const bool quad_pays = sizeof(scalar_t) == 2 && sizeof(index_t) == 4 && ip == nullptr &&
+                                   tp == nullptr && quad_vector_width(g.W, sizeof(scalar_t), false) == 8;
+            if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1 && quad_pays && quad_forward_enabled()) {
               const index_t items = d.N * d.C * d.OH * ((d.OW + 3) / 4);
               const PosDividers<index_t> div(d.C, d.OH, (d.OW + 3) / 4);
               // vec_store: every item holds 4 outputs at a multiple of 4 from y (and taps).
@@ -403,19 +413,9 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
                 forward_quad_kernel<TAPS, VV, scalar_t, index_t, tap_t><<<blocks(items, 1), kThreads, 0, stream>>>(
                     xp, yp, ip, tp, d, div, items, vec_store);
               };
-              const auto with_v = [&](auto taps_c) {
-                if constexpr (sizeof(index_t) == 4 && sizeof(scalar_t) <= 4) {
-                  if (V == 4) return quad(taps_c, std::integral_constant<int, 4>());
-                }
-                if constexpr (sizeof(index_t) == 4 && sizeof(scalar_t) <= 2) {
-                  if (V == 8) return quad(taps_c, std::integral_constant<int, 8>());
-                }
-                quad(taps_c, std::integral_constant<int, 2>());
-              };
-              if (ip != nullptr || tp != nullptr) {
-                with_v(std::true_type());
-              } else {
-                with_v(std::false_type());
+              TORCH_INTERNAL_ASSERT(V == 8);
+              if constexpr (sizeof(index_t) == 4 && sizeof(scalar_t) == 2) {
+                quad(std::false_type(), std::integral_constant<int, 8>());
               }
               done = true;
             } else if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1) {
