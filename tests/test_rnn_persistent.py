@@ -276,16 +276,18 @@ def emulation(tmp_path_factory):
                 build_directory=str(tmp_path_factory.mktemp("emulation")), verbose=False)
 
 
-def _emu_layer(name, h, dtype, packed, reverse, grad_out=True, seed=0):
-    """Inputs of a layer op and our CPU op's forward and backward results on them."""
+def _emu_layer(name, h, dtype, packed, reverse, grad_out=True, seed=0, b=EMU_B):
+    """Inputs of a layer op and our CPU op's forward and backward results on them (packed: the
+    EMU_LENGTHS batch; else b rows every step)."""
     cell, op = EMU_CELLS[name]
     g = {0: 4, 1: 3}.get(cell, 1)
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(dtype)  # noqa: E731
     bs = torch.tensor([sum(1 for n in EMU_LENGTHS if n > t) for t in range(EMU_T)]) if packed else None
-    n = int(bs.sum()) if packed else EMU_T * EMU_B
-    a = {"x": rnd(n, g * h) if packed else rnd(EMU_T, EMU_B, g * h), "h0": rnd(EMU_B, h, scale=0.8),
-         "c0": rnd(EMU_B, h) if cell == 0 else None, "w": rnd(g * h, h, scale=0.4), "bi": rnd(g * h), "bh": rnd(g * h),
+    b = EMU_B if packed else b
+    n = int(bs.sum()) if packed else EMU_T * b
+    a = {"x": rnd(n, g * h) if packed else rnd(EMU_T, b, g * h), "h0": rnd(b, h, scale=0.8),
+         "c0": rnd(b, h) if cell == 0 else None, "w": rnd(g * h, h, scale=0.4), "bi": rnd(g * h), "bh": rnd(g * h),
          "bs": bs}
     fwd = getattr(OPS, op)
     if cell == 0:
@@ -296,7 +298,7 @@ def _emu_layer(name, h, dtype, packed, reverse, grad_out=True, seed=0):
         res = fwd(a["x"], a["h0"], a["w"], a["bi"], a["bh"], bs, reverse, cell == 3)
     a["out"] = res[0].reshape(n, h)
     a["gout"] = rnd(n, h) if grad_out else None
-    a["ghn"], a["gcn"] = rnd(EMU_B, h), (rnd(EMU_B, h) if cell == 0 else None)
+    a["ghn"], a["gcn"] = rnd(b, h), (rnd(b, h) if cell == 0 else None)
     gout = None if a["gout"] is None else a["gout"].reshape(res[0].shape)
     bwd = getattr(OPS, op + "_backward")
     if cell == 0:
@@ -348,6 +350,29 @@ def test_emulated_kernels_match_cpu_ops(emulation, name, layout, plan, sync):
         torch.testing.assert_close(dc, grads[2], **tol, msg=lambda m: f"grad c0: {m}")
     if cell == 1:
         torch.testing.assert_close(g_hidden.sum(0), grads[4], **tol, msg=lambda m: f"grad b_hh: {m}")
+
+
+@pytest.mark.parametrize("sync", [0, 2])
+@pytest.mark.parametrize("h,units", [(10, 3), (12, 4)], ids=["ragged", "vec"])
+@pytest.mark.parametrize("name", list(EMU_CELLS))
+def test_emulated_kernels_batch1(emulation, name, h, units, sync):
+    """Batch 1 (generation): the products take the one-row path (row_products)."""
+    cell = EMU_CELLS[name][0]
+    a, res, grads = _emu_layer(name, h, torch.float32, False, False, b=1, seed=5)
+    x = a["x"].reshape(-1, a["x"].shape[-1])
+    out, cs, _ = emulation.forward(cell, x, a["h0"], a["c0"], a["w"], a["bi"], a["bh"], None, 1, False, True, units, 1,
+                                   sync)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, a["out"], **tol, msg=lambda m: f"out: {m}")
+    if cell == 0:
+        torch.testing.assert_close(cs, res[3], **tol, msg=lambda m: f"cs: {m}")
+    g_hidden, g_input, dh, dc = emulation.backward(cell, a["gout"], a["out"], a["cs"], a["ws"], a["h0"], a["c0"],
+                                                   a["w"], a["ghn"], a["gcn"], None, 1, False, units, 1, sync)
+    gx = grads[0].reshape(-1, grads[0].shape[-1])
+    torch.testing.assert_close(g_input if cell == 1 else g_hidden, gx, **tol, msg=lambda m: f"grad x_proj: {m}")
+    torch.testing.assert_close(dh, grads[1], **tol, msg=lambda m: f"grad h0: {m}")
+    if cell == 0:
+        torch.testing.assert_close(dc, grads[2], **tol, msg=lambda m: f"grad c0: {m}")
 
 
 @pytest.mark.parametrize("sync", [0, 2])

@@ -200,11 +200,64 @@ __device__ __forceinline__ int k_splits(int rows, int nc) {
   return ks;
 }
 
+// One batch row (nc == 1: generation at batch 1): a warp's tile is kTR W rows, lane l sums
+// k = l, l + 32, ... for each, and two halving exchanges (xor 16, 8) then a butterfly over the
+// remaining 8 lanes (xor 4, 2, 1) leave row (l >> 3) & 3's sum in lane l: 6 shuffles, where
+// the 8-row tile computes and reduces 8x the products it keeps (measured: ~370 instructions a
+// warp a step at H = 128, of a 2.7 us step).
+__device__ __forceinline__ float reduce_rows4(float (&v)[kTR], int lane) {
+  static_assert(kTR == 4, "two halving exchanges for four rows");
+  const bool up16 = (lane & 16) != 0, up8 = (lane & 8) != 0;
+  float w[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float give = up16 ? v[i] : v[i + 2];
+    const float keep = up16 ? v[i + 2] : v[i];
+    w[i] = keep + __shfl_xor_sync(0xffffffffu, give, 16);
+  }
+  const float give = up8 ? w[0] : w[1];
+  float x = (up8 ? w[1] : w[0]) + __shfl_xor_sync(0xffffffffu, give, 8);
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x;
+}
+
+template <typename T>
+__device__ void row_products(const T* A, const T* W, int rows, int K, int ks, float* part) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tiles = (rows + kTR - 1) / kTR;
+  const int span = ((K + ks - 1) / ks + 31) / 32 * 32;
+  for (int task = warp; task < tiles * ks; task += kWarps) {
+    const int q = task / tiles, r0 = (task - q * tiles) * kTR;
+    const int k_end = min(K, (q + 1) * span);
+    int wrow[kTR];
+#pragma unroll
+    for (int i = 0; i < kTR; ++i) wrow[i] = min(r0 + i, rows - 1) * K;
+    float acc[kTR];
+#pragma unroll
+    for (int i = 0; i < kTR; ++i) acc[i] = 0.0f;
+#pragma unroll 4
+    for (int k = q * span + lane; k < k_end; k += 32) {
+      const float a = static_cast<float>(A[k]);
+#pragma unroll
+      for (int i = 0; i < kTR; ++i) acc[i] = fmaf(static_cast<float>(W[wrow[i] + k]), a, acc[i]);
+    }
+    const float sum = reduce_rows4(acc, lane);
+    const int r = r0 + ((lane >> 3) & 3);
+    if ((lane & 7) == 0 && r < rows) part[q * rows + r] = sum;
+  }
+}
+
 // part[(q * nc + b) * rows + r] = sum over k in range q of A[b][k] * W[r][k], for b < nc,
 // r < rows, q < ks; A (nc x K) and W (rows x K) row-major in shared memory.  Tile rows past
 // rows or nc repeat the last one (computed, never stored), so the loop has no branches.
 template <typename T>
 __device__ void tile_products(const T* A, int nc, const T* W, int rows, int K, int ks, float* part) {
+  if (nc == 1) {
+    row_products(A, W, rows, K, ks, part);
+    return;
+  }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tiles_r = (rows + kTR - 1) / kTR, tiles = tiles_r * ((nc + kTB - 1) / kTB);
   const int span = ((K + ks - 1) / ks + 31) / 32 * 32;
