@@ -44,11 +44,8 @@ constexpr int kGates = C == Kind::kLstm ? 4 : (C == Kind::kGru ? 3 : 1);
 // shared memory: Sync::kClusterDsmem below), the partial sums.  The partials hold ks * nc * rows floats: nc * rows when k is
 // not split, else at most 32 * kWarps (ks * tiles <= kWarps, a tile covers 32 (b, r) pairs).
 struct SmemLayout {
-  int64_t stage, part, pend, total;
+  int64_t stage, part, total;
 };
-
-// Elements of a forward cell's results (CellOut below: h, c, 4 workspace values).
-constexpr int kCellOut = 6;
 
 CONVRNN_HD int64_t align16(int64_t n) {
   return (n + 15) / 16 * 16;
@@ -59,9 +56,7 @@ CONVRNN_HD SmemLayout smem_layout(int rows, int K, int chunk, int elem, int stag
   s.stage = align16(int64_t(rows) * K * elem);
   s.part = s.stage + stages * align16(int64_t(chunk) * K * elem);
   const int64_t partials = int64_t(chunk) * rows > kPartMin ? int64_t(chunk) * rows : kPartMin;
-  s.pend = s.part + align16(4 * partials);
-  // two stages (distributed shared memory): also a slot of cell results per thread (deferred stores)
-  s.total = s.pend + (stages == 2 ? align16(int64_t(kPThreads) * kCellOut * elem) : 0);
+  s.total = s.part + 4 * partials;
   return s;
 }
 
@@ -358,20 +353,14 @@ __device__ __forceinline__ ForwardIn<C> forward_inputs(const ForwardArgs<T>& p, 
   return in;
 }
 
-// What the forward cell of one (batch row, unit) produces: h, and c (LSTM) and the workspace
-// (LSTM i, f, g, o; GRU r, z, n, hn), as the element type stores them.
-template <typename T>
-struct CellOut {
-  T h, c, w[4];
-};
-static_assert(sizeof(CellOut<float>) == kCellOut * sizeof(float), "CellOut is kCellOut elements");
-
-// The cell of unit j: gh[g] are the products h_prev . W_hh[g H + j]; hx the h this row enters
-// the step with (GRU).
+// The cell of unit j for the batch row at `row` of the (N, ...) blocks: gh[g] are the products
+// h_prev . W_hh[g H + j]; hx the h this row enters the step with (GRU).  Returns the new h as
+// stored.
 template <typename T, Kind C>
-__device__ __forceinline__ CellOut<T> forward_cell(const ForwardArgs<T>& p, const ForwardIn<C>& in,
-                                                   const float (&gh)[kGates<C>], float hx) {
-  CellOut<T> o;
+__device__ __forceinline__ T forward_cell(const ForwardArgs<T>& p, const ForwardIn<C>& in,
+                                          const float (&gh)[kGates<C>], int64_t row, int j, float hx) {
+  const int64_t H = p.H, e = row * H + j;
+  T hv;
   if constexpr (C == Kind::kLstm) {
     float pre[4];
 #pragma unroll
@@ -379,40 +368,32 @@ __device__ __forceinline__ CellOut<T> forward_cell(const ForwardArgs<T>& p, cons
     const LstmGates<float> a = lstm_gates(pre[0], pre[1], pre[2], pre[3]);
     float h, c;
     lstm_update(a, in.cx, h, c);
-    o.h = static_cast<T>(h);
-    o.c = static_cast<T>(c);
-    o.w[0] = static_cast<T>(a.i);
-    o.w[1] = static_cast<T>(a.f);
-    o.w[2] = static_cast<T>(a.g);
-    o.w[3] = static_cast<T>(a.o);
+    hv = static_cast<T>(h);
+    p.cs[e] = static_cast<T>(c);
+    if (p.ws != nullptr) {
+      T* w = p.ws + row * 4 * H + j;
+      w[0] = static_cast<T>(a.i);
+      w[H] = static_cast<T>(a.f);
+      w[2 * H] = static_cast<T>(a.g);
+      w[3 * H] = static_cast<T>(a.o);
+    }
   } else if constexpr (C == Kind::kGru) {
     const float hn = gh[2] + in.b_hh[2];
     float r, z, n, h;
     gru_forward(in.x[0], in.x[1], in.x[2], gh[0] + in.b_hh[0], gh[1] + in.b_hh[1], hn, hx, r, z, n, h);
-    o.h = static_cast<T>(h);
-    o.w[0] = static_cast<T>(r);
-    o.w[1] = static_cast<T>(z);
-    o.w[2] = static_cast<T>(n);
-    o.w[3] = static_cast<T>(hn);
-  } else {
-    o.h = static_cast<T>(rnn_activation(in.x[0] + gh[0], p.relu));
-  }
-  return o;
-}
-
-// Writes a cell's results for the batch row at `row` of the (N, ...) blocks, unit j.
-template <typename T, Kind C>
-__device__ __forceinline__ void store_cell(const ForwardArgs<T>& p, const CellOut<T>& o, int64_t row, int j) {
-  const int64_t H = p.H;
-  p.out[row * H + j] = o.h;
-  if constexpr (C == Kind::kLstm) p.cs[row * H + j] = o.c;
-  if constexpr (C != Kind::kRnn) {
+    hv = static_cast<T>(h);
     if (p.ws != nullptr) {
       T* w = p.ws + row * 4 * H + j;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) w[q * H] = o.w[q];
+      w[0] = static_cast<T>(r);
+      w[H] = static_cast<T>(z);
+      w[2 * H] = static_cast<T>(n);
+      w[3 * H] = static_cast<T>(hn);
     }
+  } else {
+    hv = static_cast<T>(rnn_activation(in.x[0] + gh[0], p.relu));
   }
+  p.out[e] = hv;
+  return hv;
 }
 
 template <typename T, Kind C>
@@ -427,7 +408,6 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
   T* const stages = reinterpret_cast<T*>(smem + lay.stage);
   const int64_t stage_elems = align16(int64_t(p.chunk) * H * sizeof(T)) / int64_t(sizeof(T));
   float* part = reinterpret_cast<float*>(smem + lay.part);
-  CellOut<T>* pend = reinterpret_cast<CellOut<T>*>(smem + lay.pend);  // dsmem only
   copy_batched<T>(
       rows * H,
       [&](int i) {
@@ -441,12 +421,6 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
     const StepRows cur = step_rows(p.steps, p.T, p.B, p.reverse ? p.T - 1 - k : k);
     const int64_t np = k > 0 ? prev.n : 0;  // rows [0, np) enter from the previous step, the rest from h0
     T* const stage = dsmem ? stages + (k & 1) * stage_elems : stages;
-    // dsmem with one cell a thread: the step's global stores (out, cs, ws) wait until after the
-    // barrier, so its release waits only for the shared-memory stores into the peers (measured:
-    // 9% of the warps' cycles stalled on that memory barrier, H200, 2026-11-26).  No other block
-    // reads them in this kernel, and the thread that stored c is the one that reloads it.
-    const bool defer = dsmem && cur.n * U <= kPThreads;
-    int64_t pending_row = -1;  // defer: this thread's cell results wait in pend[threadIdx.x]
     for (int64_t c0 = 0; c0 < cur.n; c0 += p.chunk) {
       const int nc = static_cast<int>(min(int64_t(p.chunk), cur.n - c0));
       // This thread's first cell's inputs, loaded now: their latency hides behind the staging
@@ -472,22 +446,13 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
         for (int g = 0; g < G; ++g) gh[g] = partial_sum(part, ks, nc, rows, bl, g * U + u);
         const ForwardIn<C> in =
             e == int(threadIdx.x) ? first : forward_inputs<T, C>(p, cur.off + b, b, j, prev, np);
-        const CellOut<T> o = forward_cell<T, C>(p, in, gh, static_cast<float>(stage[bl * H + j]));
-        if (dsmem && k + 1 < p.T) publish(stages + ((k + 1) & 1) * stage_elems, b * H + j, o.h, blocks);
-        if (defer) {
-          pend[threadIdx.x] = o;
-          pending_row = cur.off + b;
-        } else {
-          store_cell<T, C>(p, o, cur.off + b, j);
-        }
+        const T h = forward_cell<T, C>(p, in, gh, cur.off + b, j, static_cast<float>(stage[bl * H + j]));
+        if (dsmem && k + 1 < p.T) publish(stages + ((k + 1) & 1) * stage_elems, b * H + j, h, blocks);
       }
       __syncthreads();  // the next chunk overwrites stage (the GRU's cells read it) and part
     }
     prev = cur;
     if (k + 1 < p.T) step_barrier(p.sync);  // every block's h (and c) of this step written and visible
-    if (pending_row >= 0) {  // after the barrier: its release does not wait for these stores
-      store_cell<T, C>(p, pend[threadIdx.x], pending_row, u0 + int(threadIdx.x) % U);
-    }
   }
 }
 
