@@ -205,26 +205,22 @@ __global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
 }
 
 // Round 3's NCHW forward for 3x3 windows with column stride 2 and column dilation 1 (any row
-// geometry, padding, ceil_mode, OW): an item is the four outputs (oh, 4q .. 4q + 3) of a row
-// (quad_div divides by (C, OH, ceil(OW / 4)), total counts items).  The item loads its 9
-// columns of each of the 3 rows once (load_rows_quad: V-wide pieces where the row allows,
-// 3 loads a row for the stem in float32, 2 in half types; 5 (2-wide) for odd W such as
-// AlexNet's), against the pair kernel's 15 scalar loads for 2 outputs, and spends the index
-// work and window bounds once for four outputs.  Without argmax or indices (TAPS = false: the
-// inference forward) the values come from max_values_quad (26 one-instruction maxima for four
-// outputs, fixed up by the scan where a result is NaN or zero), else each output is scanned by
-// max_loaded_window from its own first tap.  Stores: one 4-wide store of the values (and of
-// the argmax bytes) when vec_store (OW % 4 == 0 and the outputs aligned: every item then
-// holds 4 outputs at a multiple of 4), else scalar ones; the branch is uniform.
-// Results are bit-identical to the pair and unrolled kernels.
-// (Registers, sm_90, 32-bit indices, no argmax: float32 62 (V = 4: 4 blocks of 256 an SM,
-// 4096 outputs in flight against the pair kernel's 1280 threads x 2) and 69 (V = 2, 3 blocks);
-// half types 40-47.  Forcing 4 blocks spills 20-28 bytes in float32 V = 2, 5 blocks 80-160.)
-template <bool TAPS, int V, typename T, typename index_t, typename tap_t>
+// geometry, padding, ceil_mode, OW), values only (no argmax, no indices: the inference
+// forward): an item is the four outputs (oh, 4q .. 4q + 3) of a row (quad_div divides by
+// (C, OH, ceil(OW / 4)), total counts items).  The item loads its 9 columns of each of the 3
+// rows once (load_rows_quad: V-wide pieces where the row allows; 2 loads a row for the stem in
+// half types), against the pair kernel's 15 scalar loads for 2 outputs, spends the index work
+// and window bounds once for four outputs, and takes the values from max_values_quad (26
+// one-instruction maxima for four outputs, fixed up by the scan where a result is NaN or zero).
+// Stores: one 4-wide store when vec_store (OW % 4 == 0 and y aligned: every item then holds 4
+// outputs at a multiple of 4), else scalar ones; the branch is uniform.  Bit-identical to the
+// pair and unrolled kernels.  The launcher takes it only where it measured faster (below);
+// its per-element code, and the argmax variant measured slower, are checked on the CPU by
+// tests/native/max_pool2d_items_check.cpp.  (Registers, sm_90, half types: 40-47.)
+template <int V, typename T, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    forward_quad_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
-                        tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> quad_div, index_t total,
-                        bool vec_store) {
+    forward_quad_kernel(const T* __restrict__ x, T* __restrict__ y, PoolDims<index_t> d,
+                        PosDividers<index_t> quad_div, index_t total, bool vec_store) {
   const unsigned x_mis = static_cast<unsigned>(reinterpret_cast<uintptr_t>(x) / sizeof(T));
   CONVRNN_GRID_STRIDE(index_t, e, total) {
     const Pos<index_t> p = decompose<false>(e, quad_div);
@@ -237,44 +233,17 @@ __global__ void __launch_bounds__(kThreads)
                                      r);
     const index_t o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
     const index_t count = d.OW - ow < 4 ? d.OW - ow : index_t(4);
+    acc_t<T> best[4];
+    max_values_quad<3, T>(r, best);
     Lanes<T, 4> out;
-    Lanes<tap_t, 4> out_tap;  // TAPS only
-    if constexpr (TAPS) {
 #pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        const Taps tw = window_taps<index_t>(wstart + 2 * l, d.W, 3, index_t(1));
-        T v[9];
-        quad_window<3, T>(r, l, v);
-        acc_t<T> best;
-        index_t tap;
-        max_loaded_window<3, 3, T, index_t>(v, static_cast<index_t>(th.lo) * 3 + static_cast<index_t>(tw.lo), best,
-                                            tap);
-        out.v[l] = static_cast<T>(best);
-        out_tap.v[l] = has_taps(th, tw) ? static_cast<tap_t>(tap) : no_tap<tap_t>();
-        if (indices != nullptr && l < count) {
-          indices[o0 + l] = tap_index<index_t>(tap, hstart, wstart + 2 * l, 3, d.dh, index_t(1), d.W);
-        }
-      }
-    } else {
-      acc_t<T> best[4];
-      max_values_quad<3, T>(r, best);
-#pragma unroll
-      for (int l = 0; l < 4; ++l) out.v[l] = static_cast<T>(best[l]);
-    }
+    for (int l = 0; l < 4; ++l) out.v[l] = static_cast<T>(best[l]);
     if (vec_store) {
       *reinterpret_cast<Lanes<T, 4>*>(y + o0) = out;
-      if constexpr (TAPS) {
-        if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 4>*>(taps + o0) = out_tap;
-      }
     } else {
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        if (l < count) {
-          y[o0 + l] = out.v[l];
-          if constexpr (TAPS) {
-            if (taps != nullptr) taps[o0 + l] = out_tap.v[l];
-          }
-        }
+        if (l < count) y[o0 + l] = out.v[l];
       }
     }
   }
@@ -288,19 +257,6 @@ bool quad_forward_enabled() {
     return v == nullptr || std::string(v) != "0";
   }();
   return on;
-}
-
-// Vector width (elements) of forward_quad_kernel's row loads: up to 16 bytes, the widest
-// power of two dividing W (then every row of every plane starts at the same residue, and the
-// piece plan is the same for all items: no divergence), at least 2 (odd W: 2-wide pieces, the
-// plan changing only with the plane's and the row's parity).  64-bit indices take 2 (rare
-// sizes; fewer instantiations).
-inline int quad_vector_width(int64_t W, size_t elem_size, bool wide_index) {
-  int v = 2;
-  if (!wide_index) {
-    while (v * 2 * static_cast<int64_t>(elem_size) <= 16 && W % (v * 2) == 0) v *= 2;
-  }
-  return v;
 }
 
 // One thread per cell of sh x sw input positions (cell_grads); R: the reach of the windows
@@ -397,26 +353,20 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             // lost elsewhere: AlexNet (W = 55, 2-wide pieces) 23.0 -> 32.4 us float32 and
             // 18.6 -> 23.4 us float16, the stem in float32 46.6 -> 46.2 us (nothing), and with
             // argmax (forward+backward) the stem 130 -> 137 us.
-            const bool quad_pays = sizeof(scalar_t) == 2 && sizeof(index_t) == 4 && ip == nullptr &&
-                                   tp == nullptr && quad_vector_width(g.W, sizeof(scalar_t), false) == 8;
-            if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1 && quad_pays && quad_forward_enabled()) {
-              const index_t items = d.N * d.C * d.OH * ((d.OW + 3) / 4);
-              const PosDividers<index_t> div(d.C, d.OH, (d.OW + 3) / 4);
-              // vec_store: every item holds 4 outputs at a multiple of 4 from y (and taps).
-              const bool vec_store = sizeof(scalar_t) * 4 <= 16 && g.OW % 4 == 0 &&
-                                     reinterpret_cast<uintptr_t>(yp) % (4 * sizeof(scalar_t)) == 0 &&
-                                     reinterpret_cast<uintptr_t>(tp) % 4 == 0;
-              const int V = quad_vector_width(g.W, sizeof(scalar_t), sizeof(index_t) == 8);
-              const auto quad = [&](auto taps_c, auto v_c) {
-                constexpr bool TAPS = decltype(taps_c)::value;
-                constexpr int VV = decltype(v_c)::value;
-                forward_quad_kernel<TAPS, VV, scalar_t, index_t, tap_t><<<blocks(items, 1), kThreads, 0, stream>>>(
-                    xp, yp, ip, tp, d, div, items, vec_store);
-              };
-              TORCH_INTERNAL_ASSERT(V == 8);
-              if constexpr (sizeof(index_t) == 4 && sizeof(scalar_t) == 2) {
-                quad(std::false_type(), std::integral_constant<int, 8>());
+            bool quad = false;
+            if constexpr (sizeof(index_t) == 4 && sizeof(scalar_t) == 2) {
+              if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1 && ip == nullptr && tp == nullptr &&
+                  g.W % 8 == 0 && quad_forward_enabled()) {
+                const index_t items = d.N * d.C * d.OH * ((d.OW + 3) / 4);
+                const PosDividers<index_t> div(d.C, d.OH, (d.OW + 3) / 4);
+                // vec_store: every item holds 4 outputs at a multiple of 4 from y.
+                const bool vec_store = g.OW % 4 == 0 && reinterpret_cast<uintptr_t>(yp) % (4 * sizeof(scalar_t)) == 0;
+                forward_quad_kernel<8, scalar_t, index_t><<<blocks(items, 1), kThreads, 0, stream>>>(
+                    xp, yp, d, div, items, vec_store);
+                quad = true;
               }
+            }
+            if (quad) {
               done = true;
             } else if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1) {
               const index_t items = d.N * d.C * d.OH * ((d.OW + 1) / 2);
