@@ -6,8 +6,8 @@
 #   2. runs the CUDA tests;
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
 #   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
-#      runtime switches (persistent recurrence barriers, max-pool round 3), then conv2d float32
-#      with TF32 on;
+#      runtime switches (persistent recurrence barriers, max-pool round 3), the persistent
+#      recurrence's time a step and the cells' GPU-vs-host time, then conv2d float32 with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
 # Usage: benchmarks/gpu_check.sh OUTDIR   (GPU_CHECK_SECONDS, GPU_CHECK_EXAMPLES=0, GPU_CHECK_TF32=0,
 # BENCH_SECONDS: see below)
@@ -58,14 +58,14 @@ fi
 step "CUDA tests"
 # pytest-xdist, where present: a test that crashes its worker is reported, the rest still run
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout $(budget 150 $(( 335 + 100 * examples + 40 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
+timeout $(budget 150 $(( 380 + 100 * examples + 40 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
   --durations=15 > "$out/tests.log" 2>&1 || status=1
 grep -E "^FAILED|^ERROR" "$out/tests.log" | head -40 | tee -a "$out/summary.txt"
 tail -1 "$out/tests.log" | tee -a "$out/summary.txt"
 
 if (( examples )); then
   step "examples, convert() and the ecosystem tests (CUDA where present)"
-  timeout $(budget 100 $(( 335 + 40 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
+  timeout $(budget 100 $(( 380 + 40 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
     -p no:cacheprovider $xdist -rf > "$out/tests-examples.log" 2>&1 || status=1
   grep -E "^FAILED|^ERROR" "$out/tests-examples.log" | head -20 | tee -a "$out/summary.txt"
   tail -1 "$out/tests-examples.log" | tee -a "$out/summary.txt"
@@ -73,7 +73,7 @@ fi
 
 step "compute-sanitizer memcheck (small CUDA subset)"
 if command -v compute-sanitizer > /dev/null; then
-  timeout $(budget 60 $(( 285 + 40 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout $(budget 60 $(( 330 + 40 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
     $py -m pytest tests -q -p no:cacheprovider -k "cuda and sanitizer" > "$out/sanitizer.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$out/sanitizer.log" | tail -3 | tee -a "$out/summary.txt"
 else
@@ -81,7 +81,7 @@ else
 fi
 
 step "benchmark on cuda"
-timeout $(budget 150 $(( 145 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
+timeout $(budget 150 $(( 190 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
   --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
 tail -45 "$out/bench.txt"
 # A/B of runtime switches, each against the main run's default (bench.json): the persistent
@@ -95,9 +95,14 @@ ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
     || status=1
   grep -A4 "^Geomean" "$out/ab-$name.txt" | tail -4
 }
-ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 110
-ab seq-cluster-l2 CONVRNN_PERSISTENT_CLUSTER=1 lstm_seq,gru_seq float32,bfloat16 75
-ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 40
+ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 155
+ab seq-cluster-l2 CONVRNN_PERSISTENT_CLUSTER=1 lstm_seq,gru_seq float32,bfloat16 120
+ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 85
+
+step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
+timeout $(budget 45 $(( 40 + 40 * tf32 ))) $py benchmarks/rnn_persistent_profile.py --reps 3 > "$out/rnn-steps.txt" 2>&1 \
+  || status=1
+grep "per step" "$out/rnn-steps.txt"
 
 step "cell forward: GPU kernel time against host time per call (benchmarks/cells_profile.py)"
 timeout $(budget 40 $(( 40 * tf32 ))) $py benchmarks/cells_profile.py --device cuda -n 100 > "$out/cells-profile.txt" 2>&1 \
