@@ -223,27 +223,19 @@ __global__ void __launch_bounds__(kThreads)
                         PosDividers<index_t> quad_div, index_t total, bool vec_store) {
   const unsigned x_mis = static_cast<unsigned>(reinterpret_cast<uintptr_t>(x) / sizeof(T));
   CONVRNN_GRID_STRIDE(index_t, e, total) {
-    const Pos<index_t> p = decompose<false>(e, quad_div);
-    const index_t ow = 4 * p.col;
-    const index_t hstart = p.row * d.sh - d.ph, wstart = 2 * ow - d.pw;
-    const Taps th = window_taps<index_t>(hstart, d.H, 3, d.dh);
-    const index_t plane = plane_offset<false>(p.n, p.c, d.C, d.H, d.W);
     T r[3][kQuadCols];
-    load_rows_quad<V, 3, T, index_t>(x + plane, x_mis + static_cast<unsigned>(plane), d.W, hstart, wstart, th, d.dh,
-                                     r);
-    const index_t o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
-    const index_t count = d.OW - ow < 4 ? d.OW - ow : index_t(4);
+    const QuadItem<index_t> q = load_quad_item<V>(x, x_mis, d, quad_div, e, r);
     acc_t<T> best[4];
     max_values_quad<3, T>(r, best);
     Lanes<T, 4> out;
 #pragma unroll
     for (int l = 0; l < 4; ++l) out.v[l] = static_cast<T>(best[l]);
     if (vec_store) {
-      *reinterpret_cast<Lanes<T, 4>*>(y + o0) = out;
+      *reinterpret_cast<Lanes<T, 4>*>(y + q.o0) = out;
     } else {
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        if (l < count) y[o0 + l] = out.v[l];
+        if (l < q.count) y[q.o0 + l] = out.v[l];
       }
     }
   }

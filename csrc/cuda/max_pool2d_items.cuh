@@ -234,6 +234,33 @@ CONVRNN_HD void load_rows_quad(const T* plane, unsigned plane_mis, index_t W, in
   }
 }
 
+// Item e of the NCHW quad forward (quad_div divides by (C, OH, ceil(OW / 4))): the geometry of
+// its four outputs, and their 3 rows into r (load_rows_quad), for forward_quad_kernel and the
+// CPU checker alike.  x_mis: x's address in elements (only its residue mod V matters).
+template <typename index_t>
+struct QuadItem {
+  index_t o0, count;       // the first output's offset; how many of the four exist (OW's edge)
+  index_t hstart, wstart;  // the first window's top row and left column
+  Taps th;                 // the rows of the windows inside the image
+};
+
+template <int V, typename T, typename index_t>
+CONVRNN_HD QuadItem<index_t> load_quad_item(const T* x, unsigned x_mis, const PoolDims<index_t>& d,
+                                            const PosDividers<index_t>& quad_div, index_t e, T (&r)[3][kQuadCols]) {
+  const Pos<index_t> p = decompose<false>(e, quad_div);
+  const index_t ow = 4 * p.col;
+  QuadItem<index_t> q;
+  q.hstart = p.row * d.sh - d.ph;
+  q.wstart = 2 * ow - d.pw;
+  q.th = window_taps<index_t>(q.hstart, d.H, 3, d.dh);
+  const index_t plane = plane_offset<false>(p.n, p.c, d.C, d.H, d.W);
+  load_rows_quad<V, 3, T, index_t>(x + plane, x_mis + static_cast<unsigned>(plane), d.W, q.hstart, q.wstart, q.th,
+                                   d.dh, r);
+  q.o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
+  q.count = d.OW - ow < 4 ? d.OW - ow : index_t(4);
+  return q;
+}
+
 // Output l's window (0 <= l < 4) of rows loaded by load_rows_quad, row-major, as load_window
 // would leave it.
 template <int KH, typename T>

@@ -140,7 +140,8 @@ static void check_forward_pair(const Pool2d& g, const std::vector<T>& x) {
 template <typename T>
 static bool same_bits_strict(T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
 
-// forward_quad_kernel's body (NCHW 3x3, column stride 2, column dilation 1), item by item,
+// forward_quad_kernel's body (NCHW 3x3, column stride 2, column dilation 1: load_quad_item,
+// max_values_quad), item by item,
 // with vector width V and the input placed `off` elements past an aligned address (so every
 // residue of the rows is met), values compared bit for bit with max_window's (NaN payloads and
 // the sign of zero included); TAPS: also the int64 index and the argmax byte.
@@ -159,15 +160,10 @@ static void check_forward_quad(const Pool2d& g, const std::vector<T>& x0, int of
   const index_t OQ = (d.OW + 3) / 4;
   PosDividers<index_t> dv(d.C, d.OH, OQ);
   for (index_t e = 0; e < d.N * d.C * d.OH * OQ; ++e) {
-    const Pos<index_t> p = decompose<false>(e, dv);
-    const index_t ow = 4 * p.col;
-    const index_t hstart = p.row * d.sh - d.ph, wstart = 2 * ow - d.pw;
-    const Taps th = window_taps<index_t>(hstart, d.H, 3, d.dh);
-    const index_t plane = plane_offset<false>(p.n, p.c, d.C, d.H, d.W);
     T r[3][kQuadCols];
-    load_rows_quad<V, 3, T, index_t>(x + plane, x_mis + static_cast<unsigned>(plane), d.W, hstart, wstart, th, d.dh, r);
-    const index_t o0 = ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + ow;
-    const index_t count = d.OW - ow < 4 ? d.OW - ow : index_t(4);
+    const QuadItem<index_t> q = load_quad_item<V>(x, x_mis, d, dv, e, r);  // the kernel's own item code
+    const index_t hstart = q.hstart, wstart = q.wstart, o0 = q.o0, count = q.count;
+    const Taps th = q.th;
     T out[4];
     uint8_t out_tap[4] = {0, 0, 0, 0};
     int64_t out_idx[4] = {0, 0, 0, 0};
