@@ -387,11 +387,12 @@ PersistentLayer persistent_layer(RnnCell cell, const Seq& s, int64_t H, const Te
   l.reverse = s.reverse;
   l.bs = s.packed ? &s.bs : nullptr;
   l.off = s.packed ? &s.off : nullptr;
-  l.w_hh = w_hh;
-  if (given(b_ih)) l.b_ih = *b_ih;
-  if (given(b_hh)) l.b_hh = *b_hh;
-  l.h0 = h0;
-  l.c0 = c0;
+  // contiguous once here, as rnn_persistent.h promises, for both recurrences
+  l.w_hh = w_hh.contiguous();
+  if (given(b_ih)) l.b_ih = b_ih->contiguous();
+  if (given(b_hh)) l.b_hh = b_hh->contiguous();
+  l.h0 = h0.contiguous();
+  l.c0 = c0.defined() ? c0.contiguous() : c0;
   return l;
 }
 

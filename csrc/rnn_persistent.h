@@ -22,7 +22,8 @@ enum class RnnCell : int { kLstm = 0, kGru = 1, kTanh = 2, kRelu = 3 };
 
 // One layer and direction, in rnn_layers.cpp's terms (its Seq): steps are processed in the
 // order k = 0..T-1, step(k) = reverse ? T-1-k : k, and step t is rows [off[t], off[t] + bs[t])
-// of the (N, ...) row blocks.  Every tensor is on one CUDA device, of one dtype, contiguous.
+// of the (N, ...) row blocks.  Every tensor is on one device, of one dtype, and contiguous
+// (rnn_layers.cpp's persistent_layer makes them so).
 struct PersistentLayer {
   RnnCell cell = RnnCell::kLstm;
   int64_t T = 0, B = 0, N = 0, H = 0;
@@ -33,6 +34,12 @@ struct PersistentLayer {
   std::optional<at::Tensor> b_ih, b_hh;        // (G*H) each, or none
   at::Tensor h0, c0;                           // (B, H); c0 for the LSTM only
 };
+
+// A layer bias's data, or null where the layer has none.
+template <typename T>
+const T* bias_data(const std::optional<at::Tensor>& b) {
+  return b.has_value() ? b->const_data_ptr<T>() : nullptr;
+}
 
 // Whether it is on: yes unless CONVRNN_PERSISTENT_RNN=0 (or false/off/no) when first asked,
 // or what convrnn::_persistent_rnn last set (rnn_layers.cpp, compiled in every build).

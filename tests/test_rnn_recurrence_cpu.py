@@ -185,3 +185,31 @@ def test_switch():
     with pytest.raises(RuntimeError, match=r"convrnn\._cpu_recurrence: mode"):
         OPS._cpu_recurrence(3)
     assert OPS._cpu_recurrence(-1)[0] == before
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_strided_weights_and_states(name):
+    """W_hh, the biases and the initial states as strided views give the bit-identical results of
+    their contiguous copies (rnn_layers.cpp makes the layer's tensors contiguous once for both
+    recurrences)."""
+    g = {"lstm": 4, "gru": 3}.get(name, 1)
+    h, b = 20, 3
+    x = torch.randn(6, b, g * h)
+    w = torch.randn(h, g * h).t() * 0.3  # (G H, H), column-major
+    bi, bh = torch.randn(2 * g * h)[::2], torch.randn(2 * g * h)[1::2]
+    h0, c0 = torch.randn(h, b).t(), torch.randn(h, b).t()
+    assert not (w.is_contiguous() or bi.is_contiguous() or h0.is_contiguous())
+
+    def call(w, bi, bh, h0, c0):
+        if name == "lstm":
+            return OPS.lstm_layer(x, h0, c0, w, bi, bh, None, None, False, True)
+        if name == "gru":
+            return OPS.gru_layer(x, h0, w, bi, bh, None, False, True)
+        return OPS.rnn_layer(x, h0, w, bi, bh, None, False, False)
+
+    with num_threads(2), recurrence_mode(2) as mode:
+        strided = call(w, bi, bh, h0, c0)
+        dense = call(*(t.contiguous() for t in (w, bi, bh, h0, c0)))
+    assert mode.runs == 2
+    for a, d in zip(strided, dense):
+        assert torch.equal(a, d)

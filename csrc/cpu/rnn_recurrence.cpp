@@ -180,16 +180,6 @@ struct Slice {
   }
 };
 
-template <typename T>
-const T* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-const T* data_or_null(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined() ? t->const_data_ptr<T>() : nullptr;
-}
-
 // The forward steps of a cell with G gates: per step and task, the products of the state entering
 // the step with the task's slice into its (rows, G n) block `gates`, then row(p, step, b, gates of
 // row b) for every row b of the step.  h: the layer's output (N, H); h0 (B, H).
@@ -197,7 +187,7 @@ template <typename T, typename Row>
 void forward_steps(const PersistentLayer& l, int64_t G, const T* h0, const T* h, const Row& row) {
   const int64_t H = l.H, B = l.B;
   const Tasks tasks = split_units(B, G, H);
-  const Tensor w_hh = l.w_hh.contiguous();
+  const Tensor& w_hh = l.w_hh;
   std::vector<Slice<T>> slices(tasks.count);
   std::vector<Tensor> buffers(tasks.count);
   for (int64_t p = 0; p < tasks.count; ++p) {
@@ -231,8 +221,8 @@ template <typename T, typename Row>
 void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, const Tensor& grad_out, T* pdh,
                     const T* g_hidden, bool accumulate, const Row& row) {
   const int64_t H = l.H;
-  const Tensor w_hh = l.w_hh.contiguous();  // (G H, H): a task's columns are its units of dh
-  const T *pw = w_hh.const_data_ptr<T>(), *pgo = data_or_null<T>(grad_out);
+  // W_hh (G H, H): a task's columns are its units of dh
+  const T *pw = l.w_hh.const_data_ptr<T>(), *pgo = ptr_or_null<T>(grad_out);
   const auto dh_from = [&](const Step& st, int64_t j0, int64_t n) {
     cpu_blas::gemm(false, false, int(st.n), int(n), int(G * H), g_hidden + st.off * G * H, int(G * H), pw + j0, int(H),
                    accumulate ? T(1) : T(0), pdh + j0, int(H));
@@ -288,8 +278,7 @@ template <typename T>
 void lstm_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& cs, Tensor& ws) {
   const int64_t H = l.H;
   const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>(), *c0 = l.c0.const_data_ptr<T>();
-  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
-  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  const T *bi = bias_data<T>(l.b_ih), *bh = bias_data<T>(l.b_hh);
   T *po = out.data_ptr<T>(), *pc = cs.data_ptr<T>(), *pw = ws.defined() ? ws.data_ptr<T>() : nullptr;
   with_flags(bi != nullptr, pw != nullptr, [&](auto bias, auto save) {
     constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
@@ -327,8 +316,7 @@ template <typename T>
 void gru_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, Tensor& ws) {
   const int64_t H = l.H;
   const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>();
-  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
-  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  const T *bi = bias_data<T>(l.b_ih), *bh = bias_data<T>(l.b_hh);
   T *po = out.data_ptr<T>(), *pw = ws.defined() ? ws.data_ptr<T>() : nullptr;
   with_flags(bi != nullptr, pw != nullptr, [&](auto bias, auto save) {
     constexpr bool kBias = decltype(bias)::value, kSave = decltype(save)::value;
@@ -369,8 +357,7 @@ void rnn_forward(const PersistentLayer& l, const Tensor& x, Tensor& out) {
   const int64_t H = l.H;
   const bool relu = l.cell == RnnCell::kRelu;
   const T *px = x.const_data_ptr<T>(), *h0 = l.h0.const_data_ptr<T>();
-  const Tensor b_ih = l.b_ih ? l.b_ih->contiguous() : Tensor(), b_hh = l.b_hh ? l.b_hh->contiguous() : Tensor();
-  const T *bi = data_or_null<T>(b_ih), *bh = data_or_null<T>(b_hh);
+  const T *bi = bias_data<T>(l.b_ih), *bh = bias_data<T>(l.b_hh);
   T* po = out.data_ptr<T>();
   with_flags(bi != nullptr, false, [&](auto bias, auto) {
     constexpr bool kBias = decltype(bias)::value;

@@ -232,9 +232,6 @@ bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, 
   if (!served(l, x)) return false;
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device(), H = static_cast<int>(l.H), G = gates_of(l.cell);
-  const Tensor w = l.w_hh.contiguous();
-  const Tensor bi = l.b_ih.has_value() ? l.b_ih->contiguous() : Tensor();
-  const Tensor bh = l.b_hh.has_value() ? l.b_hh->contiguous() : Tensor();
   bool launched = false;
   dispatch(x.scalar_type(), l.cell, [&](auto tag, auto cell) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -245,9 +242,9 @@ bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, 
     const Tensor steps = upload_steps(l, x.device());
     ForwardArgs<T> a{};
     a.x = x.const_data_ptr<T>();
-    a.w = w.const_data_ptr<T>();
-    a.b_ih = ptr_of<T>(bi);
-    a.b_hh = ptr_of<T>(bh);
+    a.w = l.w_hh.const_data_ptr<T>();
+    a.b_ih = bias_data<T>(l.b_ih);
+    a.b_hh = bias_data<T>(l.b_hh);
     a.h0 = l.h0.const_data_ptr<T>();
     a.c0 = ptr_of<T>(l.c0);
     a.out = out.mutable_data_ptr<T>();
@@ -266,7 +263,6 @@ bool persistent_backward(const PersistentLayer& l, const Tensor& grad_out, const
   if (!served(l, out)) return false;
   const c10::cuda::CUDAGuard guard(out.device());
   const int device = out.get_device(), H = static_cast<int>(l.H), G = gates_of(l.cell);
-  const Tensor w = l.w_hh.contiguous();
   bool launched = false;
   dispatch(out.scalar_type(), l.cell, [&](auto tag, auto cell) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -277,7 +273,7 @@ bool persistent_backward(const PersistentLayer& l, const Tensor& grad_out, const
     const Tensor steps = upload_steps(l, out.device());
     Tensor acc = at::empty({C == Kind::kLstm ? 2 : 1, l.B, l.H}, out.options().dtype(at::kFloat));
     BackwardArgs<T> a{};
-    a.w = w.const_data_ptr<T>();
+    a.w = l.w_hh.const_data_ptr<T>();
     a.gout = ptr_of<T>(grad_out);
     a.out = out.const_data_ptr<T>();
     a.cs = ptr_of<T>(cs);
