@@ -387,12 +387,13 @@ PersistentLayer persistent_layer(RnnCell cell, const Seq& s, int64_t H, const Te
   l.reverse = s.reverse;
   l.bs = s.packed ? &s.bs : nullptr;
   l.off = s.packed ? &s.off : nullptr;
-  // contiguous once here, as rnn_persistent.h promises, for both recurrences
+  // contiguous once here, as rnn_persistent.h promises, for both recurrences (the ops pass
+  // their states already contiguous: h_init, c_init)
   l.w_hh = w_hh.contiguous();
   if (given(b_ih)) l.b_ih = b_ih->contiguous();
   if (given(b_hh)) l.b_hh = b_hh->contiguous();
-  l.h0 = h0.contiguous();
-  l.c0 = c0.defined() ? c0.contiguous() : c0;
+  l.h0 = h0;
+  l.c0 = c0;
   return l;
 }
 
