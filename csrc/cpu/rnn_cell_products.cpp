@@ -49,8 +49,8 @@ void run(const Gemm<T>& g) {
     }
     return;
   }
-  cpu_blas::gemm(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb), g.accumulate ? T(1) : T(0), g.c,
-       int(g.ldc));
+  cpu_blas::gemm(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb),
+                 g.accumulate ? T(1) : T(0), g.c, int(g.ldc));
 }
 
 // Slice p of P of a product: a block of rows or columns of c (multiples of 16 where possible).

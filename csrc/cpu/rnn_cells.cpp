@@ -2,8 +2,8 @@
 // fused ops (registered here) and the whole-cell ops (rnn_cells.cpp, which this file registers
 // for the CPU with these kernels).
 //
-// The row loops are rnn_rows.h's.  The forward kernels run one task per batch row (parallel over rows when there
-// is enough work).  The backward kernels run one task per chunk of hidden units over every
+// The row loops are rnn_rows.h's.  The forward kernels run one task per batch row (parallel
+// over rows when there is enough work).  The backward kernels run one task per chunk of hidden units over every
 // row, in row order: the bias gradients (sums over the batch) are summed in the kernel, in an
 // order that does not depend on the thread count.
 #include <ATen/Parallel.h>
