@@ -443,3 +443,82 @@ def test_plan_candidates_cluster(emulation, case, dsmem):
             assert plans[0][5] == (2 if dsmem and rows_per_unit == 4 else 1) and plans[0][1] <= 16, plans[:3]
         else:
             assert plans[0] == grid[0], plans[:3]
+
+
+# ---- the stacked forward (every layer of a unidirectional stack in one kernel, inference) ----
+
+MODULES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+           "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+
+
+def _stack_inputs(name, layers, h, b, t=5, i=7, bias=True, seed=0):
+    """torch.nn's module on the CPU (float32), an input, states, and the stacked kernel's
+    arguments: layer 0's input projection and every layer's weights."""
+    kind, kw = MODULES[name]
+    torch.manual_seed(seed)
+    module = getattr(torch.nn, kind)(i, h, num_layers=layers, bias=bias, **kw).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(2.0)  # out of the linear range of the activations
+    x = torch.randn(t, b, i)
+    h0 = torch.randn(layers, b, h) * 0.8
+    c0 = torch.randn(layers, b, h) if kind == "LSTM" else None
+    get = lambda n: getattr(module, n, None)  # noqa: E731
+    w = {"x": torch.nn.functional.linear(x, module.weight_ih_l0).reshape(t * b, -1).detach(),
+         "w_ih": [get(f"weight_ih_l{l}").detach() for l in range(1, layers)],
+         "w_hh": [get(f"weight_hh_l{l}").detach() for l in range(layers)],
+         "b_ih": [get(f"bias_ih_l{l}").detach() if bias else None for l in range(layers)],
+         "b_hh": [get(f"bias_hh_l{l}").detach() if bias else None for l in range(layers)]}
+    with torch.no_grad():
+        ref = module(x, (h0, c0) if c0 is not None else h0)
+    return module, x, h0, c0, w, ref
+
+
+# (layers, H, B, units per layer, bias): ragged blocks of unequal units, batch 1 (the one-row
+# products), three layers, a batch that needs the tile products, no biases
+STACK_CASES = {"2l_ragged": (2, 10, 3, [3, 2], True), "2l_b1": (2, 12, 1, [4, 2], True),
+               "3l": (3, 8, 2, [4, 4, 8], True), "2l_b9_nobias": (2, 6, 9, [2, 3], False)}
+
+
+@pytest.mark.parametrize("case", list(STACK_CASES))
+@pytest.mark.parametrize("name", list(EMU_CELLS))
+def test_emulated_stack_matches_torch(emulation, name, case):
+    layers, h, b, units, bias = STACK_CASES[case]
+    cell = EMU_CELLS[name][0]
+    _, _, h0, c0, w, ref = _stack_inputs(name, layers, h, b, bias=bias)
+    out, hn, cn = emulation.stack_forward(cell, w["x"], h0, c0, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], b, units)
+    tol = dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out, ref[0].reshape(-1, h), **tol, msg=lambda m: f"output: {m}")
+    h_ref = ref[1][0] if cell == 0 else ref[1]
+    torch.testing.assert_close(hn, h_ref, **tol, msg=lambda m: f"h_n: {m}")
+    if cell == 0:
+        torch.testing.assert_close(cn, ref[1][1], **tol, msg=lambda m: f"c_n: {m}")
+
+
+def test_emulated_stack_bfloat16(emulation):
+    """2-byte elements: the stacked LSTM in bfloat16 against torch's float32 module."""
+    _, _, h0, c0, w, ref = _stack_inputs("lstm", 2, 16, 2)
+    bf = lambda v: [t.bfloat16() if t is not None else None for t in v]  # noqa: E731
+    out, hn, cn = emulation.stack_forward(0, w["x"].bfloat16(), h0.bfloat16(), c0.bfloat16(), bf(w["w_ih"]),
+                                          bf(w["w_hh"]), bf(w["b_ih"]), bf(w["b_hh"]), 2, [8, 4])
+    tol = dict(rtol=4e-2, atol=4e-2)
+    torch.testing.assert_close(out.float(), ref[0].reshape(-1, 16), **tol)
+    torch.testing.assert_close(cn.float(), ref[1][1], **tol)
+
+
+@pytest.mark.parametrize("case", ["generation", "h256", "b8"])
+def test_stack_plans(emulation, case):
+    """The stacked plans: at most 16 blocks, within shared memory, fastest modelled first; the
+    generation shape (2 layers, batch 1, H 128, LSTM float32) gets 4 layer-0 blocks of 32 units
+    and 8 layer-1 blocks of 16 (equal products a block); H 256 in float32 does not fit."""
+    layers, b, h, elem = {"generation": (2, 1, 128, 4), "h256": (2, 1, 256, 4), "b8": (3, 8, 64, 2)}[case]
+    plans = emulation.stack_plans(layers, b, h, 4, elem, H100_SMEM_OPTIN)
+    for units, blocks, smem, _ in plans:
+        assert len(units) == layers and blocks == sum(-(-h // u) for u in units) <= 16 and smem <= H100_SMEM_OPTIN
+    assert [p[3] for p in plans] == sorted(p[3] for p in plans)
+    if case == "generation":
+        assert plans[0][:2] == ([32, 16], 12), plans[:3]
+    elif case == "h256":
+        assert plans == []
+    else:
+        assert plans

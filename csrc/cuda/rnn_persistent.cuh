@@ -707,5 +707,224 @@ inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, in
   return plans;
 }
 
+// ---- the stacked forward: every layer of a unidirectional stack in one kernel ----
+//
+// Inference (no backward to follow) of L >= 2 layers at a small batch (generation): a layer-by-
+// layer run pays T step barriers a layer, each a chain of fixed latencies (barrier, staging, a
+// short dot product, the cell, the exchange) that the arithmetic of a batch-1 step does not
+// fill.  Here layer l runs its step t at wavefront step s = t + l: at step s every layer whose
+// t is in [0, T) steps at once, so L layers take T + L - 1 barriers instead of L T.  Layer l >= 1
+// reads its input h_{l-1}(t) (made by layer l - 1 at step s - 1) and its own h_l(t - 1) (made by
+// itself at step s - 1): both come from the step before, as in the one-layer kernel, so the
+// double-buffered exchange of Sync::kClusterDsmem carries them.  Layer 0's input projections
+// are one GEMM before the kernel; layer l >= 1's are computed per step from its W_ih slice.
+//
+// Blocks: [first[l], first[l + 1]) serve layer l, units[l] hidden units each.  A layer-0 block
+// holds its units' G gate rows of W_hh (one segment); a block of a later layer holds its units'
+// G rows of W_ih then G rows of W_hh (two segments, both H long: no projection, one direction).
+// The staging buffers hold every layer's h for the batch: slot l = rows [l B, l B + B) of H.
+// The whole grid is one thread-block cluster (<= 16 blocks, sm_90+): each cell's thread stores
+// its h into the staging buffer of every block that reads it (layers l and l + 1).
+
+constexpr int kMaxStack = 8;  // layers of one stacked launch
+
+// A stacked launch's geometry (the host's plan; the emulation sets it alike).  The shared-memory
+// offsets are the same in every block: peers store into the staging buffers by offset.
+struct StackPlan {
+  int L = 0, blocks = 0;
+  int units[kMaxStack] = {};
+  int first[kMaxStack + 1] = {};
+  int64_t stage_off = 0, stage_elems = 0, part_off = 0, smem = 0;
+  double step_ns = 0;
+};
+
+// Fills blocks, first and the shared-memory layout of p (L and units set) for batch B, hidden
+// size H, G gates and elem-byte elements.
+inline void stack_geometry(StackPlan& p, int64_t B, int H, int G, int elem) {
+  int64_t rows = 0, seg_rows = 0;  // the most W rows a block holds, and a segment's
+  p.first[0] = 0;
+  for (int l = 0; l < p.L; ++l) {
+    p.first[l + 1] = p.first[l] + (H + p.units[l] - 1) / p.units[l];
+    const int64_t r = int64_t(G) * p.units[l];
+    seg_rows = r > seg_rows ? r : seg_rows;
+    rows = (l == 0 ? 1 : 2) * r > rows ? (l == 0 ? 1 : 2) * r : rows;
+  }
+  p.blocks = p.first[p.L];
+  p.stage_off = align16(rows * H * elem);
+  p.stage_elems = align16(int64_t(p.L) * B * H * elem) / elem;
+  p.part_off = p.stage_off + 2 * p.stage_elems * elem;
+  const int64_t partials = B * seg_rows > kPartMin ? B * seg_rows : kPartMin;  // a segment's (smem_layout)
+  p.smem = p.part_off + 2 * 4 * partials;
+}
+
+template <typename scalar_t>
+struct StackArgs {
+  const scalar_t* x;                  // (T B, G H) layer 0's input projections
+  const scalar_t* w_ih[kMaxStack];    // (G H, H) layer l's W_ih, l >= 1 ([0] unused)
+  const scalar_t* w_hh[kMaxStack];    // (G H, H)
+  const scalar_t* b_ih[kMaxStack];    // (G H) each, or null (then b_hh[l] is null too)
+  const scalar_t* b_hh[kMaxStack];
+  const scalar_t* h0;                 // (L, B, H)
+  const scalar_t* c0;                 // (L, B, H), LSTM
+  scalar_t* out;                      // (T B, H) the last layer's h of every step
+  scalar_t* hn;                       // (L, B, H) every layer's h after step T - 1
+  scalar_t* cn;                       // (L, B, H) LSTM: every layer's c as it goes, c_n at the end
+  int64_t T, B;
+  int H;
+  bool relu;
+  StackPlan plan;
+};
+
+// What the cell of (layer l, batch row b, unit j) at step t reads besides the products: layer
+// 0's input projections, the biases, the c it enters with (LSTM; this thread wrote it at the
+// layer's previous step).  Loaded for a thread's first cell before the products.
+template <Kind C>
+struct StackIn {
+  float x[kGates<C>], b_ih[kGates<C>], b_hh[kGates<C>], cx;
+};
+
+template <typename T, Kind C>
+__device__ __forceinline__ StackIn<C> stack_inputs(const StackArgs<T>& p, int l, int64_t t, int64_t b, int j) {
+  constexpr int G = kGates<C>;
+  const int64_t H = p.H;
+  StackIn<C> in;
+  const T* x = p.x + (t * p.B + b) * G * H + j;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    in.x[g] = l == 0 ? static_cast<float>(x[g * H]) : 0.0f;
+    in.b_ih[g] = p.b_ih[l] != nullptr ? static_cast<float>(p.b_ih[l][g * H + j]) : 0.0f;
+    in.b_hh[g] = p.b_hh[l] != nullptr ? static_cast<float>(p.b_hh[l][g * H + j]) : 0.0f;
+  }
+  in.cx = 0.0f;
+  if constexpr (C == Kind::kLstm) {
+    const int64_t s = (int64_t(l) * p.B + b) * H + j;
+    in.cx = static_cast<float>(t == 0 ? p.c0[s] : p.cn[s]);
+  }
+  return in;
+}
+
+template <typename T, Kind C>
+__global__ void __launch_bounds__(kPThreads, 2) stack_forward_kernel(const StackArgs<T> p) {
+  constexpr int G = kGates<C>;
+  CONVRNN_PERSISTENT_SMEM(smem);
+  const StackPlan& pl = p.plan;
+  int l = 0;
+  while (int(blockIdx.x) >= pl.first[l + 1]) ++l;
+  const int H = p.H, L = pl.L, u0 = (int(blockIdx.x) - pl.first[l]) * pl.units[l], U = min(pl.units[l], H - u0);
+  const int R = G * U, segs = l == 0 ? 1 : 2, nc = static_cast<int>(p.B);
+  const int64_t BH = p.B * H;
+  T* w_s = reinterpret_cast<T*>(smem);  // segment q, row g U + u: (q < segs - 1 ? W_ih : W_hh) row g H + u0 + u
+  T* const stages = reinterpret_cast<T*>(smem + pl.stage_off);
+  float* const part = reinterpret_cast<float*>(smem + pl.part_off);
+  for (int q = 0; q < segs; ++q) {
+    const T* w = q == segs - 1 ? p.w_hh[l] : p.w_ih[l];
+    copy_batched<T>(
+        R * H,
+        [&](int i) {
+          const int r = i / H, g = r / U;
+          return w[int64_t(g * H + u0 + r - g * U) * H + (i - r * H)];
+        },
+        [&](int i, T v) { w_s[q * R * H + i] = v; });
+  }
+  // Layer m first reads its h0 at step m, from buffer m % 2; no block stores into that slot of
+  // that buffer before step m + 1 (layer m's stores at step s go to buffer (s + 1) % 2).
+  for (int64_t i = threadIdx.x; i < L * BH; i += kPThreads) stages[((i / BH) & 1) * pl.stage_elems + i] = p.h0[i];
+  // every block of the cluster runs, its W slice and h0 slots in place, before any peer's stores
+  cluster_sync();
+  const int targets0 = pl.first[l], targets1 = pl.first[min(l + 2, L)];  // the blocks that read this layer's h
+  const int ks = k_splits(R, nc);
+  float* const part_x = part;  // segment 0's partial sums (layers >= 1: W_ih h_{l-1})
+  float* const part_h = segs == 2 ? part + int64_t(ks) * nc * R : part;
+  const int64_t steps = p.T + L - 1;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = s - l;
+    if (t >= 0 && t < p.T) {
+      const T* const cur = stages + (s & 1) * pl.stage_elems;
+      T* const nxt = stages + ((s + 1) & 1) * pl.stage_elems;
+      StackIn<C> first;
+      if (int(threadIdx.x) < nc * U) {
+        const int bl = threadIdx.x / U;
+        first = stack_inputs<T, C>(p, l, t, bl, u0 + int(threadIdx.x) - bl * U);
+      }
+      if (segs == 2) tile_products(cur + (l - 1) * BH, nc, w_s, R, H, ks, part_x);
+      tile_products(cur + l * BH, nc, w_s + (segs - 1) * R * H, R, H, ks, part_h);
+      __syncthreads();
+      const bool publish_h = t + 1 < p.T || l + 1 < L;  // someone reads h_l(t) at step s + 1
+      for (int e = threadIdx.x; e < nc * U; e += kPThreads) {
+        const int bl = e / U, u = e - bl * U, j = u0 + u;
+        const StackIn<C> in = e == int(threadIdx.x) ? first : stack_inputs<T, C>(p, l, t, bl, j);
+        float gx[G], gh[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          gx[g] = (segs == 2 ? partial_sum(part_x, ks, nc, R, bl, g * U + u) : in.x[g]) + in.b_ih[g];
+          gh[g] = partial_sum(part_h, ks, nc, R, bl, g * U + u) + in.b_hh[g];
+        }
+        const int64_t sidx = int64_t(l) * BH + bl * H + j;
+        float h;
+        if constexpr (C == Kind::kLstm) {
+          const LstmGates<float> a = lstm_gates(gx[0] + gh[0], gx[1] + gh[1], gx[2] + gh[2], gx[3] + gh[3]);
+          float c;
+          lstm_update(a, in.cx, h, c);
+          p.cn[sidx] = static_cast<T>(c);
+        } else if constexpr (C == Kind::kGru) {
+          float r, z, n;
+          gru_forward(gx[0], gx[1], gx[2], gh[0], gh[1], gh[2], static_cast<float>(cur[sidx]), r, z, n, h);
+        } else {
+          h = rnn_activation(gx[0] + gh[0], p.relu);
+        }
+        const T hv = static_cast<T>(h);
+        if (l == L - 1) p.out[(t * p.B + bl) * H + j] = hv;
+        if (t == p.T - 1) p.hn[sidx] = hv;
+        if (publish_h) {
+          for (int r = targets0; r < targets1; ++r) cluster_peer(nxt, r)[sidx] = hv;
+        }
+      }
+    }
+    if (s + 1 < steps) cluster_sync();  // every h of step s stored into its readers' buffers
+  }
+}
+
+// Modelled nanoseconds of one wavefront step (the one-layer model's terms, step_ns above): the
+// cluster barrier, each cell's stores into the blocks that read it (the slowest layer's), and
+// the block with the most products.
+inline double stack_step_ns(const StackPlan& p, int64_t B, int H, int G) {
+  double products = 0, stores = 0;
+  for (int l = 0; l < p.L; ++l) {
+    const double tiles = (l == 0 ? 1 : 2) * std::ceil(G * p.units[l] / double(kTR)) * std::ceil(double(B) / kTB);
+    products = std::max(products, tiles * (std::ceil(H / 32.0) * (kTR + kTB) + 32.0) / 1.7);
+    const int targets = p.first[std::min(l + 2, p.L)] - p.first[l];
+    const double rounds = std::ceil(double(p.units[l]) * double(B) / kPThreads);
+    stores = std::max(stores, targets * rounds);
+  }
+  return 300.0 + 200.0 + 13.0 * stores + products;
+}
+
+// The stacked plans that fit (at most max_blocks blocks, smem_optin bytes a block), fastest
+// modelled first: units[0] any power of two (or H), later layers units[0] or half of it (their
+// blocks hold two segments, so half the units balances the products).
+inline std::vector<StackPlan> stack_candidates(int L, int64_t B, int H, int G, int elem, int64_t smem_optin,
+                                               int max_blocks) {
+  std::vector<StackPlan> plans;
+  if (L < 2 || L > kMaxStack) return plans;
+  for (int units = 1;; units = units * 2 > H ? H : units * 2) {
+    for (int half = 0; half < 2; ++half) {
+      if (half == 1 && units == 1) continue;
+      StackPlan p;
+      p.L = L;
+      p.units[0] = units;
+      for (int l = 1; l < L; ++l) p.units[l] = half ? (units + 1) / 2 : units;
+      stack_geometry(p, B, H, G, elem);
+      if (p.blocks > max_blocks || p.smem > smem_optin) continue;
+      p.step_ns = stack_step_ns(p, B, H, G);
+      plans.push_back(p);
+    }
+    if (units >= H) break;
+  }
+  std::stable_sort(plans.begin(), plans.end(),
+                   [](const StackPlan& a, const StackPlan& b) { return a.step_ns < b.step_ns; });
+  return plans;
+}
+
+
 }  // namespace persistent
 }  // namespace convrnn

@@ -151,6 +151,60 @@ std::vector<PlanTuple> candidates(int64_t rows_per_unit, int64_t K, int64_t B, i
   return r;
 }
 
+// The stacked forward (every layer of a unidirectional stack in one kernel) under an explicit
+// plan: units[l] hidden units a block for layer l.  x (T B, G H) layer 0's input projections;
+// h0, c0 (L, B, H); w_ih: layers 1..L-1; w_hh, b_ih, b_hh: every layer.  Returns out (T B, H),
+// h_n, c_n (LSTM), NaN wherever the kernel wrote nothing.
+std::vector<Tensor> stack_forward(int64_t cell, Tensor x, Tensor h0, OptTensor c0, std::vector<Tensor> w_ih,
+                                  std::vector<Tensor> w_hh, std::vector<OptTensor> b_ih, std::vector<OptTensor> b_hh,
+                                  int64_t B, std::vector<int64_t> units) {
+  const int64_t L = static_cast<int64_t>(w_hh.size()), H = w_hh[0].size(1), G = gates(cell);
+  TORCH_CHECK(L >= 2 && L <= kMaxStack && int64_t(w_ih.size()) == L - 1 && int64_t(units.size()) == L &&
+                  int64_t(b_ih.size()) == L && int64_t(b_hh.size()) == L,
+              "emulation: a stack of 2..", kMaxStack, " layers");
+  const int64_t T = x.size(0) / B;
+  Tensor out = at::full({T * B, H}, NAN, x.options()), hn = at::full({L, B, H}, NAN, x.options());
+  Tensor cn = cell == 0 ? at::full({L, B, H}, NAN, x.options()) : Tensor();
+  dispatch(x, cell, [&](auto tag, auto kind) {
+    using T_ = std::remove_pointer_t<decltype(tag)>;
+    constexpr Kind C = decltype(kind)::value;
+    StackArgs<T_> a{};
+    a.x = x.data_ptr<T_>();
+    for (int64_t l = 0; l < L; ++l) {
+      a.w_ih[l] = l > 0 ? w_ih[l - 1].data_ptr<T_>() : nullptr;
+      a.w_hh[l] = w_hh[l].data_ptr<T_>();
+      a.b_ih[l] = ptr<T_>(b_ih[l]);
+      a.b_hh[l] = ptr<T_>(b_hh[l]);
+      a.plan.units[l] = static_cast<int>(units[l]);
+    }
+    a.h0 = h0.data_ptr<T_>();
+    a.c0 = ptr<T_>(c0);
+    a.out = out.data_ptr<T_>();
+    a.hn = hn.data_ptr<T_>();
+    a.cn = ptr<T_>(cn);
+    a.T = T;
+    a.B = B;
+    a.H = static_cast<int>(H);
+    a.relu = cell == 3;
+    a.plan.L = static_cast<int>(L);
+    stack_geometry(a.plan, B, static_cast<int>(H), static_cast<int>(G), sizeof(T_));
+    emu::launch(&stack_forward_kernel<T_, C>, a.plan.blocks, kPThreads, a.plan.smem, a);
+  });
+  return {out, hn, cn.defined() ? cn : at::empty({0})};
+}
+
+// The host's stacked plans (units per layer, blocks, smem, step_ns), fastest modelled first.
+using StackTuple = std::tuple<std::vector<int64_t>, int64_t, int64_t, double>;
+std::vector<StackTuple> stack_plans(int64_t L, int64_t B, int64_t H, int64_t G, int64_t elem, int64_t smem_optin,
+                                    int64_t max_blocks) {
+  std::vector<StackTuple> r;
+  for (const StackPlan& p : stack_candidates(static_cast<int>(L), B, static_cast<int>(H), static_cast<int>(G),
+                                             static_cast<int>(elem), smem_optin, static_cast<int>(max_blocks))) {
+    r.emplace_back(std::vector<int64_t>(p.units, p.units + p.L), p.blocks, p.smem, p.step_ns);
+  }
+  return r;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -166,4 +220,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan_candidates", &candidates, "the host's plan candidates, fastest modelled first", py::arg("rows_per_unit"),
         py::arg("K"), py::arg("B"), py::arg("H"), py::arg("elem"), py::arg("smem_optin"), py::arg("max_cluster") = 0,
         py::arg("dsmem") = true);
+  m.def("stack_forward", &stack_forward, "the stacked forward kernel, emulated on the CPU", py::arg("cell"),
+        py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        py::arg("B"), py::arg("units"));
+  m.def("stack_plans", &stack_plans, "the host's stacked plans, fastest modelled first", py::arg("L"), py::arg("B"),
+        py::arg("H"), py::arg("G"), py::arg("elem"), py::arg("smem_optin"), py::arg("max_blocks") = 16);
 }
