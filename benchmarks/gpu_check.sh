@@ -84,10 +84,10 @@ step "benchmark on cuda"
 timeout $(budget 150 $(( 190 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
   --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
 tail -45 "$out/bench.txt"
-# A/B of runtime switches, each against the main run's default (bench.json): the persistent
-# recurrence with the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0) and with clusters but no
-# distributed shared memory (=1); the max-pool forward without its round-3 kernels
-# (CONVRNN_MAXPOOL_R3=0).
+# A/B of runtime switches, each against the main run's default (bench.json): the sequences'
+# inference without the stacked kernel (CONVRNN_PERSISTENT_STACK=0: layer by layer), and with
+# the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0, which also declines the stack); the
+# max-pool forward without its round-3 kernels (CONVRNN_MAXPOOL_R3=0).
 ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
   step "A/B $name: $env ($ops, $dtypes)"
   env $env timeout $(budget 35 $(( reserve + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
@@ -95,12 +95,12 @@ ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
     || status=1
   grep -A4 "^Geomean" "$out/ab-$name.txt" | tail -4
 }
-ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 155
-ab seq-cluster-l2 CONVRNN_PERSISTENT_CLUSTER=1 lstm_seq,gru_seq float32,bfloat16 120
+ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 155
+ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 120
 ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 85
 
 step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
-timeout $(budget 45 $(( 40 + 40 * tf32 ))) $py benchmarks/rnn_persistent_profile.py --reps 3 > "$out/rnn-steps.txt" 2>&1 \
+timeout $(budget 55 $(( 40 + 40 * tf32 ))) $py benchmarks/rnn_persistent_profile.py --reps 3 --stack > "$out/rnn-steps.txt" 2>&1 \
   || status=1
 grep "per step" "$out/rnn-steps.txt"
 

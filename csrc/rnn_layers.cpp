@@ -70,7 +70,14 @@ std::atomic<int>& cpu_mode() {
   return mode;
 }
 
-std::atomic<int64_t> persistent_launches{0}, cpu_runs{0};
+// The stacked kernel (rnn_persistent.h: PersistentStack): 1 on (the default), 0 off;
+// CONVRNN_PERSISTENT_STACK when first asked, convrnn::_persistent_rnn_stack.
+std::atomic<int>& stack_mode() {
+  static std::atomic<int> mode(env_mode("CONVRNN_PERSISTENT_STACK", 1));
+  return mode;
+}
+
+std::atomic<int64_t> persistent_launches{0}, cpu_runs{0}, stack_launches{0};
 std::atomic<int64_t> persistent_launches_by_sync[3] = {{0}, {0}, {0}};
 
 // mode -1 asks, 0..highest sets; returns (the mode before the call, the count so far).
@@ -95,6 +102,11 @@ std::vector<int64_t> persistent_launches_op() {
   return n;
 }
 
+// Counts stacked launches (every layer of a stack in one kernel).
+std::tuple<int64_t, int64_t> persistent_stack_op(int64_t mode) {
+  return switch_op("_persistent_rnn_stack", stack_mode(), stack_launches, mode, 1);
+}
+
 // Counts the layer calls (forward or backward) the CPU recurrence ran.
 std::tuple<int64_t, int64_t> cpu_recurrence_op(int64_t mode) {
   return switch_op("_cpu_recurrence", cpu_mode(), cpu_runs, mode, 2);
@@ -109,6 +121,14 @@ bool persistent_rnn_enabled() {
 void note_persistent_launch(int sync) {
   persistent_launches.fetch_add(1, std::memory_order_relaxed);
   persistent_launches_by_sync[std::clamp(sync, 0, 2)].fetch_add(1, std::memory_order_relaxed);
+}
+
+bool persistent_stack_enabled() {
+  return stack_mode().load(std::memory_order_relaxed) != 0;
+}
+
+void note_persistent_stack_launch() {
+  stack_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 int cpu_recurrence_mode() {
@@ -743,6 +763,108 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   return {as_sequence(s, gp_all), dh, grad_w_hh(s, gp_all, out, h_init), gp_all.sum(0)};
 }
 
+// ---- a unidirectional stack, inference ----
+
+// Every layer of a unidirectional stack without projections, with no backward to follow:
+// layer 0's input projection x_proj (T, B, G*H); hx (L, B, H); cx (L, B, H) for the LSTM (cell
+// 0); w_ih of layers 1..L-1; w_hh, b_ih, b_hh of every layer.  On CUDA the stacked persistent
+// kernel runs all layers at once where it serves the case (rnn_persistent.h: PersistentStack);
+// elsewhere, and where it declines, each layer's op runs in turn after its input projection
+// (one matrix product).  Returns the last layer's output (T, B, H), h_n (L, B, H) and c_n
+// (L, B, H; an empty tensor for the others).
+std::tuple<Tensor, Tensor, Tensor> rnn_stack(const Tensor& x_proj, const Tensor& hx, const OptTensor& cx,
+                                             at::TensorList w_ih, at::TensorList w_hh,
+                                             const c10::List<std::optional<Tensor>>& b_ih,
+                                             const c10::List<std::optional<Tensor>>& b_hh, int64_t cell) {
+  const char* op = "rnn_stack";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(cell >= 0 && cell <= 3, "convrnn.rnn_stack: cell must be 0 (LSTM), 1 (GRU), 2 (RNN tanh) or 3 (RNN "
+              "relu), but got ", cell);
+  const int64_t G = cell == 0 ? 4 : (cell == 1 ? 3 : 1), L = static_cast<int64_t>(w_hh.size());
+  TORCH_CHECK(L >= 1, "convrnn.rnn_stack: w_hh must hold one matrix a layer (num_layers >= 1), but got none");
+  TORCH_CHECK(int64_t(w_ih.size()) == L - 1, "convrnn.rnn_stack: w_ih must hold the input weights of layers 1..",
+              L - 1, " (", L - 1, " matrices: layer 0's projection is x_proj), but got ", w_ih.size());
+  TORCH_CHECK(int64_t(b_ih.size()) == L && int64_t(b_hh.size()) == L, "convrnn.rnn_stack: b_ih and b_hh must hold ",
+              "one entry a layer (", L, "; a bias or None), but got ", b_ih.size(), " and ", b_hh.size());
+  check_floating(op, "x_proj", x_proj);
+  TORCH_CHECK(x_proj.dim() == 3, "convrnn.rnn_stack: x_proj must be (T, B, ", G, " * hidden_size), but got shape ",
+              x_proj.sizes());
+  TORCH_CHECK(w_hh[0].dim() == 2 && w_hh[0].size(1) > 0, "convrnn.rnn_stack: w_hh[0] must be a (", G,
+              " * hidden_size, hidden_size) matrix, but got shape ", w_hh[0].sizes());
+  const int64_t T = x_proj.size(0), B = x_proj.size(1), H = w_hh[0].size(1);
+  TORCH_CHECK(x_proj.size(2) == G * H, "convrnn.rnn_stack: x_proj must have ", G, " * hidden_size = ", G * H,
+              " columns, but got shape ", x_proj.sizes());
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string n = "[" + std::to_string(l) + "]", whh = "w_hh" + n;
+    check_same(op, whh.c_str(), w_hh[l], "x_proj", x_proj);
+    check_shape(op, whh.c_str(), w_hh[l], {G * H, H});
+    if (l > 0) {
+      const std::string name = "w_ih[" + std::to_string(l - 1) + "]";
+      check_same(op, name.c_str(), w_ih[l - 1], "x_proj", x_proj);
+      check_shape(op, name.c_str(), w_ih[l - 1], {G * H, H});
+    }
+    TORCH_CHECK(given(b_ih.get(l)) == given(b_hh.get(l)), "convrnn.rnn_stack: b_ih", n, " and b_hh", n,
+                " must be given together");
+    for (const auto& [name, b] : {std::pair<std::string, OptTensor>{"b_ih" + n, b_ih.get(l)}, {"b_hh" + n, b_hh.get(l)}}) {
+      if (given(b)) {
+        check_same(op, name.c_str(), *b, "x_proj", x_proj);
+        check_shape(op, name.c_str(), *b, {G * H});
+      }
+    }
+  }
+  check_same(op, "hx", hx, "x_proj", x_proj);
+  check_shape(op, "hx", hx, {L, B, H});
+  TORCH_CHECK(given(cx) == (cell == 0), "convrnn.rnn_stack: cx must be given for the LSTM (cell 0) and only for it");
+  if (given(cx)) {
+    check_same(op, "cx", *cx, "x_proj", x_proj);
+    check_shape(op, "cx", *cx, {L, B, H});
+  }
+  const auto opts = x_proj.options();
+  const Tensor h_init = hx.contiguous(), c_init = given(cx) ? cx->contiguous() : Tensor();
+  auto bias = [](const OptTensor& b) { return given(b) ? OptTensor(b->contiguous()) : OptTensor(); };
+  if (x_proj.is_cuda() && L >= 2 && persistent_rnn_enabled() && persistent_stack_enabled()) {
+    PersistentStack st;
+    st.cell = static_cast<RnnCell>(cell);
+    st.T = T;
+    st.B = B;
+    st.H = H;
+    for (int64_t l = 0; l < L; ++l) {
+      if (l > 0) st.w_ih.push_back(w_ih[l - 1].contiguous());
+      st.w_hh.push_back(w_hh[l].contiguous());
+      st.b_ih.push_back(bias(b_ih.get(l)));
+      st.b_hh.push_back(bias(b_hh.get(l)));
+    }
+    st.h0 = h_init;
+    st.c0 = c_init;
+    Tensor out = at::empty({T * B, H}, opts), hn = at::empty({L, B, H}, opts);
+    Tensor cn = cell == 0 ? at::empty({L, B, H}, opts) : Tensor();
+    if (persistent_stack_forward(st, x_proj.contiguous().view({T * B, G * H}), out, hn, cn)) {
+      return {out.view({T, B, H}), hn, cell == 0 ? cn : at::empty({0}, opts)};
+    }
+  }
+  Tensor input = x_proj;
+  std::vector<Tensor> hs, cs;
+  for (int64_t l = 0; l < L; ++l) {
+    const Tensor xp = l == 0 ? x_proj : at::linear(input, w_ih[l - 1]);
+    const OptTensor bi = b_ih.get(l), bh = b_hh.get(l);
+    if (cell == 0) {
+      auto res = lstm_layer(xp, h_init[l], c_init[l], w_hh[l], bi, bh, std::nullopt, std::nullopt, false, false);
+      input = std::get<0>(res);
+      hs.push_back(std::get<1>(res));
+      cs.push_back(std::get<2>(res));
+    } else if (cell == 1) {
+      auto res = gru_layer(xp, h_init[l], w_hh[l], bi, bh, std::nullopt, false, false);
+      input = std::get<0>(res);
+      hs.push_back(std::get<1>(res));
+    } else {
+      auto res = rnn_layer(xp, h_init[l], w_hh[l], bi, bh, std::nullopt, false, cell == 3);
+      input = std::get<0>(res);
+      hs.push_back(std::get<1>(res));
+    }
+  }
+  return {input, at::stack(hs), cell == 0 ? at::stack(cs) : at::empty({0}, opts)};
+}
+
 }  // namespace
 }  // namespace convrnn
 
@@ -773,6 +895,15 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   m.def("_persistent_rnn(int mode=-1) -> (int, int)", &convrnn::persistent_rnn_op);
   // Its launches so far by step barrier: [grid, cluster, cluster + distributed shared memory].
   m.def("_persistent_rnn_launches() -> int[]", &convrnn::persistent_launches_op);
+  // Every layer of a unidirectional stack without projections, for inference (no autograd:
+  // the Python side calls it only where no gradient is needed); cell 0 LSTM, 1 GRU, 2 RNN tanh,
+  // 3 RNN relu; w_ih holds layers 1..L-1 (layer 0's projection is x_proj); c_n is empty but for
+  // the LSTM.
+  m.def("rnn_stack(Tensor x_proj, Tensor hx, Tensor? cx, Tensor[] w_ih, Tensor[] w_hh, Tensor?[] b_ih, "
+        "Tensor?[] b_hh, int cell) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  // The stacked persistent kernel's switch (rnn_persistent.h): mode -1 asks, 0 off, 1 on; returns
+  // the mode before the call and its launches so far.
+  m.def("_persistent_rnn_stack(int mode=-1) -> (int, int)", &convrnn::persistent_stack_op);
   // The CPU recurrence (cpu/rnn_recurrence.h): mode -1 asks, 0 off, 1 on, 2 on with every step
   // split over the threads; returns the mode before the call and the layer calls it ran so far.
   m.def("_cpu_recurrence(int mode=-1) -> (int, int)", &convrnn::cpu_recurrence_op);
@@ -785,7 +916,8 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   m.impl("gru_layer", &convrnn::gru_layer);                        \
   m.impl("gru_layer_backward", &convrnn::gru_layer_backward);      \
   m.impl("rnn_layer", &convrnn::rnn_layer);                        \
-  m.impl("rnn_layer_backward", &convrnn::rnn_layer_backward)
+  m.impl("rnn_layer_backward", &convrnn::rnn_layer_backward);      \
+  m.impl("rnn_stack", &convrnn::rnn_stack)
 
 TORCH_LIBRARY_IMPL(convrnn, CPU, m) {
   CONVRNN_REGISTER_LAYERS(m);

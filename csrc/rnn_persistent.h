@@ -49,7 +49,32 @@ bool persistent_rnn_enabled();
 // with distributed shared memory: convrnn::_persistent_rnn_launches).
 void note_persistent_launch(int sync);
 
+// A unidirectional stack of L >= 2 layers without projections, for inference (no backward
+// follows): every layer's recurrence in one kernel, as a wavefront (rnn_persistent.cuh:
+// stack_forward_kernel).  Every tensor contiguous, on one device, of one dtype.
+struct PersistentStack {
+  RnnCell cell = RnnCell::kLstm;
+  int64_t T = 0, B = 0, H = 0;
+  std::vector<at::Tensor> w_ih;                      // layers 1..L-1: (G*H, H)
+  std::vector<at::Tensor> w_hh;                      // every layer: (G*H, H)
+  std::vector<std::optional<at::Tensor>> b_ih, b_hh;  // every layer: (G*H) or none
+  at::Tensor h0, c0;                                 // (L, B, H); c0 for the LSTM only
+};
+
+// Whether the stacked kernel is offered (with persistent_rnn_enabled()): yes unless
+// CONVRNN_PERSISTENT_STACK=0 when first asked, or what convrnn::_persistent_rnn_stack last set;
+// and counts its launches.
+bool persistent_stack_enabled();
+void note_persistent_stack_launch();
+
 #if defined(CONVRNN_WITH_CUDA)
+// x: (T*B, G*H) layer 0's input projections.  Fills out (T*B, H) (the last layer's h of every
+// step), hn and cn ((L, B, H); cn for the LSTM), preallocated.  Returns false, launching
+// nothing, where it does not serve the case (a GPU before sm_90, a stack whose weights do not
+// fit in one thread-block cluster's shared memory, ...).
+bool persistent_stack_forward(const PersistentStack& s, const at::Tensor& x, at::Tensor& out, at::Tensor& hn,
+                              at::Tensor& cn);
+
 // x: (N, G*H) input projections.  Fills out (N, H), cs (N, H) (LSTM, every step's c), and ws
 // (N, 4H) when defined (the fused cell ops' workspace: LSTM i, f, g, o; GRU r, z, n, hn), all
 // preallocated.  Returns false, launching nothing, where it does not serve the case.
@@ -65,6 +90,10 @@ bool persistent_backward(const PersistentLayer& l, const at::Tensor& grad_out, c
                          const at::Tensor& cs, const at::Tensor& ws, at::Tensor& dh, at::Tensor& dc,
                          at::Tensor& g_hidden, at::Tensor& g_input);
 #else
+inline bool persistent_stack_forward(const PersistentStack&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                     at::Tensor&) {
+  return false;
+}
 inline bool persistent_forward(const PersistentLayer&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
   return false;
 }

@@ -599,3 +599,119 @@ def _compile_and_compare(model, params, device):
     torch.testing.assert_close(out, eout, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, egrads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+# ---- convrnn::rnn_stack: a unidirectional stack for inference --------------------------------------------
+
+STACK_CELLS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
+def _stack_args(module, x):
+    """rnn_stack's arguments for torch.nn module `module` (unidirectional, no projection) on x."""
+    name = {"LSTM": 0, "GRU": 1}.get(type(module).__name__, 3 if getattr(module, "nonlinearity", "") == "relu" else 2)
+    layers = module.num_layers
+    get = lambda n: getattr(module, n, None)  # noqa: E731
+    w = lambda n: None if get(n) is None else get(n).detach()  # noqa: E731
+    return [torch.nn.functional.linear(x, w("weight_ih_l0")), None, None,
+            [w(f"weight_ih_l{l}") for l in range(1, layers)], [w(f"weight_hh_l{l}") for l in range(layers)],
+            [w(f"bias_ih_l{l}") for l in range(layers)], [w(f"bias_hh_l{l}") for l in range(layers)], name]
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("name", list(STACK_CELLS))
+def test_rnn_stack_matches_torch(device, name, bias, layers):
+    """The op against torch.nn's module in eval mode: the last layer's output, h_n, c_n (on CUDA
+    the stacked persistent kernel where it serves the case, else each layer's op)."""
+    _ck_or_skip()
+    _, theirs = make_pair(name, num_layers=layers, bias=bias, dtype=torch.float32, device=device)
+    inputs = make_inputs(theirs, "plain", torch.float32, device)
+    args = _stack_args(theirs, inputs["x"])
+    args[1], args[2] = inputs["h"], inputs.get("c")
+    with torch.no_grad():
+        out, h_n, c_n = torch.ops.convrnn.rnn_stack(*args)
+        ref = theirs(inputs["x"], (inputs["h"], inputs["c"]) if name == "lstm" else inputs["h"])
+    tol = dict(rtol=2e-4, atol=2e-4) if device == "cuda" else TOL[torch.float32]
+    torch.testing.assert_close(out, ref[0], **tol)
+    torch.testing.assert_close(h_n, ref[1][0] if name == "lstm" else ref[1], **tol)
+    if name == "lstm":
+        torch.testing.assert_close(c_n, ref[1][1], **tol)
+    else:
+        assert c_n.numel() == 0
+
+
+def test_rnn_stack_opcheck_and_compile(device):
+    _ck_or_skip()
+    _, theirs = make_pair("lstm", num_layers=2, dtype=torch.float32, device=device)
+    inputs = make_inputs(theirs, "plain", torch.float32, device)
+    args = _stack_args(theirs, inputs["x"])
+    args[1], args[2] = inputs["h"], inputs["c"]
+    torch.library.opcheck(torch.ops.convrnn.rnn_stack.default, tuple(args))
+    with torch.no_grad():
+        eager = torch.ops.convrnn.rnn_stack(*args)
+        compiled = torch.compile(lambda *a: torch.ops.convrnn.rnn_stack(*a), backend=COMPILE_BACKEND,
+                                 fullgraph=True)(*args)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_rnn_stack_refuses_gradients():
+    _ck_or_skip()
+    _, theirs = make_pair("gru", num_layers=2, dtype=torch.float32)
+    inputs = make_inputs(theirs, "plain", torch.float32)
+    args = _stack_args(theirs, inputs["x"])
+    args[1] = inputs["h"].requires_grad_()
+    with pytest.raises(RuntimeError, match=r"convrnn\.rnn_stack: .*no backward"):
+        torch.ops.convrnn.rnn_stack(*args)
+
+
+STACK_BAD = {  # id: (index in the arguments, replacement maker, regex for the argument in the message)
+    "cell": (7, lambda a: 4, "cell"),
+    "x_proj_cols": (0, lambda a: a[0][..., :-1], "x_proj"),
+    "x_proj_2d": (0, lambda a: a[0][0], "x_proj"),
+    "x_proj_int": (0, lambda a: a[0].long(), "x_proj"),
+    "hx_layers": (1, lambda a: a[1][:1], "hx"),
+    "hx_dtype": (1, lambda a: a[1].double(), "hx"),
+    "cx_missing": (2, lambda a: None, "cx"),
+    "w_ih_count": (3, lambda a: [], "w_ih"),
+    "w_ih_shape": (3, lambda a: [torch.randn(4 * H, H + 1)], r"w_ih\[0\]"),
+    "w_hh_shape": (4, lambda a: [a[4][0], torch.randn(4 * H, H + 1)], r"w_hh\[1\]"),
+    "w_hh_none": (4, lambda a: [], "w_hh"),
+    "b_count": (5, lambda a: a[5][:1], "b_ih"),
+    "b_alone": (5, lambda a: [a[5][0], None], r"b_ih\[1\]"),
+    "b_size": (6, lambda a: [a[6][0], torch.randn(4 * H + 1)], r"b_hh\[1\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(STACK_BAD))
+def test_rnn_stack_bad_arguments(case):
+    _ck_or_skip()
+    _, theirs = make_pair("lstm", num_layers=2, dtype=torch.float32)
+    inputs = make_inputs(theirs, "plain", torch.float32)
+    args = _stack_args(theirs, inputs["x"])
+    args[1], args[2] = inputs["h"], inputs["c"]
+    index, make, arg_re = STACK_BAD[case]
+    args[index] = make(args)
+    with pytest.raises(BAD_INPUT_ERRORS, match=rf"(?s)convrnn\.rnn_stack\b.*(?:{arg_re})"):
+        torch.ops.convrnn.rnn_stack(*args)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_modules_take_the_stack_only_for_cuda_inference(device, name, monkeypatch):
+    """nn.LSTM/GRU hand a unidirectional stack to rnn_stack on CUDA without a gradient (the
+    results match torch either way); with a gradient, on the CPU, or bidirectional they run the
+    layer ops."""
+    _ck_or_skip()
+    import convrnn_kernels.ops.rnn_layers as layers
+    calls = []
+    real = layers._stack_serves
+    monkeypatch.setattr(layers, "_stack_serves", lambda *a: calls.append(real(*a)) or calls[-1])
+    for bidirectional in (False, True):
+        ours, theirs = make_pair(name, num_layers=2, bidirectional=bidirectional, dtype=torch.float32, device=device)
+        inputs = make_inputs(ours, "plain", torch.float32, device)
+        hx = (inputs["h"], inputs["c"]) if name == "lstm" else inputs["h"]
+        with torch.no_grad():
+            got, want = ours(inputs["x"], hx), theirs(inputs["x"], hx)
+        torch.testing.assert_close(got[0], want[0], rtol=2e-4, atol=2e-4)
+        ours(inputs["x"], hx)  # parameters require grad: the layer ops
+    assert calls == [device == "cuda", False, False, False]

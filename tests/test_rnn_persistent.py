@@ -39,6 +39,22 @@ class persistent_mode:
         self.launches = end - self.start
 
 
+class stack_mode:
+    """Sets the stacked kernel (every layer of a unidirectional stack in one launch, inference)
+    on or off inside the block; .launches counts its launches."""
+
+    def __init__(self, on=True):
+        self.on = on
+
+    def __enter__(self):
+        self.before, self.start = OPS._persistent_rnn_stack(1 if self.on else 0)
+        return self
+
+    def __exit__(self, *exc):
+        _, end = OPS._persistent_rnn_stack(self.before)
+        self.launches = end - self.start
+
+
 def packed_lengths(t, b, seed):
     """b lengths in [1, t], the longest t, in no particular order."""
     g = torch.Generator().manual_seed(seed)
@@ -197,7 +213,7 @@ def test_cuda_persistent_inference(name):
     """Under no_grad (need_backward=False: no workspace written) the same output and states."""
     ours, _ = make_pair(name, num_layers=2, dtype=torch.float32, input_size=10, hidden=40, device="cuda", scale=1.0)
     x = torch.randn(12, 4, 10, device="cuda")
-    with persistent_mode() as mode:
+    with persistent_mode() as mode, stack_mode(False):  # (the stacked kernel: test_cuda_stack_*)
         with torch.no_grad():
             lean = ours(x)
         full = ours(x)
@@ -522,3 +538,107 @@ def test_stack_plans(emulation, case):
         assert plans == []
     else:
         assert plans
+
+
+# ---- the stacked kernel on the GPU (inference: every layer in one launch, sm_90+) ----
+
+def _stack_runs():
+    """Whether the stacked kernel can run here (one thread-block cluster: sm_90+)."""
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+# (T, B, I, H, layers): the generation benchmark; three layers, odd batch; ragged blocks (H 37);
+# batch 8 (the tile products)
+STACK_SHAPES = {"generation": (100, 1, 65, 128, 2), "L3_B5_H96": (9, 5, 12, 96, 3), "B3_H37": (6, 3, 5, 37, 2),
+                "B8_H64": (7, 8, 16, 64, 2)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", list(STACK_SHAPES))
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_stack_matches_torch(name, shape):
+    """Under no_grad a unidirectional stack runs as ONE stacked launch: against cuDNN, and
+    against our layer-by-layer path (the same formulas, other sums)."""
+    t, b, i, h, layers = STACK_SHAPES[shape]
+    ours, theirs = make_pair(name, num_layers=layers, dtype=torch.float32, input_size=i, hidden=h, device="cuda",
+                             scale=1.0)
+    inputs = inputs_for(ours, "plain", torch.float32, t, b, seed=2)
+    hx = (inputs["h"], inputs["c"]) if name == "lstm" else inputs["h"]
+    with torch.no_grad():
+        with persistent_mode(), stack_mode() as stacked:
+            got = ours(inputs["x"], hx)
+        with persistent_mode(), stack_mode(False) as off:
+            layered = ours(inputs["x"], hx)
+        want = theirs(inputs["x"], hx)
+    assert stacked.launches == (1 if _stack_runs() else 0) and off.launches == 0
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
+    for what, a, b_, c in zip(("output", "h_n", "c_n"), flat(got), flat(want), flat(layered)):
+        torch.testing.assert_close(a, b_, **TOL32, msg=lambda m: f"{name} {shape} {what} vs cuDNN: {m}")
+        torch.testing.assert_close(a, c, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name} {shape} {what} vs layers: {m}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_cuda_stack_half_types(name, dtype):
+    t, b, i, h, layers = STACK_SHAPES["L3_B5_H96"]
+    ours, theirs = make_pair(name, num_layers=layers, dtype=dtype, input_size=i, hidden=h, device="cuda", scale=1.0)
+    _, ref32 = make_pair(name, num_layers=layers, dtype=torch.float32, input_size=i, hidden=h, device="cuda",
+                         scale=1.0)
+    ref32.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+    inputs = inputs_for(ours, "plain", dtype, t, b, seed=3)
+    hx = (inputs["h"], inputs["c"]) if name == "lstm" else inputs["h"]
+    hx32 = tuple(v.float() for v in hx) if name == "lstm" else hx.float()
+    with torch.no_grad():
+        with persistent_mode(), stack_mode() as stacked:
+            got = ours(inputs["x"], hx)
+        with persistent_mode(), stack_mode(False):
+            layered = ours(inputs["x"], hx)
+        want, ref = theirs(inputs["x"], hx), ref32(inputs["x"].float(), hx32)
+    assert stacked.launches == (1 if _stack_runs() else 0)
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
+    for what, a, w, lay, r in zip(("output", "h_n", "c_n"), flat(got), flat(want), flat(layered), flat(ref)):
+        assert_half_ok_or_as_step_loop(a, w, lay, r, f"{name} {what}")
+
+
+@needs_cuda
+def test_cuda_stack_declines_what_it_cannot_hold():
+    """H 512 in float32 (no plan of <= 16 blocks holds the weights), float64, bidirectional and
+    batch 4096 run layer by layer: no stacked launch, the results still torch's."""
+    for kwargs, dtype, b in ((dict(hidden=512), torch.float32, 2), (dict(hidden=16), torch.float64, 2),
+                             (dict(hidden=16, bidirectional=True), torch.float32, 2),
+                             (dict(hidden=16), torch.float32, 4096)):
+        ours, theirs = make_pair("lstm", num_layers=2, dtype=dtype, input_size=8, device="cuda", scale=1.0, **kwargs)
+        inputs = inputs_for(ours, "plain", dtype, 3, b, seed=1)
+        with torch.no_grad(), stack_mode() as stacked:
+            got = ours(inputs["x"], (inputs["h"], inputs["c"]))
+            want = theirs(inputs["x"], (inputs["h"], inputs["c"]))
+        assert stacked.launches == 0, kwargs
+        torch.testing.assert_close(got[0], want[0], **(TOL32 if dtype == torch.float32 else {}))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_cuda_stack_deterministic(name):
+    t, b, i, h, layers = STACK_SHAPES["L3_B5_H96"]
+    ours, _ = make_pair(name, num_layers=layers, dtype=torch.float32, input_size=i, hidden=h, device="cuda", scale=1.0)
+    x = torch.randn(t, b, i, device="cuda")
+    with torch.no_grad(), stack_mode():
+        first = ours(x)
+        for _ in range(3):
+            again = ours(x)
+            assert torch.equal(again[0], first[0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_cuda_stack_sanitizer_subset(name):
+    """Small, for gpu_check.sh's compute-sanitizer run (-k "cuda and sanitizer"): the stacked
+    kernel with ragged blocks, three layers."""
+    ours, theirs = make_pair(name, num_layers=3, dtype=torch.float32, input_size=5, hidden=37, device="cuda",
+                             scale=1.0)
+    x = torch.randn(4, 3, 5, device="cuda")
+    with torch.no_grad(), stack_mode() as stacked:
+        got, want = ours(x), theirs(x)
+    assert stacked.launches == (1 if _stack_runs() else 0)
+    torch.testing.assert_close(got[0], want[0], **TOL32)

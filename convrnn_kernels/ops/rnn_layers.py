@@ -73,6 +73,24 @@ def _(grad_output, grad_hn, h0, w_hh, output, batch_sizes, reverse, relu):
             w_hh.new_empty((g,)))
 
 
+@torch.library.register_fake("convrnn::rnn_stack")
+def _(x_proj, hx, cx, w_ih, w_hh, b_ih, b_hh, cell):
+    return (x_proj.new_empty((*x_proj.shape[:-1], w_hh[0].shape[1])), hx.new_empty(hx.shape),
+            cx.new_empty(cx.shape) if cell == 0 else x_proj.new_empty((0,)))
+
+
+def _stack_setup(ctx, inputs, output):
+    raise RuntimeError("convrnn.rnn_stack: an inference op with no backward, but a gradient is required; "
+                       "the modules run the layer ops (lstm_layer, gru_layer, rnn_layer) wherever one is")
+
+
+def _stack_backward(ctx, *grads):  # never reached: _stack_setup refuses first
+    raise RuntimeError("convrnn.rnn_stack has no backward")
+
+
+torch.library.register_autograd("convrnn::rnn_stack", _stack_backward, setup_context=_stack_setup)
+
+
 # ---- autograd: the backward ops, registered with the dispatcher ----
 
 def _need_backward(inputs, index, op):
@@ -205,6 +223,24 @@ def _same(op, name, t, input):
 
 # ---- the functional ----
 
+CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}  # convrnn::rnn_stack's cell
+
+
+def _stack_serves(mode, input, hx, cx, weights, batch_sizes, num_layers, d, dropout, training):
+    """Whether run_layers hands the whole stack to convrnn::rnn_stack: CUDA inference (no
+    gradient needed, no dropout applied) of two or more unidirectional layers without
+    projections on unpacked input, outside autocast (whose casts the layer ops' rules make).
+    On CUDA the op runs every layer in one persistent kernel where it can (rnn_persistent.h)."""
+    if not input.is_cuda or d != 1 or num_layers < 2 or batch_sizes is not None or (dropout > 0 and training):
+        return False
+    if torch._C._is_any_autocast_enabled() or any(w[4] is not None for w in weights):
+        return False
+    if torch.is_grad_enabled():
+        tensors = [input, hx, cx] + [t for w in weights for t in w]
+        if any(t is not None and t.requires_grad for t in tensors):
+            return False
+    return True
+
 Weights = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
@@ -217,6 +253,11 @@ def run_layers(mode: str, input: torch.Tensor, hx: torch.Tensor, cx: Optional[to
     c_n or None), output shaped like input with D * P features."""
     d = 2 if bidirectional else 1
     grad = torch.is_grad_enabled()
+    if _stack_serves(mode, input, hx, cx, weights, batch_sizes, num_layers, d, dropout, training):
+        out, h_n, c_n = call(OPS.rnn_stack.default, F.linear(input, weights[0][0]), hx, cx if mode == "LSTM" else None,
+                             [w[0] for w in weights[1:]], [w[1] for w in weights], [w[2] for w in weights],
+                             [w[3] for w in weights], CELLS[mode])
+        return out, h_n, (c_n if mode == "LSTM" else None)
     layer_input = input
     hs: List[torch.Tensor] = []
     cs: List[torch.Tensor] = []

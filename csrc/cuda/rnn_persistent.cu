@@ -258,6 +258,60 @@ bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, 
   return launched;
 }
 
+bool persistent_stack_forward(const PersistentStack& s, const Tensor& x, Tensor& out, Tensor& hn, Tensor& cn) {
+  const int L = static_cast<int>(s.w_hh.size()), G = gates_of(s.cell);
+  const auto st = x.scalar_type();
+  if (!x.is_cuda() || s.T < 1 || s.B < 1 || s.H < 1 || L < 2 || L > kMaxStack) return false;
+  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;
+  if (s.B * s.H * L > std::numeric_limits<int>::max() / 4) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device(), H = static_cast<int>(s.H);
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  // one cluster exchanging h through distributed shared memory (sm_90+), or nothing
+  if (prop->major < 9 || cluster_mode() != 2) return false;
+  const int64_t optin = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  bool launched = false;
+  dispatch(st, s.cell, [&](auto tag, auto cell) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr Kind C = decltype(cell)::value;
+    const void* kernel = reinterpret_cast<const void*>(&stack_forward_kernel<T, C>);
+    StackPlan plan;
+    for (const StackPlan& p : stack_candidates(L, s.B, H, G, sizeof(T), optin, 16)) {
+      if (blocks_per_sm(kernel, device, p.smem, optin) >= 1 && cluster_fits(kernel, device, p.blocks, p.smem)) {
+        plan = p;
+        break;
+      }
+    }
+    if (plan.blocks == 0) return;
+    StackArgs<T> a{};
+    a.x = x.const_data_ptr<T>();
+    for (int l = 0; l < L; ++l) {
+      a.w_ih[l] = l > 0 ? s.w_ih[l - 1].const_data_ptr<T>() : nullptr;
+      a.w_hh[l] = s.w_hh[l].const_data_ptr<T>();
+      a.b_ih[l] = bias_data<T>(s.b_ih[l]);
+      a.b_hh[l] = bias_data<T>(s.b_hh[l]);
+    }
+    a.h0 = s.h0.const_data_ptr<T>();
+    a.c0 = ptr_of<T>(s.c0);
+    a.out = out.mutable_data_ptr<T>();
+    a.hn = hn.mutable_data_ptr<T>();
+    a.cn = mutable_ptr_of<T>(cn);
+    a.T = s.T;
+    a.B = s.B;
+    a.H = H;
+    a.relu = s.cell == RnnCell::kRelu;
+    a.plan = plan;
+    Plan grid;  // the launch's terms: the whole grid as one cluster
+    grid.blocks = plan.blocks;
+    grid.smem = plan.smem;
+    grid.sync = Sync::kClusterDsmem;
+    launch(kernel, grid, a, at::cuda::getCurrentCUDAStream());
+    note_persistent_stack_launch();
+    launched = true;
+  });
+  return launched;
+}
+
 bool persistent_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor& out, const Tensor& cs,
                          const Tensor& ws, Tensor& dh, Tensor& dc, Tensor& g_hidden, Tensor& g_input) {
   if (!served(l, out)) return false;

@@ -804,7 +804,7 @@ __device__ __forceinline__ StackIn<C> stack_inputs(const StackArgs<T>& p, int l,
 }
 
 template <typename T, Kind C>
-__global__ void __launch_bounds__(kPThreads, 2) stack_forward_kernel(const StackArgs<T> p) {
+__global__ void __launch_bounds__(kPThreads, 1) stack_forward_kernel(const StackArgs<T> p) {
   constexpr int G = kGates<C>;
   CONVRNN_PERSISTENT_SMEM(smem);
   const StackPlan& pl = p.plan;
