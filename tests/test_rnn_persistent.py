@@ -642,3 +642,26 @@ def test_cuda_stack_sanitizer_subset(name):
         got, want = ours(x), theirs(x)
     assert stacked.launches == (1 if _stack_runs() else 0)
     torch.testing.assert_close(got[0], want[0], **TOL32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["batch_first", "unbatched", "no_hx", "eval_dropout"])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_cuda_stack_module_variants(name, variant):
+    """The module's own reshaping around the stack: batch_first, unbatched input, no hx, and
+    dropout in eval mode (not applied, so the stack serves it)."""
+    ours, theirs = make_pair(name, num_layers=2, dtype=torch.float32, input_size=9, hidden=48, device="cuda",
+                             scale=1.0, batch_first=variant == "batch_first",
+                             dropout=0.3 if variant == "eval_dropout" else 0.0)
+    ours.eval(), theirs.eval()
+    inputs = make_inputs(ours, {"unbatched": "unbatched", "no_hx": "no_hx"}.get(variant, "plain"), torch.float32,
+                         "cuda", t=6, b=3, seed=6)
+    hx = None
+    if "h" in inputs:
+        hx = (inputs["h"], inputs["c"]) if name == "lstm" else inputs["h"]
+    with torch.no_grad(), stack_mode() as stacked:
+        got, want = ours(inputs["x"], hx), theirs(inputs["x"], hx)
+    assert stacked.launches == (1 if _stack_runs() else 0)
+    torch.testing.assert_close(got[0], want[0], **TOL32)
+    for a, b in zip(got[1] if name == "lstm" else [got[1]], want[1] if name == "lstm" else [want[1]]):
+        torch.testing.assert_close(a, b, **TOL32)
