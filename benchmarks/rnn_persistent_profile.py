@@ -56,7 +56,7 @@ def kernel_times(name, t, dtype, reps, run=run_layer):
 def stack_steps(names, a, dtype):
     """The stacked kernel (one launch, T + 1 wavefront steps) against the layer-by-layer forward
     (two launches of T steps and the second layer's input GEMM), two layers, under no_grad."""
-    print(f"two layers, inference (no_grad), B=1 I=65 H=128: device us per call and per time step")
+    print("two layers, inference (no_grad), B=1 I=65 H=128: device us per call and per time step")
     for name in names:
         for on in (1, 0):
             before, _ = torch.ops.convrnn._persistent_rnn_stack(on)
