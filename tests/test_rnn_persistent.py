@@ -23,36 +23,31 @@ OPS = torch.ops.convrnn
 TOL32 = dict(rtol=5e-4, atol=5e-4)
 
 
-class persistent_mode:
-    """Sets the persistent path on (1) or off (0) inside the block; .launches counts the
-    persistent kernel launches the block made."""
+class _switched:
+    """Sets a runtime switch op (mode 1 on, 0 off; it returns the mode before and its launches
+    so far) inside the block; .launches counts the launches the block made."""
 
-    def __init__(self, on=True):
-        self.on = on
+    def __init__(self, op, on):
+        self.op, self.on = op, on
 
     def __enter__(self):
-        self.before, self.start = OPS._persistent_rnn(1 if self.on else 0)
+        self.before, self.start = self.op(1 if self.on else 0)
         return self
 
     def __exit__(self, *exc):
-        _, end = OPS._persistent_rnn(self.before)
+        _, end = self.op(self.before)
         self.launches = end - self.start
 
 
-class stack_mode:
-    """Sets the stacked kernel (every layer of a unidirectional stack in one launch, inference)
-    on or off inside the block; .launches counts its launches."""
+def persistent_mode(on=True):
+    """The persistent path on or off; .launches counts the persistent kernel launches."""
+    return _switched(OPS._persistent_rnn, on)
 
-    def __init__(self, on=True):
-        self.on = on
 
-    def __enter__(self):
-        self.before, self.start = OPS._persistent_rnn_stack(1 if self.on else 0)
-        return self
-
-    def __exit__(self, *exc):
-        _, end = OPS._persistent_rnn_stack(self.before)
-        self.launches = end - self.start
+def stack_mode(on=True):
+    """The stacked kernel (every layer of a unidirectional stack in one launch, inference) on or
+    off; .launches counts its launches."""
+    return _switched(OPS._persistent_rnn_stack, on)
 
 
 def packed_lengths(t, b, seed):
