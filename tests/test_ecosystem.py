@@ -253,8 +253,9 @@ def _ddp_worker(rank, port, path):
         _train(model, x[shard], y[shard])
         if rank == 0:
             torch.save(model.module.state_dict(), path)
-        # both ranks done before either tears down (rank 0 hosts the TCP store; once, under a
-        # load of ~60 on the 2-core CI machine, rank 1 aborted at the end without this)
+        # both ranks done before either tears down (rank 0 hosts the TCP store).  Once, under a
+        # load of ~60 on the 2-core machine, rank 1 aborted ("terminate called without an active
+        # exception", where not known); an ordered teardown is the usual guard
         dist.barrier()
     finally:
         dist.destroy_process_group()
