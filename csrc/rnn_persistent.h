@@ -70,8 +70,8 @@ void note_persistent_stack_launch();
 #if defined(CONVRNN_WITH_CUDA)
 // x: (T*B, G*H) layer 0's input projections.  Fills out (T*B, H) (the last layer's h of every
 // step), hn and cn ((L, B, H); cn for the LSTM), preallocated.  Returns false, launching
-// nothing, where it does not serve the case (a GPU before sm_90, a stack whose weights do not
-// fit in one thread-block cluster's shared memory, ...).
+// nothing, where it does not serve the case (a GPU before sm_90, a batch over 8, a stack whose
+// weights do not fit in one thread-block cluster's shared memory, ...).
 bool persistent_stack_forward(const PersistentStack& s, const at::Tensor& x, at::Tensor& out, at::Tensor& hn,
                               at::Tensor& cn);
 

@@ -599,10 +599,10 @@ def test_cuda_stack_half_types(name, dtype):
 @needs_cuda
 def test_cuda_stack_declines_what_it_cannot_hold():
     """H 512 in float32 (no plan of <= 16 blocks holds the weights), float64, bidirectional and
-    batch 4096 run layer by layer: no stacked launch, the results still torch's."""
+    batches over 8 (kStackMaxBatch) run layer by layer: no stacked launch, the results still torch's."""
     for kwargs, dtype, b in ((dict(hidden=512), torch.float32, 2), (dict(hidden=16), torch.float64, 2),
                              (dict(hidden=16, bidirectional=True), torch.float32, 2),
-                             (dict(hidden=16), torch.float32, 4096)):
+                             (dict(hidden=16), torch.float32, 9), (dict(hidden=16), torch.float32, 4096)):
         ours, theirs = make_pair("lstm", num_layers=2, dtype=dtype, input_size=8, device="cuda", scale=1.0, **kwargs)
         inputs = inputs_for(ours, "plain", dtype, 3, b, seed=1)
         with torch.no_grad(), stack_mode() as stacked:

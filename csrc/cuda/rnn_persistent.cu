@@ -261,7 +261,9 @@ bool persistent_forward(const PersistentLayer& l, const Tensor& x, Tensor& out, 
 bool persistent_stack_forward(const PersistentStack& s, const Tensor& x, Tensor& out, Tensor& hn, Tensor& cn) {
   const int L = static_cast<int>(s.w_hh.size()), G = gates_of(s.cell);
   const auto st = x.scalar_type();
-  if (!x.is_cuda() || s.T < 1 || s.B < 1 || s.H < 1 || L < 2 || L > kMaxStack) return false;
+  if (!x.is_cuda() || s.T < 1 || s.B < 1 || s.B > kStackMaxBatch || s.H < 1 || L < 2 || L > kMaxStack) {
+    return false;
+  }
   if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;
   if (s.B * s.H * L > std::numeric_limits<int>::max() / 4) return false;
   const c10::cuda::CUDAGuard guard(x.device());

@@ -727,6 +727,13 @@ inline std::vector<Plan> plan_candidates(int rows_per_unit, int K, int64_t B, in
 // its h into the staging buffer of every block that reads it (layers l and l + 1).
 
 constexpr int kMaxStack = 8;  // layers of one stacked launch
+// The largest batch the host gives the stacked kernel.  Its one cluster (<= 16 blocks) holds
+// every layer, so each block does several times the one-layer plan's products a step: a win
+// where the step is the chain of latencies (small batches: generation), not where the products
+// grow with the batch (training shapes, where the layer-by-layer grid plans spread them over
+// 32-64 blocks and measured 1.7-3.3x cuDNN).  The plan model cannot rank the two (it sums a
+// block's tiles as if one warp ran them), so the cut is this bound.
+constexpr int64_t kStackMaxBatch = 8;
 
 // A stacked launch's geometry (the host's plan; the emulation sets it alike).  The shared-memory
 // offsets are the same in every block: peers store into the staging buffers by offset.
