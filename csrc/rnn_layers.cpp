@@ -805,7 +805,8 @@ std::tuple<Tensor, Tensor, Tensor> rnn_stack(const Tensor& x_proj, const Tensor&
     }
     TORCH_CHECK(given(b_ih.get(l)) == given(b_hh.get(l)), "convrnn.rnn_stack: b_ih", n, " and b_hh", n,
                 " must be given together");
-    for (const auto& [name, b] : {std::pair<std::string, OptTensor>{"b_ih" + n, b_ih.get(l)}, {"b_hh" + n, b_hh.get(l)}}) {
+    for (const auto& [name, b] :
+         {std::pair<std::string, OptTensor>{"b_ih" + n, b_ih.get(l)}, {"b_hh" + n, b_hh.get(l)}}) {
       if (given(b)) {
         check_same(op, name.c_str(), *b, "x_proj", x_proj);
         check_shape(op, name.c_str(), *b, {G * H});
