@@ -241,6 +241,7 @@ def _stack_serves(mode, input, hx, cx, weights, batch_sizes, num_layers, d, drop
             return False
     return True
 
+
 Weights = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
