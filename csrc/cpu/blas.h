@@ -40,6 +40,13 @@ namespace cpu_blas {
 // Below this many multiply-adds a step's products run on the calling thread (BLAS decides its
 // own threads there); a fork-join costs a few microseconds.
 constexpr int64_t kParallelMacs = int64_t(1) << 21;
+// Below this many multiply-adds a step's products run with MKL single-threaded (Sequential
+// below): MKL forks its OpenMP team even for a batch-1 gemv (perf: mkl_blas_sgemv_omp), which
+// costs more than it saves at the vanilla RNN cell's 128 x 128 (RNN cell, B=1, forward+backward:
+// 1.42-1.51x -> 1.56-1.66x torch, interleaved); the LSTM's 512 x 128 gains from MKL's two
+// threads (1.98x -> 1.89x single-threaded), the GRU's 384 x 128 neither way: the bound lies
+// below the GRU's and LSTM's batch-1 forwards (74K and 98K) and above the RNN's backward (50K).
+constexpr int64_t kSequentialMacs = int64_t(1) << 16;
 
 // CBLAS constants of the packed API.
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <optional>
 #include <vector>
 
 #include "blas.h"
@@ -99,7 +100,9 @@ void run_all(const std::vector<Gemm<T>>& gemms, bool independent) {
   int64_t macs = 0;
   for (const auto& g : gemms) macs += g.m * g.n * g.k;
   const int64_t P = at::get_num_threads();
-  if (P == 1 || macs < cpu_blas::kParallelMacs) {
+  if (P == 1 || macs < cpu_blas::kParallelMacs) {  // MKL's own threads, or none below kSequentialMacs
+    std::optional<cpu_blas::Sequential> sequential;
+    if (macs < cpu_blas::kSequentialMacs) sequential.emplace();
     for (const auto& g : gemms) run(g);
     return;
   }
