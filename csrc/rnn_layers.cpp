@@ -19,6 +19,8 @@
 // persistent kernels (csrc/rnn_persistent.h; CONVRNN_PERSISTENT_RNN=0 turns them off), on the
 // CPU they offer it to the CPU recurrence (csrc/cpu/rnn_recurrence.h;
 // CONVRNN_CPU_RECURRENCE=0 turns it off), and run the step loop below only where they decline.
+// rnn_stack (at the end) runs a whole unidirectional stack for inference: on CUDA every layer in
+// one stacked persistent kernel where it can, else these layer functions in turn.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

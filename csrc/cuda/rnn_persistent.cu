@@ -34,6 +34,10 @@
 //    whose grid is co-resident (occupancy query) or cluster placeable (cluster occupancy query);
 //    none fits: it declines and rnn_layers.cpp runs its loop.
 //
+// Inference of a unidirectional stack at a small batch has a third kernel: every layer at once
+// in one cluster, as a wavefront (rnn_persistent.cuh: stack_forward_kernel; persistent_stack_forward
+// below; convrnn::rnn_stack in rnn_layers.cpp calls it).
+//
 // The kernels and their device helpers are in rnn_persistent.cuh (so that tests/native can run
 // them on the CPU); this file has the host side: the plan (grid and chunk sizes) and the launch.
 #include <algorithm>
