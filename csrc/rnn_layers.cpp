@@ -421,6 +421,20 @@ PersistentLayer persistent_layer(RnnCell cell, const Seq& s, int64_t H, const Te
 
 // ---- argument checks ----
 
+// b_ih and b_hh: given together, each of GH elements, x's device and dtype (suffix: "[l]" names
+// a stack's layer l).
+void check_biases(const char* op, const OptTensor& b_ih, const OptTensor& b_hh, int64_t GH, const Tensor& x,
+                  const std::string& suffix = "") {
+  const std::string ih = "b_ih" + suffix, hh = "b_hh" + suffix;
+  TORCH_CHECK(given(b_ih) == given(b_hh), "convrnn.", op, ": ", ih, " and ", hh, " must be given together");
+  for (const auto& [name, b] : {std::pair<const std::string*, const OptTensor*>{&ih, &b_ih}, {&hh, &b_hh}}) {
+    if (given(*b)) {
+      check_same(op, name->c_str(), **b, "x_proj", x);
+      check_shape(op, name->c_str(), **b, {GH});
+    }
+  }
+}
+
 struct Dims {
   int64_t H, P;  // hidden size, size of h (proj_size with a projection, else H)
 };
@@ -443,13 +457,7 @@ Dims check_layer(const char* op, int64_t G, const Tensor& x, const Tensor& h0, c
               w_hh.sizes());
   TORCH_CHECK(x.size(-1) == G * H, "convrnn.", op, ": x_proj must have ", G, " * hidden_size = ", G * H,
               " columns (the input projection of the gates of w_hh), but got shape ", x.sizes());
-  TORCH_CHECK(given(b_ih) == given(b_hh), "convrnn.", op, ": b_ih and b_hh must be given together");
-  for (const auto& [name, b] : {std::pair<const char*, const OptTensor*>{"b_ih", &b_ih}, {"b_hh", &b_hh}}) {
-    if (given(*b)) {
-      check_same(op, name, **b, "x_proj", x);
-      check_shape(op, name, **b, {G * H});
-    }
-  }
+  check_biases(op, b_ih, b_hh, G * H, x);
   if (s.packed && s.T == 0) s.B = h0.size(0);
   check_same(op, "h0", h0, "x_proj", x);
   check_shape(op, "h0", h0, {s.B, P});
@@ -805,15 +813,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_stack(const Tensor& x_proj, const Tensor&
       check_same(op, name.c_str(), w_ih[l - 1], "x_proj", x_proj);
       check_shape(op, name.c_str(), w_ih[l - 1], {G * H, H});
     }
-    TORCH_CHECK(given(b_ih.get(l)) == given(b_hh.get(l)), "convrnn.rnn_stack: b_ih", n, " and b_hh", n,
-                " must be given together");
-    for (const auto& [name, b] :
-         {std::pair<std::string, OptTensor>{"b_ih" + n, b_ih.get(l)}, {"b_hh" + n, b_hh.get(l)}}) {
-      if (given(b)) {
-        check_same(op, name.c_str(), *b, "x_proj", x_proj);
-        check_shape(op, name.c_str(), *b, {G * H});
-      }
-    }
+    check_biases(op, b_ih.get(l), b_hh.get(l), G * H, x_proj, n);
   }
   check_same(op, "hx", hx, "x_proj", x_proj);
   check_shape(op, "hx", hx, {L, B, H});

@@ -170,12 +170,15 @@ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// The dtypes the kernels are instantiated for (dispatch below).
+bool instantiated(at::ScalarType st) {
+  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+}
+
 // What every launch needs: a layer with steps, a dtype we instantiate, int-sized dims and a
 // device that launches cooperative kernels.
 bool served(const PersistentLayer& l, const Tensor& x) {
-  const auto st = x.scalar_type();
-  if (!x.is_cuda() || l.T < 1 || l.B < 1 || l.H < 1) return false;
-  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;
+  if (!x.is_cuda() || l.T < 1 || l.B < 1 || l.H < 1 || !instantiated(x.scalar_type())) return false;
   if (int64_t(gates_of(l.cell)) * l.H * 4 > std::numeric_limits<int>::max()) return false;
   return at::cuda::getDeviceProperties(x.get_device())->cooperativeLaunch != 0;
 }
@@ -268,7 +271,7 @@ bool persistent_stack_forward(const PersistentStack& s, const Tensor& x, Tensor&
   if (!x.is_cuda() || s.T < 1 || s.B < 1 || s.B > kStackMaxBatch || s.H < 1 || L < 2 || L > kMaxStack) {
     return false;
   }
-  if (st != at::kFloat && st != at::kHalf && st != at::kBFloat16) return false;
+  if (!instantiated(st)) return false;
   if (s.B * s.H * L > std::numeric_limits<int>::max() / 4) return false;
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device(), H = static_cast<int>(s.H);

@@ -172,6 +172,19 @@ __device__ __forceinline__ void stage_rows(T* dst, const T* src, int n, bool vec
   }
 }
 
+// The G gate rows of hidden units [u0, u0 + U) of a (G H, H) matrix w into dst, gate-major:
+// dst row g U + u = w row g H + u0 + u (the forward kernels' shared-memory slices).
+template <typename T>
+__device__ __forceinline__ void stage_gate_rows(T* dst, const T* w, int G, int U, int u0, int H) {
+  copy_batched<T>(
+      G * U * H,
+      [&](int i) {
+        const int r = i / H, g = r / U;
+        return w[int64_t(g * H + u0 + r - g * U) * H + (i - r * H)];
+      },
+      [&](int i, T v) { dst[i] = v; });
+}
+
 // Butterfly reduce-scatter: lane l returns the sum over the warp of v[l].  Each step exchanges
 // half of the values still held with the lane Half away: the lane whose bit Half is set keeps
 // the upper half, so after the steps Half = 16, 8, 4, 2, 1 lane l holds index l.  31 shuffles
@@ -409,13 +422,7 @@ __global__ void __launch_bounds__(kPThreads, 2) forward_kernel(const ForwardArgs
   T* const stages = reinterpret_cast<T*>(smem + lay.stage);
   const int64_t stage_elems = align16(int64_t(p.chunk) * H * sizeof(T)) / int64_t(sizeof(T));
   float* part = reinterpret_cast<float*>(smem + lay.part);
-  copy_batched<T>(
-      rows * H,
-      [&](int i) {
-        const int r = i / H, g = r / U;
-        return p.w[int64_t(g * H + u0 + r - g * U) * H + (i - r * H)];
-      },
-      [&](int i, T v) { w_s[i] = v; });
+  stage_gate_rows(w_s, p.w, G, U, u0, H);
   if (dsmem) cluster_sync();  // every block of the cluster runs before any stores into its shared memory
   StepRows prev{0, 0};
   for (int64_t k = 0; k < p.T; ++k) {
@@ -823,16 +830,7 @@ __global__ void __launch_bounds__(kPThreads, 1) stack_forward_kernel(const Stack
   T* w_s = reinterpret_cast<T*>(smem);  // segment q, row g U + u: (q < segs - 1 ? W_ih : W_hh) row g H + u0 + u
   T* const stages = reinterpret_cast<T*>(smem + pl.stage_off);
   float* const part = reinterpret_cast<float*>(smem + pl.part_off);
-  for (int q = 0; q < segs; ++q) {
-    const T* w = q == segs - 1 ? p.w_hh[l] : p.w_ih[l];
-    copy_batched<T>(
-        R * H,
-        [&](int i) {
-          const int r = i / H, g = r / U;
-          return w[int64_t(g * H + u0 + r - g * U) * H + (i - r * H)];
-        },
-        [&](int i, T v) { w_s[q * R * H + i] = v; });
-  }
+  for (int q = 0; q < segs; ++q) stage_gate_rows(w_s + q * R * H, q == segs - 1 ? p.w_hh[l] : p.w_ih[l], G, U, u0, H);
   // Layer m first reads its h0 at step m, from buffer m % 2; no block stores into that slot of
   // that buffer before step m + 1 (layer m's stores at step s go to buffer (s + 1) % 2).
   for (int64_t i = threadIdx.x; i < L * BH; i += kPThreads) stages[((i / BH) & 1) * pl.stage_elems + i] = p.h0[i];
