@@ -1,5 +1,6 @@
 // Schema of conv2d and the argument checks its CPU and CUDA wrappers share.
 #include "conv2d.h"
+#include "switches.h"
 
 #include <torch/library.h>
 
@@ -75,9 +76,22 @@ at::Tensor conv2d_not_needed(const at::TensorOptions& opts) {
   return at::empty({0}, opts);
 }
 
+std::atomic<int>& conv_tiles_mode() {
+  static std::atomic<int> mode(env_mode("CONVRNN_CONV_TILES", 1));
+  return mode;
+}
+
+std::atomic<int64_t>& conv_tiles_launches() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 }  // namespace convrnn
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {
+  m.def("_conv2d_tiles(int mode=-1) -> (int, int)", [](int64_t mode) {
+    return convrnn::switch_op("_conv2d_tiles", convrnn::conv_tiles_mode(), convrnn::conv_tiles_launches(), mode, 1);
+  });
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> Tensor");
   m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -81,5 +82,12 @@ at::Tensor conv2d_empty(const Conv2d& g, const std::vector<int64_t>& sizes, cons
 
 // A gradient the backward was not asked for: an empty (0,) tensor, None on the Python side.
 at::Tensor conv2d_not_needed(const at::TensorOptions& opts);
+
+// The CUDA float32 SIMT image GEMM's tile rule (cuda/conv2d_plan.cuh: simt_image_tile): 1 (the
+// default) fits the tile to the device's SM count, 0 keeps round 2's fixed tiles; both give the
+// same bits.  CONVRNN_CONV_TILES when first asked; convrnn::_conv2d_tiles sets it and returns
+// how many image GEMMs used the fitted tile (switches.h).
+std::atomic<int>& conv_tiles_mode();
+std::atomic<int64_t>& conv_tiles_launches();
 
 }  // namespace convrnn

@@ -36,6 +36,7 @@
 #include "common.h"
 #include "cpu/rnn_recurrence.h"
 #include "rnn_persistent.h"
+#include "switches.h"
 #include "typed_op.h"
 
 namespace convrnn {
@@ -43,20 +44,6 @@ namespace convrnn {
 // ---- the persistent CUDA recurrence's switch (rnn_persistent.h) ----
 
 namespace {
-
-// A switch's mode from the environment when first asked: 1 (on) unless the variable says 0
-// (or false/off/no), or a number its op takes.
-int env_mode(const char* name, int highest) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return 1;
-  for (const char* off : {"0", "false", "off", "no", "FALSE", "OFF", "NO", "False", "Off", "No"}) {
-    if (std::strcmp(v, off) == 0) return 0;
-  }
-  for (int m = 1; m <= highest; ++m) {
-    if (std::strcmp(v, std::to_string(m).c_str()) == 0) return m;
-  }
-  return 1;
-}
 
 // 1: on (the default), 0: off.  CONVRNN_PERSISTENT_RNN=0 (or false/off/no) when first asked
 // turns it off; convrnn::_persistent_rnn sets it.
@@ -81,15 +68,6 @@ std::atomic<int>& stack_mode() {
 
 std::atomic<int64_t> persistent_launches{0}, cpu_runs{0}, stack_launches{0};
 std::atomic<int64_t> persistent_launches_by_sync[3] = {{0}, {0}, {0}};
-
-// mode -1 asks, 0..highest sets; returns (the mode before the call, the count so far).
-std::tuple<int64_t, int64_t> switch_op(const char* op, std::atomic<int>& mode, const std::atomic<int64_t>& count,
-                                       int64_t value, int64_t highest) {
-  TORCH_CHECK(value >= -1 && value <= highest, "convrnn.", op, ": mode must be -1 (ask), 0 (off) or 1 (on)",
-              highest > 1 ? " or 2 (on, every step split over the threads)" : "", ", but got ", value);
-  const int before = value >= 0 ? mode.exchange(static_cast<int>(value)) : mode.load();
-  return {before, count.load()};
-}
 
 // Counts persistent kernel launches.
 std::tuple<int64_t, int64_t> persistent_rnn_op(int64_t mode) {

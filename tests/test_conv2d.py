@@ -408,3 +408,62 @@ def test_results_do_not_alias_scratch(device, channels_last):
         conv_grads(ck.conv2d, x2, w2, b2, kw)
         for a, k in zip(first[:4], kept):
             assert torch.equal(a, k), f"{cfg}: a result changed when the op ran again"
+
+
+# Layers whose float32 SIMT tile on a 132-SM GPU differs between the two tile rules
+# (csrc/cuda/conv2d_plan.cuh: simt_image_tile; round 2's fixed tiles): AlexNet CONV2, the
+# GoogLeNet/ResNet 1x1, LeNet-5 C3, CIFAR ResNet (the benchmark's shapes).
+TILE_RULE_CONFIGS = [
+    ((8, 96, 27, 27), (256, 96, 5, 5), 1, 2, 1, 1, True),
+    ((8, 256, 28, 28), (128, 256, 1, 1), 1, 0, 1, 1, True),
+    ((64, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1, 1, True),
+    ((32, 16, 32, 32), (16, 16, 3, 3), 1, 1, 1, 1, True),
+]
+
+
+class tile_rule:
+    """The CUDA SIMT tile rule on (fitted to the SM count) or off (round 2's fixed tiles);
+    .launches counts the image GEMMs that ran with the fitted tile."""
+
+    def __init__(self, on):
+        self.on = on
+
+    def __enter__(self):
+        self.before, self.start = torch.ops.convrnn._conv2d_tiles(1 if self.on else 0)
+        return self
+
+    def __exit__(self, *exc):
+        _, end = torch.ops.convrnn._conv2d_tiles(self.before)
+        self.launches = end - self.start
+
+
+def test_tile_switch_op():
+    """The tile switch answers (mode, launches), restores, and names itself on a bad mode."""
+    before, _ = torch.ops.convrnn._conv2d_tiles()
+    assert before in (0, 1)
+    with tile_rule(False):
+        assert torch.ops.convrnn._conv2d_tiles()[0] == 0
+    assert torch.ops.convrnn._conv2d_tiles()[0] == before
+    with pytest.raises(RuntimeError, match="_conv2d_tiles: mode must be"):
+        torch.ops.convrnn._conv2d_tiles(3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("cfg", TILE_RULE_CONFIGS, ids=cfg_id)
+def test_cuda_tile_rule_same_bits(cfg, channels_last):
+    """float32 (TF32 off) forward and backward data give the same bits with the SM-fitted
+    SIMT tile as with round 2's fixed tile (each output is one thread's sum in one order
+    whatever the tile), and agree with torch."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x, w, b, kw = make_args(cfg, torch.float32, "cuda", channels_last)
+    with tile_rule(False) as off:
+        old = conv_grads(ck.conv2d, x, w, b, kw)
+    with tile_rule(True) as on:
+        new = conv_grads(ck.conv2d, x, w, b, kw, old[4])
+    assert off.launches == 0 and on.launches >= 2, (off.launches, on.launches)
+    for name, a, c in zip(("values", "grad input", "grad weight", "grad bias"), new[:4], old[:4]):
+        assert torch.equal(a, c), f"{name}: the tile rule changed the result"
+    theirs = conv_grads(F.conv2d, x, w, b, kw, old[4])
+    for name, a, t in zip(("values", "grad input"), new[:2], theirs[:2]):
+        assert_conv_close(a, t, f"{name} vs torch")

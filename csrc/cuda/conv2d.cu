@@ -80,6 +80,13 @@ Tensor pack_weight(const Tensor& weight, const Conv2d& g, bool dgrad, cudaStream
   return out;
 }
 
+// The SIMT image GEMM fits its tile to the device's SM count (conv2d_plan.cuh's
+// simt_image_tile) unless the tile switch is off (conv2d.h: conv_tiles_mode), which keeps round
+// 2's fixed tiles.  The tile never changes a result's bits.
+int tile_sms() {
+  return conv_tiles_mode().load() != 0 ? at::cuda::getCurrentDeviceProperties()->multiProcessorCount : 0;
+}
+
 // Image GEMM arguments: forward (src = input, dst = output) or backward data (src =
 // grad_output, dst = grad_input).  src is NHWC dense; dst any strides.
 conv::ImageGemmArgs image_args(const Conv2d& g, bool dgrad, const Tensor& src, const Tensor& packed, const Tensor& dst) {
@@ -115,13 +122,17 @@ conv::ImageGemmArgs image_args(const Conv2d& g, bool dgrad, const Tensor& src, c
   // past the input size have no rows.
   a.phases_h = dgrad ? static_cast<int>(std::min(g.sh, g.H)) : 1;
   a.phases_w = dgrad ? static_cast<int>(std::min(g.sw, g.W)) : 1;
+  a.sms = tile_sms();
   return a;
 }
 
 void run_image_gemm(const conv::ImageGemmArgs& a, at::ScalarType dtype, cudaStream_t stream) {
   switch (dtype) {
-    case at::kFloat:
-      return conv::image_gemm_float(a, at::globalContext().allowTF32CuDNN(), stream);
+    case at::kFloat: {
+      const bool tf32 = at::globalContext().allowTF32CuDNN();
+      if (!tf32 && a.sms > 0) ++conv_tiles_launches();
+      return conv::image_gemm_float(a, tf32, stream);
+    }
     case at::kDouble:
       return conv::image_gemm_double(a, stream);
     case at::kHalf:

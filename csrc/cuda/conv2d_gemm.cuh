@@ -53,6 +53,7 @@ struct ImageGemmArgs {
   bool dgrad;
   int H, W, P, Q, sh, sw, ph, pw, dh, dw;  // the convolution's geometry
   int phases_h, phases_w;                  // 1, 1 forward; sh, sw backward data
+  int sms;                                 // the device's SMs for the SIMT tile choice (0: round 2's fixed tiles)
   int64_t tiles_m;                         // filled by the launcher
   int tiles_n;
 };

@@ -17,18 +17,38 @@ void launch_image_simt(ImageGemmArgs a, cudaStream_t stream) {
 // 1x1 without padding: every tap of every output pixel lies inside the image.
 bool one_by_one(const ImageGemmArgs& a) { return a.R == 1 && a.S == 1 && a.ph == 0 && a.pw == 0; }
 
+// The SIMT tile: conv2d_plan.cuh's model of the grid against the device's SMs (a.sms), or
+// with a.sms == 0 round 2's fixed rule (256 x 16 up to 16 columns, else 128 rows by the
+// smallest of 32, 64, 128 columns covering them).  Either gives the same bits.
+SimtTile simt_tile(const ImageGemmArgs& a) {
+  if (a.sms <= 0) return a.ncols <= 16 ? SimtTile{256, 16} : SimtTile{128, column_tile(a.ncols)};
+  return simt_image_tile(image_rows_max(a), a.ncols, static_cast<int64_t>(a.phases_h) * a.phases_w * a.groups, a.sms);
+}
+
 template <bool ONE>
 void image_simt_float(const ImageGemmArgs& a, cudaStream_t stream) {
-  // At most 16 columns (the backward data of C = 1..16 layers: AlexNet CONV1, 7x7 stems,
-  // LeNet): a 256 x 16 tile, half the padded columns of 128 x 32 (C = 3: 3/16 useful, not 3/32).
-  if (a.ncols <= 16) return launch_image_simt<float, 256, 16, ONE>(a, stream);
-  switch (column_tile(a.ncols)) {
-    case 32:
+  const SimtTile t = simt_tile(a);
+  switch (t.bm * 1000 + t.bn) {
+    case 256016:
+      return launch_image_simt<float, 256, 16, ONE>(a, stream);
+    case 128016:
+      return launch_image_simt<float, 128, 16, ONE>(a, stream);
+    case 64016:
+      return launch_image_simt<float, 64, 16, ONE>(a, stream);
+    case 128032:
       return launch_image_simt<float, 128, 32, ONE>(a, stream);
-    case 64:
+    case 128064:
       return launch_image_simt<float, 128, 64, ONE>(a, stream);
-    default:
+    case 128128:
       return launch_image_simt<float, 128, 128, ONE>(a, stream);
+    case 64032:
+      return launch_image_simt<float, 64, 32, ONE>(a, stream);
+    case 64064:
+      return launch_image_simt<float, 64, 64, ONE>(a, stream);
+    case 64128:
+      return launch_image_simt<float, 64, 128, ONE>(a, stream);
+    default:
+      TORCH_CHECK(false, "convrnn.conv2d: no SIMT kernel for a ", t.bm, " x ", t.bn, " tile");
   }
 }
 

@@ -193,5 +193,60 @@ CONVRNN_HD Chunks split_chunks(int64_t pixels, int64_t outputs, int64_t target, 
   return c;
 }
 
+// ---- the SIMT image GEMM's tile (float32 without TF32) ----
+//
+// A block of 256 threads computes a bm x bn tile of C, each thread a (bm/16) x (bn/16)
+// register tile.  Every output element is one thread's sum over the same reduction order
+// whatever the tile, so the choice changes the speed only, never a bit of the result.
+// Candidates, in order of preference: for at most 16 columns 256x16, 128x16, 64x16; else bm
+// 128 then 64, each with bn from the columns' tile (32, 64 or 128 covering them, capped at
+// 128) down to 32.  A model of each, in arbitrary units:
+//   per_sm = ceil(blocks / sms): the blocks the busiest SM runs;
+//   eff    = the micro-kernel's shared-memory bound: per k step a warp issues tm*tn FMAs
+//            (4 warp instructions a clock per SM) and loads tm + tn fragment values (tm + tn
+//            clocks at 128 bytes a clock); eff = min(1, (tm*tn/4) / (tm + tn));
+//   occ    = 0.5 when the busiest SM holds a single block (8 warps hide too little latency:
+//            H200, CONV2 forward at 92 blocks of 128x128 on 132 SMs ran at ~1/3 of the SM's
+//            FMA rate), else 1 (the launch bounds keep two blocks of any tile resident);
+//   cost   = per_sm * bm * bn / (eff * occ)   (padded columns cost as real ones).
+// A later candidate replaces the best so far only when it is more than 10% cheaper.
+// `planes` = stride phases x groups (blocks per m x n tile).
+struct SimtTile {
+  int bm, bn;
+};
+
+inline double simt_tile_cost(int64_t rows, int ncols, int64_t planes, int sms, int bm, int bn) {
+  const int64_t blocks = ((rows + bm - 1) / bm) * ((ncols + bn - 1) / bn) * planes;
+  const int64_t per_sm = (blocks + sms - 1) / sms;
+  const double tm = bm / 16, tn = bn / 16;
+  const double eff = (tm * tn / 4) / (tm + tn) < 1 ? (tm * tn / 4) / (tm + tn) : 1.0;
+  const double occ = per_sm <= 1 ? 0.5 : 1.0;
+  return static_cast<double>(per_sm) * bm * bn / (eff * occ);
+}
+
+inline SimtTile simt_image_tile(int64_t rows, int ncols, int64_t planes, int sms) {
+  SimtTile cand[8];
+  int n = 0;
+  if (ncols <= 16) {
+    cand[n++] = {256, 16};
+    cand[n++] = {128, 16};
+    cand[n++] = {64, 16};
+  } else {
+    const int top = ncols <= 32 ? 32 : ncols <= 64 ? 64 : 128;
+    for (int bm = 128; bm >= 64; bm /= 2)
+      for (int bn = top; bn >= 32; bn /= 2) cand[n++] = {bm, bn};
+  }
+  SimtTile best = cand[0];
+  double best_cost = simt_tile_cost(rows, ncols, planes, sms, best.bm, best.bn);
+  for (int i = 1; i < n; ++i) {
+    const double c = simt_tile_cost(rows, ncols, planes, sms, cand[i].bm, cand[i].bn);
+    if (c < 0.9 * best_cost) {
+      best = cand[i];
+      best_cost = c;
+    }
+  }
+  return best;
+}
+
 }  // namespace conv
 }  // namespace convrnn

@@ -1,13 +1,17 @@
 // A small CUDA emulation for running kernel source on the CPU: a std::thread per CUDA thread,
 // a barrier per block for __syncthreads, one for the grid for cooperative_groups' grid.sync()
 // (and for the cluster barrier, the grid being one cluster; cluster_peer maps shared memory),
-// a per-warp exchange for __shfl_xor_sync, __ldcg as a plain load, and NaN-filled (0xFF bytes)
-// dynamic shared memory.  Enough for csrc/cuda/rnn_persistent.cuh; include it after the
-// project's host headers (it defines __global__, __device__, ... as macros) and before the
-// kernels.  For checking index logic and barrier placement (under -fsanitize=thread a missing
+// a per-warp exchange for __shfl_xor_sync and barrier for __syncwarp, __ldcg as a plain load,
+// float fma as the host's fused multiply-add, and NaN-filled (0xFF bytes) dynamic shared
+// memory.  Static `__shared__` arrays become function statics, shared by every thread of the
+// process: kernels that declare them run one block at a time (emu::launch_blocks_in_turn).
+// Enough for csrc/cuda/rnn_persistent.cuh and the conv2d GEMM kernels (with wmma_emulation.h);
+// include it after the project's host headers and cuda_fp16.h / cuda_bf16.h (it defines
+// __global__, __device__, ... as macros) and before the kernels.  For checking index logic and barrier placement (under -fsanitize=thread a missing
 // barrier is a reported data race), not timing or the GPU memory model.
 #pragma once
 
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -15,16 +19,26 @@
 #include <thread>
 #include <vector>
 
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __align__
+#undef __shared__
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // GNU: also after `static` (see __shared__)
+#define __shared__ static
 
+#if !defined(__VECTOR_TYPES_H__)  // not from cuda_fp16.h's vector_types.h
 struct uint4 {
   unsigned int x, y, z, w;
 };
+#endif
 
 namespace emu {
 
@@ -78,6 +92,7 @@ struct Dim {
 }  // namespace emu
 
 inline thread_local emu::Dim threadIdx, blockIdx;
+inline emu::Dim blockDim, gridDim;
 
 inline void __syncthreads() {
   emu::ctx.block->bar.wait();
@@ -92,6 +107,12 @@ inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
   b.warps[t / 32]->wait();
   return r;
 }
+
+inline void __syncwarp(unsigned int = 0xffffffffu) {
+  emu::ctx.block->warps[threadIdx.x / 32]->wait();
+}
+
+using std::fma;  // the float overload, as CUDA's fma(float, float, float)
 
 template <typename T>
 inline T __ldcg(const T* p) {
@@ -155,6 +176,29 @@ void launch(void (*kernel)(Args), int blocks, int threads, int64_t smem, const A
         kernel(args);
       });
     }
+  }
+  for (auto& th : pool) th.join();
+}
+
+// Runs kernel(args) one block at a time (kernels with static __shared__ arrays): the block's
+// threads take the blocks in turn, meeting at the block barrier after each; blockDim and
+// gridDim are set for kernels that read them.
+template <typename Args>
+void launch_blocks_in_turn(void (*kernel)(Args), int64_t blocks, int threads, const Args& args) {
+  blockDim.x = static_cast<unsigned int>(threads);
+  gridDim.x = static_cast<unsigned int>(blocks);
+  Block block(threads, 0);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      ctx.block = &block;
+      threadIdx.x = static_cast<unsigned int>(t);
+      for (int64_t b = 0; b < blocks; ++b) {
+        blockIdx.x = static_cast<unsigned int>(b);
+        kernel(args);
+        block.bar.wait();  // every thread is done with the shared arrays before the next block
+      }
+    });
   }
   for (auto& th : pool) th.join();
 }
