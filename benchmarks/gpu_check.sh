@@ -6,7 +6,7 @@
 #   2. runs the CUDA tests;
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
 #   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
-#      runtime switches (persistent recurrence barriers, max-pool round 3, conv2d tiles), the persistent
+#      runtime switches (persistent recurrence barriers, max-pool round 3, conv2d round 3), the persistent
 #      recurrence's time a step, the cells' GPU-vs-host time, conv2d's time by kernel, then
 #      conv2d float32 with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
@@ -89,7 +89,7 @@ tail -45 "$out/bench.txt"
 # inference without the stacked kernel (CONVRNN_PERSISTENT_STACK=0: layer by layer), and with
 # the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0, which also declines the stack); the
 # max-pool forward without its round-3 kernels (CONVRNN_MAXPOOL_R3=0); conv2d float32 with
-# round 2's fixed SIMT tiles instead of the SM-fitted ones (CONVRNN_CONV_TILES=0).
+# round 2's kernels instead of round 3's (CONVRNN_CONV_R3=0: fixed SIMT tiles, GEMM backward data for C = 3).
 ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
   step "A/B $name: $env ($ops, $dtypes)"
   env $env timeout $(budget 35 $(( reserve + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
@@ -101,7 +101,7 @@ ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 155
 ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 120
 ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 85
 # (the last A/B, promised nothing by the earlier steps: it gets what they left, at least 10 s)
-ab conv-tiles-r2 CONVRNN_CONV_TILES=0 conv2d float32 85
+ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 85
 
 step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
 timeout $(budget 55 $(( 80 + 40 * tf32 ))) $py benchmarks/rnn_persistent_profile.py --reps 3 --stack > "$out/rnn-steps.txt" 2>&1 \

@@ -76,12 +76,12 @@ at::Tensor conv2d_not_needed(const at::TensorOptions& opts) {
   return at::empty({0}, opts);
 }
 
-std::atomic<int>& conv_tiles_mode() {
-  static std::atomic<int> mode(env_mode("CONVRNN_CONV_TILES", 1));
+std::atomic<int>& conv_r3_mode() {
+  static std::atomic<int> mode(env_mode("CONVRNN_CONV_R3", 1));
   return mode;
 }
 
-std::atomic<int64_t>& conv_tiles_launches() {
+std::atomic<int64_t>& conv_r3_launches() {
   static std::atomic<int64_t> n{0};
   return n;
 }
@@ -89,8 +89,8 @@ std::atomic<int64_t>& conv_tiles_launches() {
 }  // namespace convrnn
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {
-  m.def("_conv2d_tiles(int mode=-1) -> (int, int)", [](int64_t mode) {
-    return convrnn::switch_op("_conv2d_tiles", convrnn::conv_tiles_mode(), convrnn::conv_tiles_launches(), mode, 1);
+  m.def("_conv2d_r3(int mode=-1) -> (int, int)", [](int64_t mode) {
+    return convrnn::switch_op("_conv2d_r3", convrnn::conv_r3_mode(), convrnn::conv_r3_launches(), mode, 1);
   });
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> Tensor");

@@ -83,11 +83,13 @@ at::Tensor conv2d_empty(const Conv2d& g, const std::vector<int64_t>& sizes, cons
 // A gradient the backward was not asked for: an empty (0,) tensor, None on the Python side.
 at::Tensor conv2d_not_needed(const at::TensorOptions& opts);
 
-// The CUDA float32 SIMT image GEMM's tile rule (cuda/conv2d_plan.cuh: simt_image_tile): 1 (the
-// default) fits the tile to the device's SM count, 0 keeps round 2's fixed tiles; both give the
-// same bits.  CONVRNN_CONV_TILES when first asked; convrnn::_conv2d_tiles sets it and returns
-// how many image GEMMs used the fitted tile (switches.h).
-std::atomic<int>& conv_tiles_mode();
-std::atomic<int64_t>& conv_tiles_launches();
+// conv2d CUDA round 3 (benchmarks/NOTES-conv2d-cuda.md): 1 (the default) on, 0 round 2's
+// kernels.  On: the float32 SIMT image GEMM fits its tile to the device's SM count
+// (cuda/conv2d_plan.cuh: simt_image_tile; the same bits either way), and backward data of 2-4
+// input channels runs the direct kernel (cuda/conv2d_gemm_image.cuh: dgrad_small_c_kernel).
+// CONVRNN_CONV_R3 when first asked; convrnn::_conv2d_r3 sets it and returns how many launches
+// took a round-3 path (switches.h).
+std::atomic<int>& conv_r3_mode();
+std::atomic<int64_t>& conv_r3_launches();
 
 }  // namespace convrnn

@@ -1,7 +1,7 @@
 // Runtime switches of the CUDA paths under test (the persistent recurrence and its stacked
-// kernel, the CPU recurrence, the conv2d SIMT tile rule): each a process-wide mode read from an
+// kernel, the CPU recurrence, conv2d round 3): each a process-wide mode read from an
 // environment variable when first asked and set by a private op (convrnn::_persistent_rnn,
-// _conv2d_tiles, ...) that returns the mode before the call and a launch count, so that one
+// _conv2d_r3, ...) that returns the mode before the call and a launch count, so that one
 // process, and one GPU session, can time and test both sides.
 #pragma once
 

@@ -80,11 +80,11 @@ Tensor pack_weight(const Tensor& weight, const Conv2d& g, bool dgrad, cudaStream
   return out;
 }
 
-// The SIMT image GEMM fits its tile to the device's SM count (conv2d_plan.cuh's
-// simt_image_tile) unless the tile switch is off (conv2d.h: conv_tiles_mode), which keeps round
-// 2's fixed tiles.  The tile never changes a result's bits.
+// Round 3's SIMT tile rule (conv2d_plan.cuh: simt_image_tile) gets the device's SM count;
+// with round 3 off (conv2d.h: conv_r3_mode) 0, round 2's fixed tiles.  The tile never changes
+// a result's bits.
 int tile_sms() {
-  return conv_tiles_mode().load() != 0 ? at::cuda::getCurrentDeviceProperties()->multiProcessorCount : 0;
+  return conv_r3_mode().load() != 0 ? at::cuda::getCurrentDeviceProperties()->multiProcessorCount : 0;
 }
 
 // Image GEMM arguments: forward (src = input, dst = output) or backward data (src =
@@ -130,7 +130,7 @@ void run_image_gemm(const conv::ImageGemmArgs& a, at::ScalarType dtype, cudaStre
   switch (dtype) {
     case at::kFloat: {
       const bool tf32 = at::globalContext().allowTF32CuDNN();
-      if (!tf32 && a.sms > 0) ++conv_tiles_launches();
+      if (!tf32 && a.sms > 0) ++conv_r3_launches();
       return conv::image_gemm_float(a, tf32, stream);
     }
     case at::kDouble:
@@ -141,6 +141,22 @@ void run_image_gemm(const conv::ImageGemmArgs& a, at::ScalarType dtype, cudaStre
       return conv::image_gemm_bfloat16(a, stream);
     default:
       TORCH_CHECK(false, "convrnn.conv2d: unsupported dtype ", dtype);
+  }
+}
+
+// The direct backward data of 2-4 input channels where it applies (false: nothing launched).
+bool dgrad_small_c(const conv::ImageGemmArgs& a, at::ScalarType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case at::kFloat:
+      return conv::dgrad_small_c_float(a, stream);
+    case at::kDouble:
+      return conv::dgrad_small_c_double(a, stream);
+    case at::kHalf:
+      return conv::dgrad_small_c_half(a, stream);
+    case at::kBFloat16:
+      return conv::dgrad_small_c_bfloat16(a, stream);
+    default:
+      return false;
   }
 }
 
@@ -312,7 +328,12 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
   const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
   if (output_mask[0]) {
     const Tensor packed = pack_weight(weight, g, /*dgrad=*/true, stream);
-    run_image_gemm(image_args(g, /*dgrad=*/true, go, packed, gi), go.scalar_type(), stream);
+    const conv::ImageGemmArgs a = image_args(g, /*dgrad=*/true, go, packed, gi);
+    if (conv_r3_mode().load() != 0 && dgrad_small_c(a, go.scalar_type(), stream)) {
+      ++conv_r3_launches();
+    } else {
+      run_image_gemm(a, go.scalar_type(), stream);
+    }
   }
   if (output_mask[1]) weight_gradient(g, go, input.contiguous(at::MemoryFormat::ChannelsLast), gw, stream);
   if (output_mask[2]) bias_gradient(g, go, gb, stream);

@@ -271,6 +271,12 @@ void image_gemm_float(ImageGemmArgs a, bool tf32, cudaStream_t stream);
 void image_gemm_double(ImageGemmArgs a, cudaStream_t stream);
 void image_gemm_half(ImageGemmArgs a, cudaStream_t stream);
 void image_gemm_bfloat16(ImageGemmArgs a, cudaStream_t stream);
+// Backward data of few input channels (2-4, one group) by the direct kernel where it applies
+// (conv2d_gemm_launch.cuh: dgrad_small_c); false: nothing launched, run the image GEMM.
+bool dgrad_small_c_float(const ImageGemmArgs& a, cudaStream_t stream);
+bool dgrad_small_c_double(const ImageGemmArgs& a, cudaStream_t stream);
+bool dgrad_small_c_half(const ImageGemmArgs& a, cudaStream_t stream);
+bool dgrad_small_c_bfloat16(const ImageGemmArgs& a, cudaStream_t stream);
 // Backward weight into acc_t<T> partials [chunks][K][R*S*Cg].
 void wgrad_gemm_float(WgradArgs a, bool tf32, cudaStream_t stream);
 void wgrad_gemm_double(WgradArgs a, cudaStream_t stream);

@@ -59,6 +59,9 @@ void image_gemm_float(ImageGemmArgs a, bool tf32, cudaStream_t stream) {
   return one_by_one(a) ? image_simt_float<true>(a, stream) : image_simt_float<false>(a, stream);
 }
 
+bool dgrad_small_c_float(const ImageGemmArgs& a, cudaStream_t stream) { return dgrad_small_c<float>(a, stream); }
+bool dgrad_small_c_double(const ImageGemmArgs& a, cudaStream_t stream) { return dgrad_small_c<double>(a, stream); }
+
 void image_gemm_double(ImageGemmArgs a, cudaStream_t stream) {
   return one_by_one(a) ? launch_image_simt<double, 64, 64, true>(a, stream)
                        : launch_image_simt<double, 64, 64, false>(a, stream);

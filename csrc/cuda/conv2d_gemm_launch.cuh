@@ -62,6 +62,40 @@ inline bool wgrad_vec_ok(const WgradArgs& a) {
   return a.Kg % v == 0 && a.Cg % v == 0 && aligned16(a.go) && aligned16(a.x);
 }
 
+// Backward data by the direct small-C kernel (conv2d_gemm_image.cuh: dgrad_small_c_kernel)
+// where it applies: one group of 2 to 4 input channels, grad_output channels in 16-byte
+// vectors, and every stride phase's weight rows (taps x Kg) in its shared memory.  Returns
+// false (nothing launched) elsewhere.
+template <typename T>
+bool dgrad_small_c(ImageGemmArgs a, cudaStream_t stream) {
+  constexpr int v = 16 / sizeof(T);
+  if (!a.dgrad || a.groups != 1 || a.ncols < 2 || a.ncols > 4 || a.cpg % v != 0 || a.cs % v != 0 ||
+      !aligned16(a.src)) {
+    return false;
+  }
+  for (int ph = 0; ph < a.phases_h; ++ph) {
+    for (int pw = 0; pw < a.phases_w; ++pw) {
+      const AxisPlan ah = backward_data_axis(a.H, a.R, a.sh, a.ph, a.dh, a.P, ph);
+      const AxisPlan aw = backward_data_axis(a.W, a.S, a.sw, a.pw, a.dw, a.Q, pw);
+      if (static_cast<int64_t>(ah.taps) * aw.taps * a.cpg > small_c_rows<T>()) return false;
+    }
+  }
+  const unsigned blocks = image_grid<kGemmThreads, 16>(a);
+  switch (a.ncols) {
+    case 2:
+      dgrad_small_c_kernel<T, 2, true><<<blocks, kGemmThreads, 0, stream>>>(a);
+      break;
+    case 3:
+      dgrad_small_c_kernel<T, 3, true><<<blocks, kGemmThreads, 0, stream>>>(a);
+      break;
+    default:
+      dgrad_small_c_kernel<T, 4, true><<<blocks, kGemmThreads, 0, stream>>>(a);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 template <typename T, int BN, bool VEC>
 void launch_image_wmma(ImageGemmArgs a, cudaStream_t stream) {
   const unsigned blocks = image_grid<128, BN>(a);

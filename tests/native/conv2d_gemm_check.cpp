@@ -8,6 +8,8 @@
 //    only regroups work: every output is one thread's sum in one order); float64; TF32, half
 //    and bfloat16 wmma tiles (within their rounding);
 //  * backward weight: the SIMT and wmma weight GEMMs into chunk partials, summed here;
+//  * backward data of 2-4 channels by the direct kernel (dgrad_small_c_kernel), every dtype,
+//    float32 equal to the SIMT GEMM's result;
 //  * simt_image_tile (conv2d_plan.cuh) only ever picks an instantiated tile.
 // Prints the checks and "0 fails" when everything matched (tests/test_native.py).
 #include <cuda_bf16.h>
@@ -107,6 +109,19 @@ void reference(const Geo& g, Data& d) {
               }
           d.y[yi] = acc;
         }
+}
+
+// Random data exact in every dtype, and the reference.
+void fill_data(const Geo& g, Data& d) {
+  auto fill = [](std::vector<double>& v, size_t n) {
+    v.resize(n);
+    for (auto& e : v) e = rnd(-2, 2) * 0.5;
+  };
+  fill(d.x, size_t(g.N) * g.H * g.W * g.C);
+  fill(d.w, size_t(g.K) * g.Cg * g.R * g.S);
+  fill(d.go, size_t(g.N) * g.P * g.Q * g.K);
+  fill(d.bias, g.K);
+  reference(g, d);
 }
 
 int checks = 0, fails = 0;
@@ -233,6 +248,27 @@ void simt_tiles(const Geo& g, const Data& d, bool dgrad, bool nchw) {
   }
 }
 
+// The direct backward data of 2-4 input channels (dgrad_small_c_kernel, where
+// conv2d_gemm_launch.cuh's dgrad_small_c launches it): every dtype against the reference, and
+// float32 equal in value to the SIMT GEMM's result (the same sums in the same order).
+template <int CG>
+void small_c(const Geo& g, const Data& d, bool nchw, const std::vector<float>& simt) {
+  const std::vector<float> f = run_image<float, kGemmThreads, 16>(dgrad_small_c_kernel<float, CG, true>, g, d, true,
+                                                                   nchw, 1e-5, "small-C float");
+  ++checks;
+  for (size_t i = 0; i < f.size(); ++i) {
+    if (!(f[i] == simt[i])) {
+      std::printf("FAIL %s: small-C float %g != SIMT %g at %zu\n", describe("dgrad", g, nchw).c_str(), f[i], simt[i], i);
+      ++fails;
+      break;
+    }
+  }
+  run_image<double, kGemmThreads, 16>(dgrad_small_c_kernel<double, CG, true>, g, d, true, nchw, 1e-12, "small-C double");
+  run_image<__half, kGemmThreads, 16>(dgrad_small_c_kernel<__half, CG, true>, g, d, true, nchw, 2e-3, "small-C half");
+  run_image<__nv_bfloat16, kGemmThreads, 16>(dgrad_small_c_kernel<__nv_bfloat16, CG, true>, g, d, true, nchw, 1e-2,
+                                             "small-C bf16");
+}
+
 template <typename T, typename A, int BM, int BN>
 void run_wgrad(void (*kernel)(WgradArgs), const Geo& g, const Data& d, double tol, const char* name, int chunk_len) {
   const std::vector<T> go = converted<T>(d.go), x = converted<T>(d.x);
@@ -299,19 +335,11 @@ int main(int argc, char** argv) {
     if (it % 4 == 0) {  // the vector (16-byte) load paths
       g.Cg = 8 * rnd(1, 3);
       g.Kg = 8 * rnd(1, 3);
-      g.C = g.groups * g.Cg;
-      g.K = g.groups * g.Kg;
     }
+    g.C = g.groups * g.Cg;
+    g.K = g.groups * g.Kg;
     Data d;
-    auto fill = [](std::vector<double>& v, size_t n) {
-      v.resize(n);
-      for (auto& e : v) e = rnd(-2, 2) * 0.5;  // exact in every dtype
-    };
-    fill(d.x, size_t(g.N) * g.H * g.W * g.C);
-    fill(d.w, size_t(g.K) * g.Cg * g.R * g.S);
-    fill(d.go, size_t(g.N) * g.P * g.Q * g.K);
-    fill(d.bias, g.K);
-    reference(g, d);
+    fill_data(g, d);
     const bool one = g.R == 1 && g.S == 1 && g.ph == 0 && g.pw == 0;
     const bool nchw = rnd(0, 1) == 1;
     for (int dgrad = 0; dgrad < 2; ++dgrad) {
@@ -339,6 +367,28 @@ int main(int argc, char** argv) {
       run_wgrad<__nv_bfloat16, float, 64, 128>(wgrad_wmma_kernel<__nv_bfloat16, 64, 128, 32, 2, true>, g, d, 1e-5,
                                               "wgrad bf16 vec", chunk);
     }
+  }
+  // The direct small-C backward data: one group, 2-4 input channels, Kg in 16-byte vectors,
+  // filters of 2-4 taps a side (several taps in a stride phase along both axes).
+  for (int it = 0; it < 2 * iters; ++it) {
+    Geo g;
+    if (!make_geo(g, 4) || g.R < 2 || g.S < 2) {
+      --it;
+      continue;
+    }
+    g.groups = 1;
+    g.Cg = rnd(2, 4);
+    g.Kg = 8 * rnd(1, 3);
+    g.C = g.Cg;
+    g.K = g.Kg;
+    Data d;
+    fill_data(g, d);
+    const bool nchw = rnd(0, 1) == 1;
+    const std::vector<float> simt = run_image<float, 256, 16>(image_gemm_simt_kernel<float, 256, 16, false>, g, d, true,
+                                                              nchw, 1e-5, "simt 256x16");
+    if (g.Cg == 2) small_c<2>(g, d, nchw, simt);
+    if (g.Cg == 3) small_c<3>(g, d, nchw, simt);
+    if (g.Cg == 4) small_c<4>(g, d, nchw, simt);
   }
   std::printf("%d checks, %d fails\n", checks, fails);
   return fails != 0;
