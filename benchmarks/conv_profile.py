@@ -4,7 +4,9 @@ self CPU time of each op (CPU), from torch.profiler, summed over n iterations.
 
 The benchmark gives one number per layer and direction; this splits it into the forward
 GEMM, the backward-data GEMM, the weight-gradient GEMM and its chunk reduction, the bias sums,
-layout copies and weight packing, so the next change goes where the time is.
+layout copies and weight packing, so the next change goes where the time is; and it times the
+forward alone per call, host enqueue against back-to-back device time, to tell a kernel-bound
+row from a host-bound one.
 
     python benchmarks/conv_profile.py [--device cuda] [--dtype float32] [--formats nchw,channels_last]
                                       [--layers 'AlexNet CONV2,7x7/2 stem'] [-n 20] [--top 6]
@@ -58,6 +60,33 @@ def profile(fn, args, grad_out, n, dev):
     return dict(per), sum(per.values())
 
 
+def forward_times(fn, args, n, dev):
+    """(host_us, loop_us) per forward call without grad: the wall time to enqueue n calls
+    back to back, and (CUDA) the events around them.  A kernel shorter than the host path
+    shows as loop_us ~ host_us: then the benchmark's row measures the host, not the kernel."""
+    import time
+    with torch.no_grad():
+        for _ in range(3):
+            fn(*args)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn(*args)
+        host = (time.perf_counter() - t0) / n * 1e6
+        loop = float("nan")
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn(*args)
+            end.record()
+            torch.cuda.synchronize(dev)
+            loop = start.elapsed_time(end) / n * 1e3
+    return host, loop
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +116,10 @@ def main():
             theirs, theirs_total = profile(lambda *t: F.conv2d(*t, **kw), args, grad_out, a.n, dev)
             print(f"\n{label} {fmt}: ours {ours_total:.1f} us, torch {theirs_total:.1f} us "
                   f"(x{theirs_total / ours_total if ours_total else float('nan'):.2f})")
+            oh, ol = forward_times(lambda *t: ck.conv2d(*t, **kw), args, a.n, dev)
+            th, tl = forward_times(lambda *t: F.conv2d(*t, **kw), args, a.n, dev)
+            print(f"  forward alone, us a call (host enqueue / back-to-back): ours {oh:.1f} / {ol:.1f}, "
+                  f"torch {th:.1f} / {tl:.1f}")
             for side, per in (("ours ", ours), ("torch", theirs)):
                 for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:a.top]:
                     print(f"  {side} {us:9.1f}  {name}")
