@@ -414,7 +414,7 @@ def test_results_do_not_alias_scratch(device, channels_last):
 # float32 SIMT tile on a 132-SM GPU (csrc/cuda/conv2d_plan.cuh: simt_image_tile) for AlexNet
 # CONV2, the GoogLeNet/ResNet 1x1, LeNet-5 C3 and CIFAR ResNet; the direct backward data of
 # 2-4 input channels (dgrad_small_c_kernel) for the C = 3 layers, AlexNet CONV1 (11x11/4) and
-# the 7x7/2 stem, here at smaller sizes.
+# the 7x7/2 stem, here at smaller sizes; the depthwise tile kernels' taller tiles.
 R3_CONFIGS = [
     ((8, 96, 27, 27), (256, 96, 5, 5), 1, 2, 1, 1, True),
     ((8, 256, 28, 28), (128, 256, 1, 1), 1, 0, 1, 1, True),
@@ -424,6 +424,8 @@ R3_CONFIGS = [
     ((2, 3, 56, 50), (64, 3, 7, 7), 2, 3, 1, 1, False),
     ((2, 2, 19, 17), (16, 2, 3, 3), 1, 1, 2, 1, True),
     ((2, 4, 15, 16), (32, 4, 4, 3), (3, 2), (1, 0), 1, 1, True),
+    ((2, 64, 40, 36), (64, 1, 3, 3), 1, 1, 1, 64, True),        # depthwise: taller tiles
+    ((2, 16, 70, 20), (32, 1, 3, 3), 1, 1, 1, 16, False),       # depthwise, multiplier 2
 ]
 
 
@@ -457,8 +459,8 @@ def test_r3_switch_op():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("cfg", R3_CONFIGS, ids=cfg_id)
 def test_cuda_r3_same_bits(cfg, channels_last):
-    """float32 (TF32 off): round 3 (SM-fitted SIMT tiles, the direct small-C backward data)
-    gives round 2's results bit for bit (every output is the same sum in the same order; a
+    """float32 (TF32 off): round 3 (SM-fitted SIMT tiles, the direct small-C backward data,
+    taller depthwise tiles) gives round 2's results bit for bit (every output is the same sum in the same order; a
     zero's sign aside, which torch.equal ignores), takes its round-3 path, and agrees with
     torch."""
     if not torch.cuda.is_available():
@@ -477,7 +479,7 @@ def test_cuda_r3_same_bits(cfg, channels_last):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("cfg", R3_CONFIGS[4:], ids=cfg_id)
+@pytest.mark.parametrize("cfg", R3_CONFIGS[4:8], ids=cfg_id)
 def test_cuda_small_c_backward_data(cfg, dtype):
     """The direct small-C backward data in the other dtypes, against torch (half types within
     2x torch's own error)."""

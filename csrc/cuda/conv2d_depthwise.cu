@@ -13,6 +13,7 @@
 // Deterministic, no atomics.
 #include "cuda/conv2d_cuda.h"
 #include "cuda/conv2d_depthwise.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/conv2d_plan.cuh"
 
 namespace convrnn {
@@ -32,9 +33,10 @@ constexpr int64_t kI32 = int64_t(1) << 31;
 // (SH, SW) read through `src`'s strides, or false where it does not apply (a patch or the taps
 // over the shared-memory budget, a plane offset beyond 32 bits, too many blocks).
 bool tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int64_t OW, int64_t SH, int64_t SW,
-                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, DwTile& t, int64_t& blocks) {
+                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int rows, DwTile& t, int64_t& blocks) {
   if (g.R * g.S > kTileTaps) return false;
-  const int64_t patch_h = (kTileP - 1) * sh + (g.R - 1) * g.dh + 1, patch_w = (kTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+  const int64_t tp = tile_p(rows);
+  const int64_t patch_h = (tp - 1) * sh + (g.R - 1) * g.dh + 1, patch_w = (kTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
   if (patch_h * patch_w > kTileSmem) return false;
   if (src.stride(2) < 0 || src.stride(3) < 0 || ph <= -kI32 / 4 || ph >= kI32 / 4 || pw <= -kI32 / 4 ||
       pw >= kI32 / 4) {
@@ -42,7 +44,7 @@ bool tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int
   }
   if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32 || OH * OW >= kI32) return false;
   if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
-  const int64_t tiles_p = (OH + kTileP - 1) / kTileP, tiles_q = (OW + kTileQ - 1) / kTileQ;
+  const int64_t tiles_p = (OH + tp - 1) / tp, tiles_q = (OW + kTileQ - 1) / kTileQ;
   blocks = g.N * OC * tiles_p * tiles_q;
   if (blocks <= 0 || blocks >= kI32) return false;
   t = DwTile{static_cast<int>(OH), static_cast<int>(OW), static_cast<int>(SH), static_cast<int>(SW),
@@ -54,26 +56,64 @@ bool tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int
   return true;
 }
 
-// The same for the channels_last kernel (one output row, kClTileQ columns, 32 channels a block).
+// The same for the channels_last kernel (`rows` output rows, kClTileQ columns, 32 channels a block).
 bool cl_tile_params(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int64_t OW, int64_t SH, int64_t SW,
-                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, DwTile& t, int64_t& blocks) {
-  const int64_t patch_h = (g.R - 1) * g.dh + 1, patch_w = (kClTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+                    int64_t sh, int64_t sw, int64_t ph, int64_t pw, int rows, DwTile& t, int64_t& blocks) {
+  const int64_t patch_h = (rows - 1) * sh + (g.R - 1) * g.dh + 1, patch_w = (kClTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
   if (patch_h * patch_w * kClLanes > kClSmem) return false;
   if (src.stride(2) < 0 || src.stride(3) < 0 || OC >= kI32 / 4) return false;
   if (ph <= -kI32 / 4 || ph >= kI32 / 4 || pw <= -kI32 / 4 || pw >= kI32 / 4) return false;
   if ((SH - 1) * src.stride(2) + (SW - 1) * src.stride(3) >= kI32) return false;
   if (SH + patch_h >= kI32 / 4 || SW + patch_w >= kI32 / 4 || OH >= kI32 / (4 * sh) || OW >= kI32 / (4 * sw)) return false;
   if (g.R * g.S >= kI32 / 4) return false;
+  const int64_t tiles_p = (OH + rows - 1) / rows;
   const int64_t tiles_q = (OW + kClTileQ - 1) / kClTileQ, tiles_c = (OC + kClLanes - 1) / kClLanes;
-  blocks = g.N * OH * tiles_q * tiles_c;
+  blocks = g.N * tiles_p * tiles_q * tiles_c;
   if (blocks <= 0 || blocks >= kI32) return false;
   t = DwTile{static_cast<int>(OH), static_cast<int>(OW), static_cast<int>(SH), static_cast<int>(SW),
              static_cast<int>(g.R), static_cast<int>(g.S), static_cast<int>(sh), static_cast<int>(sw),
              static_cast<int>(ph), static_cast<int>(pw), static_cast<int>(g.dh), static_cast<int>(g.dw),
-             static_cast<int>(patch_h), static_cast<int>(patch_w), static_cast<int>(OH), static_cast<int>(tiles_q),
+             static_cast<int>(patch_h), static_cast<int>(patch_w), static_cast<int>(tiles_p), static_cast<int>(tiles_q),
              static_cast<int>(OC), static_cast<int>(g.Kg), src.stride(0), src.stride(1),
              static_cast<int>(src.stride(2)), static_cast<int>(src.stride(3))};
   return true;
+}
+
+// The tiled kernel's plan: round 3's taller tiles (NCHW kTileRowsR3 rows a thread, channels_last
+// kClRowsR3 rows a block) where they fit and round 3 is on (conv2d.h: conv_r3_mode), else
+// round 2's; false where no tile fits.  `rows` is the plan's TR (NCHW) or ROWS (channels_last).
+bool tile_plan(const Conv2d& g, const Tensor& src, int64_t OC, int64_t OH, int64_t OW, int64_t SH, int64_t SW,
+               int64_t sh, int64_t sw, int64_t ph, int64_t pw, DwTile& t, int64_t& blocks, int& rows) {
+  if (g.K > INT32_MAX) return false;
+  const bool cl = g.channels_last();
+  for (const int r : {cl ? kClRowsR3 : kTileRowsR3, cl ? 1 : kTileRows}) {
+    if (r != (cl ? 1 : kTileRows) && conv_r3_mode().load() == 0) continue;
+    const bool ok = cl ? cl_tile_params(g, src, OC, OH, OW, SH, SW, sh, sw, ph, pw, r, t, blocks)
+                       : tile_params(g, src, OC, OH, OW, SH, SW, sh, sw, ph, pw, r, t, blocks);
+    if (ok) {
+      rows = r;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Launches the tiled kernel of a plan (tile_plan).
+template <typename T, bool FLIP>
+void launch_tile(bool cl, int rows, int64_t blocks, const T* src, const T* w, const T* b, T* out, const DwTile& t,
+                 cudaStream_t stream) {
+  const unsigned nb = static_cast<unsigned>(blocks);
+  if (cl && rows == kClRowsR3) {
+    dw_tile_cl_kernel<T, FLIP, kClRowsR3><<<nb, kTileThreads, 0, stream>>>(src, w, b, out, t);
+  } else if (cl) {
+    dw_tile_cl_kernel<T, FLIP, 1><<<nb, kTileThreads, 0, stream>>>(src, w, b, out, t);
+  } else if (rows == kTileRowsR3) {
+    dw_tile_kernel<T, FLIP, kTileRowsR3><<<nb, kTileThreads, 0, stream>>>(src, w, b, out, t);
+  } else {
+    dw_tile_kernel<T, FLIP, kTileRows><<<nb, kTileThreads, 0, stream>>>(src, w, b, out, t);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (rows == (cl ? kClRowsR3 : kTileRowsR3)) ++conv_r3_launches();
 }
 
 }  // namespace
@@ -84,22 +124,14 @@ void depthwise_forward_cuda(const Conv2d& g, const Tensor& input, const Tensor& 
   const int64_t total = out.numel();
   DwTile t;
   int64_t tile_blocks = 0;
+  int rows = 0;
   const bool cl = g.channels_last();
-  const bool tiled = g.K <= INT32_MAX &&
-                     (cl ? cl_tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks)
-                         : tile_params(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks));
+  const bool tiled = tile_plan(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks, rows);
   CONVRNN_DISPATCH_FLOATING(input.scalar_type(), "convrnn.conv2d", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    if (tiled && cl) {
-      dw_tile_cl_kernel<scalar_t, false><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b, out.mutable_data_ptr<scalar_t>(), t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
     if (tiled) {
-      dw_tile_kernel<scalar_t, false><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
-          input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b, out.mutable_data_ptr<scalar_t>(), t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_tile<scalar_t, false>(cl, rows, tile_blocks, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                   b, out.mutable_data_ptr<scalar_t>(), t, stream);
       return;
     }
     with_index_type(total, [&](auto index_zero) {
@@ -125,25 +157,16 @@ void depthwise_backward_data_cuda(const Conv2d& g, const Tensor& grad_output, co
   // Stride 1: the forward tile over grad_output with flipped taps and padding (R-1)*d - p.
   DwTile t;
   int64_t tile_blocks = 0;
+  int rows = 0;
   const bool cl = g.channels_last();
-  const bool tiled = g.sh == 1 && g.sw == 1 && g.K <= INT32_MAX &&
-                     (cl ? cl_tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1,
-                                          (g.R - 1) * g.dh - g.ph, (g.S - 1) * g.dw - g.pw, t, tile_blocks)
-                         : tile_params(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
-                                       (g.S - 1) * g.dw - g.pw, t, tile_blocks));
+  const bool tiled = g.sh == 1 && g.sw == 1 &&
+                     tile_plan(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
+                               (g.S - 1) * g.dw - g.pw, t, tile_blocks, rows);
   CONVRNN_DISPATCH_FLOATING(grad_output.scalar_type(), "convrnn.conv2d_backward", [&] {
-    if (tiled && cl) {
-      dw_tile_cl_kernel<scalar_t, true><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
-          grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,
-          grad_input.mutable_data_ptr<scalar_t>(), t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
     if (tiled) {
-      dw_tile_kernel<scalar_t, true><<<static_cast<unsigned>(tile_blocks), kTileThreads, 0, stream>>>(
-          grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,
-          grad_input.mutable_data_ptr<scalar_t>(), t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_tile<scalar_t, true>(cl, rows, tile_blocks, grad_output.const_data_ptr<scalar_t>(),
+                                  w.const_data_ptr<scalar_t>(), nullptr, grad_input.mutable_data_ptr<scalar_t>(), t,
+                                  stream);
       return;
     }
     with_index_type(total, [&](auto index_zero) {

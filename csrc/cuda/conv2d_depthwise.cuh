@@ -3,7 +3,7 @@
 #pragma once
 
 #include "conv2d.h"
-#include "cuda/launch.cuh"
+#include "cuda/grid_stride.cuh"
 
 namespace convrnn {
 namespace dwconv {
@@ -85,15 +85,19 @@ __global__ void dw_backward_data_kernel(const T* __restrict__ go, const T* __res
   }
 }
 
-// ---- NCHW tiled direct kernels (round 2) ----
-// One block of kTileThreads = 32 x 8 threads computes a kTileP x kTileQ (16 x 32) output tile
-// of one (n, o) plane: it stages the source patch under the tile (halo included, zeros
-// outside the image) and the taps in shared memory, then each thread computes kTileRows
-// outputs of one column.  Serves the forward (source channel o / Kg, weight o) and the
+// ---- NCHW tiled direct kernels (round 2; round 3: TR rows a thread) ----
+// One block of kTileThreads = 32 x 8 threads computes a tile_p(TR) x kTileQ (8 TR x 32) output
+// tile of one (n, o) plane: it stages the source patch under the tile (halo included, zeros
+// outside the image) and the taps in shared memory, then each thread computes TR outputs of
+// one column (round 2: TR = 2, 16 x 32 tiles; round 3 takes TR = 8, 64 x 32, where the patch
+// fits: a quarter of the blocks, each with 4x the work and independent sums per thread for
+// the same staging and barrier, where 16 x 32 tiles left each block ~5K FMAs between a load
+// phase and a store).  Each output's sum runs over the same taps in the same order for any TR.  Serves the forward (source channel o / Kg, weight o) and the
 // stride-1 backward data (a forward over grad_output with flipped taps and padding
 // (R-1)*d - p, summed over the Kg channels o*Kg + j in order).  Plane-relative offsets are
 // 32-bit (the launcher checks every plane fits), the plane bases 64-bit.
-constexpr int kTileThreads = 256, kTileQ = 32, kTileRows = 2, kTileP = (kTileThreads / kTileQ) * kTileRows;
+constexpr int kTileThreads = 256, kTileQ = 32, kTileRows = 2, kTileRowsR3 = 8;
+constexpr int tile_p(int rows) { return (kTileThreads / kTileQ) * rows; }
 constexpr int kTileSmem = 3072;  // patch elements (acc_t)
 constexpr int kTileTaps = 128;   // most R*S
 
@@ -101,7 +105,7 @@ struct DwTile {
   int OH, OW;             // output plane
   int SH, SW;             // source plane
   int R, S, sh, sw, ph, pw, dh, dw;
-  int patch_h, patch_w;   // (kTileP-1)*sh + (R-1)*dh + 1, (kTileQ-1)*sw + (S-1)*dw + 1
+  int patch_h, patch_w;   // (tile_p(TR)-1)*sh + (R-1)*dh + 1, (kTileQ-1)*sw + (S-1)*dw + 1 (CL: see there)
   int tiles_p, tiles_q;   // tiles per plane
   int OC, Kg;             // output channels; Kg of the convolution
   int64_t ss_n, ss_c;     // source strides (n, c); ss_h, ss_w below
@@ -109,7 +113,7 @@ struct DwTile {
 };
 
 // FLIP: backward data (source grad_output, output grad_input); else forward.
-template <typename T, bool FLIP>
+template <typename T, bool FLIP, int TR>
 __global__ void __launch_bounds__(kTileThreads)
     dw_tile_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
                    DwTile t) {
@@ -123,12 +127,12 @@ __global__ void __launch_bounds__(kTileThreads)
   const int tp = static_cast<int>(b % t.tiles_p);
   b /= t.tiles_p;
   const int64_t o = b % t.OC, n = b / t.OC;
-  const int p0 = tp * kTileP, q0 = tq * kTileQ;
+  const int p0 = tp * tile_p(TR), q0 = tq * kTileQ;
   const int h0 = p0 * t.sh - t.ph, w0 = q0 * t.sw - t.pw;
   const int RS = t.R * t.S, patch_n = t.patch_h * t.patch_w;
-  A acc[kTileRows];
+  A acc[TR];
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) acc[i] = (!FLIP && bias != nullptr) ? static_cast<A>(bias[o]) : A(0);
+  for (int i = 0; i < TR; ++i) acc[i] = (!FLIP && bias != nullptr) ? static_cast<A>(bias[o]) : A(0);
   const int nsrc = FLIP ? t.Kg : 1;
   for (int j = 0; j < nsrc; ++j) {
     const int64_t sc = FLIP ? o * t.Kg + j : o / t.Kg;  // source channel = weight row for FLIP
@@ -142,14 +146,14 @@ __global__ void __launch_bounds__(kTileThreads)
     }
     for (int i = tid; i < RS; i += kTileThreads) taps[i] = static_cast<A>(w[wk * RS + (FLIP ? RS - 1 - i : i)]);
     __syncthreads();
-    const A* pc = patch + (ty * kTileRows * t.sh) * t.patch_w + tx * t.sw;
+    const A* pc = patch + (ty * TR * t.sh) * t.patch_w + tx * t.sw;
     for (int r = 0; r < t.R; ++r) {
       const A* pr = pc + r * t.dh * t.patch_w;
       for (int s = 0; s < t.S; ++s) {
         const A wv = taps[r * t.S + s];
         const A* ps = pr + s * t.dw;
 #pragma unroll
-        for (int i = 0; i < kTileRows; ++i) acc[i] += ps[i * t.sh * t.patch_w] * wv;
+        for (int i = 0; i < TR; ++i) acc[i] += ps[i * t.sh * t.patch_w] * wv;
       }
     }
   }
@@ -157,22 +161,26 @@ __global__ void __launch_bounds__(kTileThreads)
   if (q >= t.OW) return;
   T* op = out + (n * t.OC + o) * (static_cast<int64_t>(t.OH) * t.OW);
 #pragma unroll
-  for (int i = 0; i < kTileRows; ++i) {
-    const int p = p0 + ty * kTileRows + i;
+  for (int i = 0; i < TR; ++i) {
+    const int p = p0 + ty * TR + i;
     if (p < t.OH) op[p * t.OW + q] = static_cast<T>(acc[i]);
   }
 }
 
-// channels_last tiled kernel: block of 32 channel lanes x 8 pixel groups per (n, output row p,
-// kClTileQ outputs along q, 32 output channels); the source rows under the tile (halo
-// included, zeros outside) staged as patch[row][col][lane], lane = channel (coalesced loads
-// along channels); each thread computes kClTileQ / 8 outputs of one channel.  Forward and
-// stride-1 backward data as dw_tile_kernel.  t.tiles_p = OH, t.tiles_q = ceil(OW / kClTileQ),
-// patch_h = (R-1)*dh + 1, patch_w = (kClTileQ-1)*sw + (S-1)*dw + 1.
+// channels_last tiled kernel: block of 32 channel lanes x 8 pixel groups per (n, ROWS output
+// rows from p0, kClTileQ outputs along q, 32 output channels); the source rows under the tile
+// (halo included, zeros outside) staged as patch[row][col][lane], lane = channel (coalesced
+// loads along channels); each thread computes ROWS x kClTileQ / 8 outputs of one channel.
+// Forward and stride-1 backward data as dw_tile_kernel.  t.tiles_p = ceil(OH / ROWS),
+// t.tiles_q = ceil(OW / kClTileQ), patch_h = (ROWS-1)*sh + (R-1)*dh + 1,
+// patch_w = (kClTileQ-1)*sw + (S-1)*dw + 1.  Round 2: ROWS = 1 (512 outputs a block, each
+// source row staged R times by R blocks); round 3 takes ROWS = 4 where the patch fits (the
+// halo rows shared, 4x the work a block).  Each output's sum has the same order for any ROWS.
 constexpr int kClTileQ = 16, kClLanes = 32, kClGroups = kTileThreads / kClLanes, kClPer = kClTileQ / kClGroups;
+constexpr int kClRowsR3 = 4;
 constexpr int kClSmem = 4096;
 
-template <typename T, bool FLIP>
+template <typename T, bool FLIP, int ROWS>
 __global__ void __launch_bounds__(kTileThreads)
     dw_tile_cl_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
                       DwTile t) {
@@ -185,15 +193,17 @@ __global__ void __launch_bounds__(kTileThreads)
   b /= tiles_c;
   const int tq = static_cast<int>(b % t.tiles_q);
   b /= t.tiles_q;
-  const int p = static_cast<int>(b % t.OH);
-  const int64_t n = b / t.OH;
+  const int p0 = static_cast<int>(b % t.tiles_p) * ROWS;
+  const int64_t n = b / t.tiles_p;
   const int q0 = tq * kClTileQ, o = tc * kClLanes + lane;
   const bool live = o < t.OC;
-  const int h0 = p * t.sh - t.ph, w0 = q0 * t.sw - t.pw;
+  const int h0 = p0 * t.sh - t.ph, w0 = q0 * t.sw - t.pw;
   const int RS = t.R * t.S, pix_n = t.patch_h * t.patch_w;
-  A acc[kClPer];
+  A acc[ROWS][kClPer];
 #pragma unroll
-  for (int i = 0; i < kClPer; ++i) acc[i] = (!FLIP && bias != nullptr && live) ? static_cast<A>(bias[o]) : A(0);
+  for (int y = 0; y < ROWS; ++y)
+#pragma unroll
+    for (int i = 0; i < kClPer; ++i) acc[y][i] = (!FLIP && bias != nullptr && live) ? static_cast<A>(bias[o]) : A(0);
   const int nsrc = FLIP ? t.Kg : 1;
   for (int j = 0; j < nsrc; ++j) {
     const int64_t sc = !live ? 0 : FLIP ? static_cast<int64_t>(o) * t.Kg + j : o / t.Kg;  // this lane's source channel
@@ -211,18 +221,25 @@ __global__ void __launch_bounds__(kTileThreads)
       for (int s = 0; s < t.S; ++s) {
         const int tap = r * t.S + s;
         const A wv = live ? static_cast<A>(wp[FLIP ? RS - 1 - tap : tap]) : A(0);
-        const A* ps = patch + ((r * t.dh) * t.patch_w + s * t.dw) * kClLanes + lane;
 #pragma unroll
-        for (int i = 0; i < kClPer; ++i) acc[i] += ps[((grp + i * kClGroups) * t.sw) * kClLanes] * wv;
+        for (int y = 0; y < ROWS; ++y) {
+          const A* ps = patch + ((y * t.sh + r * t.dh) * t.patch_w + s * t.dw) * kClLanes + lane;
+#pragma unroll
+          for (int i = 0; i < kClPer; ++i) acc[y][i] += ps[((grp + i * kClGroups) * t.sw) * kClLanes] * wv;
+        }
       }
     }
   }
   if (!live) return;
-  T* op = out + (n * t.OH + p) * static_cast<int64_t>(t.OW) * t.OC + o;
 #pragma unroll
-  for (int i = 0; i < kClPer; ++i) {
-    const int q = q0 + grp + i * kClGroups;
-    if (q < t.OW) op[static_cast<int64_t>(q) * t.OC] = static_cast<T>(acc[i]);
+  for (int y = 0; y < ROWS; ++y) {
+    if (p0 + y >= t.OH) break;
+    T* op = out + (n * t.OH + p0 + y) * static_cast<int64_t>(t.OW) * t.OC + o;
+#pragma unroll
+    for (int i = 0; i < kClPer; ++i) {
+      const int q = q0 + grp + i * kClGroups;
+      if (q < t.OW) op[static_cast<int64_t>(q) * t.OC] = static_cast<T>(acc[y][i]);
+    }
   }
 }
 

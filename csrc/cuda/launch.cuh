@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/grid_stride.cuh"
 
 namespace convrnn {
 
@@ -34,8 +35,5 @@ void with_index_type(int64_t max_index, F&& f, int64_t items_per_thread = 1) {
   }
 }
 
-#define CONVRNN_GRID_STRIDE(index_t, i, n)                                                 \
-  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
-       i += static_cast<index_t>(blockDim.x) * gridDim.x)
 
 }  // namespace convrnn

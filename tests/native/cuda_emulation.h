@@ -115,6 +115,17 @@ inline void __syncwarp(unsigned int = 0xffffffffu) {
 using std::fma;  // the float overload, as CUDA's fma(float, float, float)
 
 template <typename T>
+inline T __shfl_down_sync(unsigned int, T v, int delta) {
+  emu::Block& b = *emu::ctx.block;
+  const int t = static_cast<int>(threadIdx.x);
+  b.shuffle[t] = static_cast<float>(v);  // float exchange: enough for the float kernels checked
+  b.warps[t / 32]->wait();
+  const T r = (t & 31) + delta < 32 ? static_cast<T>(b.shuffle[t + delta]) : v;
+  b.warps[t / 32]->wait();
+  return r;
+}
+
+template <typename T>
 inline T __ldcg(const T* p) {
   return *p;
 }
@@ -180,11 +191,11 @@ void launch(void (*kernel)(Args), int blocks, int threads, int64_t smem, const A
   for (auto& th : pool) th.join();
 }
 
-// Runs kernel(args) one block at a time (kernels with static __shared__ arrays): the block's
+// Runs kernel(args...) one block at a time (kernels with static __shared__ arrays): the block's
 // threads take the blocks in turn, meeting at the block barrier after each; blockDim and
 // gridDim are set for kernels that read them.
-template <typename Args>
-void launch_blocks_in_turn(void (*kernel)(Args), int64_t blocks, int threads, const Args& args) {
+template <typename... Args>
+void launch_blocks_in_turn(void (*kernel)(Args...), int64_t blocks, int threads, Args... args) {
   blockDim.x = static_cast<unsigned int>(threads);
   gridDim.x = static_cast<unsigned int>(blocks);
   Block block(threads, 0);
@@ -195,7 +206,7 @@ void launch_blocks_in_turn(void (*kernel)(Args), int64_t blocks, int threads, co
       threadIdx.x = static_cast<unsigned int>(t);
       for (int64_t b = 0; b < blocks; ++b) {
         blockIdx.x = static_cast<unsigned int>(b);
-        kernel(args);
+        kernel(args...);
         block.bar.wait();  // every thread is done with the shared arrays before the next block
       }
     });

@@ -1,0 +1,226 @@
+// The depthwise conv2d tile kernels (csrc/cuda/conv2d_depthwise.cuh: dw_tile_kernel, NCHW, and
+// dw_tile_cl_kernel, channels_last) run on the CPU under the CUDA emulation
+// (cuda_emulation.h), forward and stride-1 backward data, against a float64 depthwise
+// convolution over random geometries (channel multiplier 1-2, kernels 1-5, stride 1-2,
+// padding, dilation, planes spanning several tiles both ways).  Every tile height the
+// launcher (conv2d_depthwise.cu: tile_plan) can pick, round 2's and round 3's, must match the
+// reference and give the same bits as the others (each output's sum has one order whatever
+// the tile).  The launch parameters are built here as tile_params / cl_tile_params build them.
+// Prints the checks and "0 fails" when everything matched (tests/test_native.py).
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "conv2d.h"
+#include "cuda_emulation.h"  // after the host headers: it defines the CUDA keywords as macros
+#include "cuda/conv2d_depthwise.cuh"
+
+using namespace convrnn::dwconv;
+
+namespace {
+
+std::mt19937 rng(1);
+int rnd(int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); }
+int checks = 0, fails = 0;
+
+struct Geo {
+  int N, C, Kg, K, H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q;
+};
+
+bool make_geo(Geo& g) {
+  g.N = rnd(1, 2);
+  g.C = rnd(1, 40);
+  g.Kg = rnd(1, 2);
+  g.K = g.C * g.Kg;
+  g.H = rnd(1, 70);
+  g.W = rnd(1, 40);
+  g.R = rnd(1, 5);
+  g.S = rnd(1, 5);
+  g.sh = rnd(1, 2);
+  g.sw = rnd(1, 2);
+  g.ph = rnd(0, 2);
+  g.pw = rnd(0, 2);
+  g.dh = rnd(1, 2);
+  g.dw = rnd(1, 2);
+  if (g.ph > (g.R - 1) * g.dh / 2 + 1 || g.pw > (g.S - 1) * g.dw / 2 + 1) return false;
+  if (g.dh * (g.R - 1) + 1 > g.H + 2 * g.ph || g.dw * (g.S - 1) + 1 > g.W + 2 * g.pw) return false;
+  g.P = (g.H + 2 * g.ph - g.dh * (g.R - 1) - 1) / g.sh + 1;
+  g.Q = (g.W + 2 * g.pw - g.dw * (g.S - 1) - 1) / g.sw + 1;
+  return true;
+}
+
+// Tensors as NCHW-indexed float64 vectors; layout only matters for what the kernels read/write.
+struct Data {
+  std::vector<double> x, w, b, go, y, gx;
+};
+
+void reference(const Geo& g, Data& d) {
+  d.y.assign(size_t(g.N) * g.K * g.P * g.Q, 0);
+  d.gx.assign(size_t(g.N) * g.C * g.H * g.W, 0);
+  for (int n = 0; n < g.N; ++n)
+    for (int k = 0; k < g.K; ++k)
+      for (int p = 0; p < g.P; ++p)
+        for (int q = 0; q < g.Q; ++q) {
+          const int c = k / g.Kg;
+          double acc = d.b[k];
+          const double go = d.go[((size_t(n) * g.K + k) * g.P + p) * g.Q + q];
+          for (int r = 0; r < g.R; ++r)
+            for (int s = 0; s < g.S; ++s) {
+              const int h = p * g.sh - g.ph + r * g.dh, w = q * g.sw - g.pw + s * g.dw;
+              if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+              const size_t xi = ((size_t(n) * g.C + c) * g.H + h) * g.W + w;
+              acc += d.x[xi] * d.w[(size_t(k) * g.R + r) * g.S + s];
+              d.gx[xi] += go * d.w[(size_t(k) * g.R + r) * g.S + s];
+            }
+          d.y[((size_t(n) * g.K + k) * g.P + p) * g.Q + q] = acc;
+        }
+}
+
+// A dense (N, C, H, W) tensor in NCHW or NHWC memory order, and its strides.
+template <typename T>
+std::vector<T> laid_out(const std::vector<double>& v, int N, int C, int H, int W, bool cl) {
+  std::vector<T> o(v.size());
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c)
+      for (int h = 0; h < H; ++h)
+        for (int w = 0; w < W; ++w) {
+          const size_t src = ((size_t(n) * C + c) * H + h) * W + w;
+          const size_t dst = cl ? ((size_t(n) * H + h) * W + w) * C + c : src;
+          o[dst] = static_cast<T>(v[src]);
+        }
+  return o;
+}
+
+// The launch parameters of conv2d_depthwise.cu's tile_params (NCHW) / cl_tile_params for an
+// output plane (OH, OW) over a dense source plane (SH, SW) of SC channels; false where the
+// tile of `rows` does not fit (as there).
+bool plan(const Geo& g, bool cl, int rows, int OC, int OH, int OW, int SC, int SH, int SW, int sh, int sw, int ph, int pw,
+          DwTile& t, int64_t& blocks) {
+  int patch_h, patch_w, tiles_p, tiles_q;
+  if (cl) {
+    patch_h = (rows - 1) * sh + (g.R - 1) * g.dh + 1;
+    patch_w = (kClTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+    if (patch_h * patch_w * kClLanes > kClSmem) return false;
+    tiles_p = (OH + rows - 1) / rows;
+    tiles_q = (OW + kClTileQ - 1) / kClTileQ;
+    blocks = int64_t(g.N) * tiles_p * tiles_q * ((OC + kClLanes - 1) / kClLanes);
+  } else {
+    if (g.R * g.S > kTileTaps) return false;
+    patch_h = (tile_p(rows) - 1) * sh + (g.R - 1) * g.dh + 1;
+    patch_w = (kTileQ - 1) * sw + (g.S - 1) * g.dw + 1;
+    if (patch_h * patch_w > kTileSmem) return false;
+    tiles_p = (OH + tile_p(rows) - 1) / tile_p(rows);
+    tiles_q = (OW + kTileQ - 1) / kTileQ;
+    blocks = int64_t(g.N) * OC * tiles_p * tiles_q;
+  }
+  const int64_t ss_n = int64_t(SC) * SH * SW;
+  t = DwTile{OH, OW, SH, SW, g.R, g.S, sh, sw, ph, pw, g.dh, g.dw, patch_h, patch_w, tiles_p, tiles_q, OC, g.Kg,
+             ss_n, cl ? 1 : int64_t(SH) * SW, cl ? SW * SC : SW, cl ? SC : 1};
+  return true;
+}
+
+std::string describe(const char* what, const Geo& g, bool cl, int rows) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "%s N%d C%d Kg%d H%d W%d R%d S%d s%d,%d p%d,%d d%d,%d cl%d rows%d", what, g.N, g.C,
+                g.Kg, g.H, g.W, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, int(cl), rows);
+  return buf;
+}
+
+// One launch of the tile kernel for (cl, rows); returns the output (NCHW-indexed) or empty when
+// the tile does not fit.  FLIP: backward data at stride 1.
+template <bool FLIP>
+std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
+  const int OC = FLIP ? g.C : g.K, OH = FLIP ? g.H : g.P, OW = FLIP ? g.W : g.Q;
+  const int SC = FLIP ? g.K : g.C, SH = FLIP ? g.P : g.H, SW = FLIP ? g.Q : g.W;
+  const int sh = FLIP ? 1 : g.sh, sw = FLIP ? 1 : g.sw;
+  const int ph = FLIP ? (g.R - 1) * g.dh - g.ph : g.ph, pw = FLIP ? (g.S - 1) * g.dw - g.pw : g.pw;
+  DwTile t;
+  int64_t blocks = 0;
+  if (!plan(g, cl, rows, OC, OH, OW, SC, SH, SW, sh, sw, ph, pw, t, blocks)) return {};
+  const std::vector<float> src = laid_out<float>(FLIP ? d.go : d.x, g.N, SC, SH, SW, cl);
+  std::vector<float> w(d.w.begin(), d.w.end()), b(d.b.begin(), d.b.end());
+  std::vector<float> out(size_t(g.N) * OC * OH * OW, 12345.0f);
+  const float* bias = FLIP ? nullptr : b.data();
+  if (cl) {
+    auto launch = [&](auto kernel) {
+      emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile>(
+          kernel, blocks, kTileThreads, src.data(), w.data(), bias, out.data(), t);
+    };
+    if (rows == kClRowsR3) launch(dw_tile_cl_kernel<float, FLIP, kClRowsR3>);
+    else launch(dw_tile_cl_kernel<float, FLIP, 1>);
+  } else {
+    auto launch = [&](auto kernel) {
+      emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile>(
+          kernel, blocks, kTileThreads, src.data(), w.data(), bias, out.data(), t);
+    };
+    if (rows == kTileRowsR3) launch(dw_tile_kernel<float, FLIP, kTileRowsR3>);
+    else launch(dw_tile_kernel<float, FLIP, kTileRows>);
+  }
+  std::vector<float> nchw(out.size());  // back to NCHW order
+  for (int n = 0; n < g.N; ++n)
+    for (int c = 0; c < OC; ++c)
+      for (int h = 0; h < OH; ++h)
+        for (int x = 0; x < OW; ++x) {
+          const size_t i = ((size_t(n) * OC + c) * OH + h) * OW + x;
+          nchw[i] = out[cl ? ((size_t(n) * OH + h) * OW + x) * OC + c : i];
+        }
+  const std::vector<double>& ref = FLIP ? d.gx : d.y;
+  ++checks;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!(std::fabs(nchw[i] - ref[i]) <= 1e-5 * (1 + std::fabs(ref[i])))) {
+      std::printf("FAIL %s at %zu: got %g want %g\n", describe(FLIP ? "dgrad" : "fwd", g, cl, rows).c_str(), i,
+                  nchw[i], ref[i]);
+      ++fails;
+      break;
+    }
+  }
+  return nchw;
+}
+
+template <bool FLIP>
+void both_heights(const Geo& g, const Data& d, bool cl) {
+  const std::vector<float> r2 = run<FLIP>(g, d, cl, cl ? 1 : kTileRows);
+  const std::vector<float> r3 = run<FLIP>(g, d, cl, cl ? kClRowsR3 : kTileRowsR3);
+  if (!r2.empty() && !r3.empty()) {
+    ++checks;
+    if (std::memcmp(r2.data(), r3.data(), r2.size() * sizeof(float)) != 0) {
+      std::printf("FAIL %s: round 3's tile differs in bits from round 2's\n",
+                  describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
+      ++fails;
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int iters = argc > 1 ? std::atoi(argv[1]) : 14;
+  rng.seed(argc > 2 ? std::atoi(argv[2]) : 1);
+  for (int it = 0; it < iters; ++it) {
+    Geo g;
+    if (!make_geo(g)) {
+      --it;
+      continue;
+    }
+    if (it % 2 == 0) g.sh = g.sw = 1, g.P = g.H + 2 * g.ph - g.dh * (g.R - 1), g.Q = g.W + 2 * g.pw - g.dw * (g.S - 1);
+    Data d;
+    auto fill = [](std::vector<double>& v, size_t n) {
+      v.resize(n);
+      for (auto& e : v) e = rnd(-2, 2) * 0.5;  // exact in float
+    };
+    fill(d.x, size_t(g.N) * g.C * g.H * g.W);
+    fill(d.w, size_t(g.K) * g.R * g.S);
+    fill(d.b, g.K);
+    fill(d.go, size_t(g.N) * g.K * g.P * g.Q);
+    reference(g, d);
+    for (int cl = 0; cl < 2; ++cl) {
+      both_heights<false>(g, d, cl);
+      if (g.sh == 1 && g.sw == 1) both_heights<true>(g, d, cl);
+    }
+  }
+  std::printf("%d checks, %d fails\n", checks, fails);
+  return fails != 0;
+}
