@@ -144,20 +144,14 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
   std::vector<float> w(d.w.begin(), d.w.end()), b(d.b.begin(), d.b.end());
   std::vector<float> out(size_t(g.N) * OC * OH * OW, 12345.0f);
   const float* bias = FLIP ? nullptr : b.data();
+  auto launch = [&](void (*kernel)(const float*, const float*, const float*, float*, DwTile)) {
+    emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile>(
+        kernel, blocks, kTileThreads, src.data(), w.data(), bias, out.data(), t);
+  };
   if (cl) {
-    auto launch = [&](auto kernel) {
-      emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile>(
-          kernel, blocks, kTileThreads, src.data(), w.data(), bias, out.data(), t);
-    };
-    if (rows == kClRowsR3) launch(dw_tile_cl_kernel<float, FLIP, kClRowsR3>);
-    else launch(dw_tile_cl_kernel<float, FLIP, 1>);
+    launch(rows == kClRowsR3 ? dw_tile_cl_kernel<float, FLIP, kClRowsR3> : dw_tile_cl_kernel<float, FLIP, 1>);
   } else {
-    auto launch = [&](auto kernel) {
-      emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile>(
-          kernel, blocks, kTileThreads, src.data(), w.data(), bias, out.data(), t);
-    };
-    if (rows == kTileRowsR3) launch(dw_tile_kernel<float, FLIP, kTileRowsR3>);
-    else launch(dw_tile_kernel<float, FLIP, kTileRows>);
+    launch(rows == kTileRowsR3 ? dw_tile_kernel<float, FLIP, kTileRowsR3> : dw_tile_kernel<float, FLIP, kTileRows>);
   }
   std::vector<float> nchw(out.size());  // back to NCHW order
   for (int n = 0; n < g.N; ++n)
