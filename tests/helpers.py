@@ -260,3 +260,19 @@ def grad_output_variants(out):
         "transposed": g.transpose(-1, -2).contiguous().transpose(-1, -2),
         "batch_broadcast": g[:1].expand(out.shape),
     }
+
+
+class switched:
+    """Sets a runtime switch op (mode 1 on, 0 off; it returns the mode before and its launches
+    so far) inside the block; .launches counts the launches the block made."""
+
+    def __init__(self, op, on):
+        self.op, self.on = op, on
+
+    def __enter__(self):
+        self.before, self.start = self.op(1 if self.on else 0)
+        return self
+
+    def __exit__(self, *exc):
+        _, end = self.op(self.before)
+        self.launches = end - self.start

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 from helpers import (ALL_DTYPES, BAD_DTYPES, COMPILE_BACKEND, HALF_DTYPES, cfg_id, dtype_id, forward_backward,
-                     grad_output_variants, import_ck, make_input, num_threads, raises_op_arg)
+                     grad_output_variants, import_ck, make_input, num_threads, raises_op_arg, switched)
 
 ck = import_ck("conv2d", "nn", "reference")
 OPS = torch.ops.convrnn
@@ -429,20 +429,10 @@ R3_CONFIGS = [
 ]
 
 
-class conv_r3:
+def conv_r3(on):
     """conv2d CUDA round 3 on or off (round 2's kernels); .launches counts the launches that
     took a round-3 path."""
-
-    def __init__(self, on):
-        self.on = on
-
-    def __enter__(self):
-        self.before, self.start = torch.ops.convrnn._conv2d_r3(1 if self.on else 0)
-        return self
-
-    def __exit__(self, *exc):
-        _, end = torch.ops.convrnn._conv2d_r3(self.before)
-        self.launches = end - self.start
+    return switched(torch.ops.convrnn._conv2d_r3, on)
 
 
 def test_r3_switch_op():

@@ -12,7 +12,7 @@ own half error plus one ulp."""
 import pytest
 import torch
 
-from helpers import HALF_DTYPES, assert_half_ok, dtype_id, half_atol, import_ck, needs_cuda
+from helpers import HALF_DTYPES, assert_half_ok, dtype_id, half_atol, import_ck, needs_cuda, switched
 from test_rnn_layers import (assert_runs_identical, compare, exact_float32, make_inputs, make_pair,  # noqa: F401
                              run)  # (exact_float32: an autouse fixture)
 
@@ -23,31 +23,15 @@ OPS = torch.ops.convrnn
 TOL32 = dict(rtol=5e-4, atol=5e-4)
 
 
-class _switched:
-    """Sets a runtime switch op (mode 1 on, 0 off; it returns the mode before and its launches
-    so far) inside the block; .launches counts the launches the block made."""
-
-    def __init__(self, op, on):
-        self.op, self.on = op, on
-
-    def __enter__(self):
-        self.before, self.start = self.op(1 if self.on else 0)
-        return self
-
-    def __exit__(self, *exc):
-        _, end = self.op(self.before)
-        self.launches = end - self.start
-
-
 def persistent_mode(on=True):
     """The persistent path on or off; .launches counts the persistent kernel launches."""
-    return _switched(OPS._persistent_rnn, on)
+    return switched(OPS._persistent_rnn, on)
 
 
 def stack_mode(on=True):
     """The stacked kernel (every layer of a unidirectional stack in one launch, inference) on or
     off; .launches counts its launches."""
-    return _switched(OPS._persistent_rnn_stack, on)
+    return switched(OPS._persistent_rnn_stack, on)
 
 
 def packed_lengths(t, b, seed):

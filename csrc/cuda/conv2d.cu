@@ -80,9 +80,8 @@ Tensor pack_weight(const Tensor& weight, const Conv2d& g, bool dgrad, cudaStream
   return out;
 }
 
-// Round 3's SIMT tile rule (conv2d_plan.cuh: simt_image_tile) gets the device's SM count;
-// with round 3 off (conv2d.h: conv_r3_mode) 0, round 2's fixed tiles.  The tile never changes
-// a result's bits.
+// Round 3's kernel choices (the SIMT tile fitted to the SM count, the direct small-C backward
+// data) get the device's SM count; with round 3 off (conv2d.h: conv_r3_mode) 0: round 2's.
 int tile_sms() {
   return conv_r3_mode().load() != 0 ? at::cuda::getCurrentDeviceProperties()->multiProcessorCount : 0;
 }
@@ -126,38 +125,27 @@ conv::ImageGemmArgs image_args(const Conv2d& g, bool dgrad, const Tensor& src, c
   return a;
 }
 
+// The image GEMM (or round 3's direct small-C backward data) of a's dtype; counts the
+// launches that took a round-3 path.
 void run_image_gemm(const conv::ImageGemmArgs& a, at::ScalarType dtype, cudaStream_t stream) {
+  bool r3 = false;
   switch (dtype) {
-    case at::kFloat: {
-      const bool tf32 = at::globalContext().allowTF32CuDNN();
-      if (!tf32 && a.sms > 0) ++conv_r3_launches();
-      return conv::image_gemm_float(a, tf32, stream);
-    }
+    case at::kFloat:
+      r3 = conv::image_gemm_float(a, at::globalContext().allowTF32CuDNN(), stream);
+      break;
     case at::kDouble:
-      return conv::image_gemm_double(a, stream);
+      r3 = conv::image_gemm_double(a, stream);
+      break;
     case at::kHalf:
-      return conv::image_gemm_half(a, stream);
+      r3 = conv::image_gemm_half(a, stream);
+      break;
     case at::kBFloat16:
-      return conv::image_gemm_bfloat16(a, stream);
+      r3 = conv::image_gemm_bfloat16(a, stream);
+      break;
     default:
       TORCH_CHECK(false, "convrnn.conv2d: unsupported dtype ", dtype);
   }
-}
-
-// The direct backward data of 2-4 input channels where it applies (false: nothing launched).
-bool dgrad_small_c(const conv::ImageGemmArgs& a, at::ScalarType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case at::kFloat:
-      return conv::dgrad_small_c_float(a, stream);
-    case at::kDouble:
-      return conv::dgrad_small_c_double(a, stream);
-    case at::kHalf:
-      return conv::dgrad_small_c_half(a, stream);
-    case at::kBFloat16:
-      return conv::dgrad_small_c_bfloat16(a, stream);
-    default:
-      return false;
-  }
+  if (r3) ++conv_r3_launches();
 }
 
 void run_wgrad_gemm(const conv::WgradArgs& a, at::ScalarType dtype, cudaStream_t stream) {
@@ -328,12 +316,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
   const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
   if (output_mask[0]) {
     const Tensor packed = pack_weight(weight, g, /*dgrad=*/true, stream);
-    const conv::ImageGemmArgs a = image_args(g, /*dgrad=*/true, go, packed, gi);
-    if (conv_r3_mode().load() != 0 && dgrad_small_c(a, go.scalar_type(), stream)) {
-      ++conv_r3_launches();
-    } else {
-      run_image_gemm(a, go.scalar_type(), stream);
-    }
+    run_image_gemm(image_args(g, /*dgrad=*/true, go, packed, gi), go.scalar_type(), stream);
   }
   if (output_mask[1]) weight_gradient(g, go, input.contiguous(at::MemoryFormat::ChannelsLast), gw, stream);
   if (output_mask[2]) bias_gradient(g, go, gb, stream);

@@ -53,7 +53,7 @@ struct ImageGemmArgs {
   bool dgrad;
   int H, W, P, Q, sh, sw, ph, pw, dh, dw;  // the convolution's geometry
   int phases_h, phases_w;                  // 1, 1 forward; sh, sw backward data
-  int sms;                                 // the device's SMs for the SIMT tile choice (0: round 2's fixed tiles)
+  int sms;                                 // the device's SMs (round 3); 0: round 2's kernels only
   int64_t tiles_m;                         // filled by the launcher
   int tiles_n;
 };
@@ -266,17 +266,14 @@ constexpr int round_up_int(int v, int m) { return (v + m - 1) / m * m; }
 
 // ---- launchers, one per dtype, defined in conv2d_gemm_*.cu ----
 
-// Forward / backward data.  tf32 (float only): tensor cores with TF32 inputs.
-void image_gemm_float(ImageGemmArgs a, bool tf32, cudaStream_t stream);
-void image_gemm_double(ImageGemmArgs a, cudaStream_t stream);
-void image_gemm_half(ImageGemmArgs a, cudaStream_t stream);
-void image_gemm_bfloat16(ImageGemmArgs a, cudaStream_t stream);
-// Backward data of few input channels (2-4, one group) by the direct kernel where it applies
-// (conv2d_gemm_launch.cuh: dgrad_small_c); false: nothing launched, run the image GEMM.
-bool dgrad_small_c_float(const ImageGemmArgs& a, cudaStream_t stream);
-bool dgrad_small_c_double(const ImageGemmArgs& a, cudaStream_t stream);
-bool dgrad_small_c_half(const ImageGemmArgs& a, cudaStream_t stream);
-bool dgrad_small_c_bfloat16(const ImageGemmArgs& a, cudaStream_t stream);
+// Forward / backward data.  tf32 (float only): tensor cores with TF32 inputs.  With round 3
+// on (a.sms > 0) backward data of 2-4 input channels runs the direct kernel where it applies
+// (conv2d_gemm_launch.cuh: dgrad_small_c) and the float32 SIMT tile is fitted to a.sms.
+// Returns whether a round-3 kernel ran.
+bool image_gemm_float(ImageGemmArgs a, bool tf32, cudaStream_t stream);
+bool image_gemm_double(ImageGemmArgs a, cudaStream_t stream);
+bool image_gemm_half(ImageGemmArgs a, cudaStream_t stream);
+bool image_gemm_bfloat16(ImageGemmArgs a, cudaStream_t stream);
 // Backward weight into acc_t<T> partials [chunks][K][R*S*Cg].
 void wgrad_gemm_float(WgradArgs a, bool tf32, cudaStream_t stream);
 void wgrad_gemm_double(WgradArgs a, cudaStream_t stream);

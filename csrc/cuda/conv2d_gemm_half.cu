@@ -4,12 +4,8 @@
 namespace convrnn {
 namespace conv {
 
-void image_gemm_half(ImageGemmArgs a, cudaStream_t stream) { image_gemm_wmma<__half>(a, stream); }
-void image_gemm_bfloat16(ImageGemmArgs a, cudaStream_t stream) { image_gemm_wmma<__nv_bfloat16>(a, stream); }
-bool dgrad_small_c_half(const ImageGemmArgs& a, cudaStream_t stream) { return dgrad_small_c<__half>(a, stream); }
-bool dgrad_small_c_bfloat16(const ImageGemmArgs& a, cudaStream_t stream) {
-  return dgrad_small_c<__nv_bfloat16>(a, stream);
-}
+bool image_gemm_half(ImageGemmArgs a, cudaStream_t stream) { return image_gemm_wmma<__half>(a, stream); }
+bool image_gemm_bfloat16(ImageGemmArgs a, cudaStream_t stream) { return image_gemm_wmma<__nv_bfloat16>(a, stream); }
 void wgrad_gemm_half(WgradArgs a, cudaStream_t stream) { wgrad_gemm_wmma<__half>(a, stream); }
 void wgrad_gemm_bfloat16(WgradArgs a, cudaStream_t stream) { wgrad_gemm_wmma<__nv_bfloat16>(a, stream); }
 

@@ -43,8 +43,6 @@ inline unsigned wgrad_grid(WgradArgs& a) {
   return checked_blocks(static_cast<int64_t>(a.tiles_m) * a.tiles_n * a.chunks * a.groups);
 }
 
-// The GEMM's column tile: the smallest of 32, 64, 128 covering the channels (capped at 128).
-inline int column_tile(int ncols) { return ncols <= 32 ? 32 : ncols <= 64 ? 64 : 128; }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -63,13 +61,13 @@ inline bool wgrad_vec_ok(const WgradArgs& a) {
 }
 
 // Backward data by the direct small-C kernel (conv2d_gemm_image.cuh: dgrad_small_c_kernel)
-// where it applies: one group of 2 to 4 input channels, grad_output channels in 16-byte
+// where it applies: round 3 on (a.sms > 0), one group of 2 to 4 input channels, grad_output channels in 16-byte
 // vectors, and every stride phase's weight rows (taps x Kg) in its shared memory.  Returns
 // false (nothing launched) elsewhere.
 template <typename T>
 bool dgrad_small_c(ImageGemmArgs a, cudaStream_t stream) {
   constexpr int v = 16 / sizeof(T);
-  if (!a.dgrad || a.groups != 1 || a.ncols < 2 || a.ncols > 4 || a.cpg % v != 0 || a.cs % v != 0 ||
+  if (!a.dgrad || a.sms <= 0 || a.groups != 1 || a.ncols < 2 || a.ncols > 4 || a.cpg % v != 0 || a.cs % v != 0 ||
       !aligned16(a.src)) {
     return false;
   }
@@ -104,16 +102,20 @@ void launch_image_wmma(ImageGemmArgs a, cudaStream_t stream) {
 }
 
 template <typename T>
-void image_gemm_wmma(const ImageGemmArgs& a, cudaStream_t stream) {
+bool image_gemm_wmma(const ImageGemmArgs& a, cudaStream_t stream) {
+  if (dgrad_small_c<T>(a, stream)) return true;
   const bool vec = image_vec_ok<T>(a);
   switch (column_tile(a.ncols)) {
     case 32:
-      return vec ? launch_image_wmma<T, 32, true>(a, stream) : launch_image_wmma<T, 32, false>(a, stream);
+      vec ? launch_image_wmma<T, 32, true>(a, stream) : launch_image_wmma<T, 32, false>(a, stream);
+      break;
     case 64:
-      return vec ? launch_image_wmma<T, 64, true>(a, stream) : launch_image_wmma<T, 64, false>(a, stream);
+      vec ? launch_image_wmma<T, 64, true>(a, stream) : launch_image_wmma<T, 64, false>(a, stream);
+      break;
     default:
-      return vec ? launch_image_wmma<T, 128, true>(a, stream) : launch_image_wmma<T, 128, false>(a, stream);
+      vec ? launch_image_wmma<T, 128, true>(a, stream) : launch_image_wmma<T, 128, false>(a, stream);
   }
+  return false;
 }
 
 template <typename T>

@@ -215,6 +215,11 @@ struct SimtTile {
   int bm, bn;
 };
 
+// Every SIMT tile conv2d_gemm_float.cu instantiates, in the order of preference above.
+constexpr SimtTile kSimtTiles[] = {{256, 16}, {128, 16}, {64, 16}, {128, 128}, {128, 64},
+                                   {128, 32}, {64, 128},  {64, 64}, {64, 32}};
+constexpr int kSimtTileCount = sizeof(kSimtTiles) / sizeof(kSimtTiles[0]);
+
 inline double simt_tile_cost(int64_t rows, int ncols, int64_t planes, int sms, int bm, int bn) {
   const int64_t blocks = ((rows + bm - 1) / bm) * ((ncols + bn - 1) / bn) * planes;
   const int64_t per_sm = (blocks + sms - 1) / sms;
@@ -224,24 +229,23 @@ inline double simt_tile_cost(int64_t rows, int ncols, int64_t planes, int sms, i
   return static_cast<double>(per_sm) * bm * bn / (eff * occ);
 }
 
+// The GEMM's column tile: the smallest of 32, 64, 128 covering the channels (capped at 128).
+inline int column_tile(int ncols) { return ncols <= 32 ? 32 : ncols <= 64 ? 64 : 128; }
+
+// Round 2's fixed rule: 256 x 16 up to 16 columns, else 128 rows by column_tile.
+inline SimtTile simt_fixed_tile(int ncols) {
+  return ncols <= 16 ? SimtTile{256, 16} : SimtTile{128, column_tile(ncols)};
+}
+
 inline SimtTile simt_image_tile(int64_t rows, int ncols, int64_t planes, int sms) {
-  SimtTile cand[8];
-  int n = 0;
-  if (ncols <= 16) {
-    cand[n++] = {256, 16};
-    cand[n++] = {128, 16};
-    cand[n++] = {64, 16};
-  } else {
-    const int top = ncols <= 32 ? 32 : ncols <= 64 ? 64 : 128;
-    for (int bm = 128; bm >= 64; bm /= 2)
-      for (int bn = top; bn >= 32; bn /= 2) cand[n++] = {bm, bn};
-  }
-  SimtTile best = cand[0];
-  double best_cost = simt_tile_cost(rows, ncols, planes, sms, best.bm, best.bn);
-  for (int i = 1; i < n; ++i) {
-    const double c = simt_tile_cost(rows, ncols, planes, sms, cand[i].bm, cand[i].bn);
-    if (c < 0.9 * best_cost) {
-      best = cand[i];
+  const int top = simt_fixed_tile(ncols).bn;  // the widest candidate column tile (16 up to 16 columns)
+  SimtTile best{0, 0};
+  double best_cost = 0;
+  for (const SimtTile& t : kSimtTiles) {
+    if ((t.bn == 16) != (ncols <= 16) || t.bn > top) continue;
+    const double c = simt_tile_cost(rows, ncols, planes, sms, t.bm, t.bn);
+    if (best.bm == 0 || c < 0.9 * best_cost) {
+      best = t;
       best_cost = c;
     }
   }

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_emulation.h"
@@ -218,26 +219,29 @@ std::vector<T> run_image(void (*kernel)(ImageGemmArgs), const Geo& g, const Data
   return dst;
 }
 
+// The float32 SIMT kernel of every tile in kSimtTiles (what conv2d_gemm_float.cu can launch),
+// each checked against the reference; their outputs and names appended.
+template <bool ONE, size_t... I>
+void run_all_tiles(const Geo& g, const Data& d, bool dgrad, bool nchw, std::vector<std::vector<float>>& outs,
+                   std::vector<std::string>& names, std::index_sequence<I...>) {
+  (
+      [&] {
+        constexpr SimtTile t = kSimtTiles[I];
+        const std::string name = "simt " + std::to_string(t.bm) + "x" + std::to_string(t.bn) + (ONE ? " one" : "");
+        outs.push_back(run_image<float, t.bm, t.bn>(image_gemm_simt_kernel<float, t.bm, t.bn, ONE>, g, d, dgrad, nchw,
+                                                    1e-5, name.c_str()));
+        names.push_back(name);
+      }(),
+      ...);
+}
+
 // Every float32 SIMT tile of conv2d_gemm_float.cu: each against the reference, and all of
 // them bit for bit against the first.
 template <bool ONE>
 void simt_tiles(const Geo& g, const Data& d, bool dgrad, bool nchw) {
-  const char* one = ONE ? " one" : "";
   std::vector<std::vector<float>> outs;
   std::vector<std::string> names;
-  auto run = [&](auto tag, std::vector<float> out) {
-    names.push_back(std::string(tag) + one);
-    outs.push_back(std::move(out));
-  };
-  run("simt 256x16", run_image<float, 256, 16>(image_gemm_simt_kernel<float, 256, 16, ONE>, g, d, dgrad, nchw, 1e-5, "simt 256x16"));
-  run("simt 128x16", run_image<float, 128, 16>(image_gemm_simt_kernel<float, 128, 16, ONE>, g, d, dgrad, nchw, 1e-5, "simt 128x16"));
-  run("simt 64x16", run_image<float, 64, 16>(image_gemm_simt_kernel<float, 64, 16, ONE>, g, d, dgrad, nchw, 1e-5, "simt 64x16"));
-  run("simt 128x32", run_image<float, 128, 32>(image_gemm_simt_kernel<float, 128, 32, ONE>, g, d, dgrad, nchw, 1e-5, "simt 128x32"));
-  run("simt 128x64", run_image<float, 128, 64>(image_gemm_simt_kernel<float, 128, 64, ONE>, g, d, dgrad, nchw, 1e-5, "simt 128x64"));
-  run("simt 128x128", run_image<float, 128, 128>(image_gemm_simt_kernel<float, 128, 128, ONE>, g, d, dgrad, nchw, 1e-5, "simt 128x128"));
-  run("simt 64x32", run_image<float, 64, 32>(image_gemm_simt_kernel<float, 64, 32, ONE>, g, d, dgrad, nchw, 1e-5, "simt 64x32"));
-  run("simt 64x64", run_image<float, 64, 64>(image_gemm_simt_kernel<float, 64, 64, ONE>, g, d, dgrad, nchw, 1e-5, "simt 64x64"));
-  run("simt 64x128", run_image<float, 64, 128>(image_gemm_simt_kernel<float, 64, 128, ONE>, g, d, dgrad, nchw, 1e-5, "simt 64x128"));
+  run_all_tiles<ONE>(g, d, dgrad, nchw, outs, names, std::make_index_sequence<kSimtTileCount>{});
   for (size_t i = 1; i < outs.size(); ++i) {
     ++checks;
     if (std::memcmp(outs[i].data(), outs[0].data(), outs[0].size() * sizeof(float)) != 0) {
@@ -301,14 +305,13 @@ void run_wgrad(void (*kernel)(WgradArgs), const Geo& g, const Data& d, double to
 // simt_image_tile over random grids: only tiles image_simt_float instantiates, 16-column
 // tiles exactly when there are at most 16 columns, never a column tile wider than the first.
 void tile_rule() {
-  const int tiles[][2] = {{256, 16}, {128, 16}, {64, 16}, {128, 32}, {128, 64}, {128, 128}, {64, 32}, {64, 64}, {64, 128}};
   for (int i = 0; i < 20000; ++i) {
     const int64_t rows = std::uniform_int_distribution<int64_t>(1, int64_t(1) << 22)(rng);
     const int ncols = rnd(1, 600), sms = rnd(1, 160);
     const int64_t planes = rnd(1, 64);
     const SimtTile t = simt_image_tile(rows, ncols, planes, sms);
-    bool known = false;
-    for (const auto& k : tiles) known = known || (k[0] == t.bm && k[1] == t.bn);
+    bool known = false;  // one that image_simt_float instantiates
+    for (const SimtTile& k : kSimtTiles) known = known || (k.bm == t.bm && k.bn == t.bn);
     const int top = ncols <= 16 ? 16 : ncols <= 32 ? 32 : ncols <= 64 ? 64 : 128;
     ++checks;
     if (!known || (t.bn == 16) != (ncols <= 16) || t.bn > top) {

@@ -74,7 +74,7 @@ struct Block {
   }
   Barrier bar;
   std::vector<unsigned char> smem;
-  std::vector<float> shuffle;
+  std::vector<double> shuffle;  // exact for float and double values
   std::vector<std::unique_ptr<Barrier>> warps;
 };
 
@@ -118,7 +118,7 @@ template <typename T>
 inline T __shfl_down_sync(unsigned int, T v, int delta) {
   emu::Block& b = *emu::ctx.block;
   const int t = static_cast<int>(threadIdx.x);
-  b.shuffle[t] = static_cast<float>(v);  // float exchange: enough for the float kernels checked
+  b.shuffle[t] = static_cast<double>(v);
   b.warps[t / 32]->wait();
   const T r = (t & 31) + delta < 32 ? static_cast<T>(b.shuffle[t + delta]) : v;
   b.warps[t / 32]->wait();
