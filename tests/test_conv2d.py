@@ -449,20 +449,25 @@ def test_r3_switch_op():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("cfg", R3_CONFIGS, ids=cfg_id)
 def test_cuda_r3_same_bits(cfg, channels_last):
-    """float32 (TF32 off): round 3 (SM-fitted SIMT tiles, the direct small-C backward data,
-    taller depthwise tiles) gives round 2's results bit for bit (every output is the same sum in the same order; a
-    zero's sign aside, which torch.equal ignores), takes its round-3 path, and agrees with
-    torch."""
+    """float32 (TF32 off): round 3 (SM-fitted SIMT tiles, taller depthwise tiles) gives round
+    2's results bit for bit (every output is the same sum in the same order; a zero's sign
+    aside, which torch.equal ignores), takes its round-3 path, and agrees with torch.  The
+    direct small-C backward data (2-4 input channels, one group) splits each pixel's sum over
+    8 lanes, so its grad input matches round 2's to rounding only."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     x, w, b, kw = make_args(cfg, torch.float32, "cuda", channels_last)
+    small_c = kw["groups"] == 1 and 2 <= x.shape[1] <= 4
     with conv_r3(False) as off:
         old = conv_grads(ck.conv2d, x, w, b, kw)
     with conv_r3(True) as on:
         new = conv_grads(ck.conv2d, x, w, b, kw, old[4])
     assert off.launches == 0 and on.launches >= 1, (off.launches, on.launches)
     for name, a, c in zip(("values", "grad input", "grad weight", "grad bias"), new[:4], old[:4]):
-        assert (a is None and c is None) or torch.equal(a, c), f"{name}: round 3 changed the result"
+        if small_c and name == "grad input":
+            assert_conv_close(a, c, f"{name}: round 3 against round 2")
+        else:
+            assert (a is None and c is None) or torch.equal(a, c), f"{name}: round 3 changed the result"
     theirs = conv_grads(F.conv2d, x, w, b, kw, old[4])
     for name, a, t in zip(("values", "grad input"), new[:2], theirs[:2]):
         assert_conv_close(a, t, f"{name} vs torch")

@@ -177,72 +177,136 @@ __global__ void __launch_bounds__(kGemmThreads, 2) image_gemm_simt_kernel(const 
   }
 }
 
-// ---- backward data of few input channels: direct, a thread per input pixel ----
+// ---- backward data of few input channels: direct, 8 lanes a pixel ----
 //
 // The image GEMM of a C = 3 layer's backward data has 3 columns: its 16-wide tile wastes
-// 13/16 of the FMAs in a shared-memory-bound micro-kernel (AlexNet CONV1: ~0.6 ms of its
-// 1.05 ms backward on the H200, against cuDNN's 0.22 ms for the whole backward).  Here a
-// block is the image GEMM's block of 256 rows of one stride phase (image_block, one column
-// tile, one group) and a thread owns one row, i.e. one input pixel, and all its CG channels:
-// the phase's packed weight rows (kr = (tr, ts, k), k fastest, as the GEMM reads them) are
-// staged in shared memory as [kr][4] (the same address in every thread: a broadcast), and
-// each thread sums grad_output(p, q, k) * w(kr, c) over its valid taps and every k in kr
-// order, as the SIMT GEMM does (float32: the same bits, up to the sign of a zero sum).
-// grad_output rows are read as 16-byte vectors along k when VEC (cpg and cs multiples of
-// 16 bytes' worth, 16-byte aligned).  The launcher checks kr_count <= small_c_rows<T>().
+// 13/16 of the FMAs in a shared-memory-bound micro-kernel.  Here a block owns 128 rows of
+// one stride phase (image_block, one column tile, one group), i.e. 128 input pixels, and all
+// their CG channels.  Eight lanes share a pixel and split its reduction channels k (grad_output
+// channels): lane g reads k = kv*8V + g*V .. +V as one 16-byte vector, so the 8 lanes read a
+// pixel's 8V channels as one contiguous 128-byte piece and a warp's load is 4 such pieces (the
+// first version gave each thread a whole pixel: 32 scattered 16-byte reads a warp load, 486 us
+// of AlexNet CONV1's backward on the H200 against cuDNN's 96).  Each lane group owns 4 pixels,
+// 32 rows apart, so that one weight read serves 4 pixels.  The phase's packed weight rows
+// (kr = (tr, ts, k), as the GEMM reads them) are staged in shared memory as
+// [tap][kv][e][g][4] (a warp's 8 lanes read 128 contiguous bytes; its 4 lane groups the same
+// ones), zero past cpg and past CG.  Each lane sums its k over every valid tap (taps in order,
+// its k in order), then the 8 lanes' sums are added by a butterfly of shuffles (every lane
+// ends with the same bits) and lane c < CG stores channel c.  Deterministic; float32 differs
+// from the SIMT GEMM's one-order sum by rounding only.  The launcher checks cpg % V == 0, cs
+// % V == 0, a 16-byte aligned source and small_c_entries() <= small_c_capacity<T>().
+constexpr int kSmallCLanes = 8;  // lanes that split one pixel's k
+constexpr int kSmallCPix = 4;    // pixels a lane group owns
+constexpr int kSmallCBlockRows = kGemmThreads / kSmallCLanes * kSmallCPix;  // 128 pixels a block
+
 template <typename T>
-constexpr int small_c_rows() {
-  return 32768 / (4 * static_cast<int>(sizeof(decltype(Num<T>::to_float(T())))));  // 32 KB of weights
+constexpr int small_c_kstep() {  // k a lane group reads a step: 8 lanes x one 16-byte vector
+  return kSmallCLanes * (16 / static_cast<int>(sizeof(T)));
+}
+template <typename T>
+constexpr int small_c_capacity() {  // staged weight entries (4 accumulators each): 32 KB
+  return 32768 / (4 * static_cast<int>(sizeof(decltype(Num<T>::to_float(T())))));
+}
+// Entries a phase of `taps` taps stages: every tap's k rounded up to whole steps.
+template <typename T>
+__host__ __device__ inline int64_t small_c_entries(int64_t taps, int cpg) {
+  return taps * ((cpg + small_c_kstep<T>() - 1) / small_c_kstep<T>()) * small_c_kstep<T>();
 }
 
-template <typename T, int CG, bool VEC>
+template <typename T, int CG>
 __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const ImageGemmArgs a) {
   using A = decltype(Num<T>::to_float(T()));
-  constexpr int V = VEC ? 16 / static_cast<int>(sizeof(T)) : 1;
-  __shared__ __align__(32) A ws[small_c_rows<T>() * 4];
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), G = kSmallCLanes, KSTEP = G * V, PIX = kSmallCPix;
+  constexpr int STRIDE = kSmallCBlockRows / PIX;  // rows between a lane group's pixels (32)
+  __shared__ __align__(16) A ws[small_c_capacity<T>() * 4];
   ImageBlock b;
-  if (!image_block<kGemmThreads, 16>(a, b)) return;  // uniform over the block
+  if (!image_block<kSmallCBlockRows, 16>(a, b)) return;  // uniform over the block
   const T* __restrict__ wgt = static_cast<const T*>(a.wgt);
-  for (int e = threadIdx.x; e < b.kr_count * 4; e += blockDim.x) {
-    const int kr = e / 4, c = e % 4;
-    ws[e] = c < CG ? Num<T>::to_float(wgt[(b.brow0 + kr) * a.ldb + c]) : A(0);
+  const int kvs = (a.cpg + KSTEP - 1) / KSTEP;
+  const int entries = b.ah.taps * b.aw.taps * kvs * KSTEP;
+  for (int idx = threadIdx.x; idx < entries * 4; idx += blockDim.x) {
+    const int c = idx % 4, ent = idx / 4;
+    const int g = ent % G, e = (ent / G) % V, tk = ent / KSTEP;  // tk = tap * kvs + kv
+    const int k = (tk % kvs) * KSTEP + g * V + e;
+    ws[idx] = c < CG && k < a.cpg ? Num<T>::to_float(wgt[(b.brow0 + (tk / kvs) * a.cpg + k) * a.ldb + c]) : A(0);
   }
   __syncthreads();
-  const int64_t m = b.m0 + threadIdx.x;
-  if (m >= b.m_count) return;
-  const int64_t j = m % b.aw.len, t = m / b.aw.len;
-  const int64_t i = t % b.ah.len, n = t / b.ah.len;
-  const int h0 = static_cast<int>(i) * b.ah.src_mul + b.ah.src_base;
-  const int w0 = static_cast<int>(j) * b.aw.src_mul + b.aw.src_base;
-  const T* __restrict__ src = static_cast<const T*>(a.src) + n * b.ah.src_len * b.aw.src_len * a.cs;
-  A acc[CG];
+
+  const int lane = threadIdx.x % 32, g = lane % G;
+  const int row0 = threadIdx.x / 32 * (32 / G) + lane / G;  // pixel p of the group: row0 + p * STRIDE
+  const T* __restrict__ src = static_cast<const T*>(a.src);
+  int64_t off[PIX];  // the pixel's image in src, -1 past the rows
+  int h0[PIX], w0[PIX];
 #pragma unroll
-  for (int c = 0; c < CG; ++c) acc[c] = A(0);
+  for (int p = 0; p < PIX; ++p) {
+    const int64_t m = b.m0 + row0 + p * STRIDE;
+    off[p] = -1;
+    h0[p] = w0[p] = 0;
+    if (m < b.m_count) {
+      const int64_t j = m % b.aw.len, t = m / b.aw.len;
+      const int64_t i = t % b.ah.len, n = t / b.ah.len;
+      h0[p] = static_cast<int>(i) * b.ah.src_mul + b.ah.src_base;
+      w0[p] = static_cast<int>(j) * b.aw.src_mul + b.aw.src_base;
+      off[p] = n * b.ah.src_len * b.aw.src_len * a.cs;
+    }
+  }
+  A acc[PIX][CG];
+#pragma unroll
+  for (int p = 0; p < PIX; ++p)
+#pragma unroll
+    for (int c = 0; c < CG; ++c) acc[p][c] = A(0);
+
   for (int tr = 0; tr < b.ah.taps; ++tr) {
-    const int p = h0 + tr * b.ah.src_tap;
-    if (p < 0 || p >= b.ah.src_len) continue;
     for (int ts = 0; ts < b.aw.taps; ++ts) {
-      const int q = w0 + ts * b.aw.src_tap;
-      if (q < 0 || q >= b.aw.src_len) continue;
-      const T* __restrict__ g = src + (static_cast<int64_t>(p) * b.aw.src_len + q) * a.cs;
-      const A* __restrict__ w = ws + (tr * b.aw.taps + ts) * a.cpg * 4;
-      for (int k0 = 0; k0 < a.cpg; k0 += V) {
-        const Vec<T, V> gv = vec_load<T, V>(g + k0);
+      const T* gp[PIX];  // the tap's grad_output row of each pixel, nullptr outside
+      bool any = false;
+#pragma unroll
+      for (int p = 0; p < PIX; ++p) {
+        const int h = h0[p] + tr * b.ah.src_tap, w = w0[p] + ts * b.aw.src_tap;
+        const bool in = off[p] >= 0 && h >= 0 && h < b.ah.src_len && w >= 0 && w < b.aw.src_len;
+        gp[p] = in ? src + off[p] + (static_cast<int64_t>(h) * b.aw.src_len + w) * a.cs : nullptr;
+        any = any || in;
+      }
+      if (!any) continue;  // a lane group's choice: its 8 lanes agree
+      const A* wt = ws + (tr * b.aw.taps + ts) * kvs * KSTEP * 4 + g * 4;
+      for (int kv = 0; kv < kvs; ++kv) {
+        const int k0 = kv * KSTEP + g * V;
+        Vec<T, V> gv[PIX];
+#pragma unroll
+        for (int p = 0; p < PIX; ++p) gv[p] = gp[p] != nullptr && k0 < a.cpg ? vec_load<T, V>(gp[p] + k0) : vec_zero<T, V>();
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-          const A gk = Num<T>::to_float(gv.v[e]);
-          const Vec<A, 4> wk = *reinterpret_cast<const Vec<A, 4>*>(w + (k0 + e) * 4);
+          const Vec<A, 4> wk = *reinterpret_cast<const Vec<A, 4>*>(wt + (kv * KSTEP + e * G) * 4);
 #pragma unroll
-          for (int c = 0; c < CG; ++c) acc[c] = fma(gk, wk.v[c], acc[c]);
+          for (int p = 0; p < PIX; ++p) {
+            const A gk = Num<T>::to_float(gv[p].v[e]);
+#pragma unroll
+            for (int c = 0; c < CG; ++c) acc[p][c] = fma(gk, wk.v[c], acc[p][c]);
+          }
         }
       }
     }
   }
-  T* __restrict__ dst = static_cast<T*>(a.dst);
-  const int64_t d = n * a.dst_sn + (i * b.ah.dst_mul + b.ah.dst_base) * a.dst_sh + (j * b.aw.dst_mul + b.aw.dst_base) * a.dst_sw;
+  // The 8 lanes' partial sums: a butterfly, the same bits in every lane of the group.
 #pragma unroll
-  for (int c = 0; c < CG; ++c) {
-    if (c < a.ncols) dst[d + c * a.dst_sc] = Num<T>::from_acc(acc[c]);
+  for (int s = G / 2; s >= 1; s /= 2)
+#pragma unroll
+    for (int p = 0; p < PIX; ++p)
+#pragma unroll
+      for (int c = 0; c < CG; ++c) acc[p][c] += __shfl_xor_sync(0xffffffffu, acc[p][c], s);
+
+  T* __restrict__ dst = static_cast<T*>(a.dst);
+#pragma unroll
+  for (int p = 0; p < PIX; ++p) {
+    const int64_t m = b.m0 + row0 + p * STRIDE;
+    if (off[p] < 0) continue;
+    const int64_t j = m % b.aw.len, t = m / b.aw.len;
+    const int64_t i = t % b.ah.len, n = t / b.ah.len;
+    const int64_t d = n * a.dst_sn + (i * b.ah.dst_mul + b.ah.dst_base) * a.dst_sh + (j * b.aw.dst_mul + b.aw.dst_base) * a.dst_sw;
+#pragma unroll
+    for (int c = 0; c < CG; ++c) {
+      if (c == g && c < a.ncols) dst[d + c * a.dst_sc] = Num<T>::from_acc(acc[p][c]);
+    }
   }
 }
 

@@ -62,7 +62,7 @@ inline bool wgrad_vec_ok(const WgradArgs& a) {
 
 // Backward data by the direct small-C kernel (conv2d_gemm_image.cuh: dgrad_small_c_kernel)
 // where it applies: round 3 on (a.sms > 0), one group of 2 to 4 input channels, grad_output channels in 16-byte
-// vectors, and every stride phase's weight rows (taps x Kg) in its shared memory.  Returns
+// vectors, and every stride phase's weight rows (taps x Kg, k rounded up to whole 8-lane steps) in its shared memory.  Returns
 // false (nothing launched) elsewhere.
 template <typename T>
 bool dgrad_small_c(ImageGemmArgs a, cudaStream_t stream) {
@@ -75,19 +75,19 @@ bool dgrad_small_c(ImageGemmArgs a, cudaStream_t stream) {
     for (int pw = 0; pw < a.phases_w; ++pw) {
       const AxisPlan ah = backward_data_axis(a.H, a.R, a.sh, a.ph, a.dh, a.P, ph);
       const AxisPlan aw = backward_data_axis(a.W, a.S, a.sw, a.pw, a.dw, a.Q, pw);
-      if (static_cast<int64_t>(ah.taps) * aw.taps * a.cpg > small_c_rows<T>()) return false;
+      if (small_c_entries<T>(static_cast<int64_t>(ah.taps) * aw.taps, a.cpg) > small_c_capacity<T>()) return false;
     }
   }
-  const unsigned blocks = image_grid<kGemmThreads, 16>(a);
+  const unsigned blocks = image_grid<kSmallCBlockRows, 16>(a);
   switch (a.ncols) {
     case 2:
-      dgrad_small_c_kernel<T, 2, true><<<blocks, kGemmThreads, 0, stream>>>(a);
+      dgrad_small_c_kernel<T, 2><<<blocks, kGemmThreads, 0, stream>>>(a);
       break;
     case 3:
-      dgrad_small_c_kernel<T, 3, true><<<blocks, kGemmThreads, 0, stream>>>(a);
+      dgrad_small_c_kernel<T, 3><<<blocks, kGemmThreads, 0, stream>>>(a);
       break;
     default:
-      dgrad_small_c_kernel<T, 4, true><<<blocks, kGemmThreads, 0, stream>>>(a);
+      dgrad_small_c_kernel<T, 4><<<blocks, kGemmThreads, 0, stream>>>(a);
       break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

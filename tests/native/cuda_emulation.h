@@ -98,12 +98,13 @@ inline void __syncthreads() {
   emu::ctx.block->bar.wait();
 }
 
-inline float __shfl_xor_sync(unsigned int, float v, int lane_mask) {
+template <typename T>
+inline T __shfl_xor_sync(unsigned int, T v, int lane_mask) {
   emu::Block& b = *emu::ctx.block;
   const int t = static_cast<int>(threadIdx.x);
-  b.shuffle[t] = v;
+  b.shuffle[t] = static_cast<double>(v);
   b.warps[t / 32]->wait();
-  const float r = b.shuffle[(t & ~31) | ((t & 31) ^ lane_mask)];
+  const T r = static_cast<T>(b.shuffle[(t & ~31) | ((t & 31) ^ lane_mask)]);
   b.warps[t / 32]->wait();
   return r;
 }
