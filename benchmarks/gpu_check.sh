@@ -11,7 +11,7 @@
 #      conv2d float32 with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
 # Usage: benchmarks/gpu_check.sh OUTDIR   (GPU_CHECK_SECONDS, GPU_CHECK_EXAMPLES=0, GPU_CHECK_TF32=0,
-# BENCH_SECONDS: see below)
+# GPU_CHECK_FOCUS=conv2d, BENCH_SECONDS: see below)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -23,7 +23,10 @@ step() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
 examples=${GPU_CHECK_EXAMPLES:-1}  # 0: skip the examples/ecosystem step (about 75 s)
 tf32=${GPU_CHECK_TF32:-1}          # 0: skip the conv2d TF32 run (about 30 s)
-# seconds a step may take: its cap, less what the later steps are promised (reserve)
+focus=${GPU_CHECK_FOCUS:-}         # conv2d: after the tests, benchmark, A/B and profile conv2d alone
+# (a rerun after a conv2d change; the whole run then takes about 330 s with a 120 s build)
+# seconds a step may take: its cap, less what the later steps are promised (reserve: their
+# usual times on the H200, not their caps, so that the tests are not starved by a slow build)
 budget() { local cap=$1 reserve=$2 left=$(( deadline - $(date +%s) - $2 ));
            (( left < cap )) && cap=$left; (( cap < 10 )) && cap=10; echo $cap; }
 
@@ -59,14 +62,16 @@ fi
 step "CUDA tests"
 # pytest-xdist, where present: a test that crashes its worker is reported, the rest still run
 xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout $(budget 150 $(( 380 + 100 * examples + 40 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
+# usual seconds of what follows the tests, the sanitizer run and the benchmark
+if [[ -n $focus ]]; then after_tests=90 after_san=65 after_bench=40; else after_tests=250 after_san=225 after_bench=130; fi
+timeout $(budget 180 $(( after_tests + 90 * examples + 30 * tf32 ))) $py -m pytest tests -q -k cuda -p no:cacheprovider $xdist --maxfail=200 -rf \
   --durations=15 > "$out/tests.log" 2>&1 || status=1
 grep -E "^FAILED|^ERROR" "$out/tests.log" | head -40 | tee -a "$out/summary.txt"
 tail -1 "$out/tests.log" | tee -a "$out/summary.txt"
 
 if (( examples )); then
   step "examples, convert() and the ecosystem tests (CUDA where present)"
-  timeout $(budget 100 $(( 380 + 40 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
+  timeout $(budget 100 $(( after_tests + 30 * tf32 ))) $py -m pytest tests/test_examples.py tests/test_ecosystem.py -q \
     -p no:cacheprovider $xdist -rf > "$out/tests-examples.log" 2>&1 || status=1
   grep -E "^FAILED|^ERROR" "$out/tests-examples.log" | head -20 | tee -a "$out/summary.txt"
   tail -1 "$out/tests-examples.log" | tee -a "$out/summary.txt"
@@ -74,15 +79,15 @@ fi
 
 step "compute-sanitizer memcheck (small CUDA subset)"
 if command -v compute-sanitizer > /dev/null; then
-  timeout $(budget 60 $(( 330 + 40 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
+  timeout $(budget 60 $(( after_san + 30 * tf32 ))) compute-sanitizer --tool memcheck --error-exitcode 9 \
     $py -m pytest tests -q -p no:cacheprovider -k "cuda and sanitizer" > "$out/sanitizer.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|passed|failed" "$out/sanitizer.log" | tail -3 | tee -a "$out/summary.txt"
 else
   echo "compute-sanitizer not found" | tee -a "$out/summary.txt"
 fi
 
-step "benchmark on cuda"
-timeout $(budget 150 $(( 190 + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --dtypes float32,float16,bfloat16 --no-progress \
+step "benchmark on cuda${focus:+ ($focus)}"
+timeout $(budget 150 $(( after_bench + 30 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda ${focus:+--ops $focus} --dtypes float32,float16,bfloat16 --no-progress \
   --seconds ${BENCH_SECONDS:-0.25} --out "$out/bench.json" > "$out/bench.txt" 2>&1 || status=1
 tail -45 "$out/bench.txt"
 # A/B of runtime switches, each against the main run's default (bench.json): the sequences'
@@ -92,29 +97,33 @@ tail -45 "$out/bench.txt"
 # round 2's kernels instead of round 3's (CONVRNN_CONV_R3=0: fixed SIMT tiles, GEMM backward data for C = 3).
 ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
   step "A/B $name: $env ($ops, $dtypes)"
-  env $env timeout $(budget 35 $(( reserve + 40 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
+  env $env timeout $(budget 35 $(( reserve + 30 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
     --no-progress --no-chart --seconds ${BENCH_SECONDS:-0.25} --out "$out/ab-$name.json" > "$out/ab-$name.txt" 2>&1 \
     || status=1
   grep -A4 "^Geomean" "$out/ab-$name.txt" | tail -4
 }
-ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 155
-ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 120
-ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 85
-# (the last A/B, promised nothing by the earlier steps: it gets what they left, at least 10 s)
-ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 85
+if [[ -z $focus ]]; then
+  ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 110
+  ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 95
+  ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 80
+fi
+if [[ -z $focus ]]; then reserve=60; else reserve=16; fi
+ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 $reserve
 
-step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
-timeout $(budget 55 $(( 80 + 40 * tf32 ))) $py benchmarks/rnn_persistent_profile.py --reps 3 --stack > "$out/rnn-steps.txt" 2>&1 \
-  || status=1
-grep "per step" "$out/rnn-steps.txt"
+if [[ -z $focus ]]; then
+  step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
+  timeout $(budget 55 $(( 50 + 30 * tf32 ))) $py benchmarks/rnn_persistent_profile.py --reps 3 --stack > "$out/rnn-steps.txt" 2>&1 \
+    || status=1
+  grep "per step" "$out/rnn-steps.txt"
 
-step "cell forward: GPU kernel time against host time per call (benchmarks/cells_profile.py)"
-timeout $(budget 40 $(( 40 + 40 * tf32 ))) $py benchmarks/cells_profile.py --device cuda -n 100 > "$out/cells-profile.txt" 2>&1 \
-  || status=1
-tail -3 "$out/cells-profile.txt"
+  step "cell forward: GPU kernel time against host time per call (benchmarks/cells_profile.py)"
+  timeout $(budget 40 $(( 20 + 30 * tf32 ))) $py benchmarks/cells_profile.py --device cuda -n 100 > "$out/cells-profile.txt" 2>&1 \
+    || status=1
+  tail -3 "$out/cells-profile.txt"
+fi
 
 step "conv2d forward+backward by kernel, ours against cuDNN (benchmarks/conv_profile.py)"
-timeout $(budget 40 $(( 40 * tf32 ))) $py benchmarks/conv_profile.py -n 10 > "$out/conv-profile.txt" 2>&1 || status=1
+timeout $(budget 40 $(( 30 * tf32 ))) $py benchmarks/conv_profile.py -n 10 > "$out/conv-profile.txt" 2>&1 || status=1
 grep -E "^[A-Z0-9].*: ours" "$out/conv-profile.txt"
 
 if (( tf32 )); then

@@ -2,8 +2,9 @@
 per-element helpers (host-device code) with the host compiler and compare them bit for bit
 with brute-force definitions, so that CPU-only machines (CI) exercise the arithmetic the GPU
 kernels run; the persistent RNN kernels run under a CPU emulation of CUDA with
-ThreadSanitizer (barrier placement); and the conv2d GEMM and depthwise tile kernels run under
-the same emulation against a float64 convolution.  Skipped where no C++ compiler is found."""
+ThreadSanitizer (barrier placement); the conv2d GEMM and depthwise tile kernels run under
+the same emulation against a float64 convolution, and the NCHW -> NHWC copy kernels against
+the permutation.  Skipped where no C++ compiler is found."""
 import os
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 # source: extra compiler flags.  The race check runs the persistent RNN kernels under the CPU
 # emulation with ThreadSanitizer: a missing barrier is a data race it reports (exit status 66).
 CHECKS = {"max_pool2d_items_check.cpp": [], "rnn_persistent_race_check.cpp": ["-g", "-fsanitize=thread"],
-          "conv2d_gemm_check.cpp": ["-pthread"], "conv2d_depthwise_check.cpp": ["-pthread"]}
+          "conv2d_gemm_check.cpp": ["-pthread"], "conv2d_depthwise_check.cpp": ["-pthread"],
+          "layout_check.cpp": ["-pthread"]}
 # Checks that include the CUDA toolkit's host-usable headers (cuda_fp16.h and friends).
 NEEDS_CUDA_HEADERS = {"conv2d_gemm_check.cpp"}
 

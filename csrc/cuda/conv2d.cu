@@ -277,7 +277,7 @@ Tensor conv2d_cuda(const Tensor& input, const Tensor& weight, const std::optiona
     depthwise_forward_cuda(g, input, weight, b, out, stream);
     return out;
   }
-  const Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor x = channels_last_cuda(input, stream);
   const Tensor packed = pack_weight(weight, g, /*dgrad=*/false, stream);
   conv::ImageGemmArgs a = image_args(g, /*dgrad=*/false, x, packed, out);
   a.bias = b.defined() ? b.const_data_ptr() : nullptr;
@@ -313,12 +313,12 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cuda(const Tensor& grad_outpu
     }
     return {gi, gw, gb};
   }
-  const Tensor go = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor go = channels_last_cuda(grad_output, stream);
   if (output_mask[0]) {
     const Tensor packed = pack_weight(weight, g, /*dgrad=*/true, stream);
     run_image_gemm(image_args(g, /*dgrad=*/true, go, packed, gi), go.scalar_type(), stream);
   }
-  if (output_mask[1]) weight_gradient(g, go, input.contiguous(at::MemoryFormat::ChannelsLast), gw, stream);
+  if (output_mask[1]) weight_gradient(g, go, channels_last_cuda(input, stream), gw, stream);
   if (output_mask[2]) bias_gradient(g, go, gb, stream);
   return {gi, gw, gb};
 }

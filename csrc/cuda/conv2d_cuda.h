@@ -18,4 +18,8 @@ void depthwise_backward_data_cuda(const Conv2d& g, const at::Tensor& grad_output
 void depthwise_backward_weight_cuda(const Conv2d& g, const at::Tensor& grad_output, const at::Tensor& input,
                                     at::Tensor& grad_weight, at::Tensor& grad_bias, cudaStream_t stream);
 
+// t as a channels_last-contiguous tensor: t itself when it already is one, an NCHW-contiguous
+// 4-D t copied by layout.cu's kernels, anything else by torch's copy.
+at::Tensor channels_last_cuda(const at::Tensor& t, cudaStream_t stream);
+
 }  // namespace convrnn
