@@ -209,6 +209,35 @@ def test_only_needed_gradients(device):
     assert w.grad is not None and b.grad is None and x.grad is None
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
+                                   (False, False, True), (True, True, None)], ids=cfg_id)
+def test_eager_route_matches_dispatcher_route(device, needs):
+    """ck.conv2d in eager mode (the C++ twin of Conv2dFunction, csrc/conv2d_autograd.cpp) and
+    the bare op through the dispatcher (the registered Python autograd, what torch.compile
+    traces) give the same values and gradients, bit for bit, for any set of inputs needing a
+    gradient (None: no bias)."""
+    x, w, b, kw = make_args(CONFIGS[7], torch.float64, device)
+    if needs[2] is None:
+        b = None
+    results = []
+    for route in ("eager", "dispatcher"):
+        leaves = [t.detach().clone().requires_grad_(bool(n)) if t is not None else None
+                  for t, n in zip((x, w, b), needs)]
+        if route == "eager":
+            out = ck.conv2d(*leaves, **kw)
+            assert "CppNode" in out.grad_fn.name(), out.grad_fn.name()
+        else:
+            out = OPS.conv2d(*leaves, *op_args(kw))
+            assert "CppNode" not in out.grad_fn.name(), out.grad_fn.name()
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype).to(device)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        results.append((out, torch.autograd.grad(out, wanted, gout)))
+    (o1, g1), (o2, g2) = results
+    assert len(g1) == len(g2) == sum(bool(n) for n in needs)
+    for a, c in zip((o1,) + g1, (o2,) + g2):
+        assert torch.equal(a, c)
+
+
 def test_channels_last_weight(device):
     x, w, b, kw = make_args(CONFIGS[0], torch.float32, device)
     wcl = w.contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,7 @@ gradients the autograd graph needs (output_mask)."""
 import torch
 import torch.nn.functional as F
 
+from .. import _C
 from ._common import OpFunction, call, memory_format_of
 
 _PADDING_STRINGS = ("valid", "same")
@@ -99,8 +100,11 @@ def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask
 
 class Conv2dFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction):
-    saves input and weight; the backward asks conv2d_backward for the needed gradients only."""
+    saves input and weight; the backward asks conv2d_backward for the needed gradients only.
+    Eager calls apply its C++ twin (csrc/conv2d_autograd.cpp): a small layer's step on a GPU
+    is timed as host work, where this Python node cost more than torch's C++ one."""
     op_name = "conv2d"
+    eager = _C.conv2d_autograd
 
     @staticmethod
     def save(ctx, inputs, output):
