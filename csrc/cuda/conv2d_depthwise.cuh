@@ -4,6 +4,7 @@
 
 #include "conv2d.h"
 #include "cuda/grid_stride.cuh"
+#include "cuda/stage.cuh"
 
 namespace convrnn {
 namespace dwconv {
@@ -97,6 +98,7 @@ __global__ void dw_backward_data_kernel(const T* __restrict__ go, const T* __res
 // (R-1)*d - p, summed over the Kg channels o*Kg + j in order).  Plane-relative offsets are
 // 32-bit (the launcher checks every plane fits), the plane bases 64-bit.
 constexpr int kTileThreads = 256, kTileQ = 32, kTileRows = 2, kTileRowsR3 = 8;
+constexpr int kStageLoads = 8;  // patch loads in flight a thread while staging (cuda/stage.cuh)
 constexpr int tile_p(int rows) { return (kTileThreads / kTileQ) * rows; }
 constexpr int kTileSmem = 3072;  // patch elements (acc_t)
 constexpr int kTileTaps = 128;   // most R*S
@@ -139,11 +141,14 @@ __global__ void __launch_bounds__(kTileThreads)
     const int64_t wk = FLIP ? sc : o;
     const T* sp = src + n * t.ss_n + sc * t.ss_c;
     if (j > 0) __syncthreads();  // the previous channel's patch is consumed
-    for (int i = tid; i < patch_n; i += kTileThreads) {
-      const int row = i / t.patch_w, col = i - row * t.patch_w;
-      const int h = h0 + row, x = w0 + col;
-      patch[i] = (h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w]) : A(0);
-    }
+    stage_batched<kStageLoads>(
+        tid, patch_n, kTileThreads,
+        [&](int i) {
+          const int row = i / t.patch_w, col = i - row * t.patch_w;
+          const int h = h0 + row, x = w0 + col;
+          return (h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w]) : A(0);
+        },
+        [&](int i, A v) { patch[i] = v; });
     for (int i = tid; i < RS; i += kTileThreads) taps[i] = static_cast<A>(w[wk * RS + (FLIP ? RS - 1 - i : i)]);
     __syncthreads();
     const A* pc = patch + (ty * TR * t.sh) * t.patch_w + tx * t.sw;
@@ -209,12 +214,15 @@ __global__ void __launch_bounds__(kTileThreads)
     const int64_t sc = !live ? 0 : FLIP ? static_cast<int64_t>(o) * t.Kg + j : o / t.Kg;  // this lane's source channel
     if (j > 0) __syncthreads();
     const T* sp = src + n * t.ss_n + sc * t.ss_c;
-    for (int pix = grp; pix < pix_n; pix += kClGroups) {
-      const int row = pix / t.patch_w, col = pix - row * t.patch_w;
-      const int h = h0 + row, x = w0 + col;
-      patch[pix * kClLanes + lane] =
-          (live && h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w]) : A(0);
-    }
+    stage_batched<kStageLoads>(
+        grp, pix_n, kClGroups,
+        [&](int pix) {
+          const int row = pix / t.patch_w, col = pix - row * t.patch_w;
+          const int h = h0 + row, x = w0 + col;
+          return (live && h >= 0 && h < t.SH && x >= 0 && x < t.SW) ? static_cast<A>(sp[h * t.ss_h + x * t.ss_w])
+                                                                    : A(0);
+        },
+        [&](int pix, A v) { patch[pix * kClLanes + lane] = v; });
     __syncthreads();
     const T* wp = w + (FLIP ? sc : static_cast<int64_t>(o)) * RS;
     for (int r = 0; r < t.R; ++r) {

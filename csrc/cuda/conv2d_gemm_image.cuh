@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda/conv2d_gemm.cuh"
+#include "cuda/stage.cuh"
 
 namespace convrnn {
 namespace conv {
@@ -224,12 +225,15 @@ __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const Image
   const T* __restrict__ wgt = static_cast<const T*>(a.wgt);
   const int kvs = (a.cpg + KSTEP - 1) / KSTEP;
   const int entries = b.ah.taps * b.aw.taps * kvs * KSTEP;
-  for (int idx = threadIdx.x; idx < entries * 4; idx += blockDim.x) {
-    const int c = idx % 4, ent = idx / 4;
-    const int g = ent % G, e = (ent / G) % V, tk = ent / KSTEP;  // tk = tap * kvs + kv
-    const int k = (tk % kvs) * KSTEP + g * V + e;
-    ws[idx] = c < CG && k < a.cpg ? Num<T>::to_float(wgt[(b.brow0 + (tk / kvs) * a.cpg + k) * a.ldb + c]) : A(0);
-  }
+  stage_batched<8>(
+      threadIdx.x, entries * 4, blockDim.x,
+      [&](int idx) {
+        const int c = idx % 4, ent = idx / 4;
+        const int g = ent % G, e = (ent / G) % V, tk = ent / KSTEP;  // tk = tap * kvs + kv
+        const int k = (tk % kvs) * KSTEP + g * V + e;
+        return c < CG && k < a.cpg ? Num<T>::to_float(wgt[(b.brow0 + (tk / kvs) * a.cpg + k) * a.ldb + c]) : A(0);
+      },
+      [&](int idx, A v) { ws[idx] = v; });
   __syncthreads();
 
   const int lane = threadIdx.x % 32, g = lane % G;
