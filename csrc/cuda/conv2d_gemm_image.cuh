@@ -314,6 +314,146 @@ __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const Image
   }
 }
 
+// ---- backward data of few input channels: runs of 4 pixels along a phase row ----
+//
+// dgrad_small_c_kernel above reads grad_output once per (pixel, tap): 1.13 GB for AlexNet
+// CONV1's backward data, 234 us on the H200 (4.8 TB/s, the L2's bandwidth: the block's window
+// does not stay in L1).  Along a phase row, pixel j's tap s reads grad_output column
+// q = j + base - s (src_tap = -1: dilation 1, or any dilation whose lcm with the stride is the
+// stride), so the 4 pixels j0..j0+3 and taps 0..S'-1 need only 4 + S' - 1 distinct columns of
+// each grad_output row, not 4 S'.  Here a lane group (8 lanes splitting k, as above) owns such
+// a run: for each tap row and k step it loads the run's 4 + S' - 1 columns once into registers
+// and applies each to every (pixel, tap) pair that reads it (CONV1: 6 loads for 12 pairs, the
+// 7x7/2 stem: 7 for 16).  A block is 32 runs of one stride phase; weights staged as above.
+// Deterministic; each pixel sums over (tap row, k step, tap column, k) in that order, then the
+// butterfly.  The launcher (dgrad_small_c) takes it where every phase has src_tap == -1 along
+// w (or a single tap) and at most kSmallCRunTaps taps along w; grid: small_c_run_tiles.
+constexpr int kSmallCRun = 4;       // consecutive phase columns of a run
+constexpr int kSmallCRunTaps = 5;   // most taps along w (registers: 4 + 5 - 1 vectors)
+constexpr int kSmallCRunsPerBlock = kGemmThreads / kSmallCLanes;  // 32
+
+// Runs of the largest phase (image_grid's rows, in runs): the launcher's and the native
+// check's tiles_m.
+CONVRNN_HD int64_t small_c_run_tiles(const ImageGemmArgs& a) {
+  int64_t most = 0;
+  for (int ph = 0; ph < a.phases_h; ++ph) {
+    for (int pw = 0; pw < a.phases_w; ++pw) {
+      const AxisPlan ah = backward_data_axis(a.H, a.R, a.sh, a.ph, a.dh, a.P, ph);
+      const AxisPlan aw = backward_data_axis(a.W, a.S, a.sw, a.pw, a.dw, a.Q, pw);
+      const int64_t runs = static_cast<int64_t>(a.nimg) * ah.len * ((aw.len + kSmallCRun - 1) / kSmallCRun);
+      most = runs > most ? runs : most;
+    }
+  }
+  return (most + kSmallCRunsPerBlock - 1) / kSmallCRunsPerBlock;
+}
+
+// Whether every phase suits the run kernel (see above).
+CONVRNN_HD bool small_c_run_ok(const ImageGemmArgs& a) {
+  for (int pw = 0; pw < a.phases_w; ++pw) {
+    const AxisPlan aw = backward_data_axis(a.W, a.S, a.sw, a.pw, a.dw, a.Q, pw);
+    if (aw.taps > kSmallCRunTaps || (aw.taps > 1 && aw.src_tap != -1)) return false;
+  }
+  return true;
+}
+
+template <typename T, int CG>
+__global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_run_kernel(const ImageGemmArgs a) {
+  using A = decltype(Num<T>::to_float(T()));
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), G = kSmallCLanes, KSTEP = G * V;
+  constexpr int RUN = kSmallCRun, MT = kSmallCRunTaps, NQ = RUN + MT - 1;
+  __shared__ __align__(16) A ws[small_c_capacity<T>() * 4];
+  ImageBlock b;
+  // image_block with BM = 32: b.m0 = 32 * (m tile) is the block's first run; its own check
+  // (m0 against the phase's pixels) is weaker than the runs' one below.
+  if (!image_block<kSmallCRunsPerBlock, 16>(a, b)) return;  // uniform over the block
+  const int runs_w = (b.aw.len + RUN - 1) / RUN;
+  const int64_t runs = static_cast<int64_t>(a.nimg) * b.ah.len * runs_w;
+  if (b.m0 >= runs) return;  // uniform
+  const T* __restrict__ wgt = static_cast<const T*>(a.wgt);
+  const int kvs = (a.cpg + KSTEP - 1) / KSTEP;
+  const int entries = b.ah.taps * b.aw.taps * kvs * KSTEP;
+  stage_batched<8>(
+      threadIdx.x, entries * 4, blockDim.x,
+      [&](int idx) {
+        const int c = idx % 4, ent = idx / 4;
+        const int g = ent % G, e = (ent / G) % V, tk = ent / KSTEP;  // tk = tap * kvs + kv
+        const int k = (tk % kvs) * KSTEP + g * V + e;
+        return c < CG && k < a.cpg ? Num<T>::to_float(wgt[(b.brow0 + (tk / kvs) * a.cpg + k) * a.ldb + c]) : A(0);
+      },
+      [&](int idx, A v) { ws[idx] = v; });
+  __syncthreads();
+
+  const int g = threadIdx.x % G;
+  const int64_t run = b.m0 + threadIdx.x / G;
+  const bool live = run < runs;
+  int64_t n = 0;
+  int i = 0, j0 = 0, nu = 0;  // the run's image, phase row, first phase column, live pixels
+  if (live) {
+    const int64_t t = run / runs_w;
+    j0 = static_cast<int>(run - t * runs_w) * RUN;
+    i = static_cast<int>(t % b.ah.len);
+    n = t / b.ah.len;
+    nu = b.aw.len - j0 < RUN ? b.aw.len - j0 : RUN;
+  }
+  const T* __restrict__ img = static_cast<const T*>(a.src) + n * b.ah.src_len * b.aw.src_len * a.cs;
+  const int qb = j0 * b.aw.src_mul + b.aw.src_base;  // column of pixel u, tap s: qb + u - s
+  A acc[RUN][CG];
+#pragma unroll
+  for (int u = 0; u < RUN; ++u)
+#pragma unroll
+    for (int c = 0; c < CG; ++c) acc[u][c] = A(0);
+
+  for (int tr = 0; tr < b.ah.taps; ++tr) {
+    const int p = i * b.ah.src_mul + b.ah.src_base + tr * b.ah.src_tap;
+    if (!live || p < 0 || p >= b.ah.src_len) continue;  // the lane group's choice
+    const T* __restrict__ row = img + static_cast<int64_t>(p) * b.aw.src_len * a.cs;
+    const A* wt = ws + tr * b.aw.taps * kvs * KSTEP * 4 + g * 4;
+    for (int kv = 0; kv < kvs; ++kv) {
+      const int k0 = kv * KSTEP + g * V;
+      Vec<T, V> dv[NQ];  // dv[x]: column qb + x - (MT - 1), the offset o = u - s = x - (MT - 1)
+#pragma unroll
+      for (int x = 0; x < NQ; ++x) {
+        const int o = x - (MT - 1), q = qb + o;
+        const bool need = o > -b.aw.taps && o < nu && k0 < a.cpg && q >= 0 && q < b.aw.src_len;
+        dv[x] = need ? vec_load<T, V>(row + static_cast<int64_t>(q) * a.cs + k0) : vec_zero<T, V>();
+      }
+#pragma unroll
+      for (int ts = 0; ts < MT; ++ts) {
+        if (ts >= b.aw.taps) break;
+        const A* wk = wt + (ts * kvs + kv) * KSTEP * 4;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const Vec<A, 4> w4 = *reinterpret_cast<const Vec<A, 4>*>(wk + e * G * 4);
+#pragma unroll
+          for (int u = 0; u < RUN; ++u) {
+            const A d = Num<T>::to_float(dv[u - ts + MT - 1].v[e]);
+#pragma unroll
+            for (int c = 0; c < CG; ++c) acc[u][c] = fma(d, w4.v[c], acc[u][c]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int s = G / 2; s >= 1; s /= 2)
+#pragma unroll
+    for (int u = 0; u < RUN; ++u)
+#pragma unroll
+      for (int c = 0; c < CG; ++c) acc[u][c] += __shfl_xor_sync(0xffffffffu, acc[u][c], s);
+
+  T* __restrict__ dst = static_cast<T*>(a.dst);
+  const int64_t d0 = n * a.dst_sn + (static_cast<int64_t>(i) * b.ah.dst_mul + b.ah.dst_base) * a.dst_sh;
+#pragma unroll
+  for (int u = 0; u < RUN; ++u) {
+    if (u >= nu) break;
+    const int64_t d = d0 + (static_cast<int64_t>(j0 + u) * b.aw.dst_mul + b.aw.dst_base) * a.dst_sw;
+#pragma unroll
+    for (int c = 0; c < CG; ++c) {
+      if (c == g && c < a.ncols) dst[d + c * a.dst_sc] = Num<T>::from_acc(acc[u][c]);
+    }
+  }
+}
+
 // ---- image GEMM, tensor cores ----
 
 template <typename T, int BN, bool VEC>

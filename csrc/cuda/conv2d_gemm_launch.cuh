@@ -78,6 +78,24 @@ bool dgrad_small_c(ImageGemmArgs a, cudaStream_t stream) {
       if (small_c_entries<T>(static_cast<int64_t>(ah.taps) * aw.taps, a.cpg) > small_c_capacity<T>()) return false;
     }
   }
+  if (small_c_run_ok(a)) {  // runs of 4 pixels along a phase row: fewer grad_output reads
+    a.tiles_m = small_c_run_tiles(a);
+    a.tiles_n = 1;
+    const unsigned blocks = checked_blocks(a.tiles_m * a.phases_h * a.phases_w * a.groups);
+    switch (a.ncols) {
+      case 2:
+        dgrad_small_c_run_kernel<T, 2><<<blocks, kGemmThreads, 0, stream>>>(a);
+        break;
+      case 3:
+        dgrad_small_c_run_kernel<T, 3><<<blocks, kGemmThreads, 0, stream>>>(a);
+        break;
+      default:
+        dgrad_small_c_run_kernel<T, 4><<<blocks, kGemmThreads, 0, stream>>>(a);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
   const unsigned blocks = image_grid<kSmallCBlockRows, 16>(a);
   switch (a.ncols) {
     case 2:

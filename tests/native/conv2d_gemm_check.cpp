@@ -125,7 +125,7 @@ void fill_data(const Geo& g, Data& d) {
   reference(g, d);
 }
 
-int checks = 0, fails = 0;
+int checks = 0, fails = 0, run_checks = 0;
 
 void check(const char* what, const std::string& cfg, const std::vector<double>& got, const std::vector<double>& ref,
            double tol) {
@@ -176,7 +176,7 @@ std::string describe(const char* name, const Geo& g, bool nchw) {
 // marker; returns the destination as written and checks it against the reference.
 template <typename T, int BM, int BN>
 std::vector<T> run_image(void (*kernel)(ImageGemmArgs), const Geo& g, const Data& d, bool dgrad, bool nchw, double tol,
-                         const char* name) {
+                         const char* name, int64_t (*tiles_m)(const ImageGemmArgs&) = nullptr) {
   int ldb;
   const std::vector<T> wp = packed<T>(g, d, dgrad, ldb);
   const std::vector<T> src = converted<T>(dgrad ? d.go : d.x), bias = converted<T>(d.bias);
@@ -206,7 +206,7 @@ std::vector<T> run_image(void (*kernel)(ImageGemmArgs), const Geo& g, const Data
   // conv2d_gemm_launch.cuh's image_grid
   const int64_t rows = dgrad ? int64_t(g.N) * ((g.H + g.sh - 1) / g.sh) * ((g.W + g.sw - 1) / g.sw)
                              : int64_t(g.N) * g.P * g.Q;
-  a.tiles_m = (rows + BM - 1) / BM;
+  a.tiles_m = tiles_m != nullptr ? tiles_m(a) : (rows + BM - 1) / BM;
   a.tiles_n = (a.ncols + BN - 1) / BN;
   emu::launch_blocks_in_turn(kernel, a.tiles_m * a.tiles_n * a.phases_h * a.phases_w * a.groups, kGemmThreads, a);
   std::vector<double> got(dst.size());
@@ -261,6 +261,20 @@ void small_c(const Geo& g, const Data& d, bool nchw) {
   run_image<double, BM, 16>(dgrad_small_c_kernel<double, CG>, g, d, true, nchw, 1e-12, "small-C double");
   run_image<__half, BM, 16>(dgrad_small_c_kernel<__half, CG>, g, d, true, nchw, 2e-3, "small-C half");
   run_image<__nv_bfloat16, BM, 16>(dgrad_small_c_kernel<__nv_bfloat16, CG>, g, d, true, nchw, 1e-2, "small-C bf16");
+  ImageGemmArgs geo{};  // the run kernel where the launcher takes it (small_c_run_ok)
+  geo.W = g.W, geo.S = g.S, geo.sw = g.sw, geo.pw = g.pw, geo.dw = g.dw, geo.Q = g.Q;
+  geo.phases_w = std::min(g.sw, g.W);
+  if (!small_c_run_ok(geo)) return;
+  ++run_checks;
+  constexpr int RB = kSmallCRunsPerBlock;  // BN only matters for tiles_n (1)
+  run_image<float, RB, 16>(dgrad_small_c_run_kernel<float, CG>, g, d, true, nchw, 1e-5, "small-C run float",
+                           small_c_run_tiles);
+  run_image<double, RB, 16>(dgrad_small_c_run_kernel<double, CG>, g, d, true, nchw, 1e-12, "small-C run double",
+                            small_c_run_tiles);
+  run_image<__half, RB, 16>(dgrad_small_c_run_kernel<__half, CG>, g, d, true, nchw, 2e-3, "small-C run half",
+                            small_c_run_tiles);
+  run_image<__nv_bfloat16, RB, 16>(dgrad_small_c_run_kernel<__nv_bfloat16, CG>, g, d, true, nchw, 1e-2,
+                                   "small-C run bf16", small_c_run_tiles);
 }
 
 template <typename T, typename A, int BM, int BN>
@@ -388,6 +402,10 @@ int main(int argc, char** argv) {
     if (g.Cg == 3) small_c<3>(g, d, nchw);
     if (g.Cg == 4) small_c<4>(g, d, nchw);
   }
-  std::printf("%d checks, %d fails\n", checks, fails);
+  if (run_checks < iters / 2) {  // the random geometries must reach the run kernel often
+    std::printf("FAIL only %d geometries took the small-C run kernel\n", run_checks);
+    ++fails;
+  }
+  std::printf("%d checks (%d small-C run geometries), %d fails\n", checks, run_checks, fails);
   return fails != 0;
 }
