@@ -1,14 +1,14 @@
 // The Python module convrnn_kernels._C: importing it registers every op with the
 // dispatcher (the TORCH_LIBRARY blocks in the other files); it adds build_info() and the
-// recurrent cells' and conv2d's eager autograd entry points (rnn_cells_autograd.cpp,
-// conv2d_autograd.cpp).
+// recurrent cells' and the image ops' eager autograd entry points (rnn_cells_autograd.cpp,
+// image_ops_autograd.cpp).
 #include <torch/extension.h>
 
 #include <string>
 
 namespace convrnn {
 void bind_cell_autograd(pybind11::module& m);    // rnn_cells_autograd.cpp
-void bind_conv2d_autograd(pybind11::module& m);  // conv2d_autograd.cpp
+void bind_image_autograd(pybind11::module& m);   // image_ops_autograd.cpp
 }  // namespace convrnn
 
 namespace {
@@ -29,7 +29,7 @@ std::string cpu_kernel_level() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   convrnn::bind_cell_autograd(m);
-  convrnn::bind_conv2d_autograd(m);
+  convrnn::bind_image_autograd(m);
   m.def("build_info", [] {
     pybind11::dict d;
 #ifdef CONVRNN_WITH_CUDA

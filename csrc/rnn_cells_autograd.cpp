@@ -41,18 +41,12 @@ using RnnFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
 using RnnBackwardFn = Grads6(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                              bool, std::array<bool, 6>);
 
-#define CONVRNN_OP_HANDLE(fn, type, name)                         \
-  const c10::TypedOperatorHandle<type>& fn() {                    \
-    static const c10::TypedOperatorHandle<type> h = typed_op<type>(name); \
-    return h;                                                     \
-  }
 CONVRNN_OP_HANDLE(lstm_op, LstmFn, "convrnn::lstm_cell")
 CONVRNN_OP_HANDLE(lstm_backward_op, LstmBackwardFn, "convrnn::lstm_cell_backward")
 CONVRNN_OP_HANDLE(gru_op, GruFn, "convrnn::gru_cell")
 CONVRNN_OP_HANDLE(gru_backward_op, GruBackwardFn, "convrnn::gru_cell_backward")
 CONVRNN_OP_HANDLE(rnn_op, RnnFn, "convrnn::rnn_cell")
 CONVRNN_OP_HANDLE(rnn_backward_op, RnnBackwardFn, "convrnn::rnn_cell_backward")
-#undef CONVRNN_OP_HANDLE
 
 // output_mask of a backward op: `n` leading tensors (input, states, weights), then the biases.
 template <size_t N>

@@ -212,7 +212,7 @@ def test_only_needed_gradients(device):
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
                                    (False, False, True), (True, True, None)], ids=cfg_id)
 def test_eager_route_matches_dispatcher_route(device, needs):
-    """ck.conv2d in eager mode (the C++ twin of Conv2dFunction, csrc/conv2d_autograd.cpp) and
+    """ck.conv2d in eager mode (the C++ twin of Conv2dFunction, csrc/image_ops_autograd.cpp) and
     the bare op through the dispatcher (the registered Python autograd, what torch.compile
     traces) give the same values and gradients, bit for bit, for any set of inputs needing a
     gradient (None: no bias)."""

@@ -1,6 +1,7 @@
 """convrnn.avg_pool2d: functional wrapper, fake kernel and autograd."""
 import torch
 
+from .. import _C
 from ._common import OpFunction, call, empty_like_input
 from ._pooling import empty_pooled, pair, stride_or_kernel
 
@@ -28,6 +29,7 @@ def _(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include
 class AvgPool2dFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction)."""
     op_name = "avg_pool2d"
+    eager = _C.avg_pool2d_autograd  # its C++ twin (csrc/image_ops_autograd.cpp)
 
     @staticmethod
     def save(ctx, inputs, output):

@@ -101,7 +101,7 @@ def _(grad_output, input, weight, stride, padding, dilation, groups, output_mask
 class Conv2dFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction):
     saves input and weight; the backward asks conv2d_backward for the needed gradients only.
-    Eager calls apply its C++ twin (csrc/conv2d_autograd.cpp): a small layer's step on a GPU
+    Eager calls apply its C++ twin (csrc/image_ops_autograd.cpp): a small layer's step on a GPU
     is timed as host work, where this Python node cost more than torch's C++ one."""
     op_name = "conv2d"
     eager = _C.conv2d_autograd

@@ -4,6 +4,7 @@ The backward recomputes the normalisation scale from the saved input rather than
 it, so the forward keeps nothing alive but the input."""
 import torch
 
+from .. import _C
 from ._common import OpFunction, call, empty_like_input
 
 OPS = torch.ops.convrnn
@@ -28,6 +29,7 @@ def _(grad_output, input, size, alpha, beta, k):
 class LocalResponseNormFunction(OpFunction):
     """The op's autograd formula, registered with the dispatcher (see MaxPool2dFunction)."""
     op_name = "local_response_norm"
+    eager = _C.local_response_norm_autograd  # its C++ twin (csrc/image_ops_autograd.cpp)
 
     @staticmethod
     def save(ctx, inputs, output):

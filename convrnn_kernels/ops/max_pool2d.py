@@ -6,6 +6,7 @@ reads that instead of the input.  torch's int64 indices are computed only when t
 asks for them (return_indices=True)."""
 import torch
 
+from .. import _C
 from ._common import OpFunction, call, empty_like_input
 from ._pooling import empty_pooled, pair, stride_or_kernel
 
@@ -44,8 +45,9 @@ def _(grad_output, input, argmax, kernel_size, stride, padding, dilation, ceil_m
 class MaxPool2dFunction(OpFunction):
     """The op's autograd formula, also registered with the dispatcher (OpFunction), so
     torch.ops.convrnn.max_pool2d is differentiable on its own and torch.compile sees no
-    Python-level Function; eager calls apply this Function (_common.call)."""
+    Python-level Function; eager calls apply its C++ twin (_common.call)."""
     op_name = "max_pool2d"
+    eager = _C.max_pool2d_autograd  # its C++ twin (csrc/image_ops_autograd.cpp)
 
     @staticmethod
     def save(ctx, inputs, output):
