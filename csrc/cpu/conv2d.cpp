@@ -1691,6 +1691,13 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     }
     return {gi, gw, gb};
   }
+  // grad_input of the NHWC kernels: the result itself when channels_last in the compute
+  // type, else scratch that to_format copies out
+  const auto nhwc_grad_input = [&] {
+    return (g.channels_last() && dt == ct)
+               ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
+               : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
+  };
 #ifdef CONVRNN_CONV_AVX512
   if (output_mask[0] && nchw_1x1_path(g) && ct == at::kFloat && cpu_has_avx512f()) {
     const Tensor go = grad_output.to(ct).contiguous();
@@ -1702,9 +1709,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
 #endif
   if (output_mask[0] && small_c_backward_data(g)) {
     const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct, kScratchGradOut);  // (N, P, Q, K)
-    Tensor gx = (g.channels_last() && dt == ct)
-                    ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
-                    : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
+    Tensor gx = nhwc_grad_input();
     AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
       backward_data_small_c<scalar_t>(go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                       gx.data_ptr<scalar_t>(), g);
@@ -1712,9 +1717,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     gi = to_format(gx, g, dt);
   } else if (output_mask[0] && depthwise_flip_path(g)) {
     const Tensor go = padded_nhwc(grad_output, 0, 0, 0, 0, ct, kScratchGradOut);  // (N, P, Q, K), a view when NHWC
-    Tensor gx = (g.channels_last() && dt == ct)
-                    ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
-                    : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
+    Tensor gx = nhwc_grad_input();
     AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
       backward_data_depthwise_flip<scalar_t>(go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                              gx.data_ptr<scalar_t>(), g);
@@ -1722,9 +1725,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
     gi = to_format(gx, g, dt);
   } else if (output_mask[0]) {
     const GoPad gpad = pad_grad_output(grad_output, g, ct);
-    Tensor gx = (g.channels_last() && dt == ct)
-                    ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
-                    : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
+    Tensor gx = nhwc_grad_input();
     AT_DISPATCH_FLOATING_TYPES(ct, "convrnn.conv2d_backward", [&] {
       backward_data<scalar_t>(gpad.t.const_data_ptr<scalar_t>(), gpad, w.const_data_ptr<scalar_t>(),
                               gx.data_ptr<scalar_t>(), g);

@@ -214,14 +214,13 @@ __host__ __device__ inline int64_t small_c_entries(int64_t taps, int cpg) {
   return taps * ((cpg + small_c_kstep<T>() - 1) / small_c_kstep<T>()) * small_c_kstep<T>();
 }
 
+// Stages the block's phase weights in ws as [tap][kv][e][g][4] (zero past cpg and CG), then
+// the block's barrier; returns the k steps a tap (kvs).
 template <typename T, int CG>
-__global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const ImageGemmArgs a) {
+__device__ __forceinline__ int small_c_stage_weights(const ImageGemmArgs& a, const ImageBlock& b,
+                                                     decltype(Num<T>::to_float(T()))* ws) {
   using A = decltype(Num<T>::to_float(T()));
-  constexpr int V = 16 / static_cast<int>(sizeof(T)), G = kSmallCLanes, KSTEP = G * V, PIX = kSmallCPix;
-  constexpr int STRIDE = kSmallCBlockRows / PIX;  // rows between a lane group's pixels (32)
-  __shared__ __align__(16) A ws[small_c_capacity<T>() * 4];
-  ImageBlock b;
-  if (!image_block<kSmallCBlockRows, 16>(a, b)) return;  // uniform over the block
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), G = kSmallCLanes, KSTEP = G * V;
   const T* __restrict__ wgt = static_cast<const T*>(a.wgt);
   const int kvs = (a.cpg + KSTEP - 1) / KSTEP;
   const int entries = b.ah.taps * b.aw.taps * kvs * KSTEP;
@@ -235,6 +234,30 @@ __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const Image
       },
       [&](int idx, A v) { ws[idx] = v; });
   __syncthreads();
+  return kvs;
+}
+
+// The 8 lanes' partial sums of each of P pixels: a butterfly of shuffles, the same bits in
+// every lane of the group.
+template <typename A, int P, int CG>
+__device__ __forceinline__ void small_c_butterfly(A (&acc)[P][CG]) {
+#pragma unroll
+  for (int s = kSmallCLanes / 2; s >= 1; s /= 2)
+#pragma unroll
+    for (int p = 0; p < P; ++p)
+#pragma unroll
+      for (int c = 0; c < CG; ++c) acc[p][c] += __shfl_xor_sync(0xffffffffu, acc[p][c], s);
+}
+
+template <typename T, int CG>
+__global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const ImageGemmArgs a) {
+  using A = decltype(Num<T>::to_float(T()));
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), G = kSmallCLanes, KSTEP = G * V, PIX = kSmallCPix;
+  constexpr int STRIDE = kSmallCBlockRows / PIX;  // rows between a lane group's pixels (32)
+  __shared__ __align__(16) A ws[small_c_capacity<T>() * 4];
+  ImageBlock b;
+  if (!image_block<kSmallCBlockRows, 16>(a, b)) return;  // uniform over the block
+  const int kvs = small_c_stage_weights<T, CG>(a, b, ws);
 
   const int lane = threadIdx.x % 32, g = lane % G;
   const int row0 = threadIdx.x / 32 * (32 / G) + lane / G;  // pixel p of the group: row0 + p * STRIDE
@@ -291,13 +314,7 @@ __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_kernel(const Image
       }
     }
   }
-  // The 8 lanes' partial sums: a butterfly, the same bits in every lane of the group.
-#pragma unroll
-  for (int s = G / 2; s >= 1; s /= 2)
-#pragma unroll
-    for (int p = 0; p < PIX; ++p)
-#pragma unroll
-      for (int c = 0; c < CG; ++c) acc[p][c] += __shfl_xor_sync(0xffffffffu, acc[p][c], s);
+  small_c_butterfly<A, PIX, CG>(acc);
 
   T* __restrict__ dst = static_cast<T*>(a.dst);
 #pragma unroll
@@ -369,19 +386,7 @@ __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_run_kernel(const I
   const int runs_w = (b.aw.len + RUN - 1) / RUN;
   const int64_t runs = static_cast<int64_t>(a.nimg) * b.ah.len * runs_w;
   if (b.m0 >= runs) return;  // uniform
-  const T* __restrict__ wgt = static_cast<const T*>(a.wgt);
-  const int kvs = (a.cpg + KSTEP - 1) / KSTEP;
-  const int entries = b.ah.taps * b.aw.taps * kvs * KSTEP;
-  stage_batched<8>(
-      threadIdx.x, entries * 4, blockDim.x,
-      [&](int idx) {
-        const int c = idx % 4, ent = idx / 4;
-        const int g = ent % G, e = (ent / G) % V, tk = ent / KSTEP;  // tk = tap * kvs + kv
-        const int k = (tk % kvs) * KSTEP + g * V + e;
-        return c < CG && k < a.cpg ? Num<T>::to_float(wgt[(b.brow0 + (tk / kvs) * a.cpg + k) * a.ldb + c]) : A(0);
-      },
-      [&](int idx, A v) { ws[idx] = v; });
-  __syncthreads();
+  const int kvs = small_c_stage_weights<T, CG>(a, b, ws);
 
   const int g = threadIdx.x % G;
   const int64_t run = b.m0 + threadIdx.x / G;
@@ -434,12 +439,7 @@ __global__ void __launch_bounds__(kGemmThreads) dgrad_small_c_run_kernel(const I
       }
     }
   }
-#pragma unroll
-  for (int s = G / 2; s >= 1; s /= 2)
-#pragma unroll
-    for (int u = 0; u < RUN; ++u)
-#pragma unroll
-      for (int c = 0; c < CG; ++c) acc[u][c] += __shfl_xor_sync(0xffffffffu, acc[u][c], s);
+  small_c_butterfly<A, RUN, CG>(acc);
 
   T* __restrict__ dst = static_cast<T*>(a.dst);
   const int64_t d0 = n * a.dst_sn + (static_cast<int64_t>(i) * b.ah.dst_mul + b.ah.dst_base) * a.dst_sh;

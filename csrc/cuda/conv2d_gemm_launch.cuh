@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "cuda/conv2d_gemm.cuh"
 #include "cuda/conv2d_gemm_image.cuh"
@@ -60,7 +61,8 @@ inline bool wgrad_vec_ok(const WgradArgs& a) {
   return a.Kg % v == 0 && a.Cg % v == 0 && aligned16(a.go) && aligned16(a.x);
 }
 
-// Backward data by the direct small-C kernel (conv2d_gemm_image.cuh: dgrad_small_c_kernel)
+// Backward data by the direct small-C kernels (conv2d_gemm_image.cuh: dgrad_small_c_run_kernel
+// where small_c_run_ok, else dgrad_small_c_kernel)
 // where it applies: round 3 on (a.sms > 0), one group of 2 to 4 input channels, grad_output channels in 16-byte
 // vectors, and every stride phase's weight rows (taps x Kg, k rounded up to whole 8-lane steps) in its shared memory.  Returns
 // false (nothing launched) elsewhere.
@@ -78,35 +80,28 @@ bool dgrad_small_c(ImageGemmArgs a, cudaStream_t stream) {
       if (small_c_entries<T>(static_cast<int64_t>(ah.taps) * aw.taps, a.cpg) > small_c_capacity<T>()) return false;
     }
   }
+  // CG = a.ncols as a compile-time constant: 2, 3 or 4
+  const auto with_cg = [&](auto launch) {
+    switch (a.ncols) {
+      case 2:
+        launch(std::integral_constant<int, 2>{});
+        break;
+      case 3:
+        launch(std::integral_constant<int, 3>{});
+        break;
+      default:
+        launch(std::integral_constant<int, 4>{});
+        break;
+    }
+  };
   if (small_c_run_ok(a)) {  // runs of 4 pixels along a phase row: fewer grad_output reads
     a.tiles_m = small_c_run_tiles(a);
     a.tiles_n = 1;
     const unsigned blocks = checked_blocks(a.tiles_m * a.phases_h * a.phases_w * a.groups);
-    switch (a.ncols) {
-      case 2:
-        dgrad_small_c_run_kernel<T, 2><<<blocks, kGemmThreads, 0, stream>>>(a);
-        break;
-      case 3:
-        dgrad_small_c_run_kernel<T, 3><<<blocks, kGemmThreads, 0, stream>>>(a);
-        break;
-      default:
-        dgrad_small_c_run_kernel<T, 4><<<blocks, kGemmThreads, 0, stream>>>(a);
-        break;
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
-  }
-  const unsigned blocks = image_grid<kSmallCBlockRows, 16>(a);
-  switch (a.ncols) {
-    case 2:
-      dgrad_small_c_kernel<T, 2><<<blocks, kGemmThreads, 0, stream>>>(a);
-      break;
-    case 3:
-      dgrad_small_c_kernel<T, 3><<<blocks, kGemmThreads, 0, stream>>>(a);
-      break;
-    default:
-      dgrad_small_c_kernel<T, 4><<<blocks, kGemmThreads, 0, stream>>>(a);
-      break;
+    with_cg([&](auto cg) { dgrad_small_c_run_kernel<T, decltype(cg)::value><<<blocks, kGemmThreads, 0, stream>>>(a); });
+  } else {
+    const unsigned blocks = image_grid<kSmallCBlockRows, 16>(a);
+    with_cg([&](auto cg) { dgrad_small_c_kernel<T, decltype(cg)::value><<<blocks, kGemmThreads, 0, stream>>>(a); });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
