@@ -52,6 +52,14 @@ CONVRNN_OP_HANDLE(lrn_backward_op, LrnBackwardFn, "convrnn::local_response_norm_
 
 Ints ints(AutogradContext* ctx, const char* key) { return ctx->saved_data[key].toIntVector(); }
 
+// The pools' window arguments, saved under their names for ints().
+void save_window(AutogradContext* ctx, Ints kernel, Ints stride, Ints padding, bool ceil_mode) {
+  ctx->saved_data["kernel"] = std::move(kernel);
+  ctx->saved_data["stride"] = std::move(stride);
+  ctx->saved_data["padding"] = std::move(padding);
+  ctx->saved_data["ceil_mode"] = ceil_mode;
+}
+
 // The forward's gradients: the input's, then `rest` undefined ones (non-tensor arguments).
 variable_list input_grad(Tensor g, size_t rest) {
   variable_list out(1 + rest);
@@ -100,11 +108,8 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
     const auto& [y, indices, argmax] = out;
     ctx->save_for_backward({input, argmax});
     ctx->mark_non_differentiable({indices, argmax});
-    ctx->saved_data["kernel"] = std::move(kernel);
-    ctx->saved_data["stride"] = std::move(stride);
-    ctx->saved_data["padding"] = std::move(padding);
+    save_window(ctx, std::move(kernel), std::move(stride), std::move(padding), ceil_mode);
     ctx->saved_data["dilation"] = std::move(dilation);
-    ctx->saved_data["ceil_mode"] = ceil_mode;
     return {y, indices, argmax};
   }
 
@@ -126,10 +131,7 @@ struct AvgPool2dFunction : public torch::autograd::Function<AvgPool2dFunction> {
       out = avg_pool_op().call(input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override);
     }
     ctx->save_for_backward({input});
-    ctx->saved_data["kernel"] = std::move(kernel);
-    ctx->saved_data["stride"] = std::move(stride);
-    ctx->saved_data["padding"] = std::move(padding);
-    ctx->saved_data["ceil_mode"] = ceil_mode;
+    save_window(ctx, std::move(kernel), std::move(stride), std::move(padding), ceil_mode);
     ctx->saved_data["count_include_pad"] = count_include_pad;
     ctx->saved_data["divisor_override"] = divisor_override;
     return out;

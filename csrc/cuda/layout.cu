@@ -13,18 +13,20 @@ namespace {
 
 template <typename U>
 void launch_nchw_to_nhwc(const at::Tensor& t, at::Tensor& out, cudaStream_t stream) {
-  const int C = static_cast<int>(t.size(1));
-  const int64_t N = t.size(0), HW = t.size(2) * t.size(3);
+  const int64_t N = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
   const U* src = static_cast<const U*>(t.const_data_ptr());
   U* dst = static_cast<U*>(out.mutable_data_ptr());
-  if (C < layout::kSmallC) {
-    layout::nchw_to_nhwc_small_kernel<U><<<blocks_for(N * HW), kThreads, 0, stream>>>(src, dst, C, HW, N * HW);
-  } else {
-    const int64_t tiles = N * ((C + layout::kTile - 1) / layout::kTile) * ((HW + layout::kTile - 1) / layout::kTile);
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, kMaxBlocks * 4));
-    layout::nchw_to_nhwc_tile_kernel<U><<<blocks, layout::kTile * layout::kTileRows, 0, stream>>>(src, dst, C, HW,
-                                                                                                  tiles);
-  }
+  with_index_type(t.numel(), [&](auto zero) {
+    using I = decltype(zero);
+    if (C < layout::kSmallC) {
+      layout::nchw_to_nhwc_small_kernel<U, I><<<blocks_for(N * HW), kThreads, 0, stream>>>(src, dst, C, HW, N * HW);
+    } else {
+      const int64_t tiles = N * div_ceil<int64_t>(C, layout::kTile) * div_ceil<int64_t>(HW, layout::kTile);
+      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, kMaxBlocks));
+      layout::nchw_to_nhwc_tile_kernel<U, I>
+          <<<blocks, layout::kTile * layout::kTileRows, 0, stream>>>(src, dst, C, HW, tiles);
+    }
+  });  // grid-stride overshoot: at most kMaxBlocks * kThreads past numel, which it allows for
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -20,35 +20,28 @@ namespace layout {
 constexpr int kTile = 32, kTileRows = 8;  // 256 threads: 32 x 8, 4 tile rows each
 constexpr int kSmallC = 16;               // C below this: the small kernel
 
+// Index arithmetic in I: int32_t where every element index fits (launch.cuh's
+// with_index_type picks it; 32-bit divisions are several times cheaper), else int64_t.
+
 // src [N][C][HW] -> dst [N][HW][C]; tiles = N * ceil(C/32) * ceil(HW/32), walked grid-stride.
-template <typename U>
+template <typename U, typename I>
 __global__ void __launch_bounds__(kTile* kTileRows) nchw_to_nhwc_tile_kernel(const U* __restrict__ src,
-                                                                             U* __restrict__ dst, int C, int64_t HW,
-                                                                             int64_t tiles) {
+                                                                             U* __restrict__ dst, I C, I HW, I tiles) {
   __shared__ U tile[kTile][kTile + 1];
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
-  const int64_t tiles_p = (HW + kTile - 1) / kTile, tiles_c = (C + kTile - 1) / kTile;
-  const bool narrow = tiles < INT32_MAX;  // 32-bit divisions (a 64-bit one costs ~70 instructions)
-  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
-    int64_t p0, c0, n;
-    if (narrow) {
-      const int32_t t32 = static_cast<int32_t>(t), tp = static_cast<int32_t>(tiles_p), q = t32 / tp;
-      const int32_t tc = static_cast<int32_t>(tiles_c);
-      p0 = static_cast<int64_t>(t32 - q * tp) * kTile;
-      n = q / tc;
-      c0 = static_cast<int64_t>(q - static_cast<int32_t>(n) * tc) * kTile;
-    } else {
-      p0 = t % tiles_p * kTile, c0 = t / tiles_p % tiles_c * kTile, n = t / tiles_p / tiles_c;
-    }
+  const I tiles_p = (HW + kTile - 1) / kTile, tiles_c = (C + kTile - 1) / kTile;
+  for (I t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const I q = t / tiles_p, n = q / tiles_c;
+    const I p0 = (t - q * tiles_p) * kTile, c0 = (q - n * tiles_c) * kTile;
     const U* __restrict__ s = src + n * C * HW;
     U* __restrict__ d = dst + n * C * HW;
     for (int r = ty; r < kTile; r += kTileRows) {
-      const int64_t c = c0 + r, p = p0 + tx;
+      const I c = c0 + r, p = p0 + tx;
       if (c < C && p < HW) tile[r][tx] = s[c * HW + p];
     }
     __syncthreads();
     for (int r = ty; r < kTile; r += kTileRows) {
-      const int64_t p = p0 + r, c = c0 + tx;
+      const I p = p0 + r, c = c0 + tx;
       if (c < C && p < HW) d[p * C + c] = tile[tx][r];
     }
     __syncthreads();  // the tile is rewritten by the next iteration
@@ -56,15 +49,13 @@ __global__ void __launch_bounds__(kTile* kTileRows) nchw_to_nhwc_tile_kernel(con
 }
 
 // src [N][C][HW] -> dst [N][HW][C], a thread per pixel (N * HW of them).
-template <typename U>
-__global__ void nchw_to_nhwc_small_kernel(const U* __restrict__ src, U* __restrict__ dst, int C, int64_t HW,
-                                          int64_t pixels) {
-  const bool narrow = pixels < INT32_MAX / 2;  // 32-bit division, the loop's stride included
-  CONVRNN_GRID_STRIDE(int64_t, i, pixels) {
-    const int64_t n = narrow ? static_cast<int32_t>(i) / static_cast<int32_t>(HW) : i / HW, p = i - n * HW;
+template <typename U, typename I>
+__global__ void nchw_to_nhwc_small_kernel(const U* __restrict__ src, U* __restrict__ dst, I C, I HW, I pixels) {
+  CONVRNN_GRID_STRIDE(I, i, pixels) {
+    const I n = i / HW, p = i - n * HW;
     const U* __restrict__ s = src + n * C * HW + p;
     U* __restrict__ d = dst + i * C;
-    for (int c = 0; c < C; ++c) d[c] = s[c * HW];
+    for (I c = 0; c < C; ++c) d[c] = s[c * HW];
   }
 }
 

@@ -98,15 +98,25 @@ inline void __syncthreads() {
   emu::ctx.block->bar.wait();
 }
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned int, T v, int lane_mask) {
-  emu::Block& b = *emu::ctx.block;
+namespace emu {
+// Every lane of the calling thread's warp posts v and reads the value of lane source(lane)
+// (exact for float and double through the double buffer); the two warp barriers make it a
+// shuffle.
+template <typename T, typename Source>
+inline T warp_exchange(T v, Source source) {
+  Block& b = *ctx.block;
   const int t = static_cast<int>(threadIdx.x);
   b.shuffle[t] = static_cast<double>(v);
   b.warps[t / 32]->wait();
-  const T r = static_cast<T>(b.shuffle[(t & ~31) | ((t & 31) ^ lane_mask)]);
+  const T r = static_cast<T>(b.shuffle[(t & ~31) | source(t & 31)]);
   b.warps[t / 32]->wait();
   return r;
+}
+}  // namespace emu
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned int, T v, int lane_mask) {
+  return emu::warp_exchange(v, [lane_mask](int lane) { return lane ^ lane_mask; });
 }
 
 inline void __syncwarp(unsigned int = 0xffffffffu) {
@@ -117,13 +127,7 @@ using std::fma;  // the float overload, as CUDA's fma(float, float, float)
 
 template <typename T>
 inline T __shfl_down_sync(unsigned int, T v, int delta) {
-  emu::Block& b = *emu::ctx.block;
-  const int t = static_cast<int>(threadIdx.x);
-  b.shuffle[t] = static_cast<double>(v);
-  b.warps[t / 32]->wait();
-  const T r = (t & 31) + delta < 32 ? static_cast<T>(b.shuffle[t + delta]) : v;
-  b.warps[t / 32]->wait();
-  return r;
+  return emu::warp_exchange(v, [delta](int lane) { return lane + delta < 32 ? lane + delta : lane; });
 }
 
 template <typename T>
