@@ -327,6 +327,62 @@ __global__ void dw_wgrad_warp_kernel(const T* __restrict__ go, const T* __restri
   }
 }
 
+// ---- the all-taps weight-gradient kernels (round 2; round 4: loads gathered per pixel) ----
+// Round 2 wrote a pixel's taps as `if (tap in image) acc[t] += gv * x[...]`; nvcc (sm_90) put
+// each tap's load behind its own branch and consumed it at once, so a pixel cost R*S memory
+// latencies one after another (SASS of both kernels: LDG, FFMA, branch, LDG, FFMA, ...): the
+// profile's 56-60 us for the 3x3 layer (8x128x56x56), whose 25.7 MB read take ~6 us at the
+// copy rate.  Round 4 loads the values under every tap of PIX pixels first (predicated loads,
+// no branch between them), then adds them in the round-2 order: the same sums, bit for bit.
+
+// The input values under a pixel's taps; bit t of the result says tap t (< RS) lies in the
+// image (its value is then loaded, else 0 and never added).
+template <typename T, int MAXT>
+__device__ __forceinline__ unsigned gather_taps(const T* __restrict__ xn, int h0, int w0, const int (&tap_h)[MAXT],
+                                                const int (&tap_w)[MAXT], int RS, int H, int W, int xs_h, int xs_w,
+                                                acc_t<T> (&v)[MAXT]) {
+  unsigned in = 0;
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    const int h = h0 + tap_h[t], wc = w0 + tap_w[t];
+    const bool ok = t < RS && h >= 0 && h < H && wc >= 0 && wc < W;
+    v[t] = ok ? static_cast<acc_t<T>>(xn[h * xs_h + wc * xs_w]) : acc_t<T>(0);
+    in |= static_cast<unsigned>(ok) << t;
+  }
+  return in;
+}
+
+// One pixel's terms, as round 2 added them: gv * x for the taps in the image, gv alone for
+// the bias tap RS.
+template <typename A, int MAXT>
+__device__ __forceinline__ void add_taps(A (&acc)[MAXT], A gv, const A (&v)[MAXT], unsigned in, int RS) {
+#pragma unroll
+  for (int t = 0; t < MAXT; ++t) {
+    if ((in >> t) & 1u) {
+      acc[t] += gv * v[t];
+    } else if (t == RS) {
+      acc[t] += gv;
+    }
+  }
+}
+
+// Pixels gathered together a thread: two for up to 10 taps (the 3x3 layers; ~70 registers),
+// one for up to 26 (two would hold 52 values and spill).
+template <int MAXT>
+constexpr int wgrad_pix() {
+  return MAXT <= 10 ? 2 : 1;
+}
+
+// Steps the (n, pq) position of a pixel by `by` (< PQ is not required; PQ < 2^31 - 2 * 256:
+// launcher) without a 64-bit division.
+__device__ __forceinline__ void step_pixel(int64_t& n, int& pq, int by, int64_t PQ) {
+  pq += by;
+  while (pq >= PQ) {
+    pq -= static_cast<int>(PQ);
+    ++n;
+  }
+}
+
 // NCHW, all taps per thread (round 2): block per (k, chunk); each thread walks pixels
 // first + tid, first + tid + 256, ... of the chunk, reads grad_output once per pixel and keeps
 // the R*S (+ bias) tap sums in registers (MAXT >= taps); then a fixed-order warp shuffle
@@ -358,27 +414,29 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   const T* gk = go + k * g.gs_c;
   const T* xk = x + (k / d.Kg) * d.xs_c;
-  // (n, pq) of the pixel stepped incrementally: no 64-bit division in the loop.
+  // (n, pq) of the pixel stepped incrementally: no 64-bit division in the loop.  PIX pixels
+  // kTileThreads apart per iteration, their loads issued together, added in pixel order.
+  constexpr int PIX = wgrad_pix<MAXT>();
   int64_t n = (first + threadIdx.x) / PQ;
   int pq = static_cast<int>(first + threadIdx.x - n * PQ);
-  for (int64_t pix = first + threadIdx.x; pix < last; pix += kTileThreads) {
-    const int p = pq / Q, q = pq - p * Q;
-    const A gv = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
-    const T* xn = xk + n * d.xs_n;
-    const int h0 = p * sh - ph, w0 = q * sw - pw;
+  for (int64_t pix = first + threadIdx.x; pix < last; pix += PIX * kTileThreads) {
+    A gv[PIX], v[PIX][MAXT];
+    unsigned in[PIX];
 #pragma unroll
-    for (int t = 0; t < MAXT; ++t) {
-      if (t < RS) {
-        const int h = h0 + tap_h[t], wc = w0 + tap_w[t];
-        if (h >= 0 && h < H && wc >= 0 && wc < W) acc[t] += gv * static_cast<A>(xn[h * xs_h + wc * xs_w]);
-      } else if (t == RS) {
-        acc[t] += gv;  // the bias tap
+    for (int u = 0; u < PIX; ++u) {
+      in[u] = 0;
+      gv[u] = A(0);
+      if (u == 0 || pix + u * kTileThreads < last) {
+        const int p = pq / Q, q = pq - p * Q;
+        gv[u] = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
+        in[u] = gather_taps<T, MAXT>(xk + n * d.xs_n, p * sh - ph, q * sw - pw, tap_h, tap_w, RS, H, W, xs_h, xs_w,
+                                     v[u]);
       }
+      step_pixel(n, pq, kTileThreads, PQ);
     }
-    pq += kTileThreads;
-    while (pq >= PQ) {  // PQ < 2^31 - 256 (launcher): no overflow
-      pq -= static_cast<int>(PQ);
-      ++n;
+#pragma unroll
+    for (int u = 0; u < PIX; ++u) {
+      if (u == 0 || pix + u * kTileThreads < last) add_taps<A, MAXT>(acc, gv[u], v[u], in[u], RS);
     }
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -434,28 +492,29 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   const T* gk = go + (live ? k : 0) * g.gs_c;
   const T* xk = x + (live ? static_cast<int>(k) / static_cast<int>(d.Kg) : 0) * d.xs_c;  // K < 2^21 (launcher)
+  constexpr int PIX = wgrad_pix<MAXT>();
   int64_t n = (first + grp) / PQ;
   int pq = static_cast<int>(first + grp - n * PQ);
-  for (int64_t pix = first + grp; pix < last; pix += kClGroups) {
-    if (live) {
-      const int p = pq / Q, q = pq - p * Q;
-      const A gv = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
-      const T* xn = xk + n * d.xs_n;
-      const int h0 = p * sh - ph, w0 = q * sw - pw;
+  for (int64_t pix = first + grp; pix < last; pix += PIX * kClGroups) {
+    A gv[PIX], v[PIX][MAXT];
+    unsigned in[PIX];
 #pragma unroll
-      for (int t = 0; t < MAXT; ++t) {
-        if (t < RS) {
-          const int h = h0 + tap_h[t], wc = w0 + tap_w[t];
-          if (h >= 0 && h < H && wc >= 0 && wc < W) acc[t] += gv * static_cast<A>(xn[h * xs_h + wc * xs_w]);
-        } else if (t == RS) {
-          acc[t] += gv;  // the bias tap
-        }
+    for (int u = 0; u < PIX; ++u) {
+      in[u] = 0;
+      gv[u] = A(0);
+      if (live && (u == 0 || pix + u * kClGroups < last)) {
+        const int p = pq / Q, q = pq - p * Q;
+        gv[u] = static_cast<A>(gk[n * g.gs_n + p * gs_h + q * gs_w]);
+        in[u] = gather_taps<T, MAXT>(xk + n * d.xs_n, p * sh - ph, q * sw - pw, tap_h, tap_w, RS, H, W, xs_h, xs_w,
+                                     v[u]);
       }
+      step_pixel(n, pq, kClGroups, PQ);
     }
-    pq += kClGroups;
-    while (pq >= PQ) {
-      pq -= static_cast<int>(PQ);
-      ++n;
+    if (live) {
+#pragma unroll
+      for (int u = 0; u < PIX; ++u) {
+        if (u == 0 || pix + u * kClGroups < last) add_taps<A, MAXT>(acc, gv[u], v[u], in[u], RS);
+      }
     }
   }
   for (int gi = 0; gi < kClGroups; ++gi) {  // fixed group order

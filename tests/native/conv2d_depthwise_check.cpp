@@ -25,10 +25,20 @@ namespace {
 std::mt19937 rng(1);
 int rnd(int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); }
 int checks = 0, fails = 0;
+double tile_tol = 1e-5;  // relative; looser for the random (inexact) data
 
 struct Geo {
   int N, C, Kg, K, H, W, R, S, sh, sw, ph, pw, dh, dw, P, Q;
 };
+
+// The output size of g's sizes, or false where they make no valid layer.
+bool make_geo_dims(Geo& g) {
+  if (g.ph > (g.R - 1) * g.dh / 2 + 1 || g.pw > (g.S - 1) * g.dw / 2 + 1) return false;
+  if (g.dh * (g.R - 1) + 1 > g.H + 2 * g.ph || g.dw * (g.S - 1) + 1 > g.W + 2 * g.pw) return false;
+  g.P = (g.H + 2 * g.ph - g.dh * (g.R - 1) - 1) / g.sh + 1;
+  g.Q = (g.W + 2 * g.pw - g.dw * (g.S - 1) - 1) / g.sw + 1;
+  return true;
+}
 
 bool make_geo(Geo& g) {
   g.N = rnd(1, 2);
@@ -45,21 +55,19 @@ bool make_geo(Geo& g) {
   g.pw = rnd(0, 2);
   g.dh = rnd(1, 2);
   g.dw = rnd(1, 2);
-  if (g.ph > (g.R - 1) * g.dh / 2 + 1 || g.pw > (g.S - 1) * g.dw / 2 + 1) return false;
-  if (g.dh * (g.R - 1) + 1 > g.H + 2 * g.ph || g.dw * (g.S - 1) + 1 > g.W + 2 * g.pw) return false;
-  g.P = (g.H + 2 * g.ph - g.dh * (g.R - 1) - 1) / g.sh + 1;
-  g.Q = (g.W + 2 * g.pw - g.dw * (g.S - 1) - 1) / g.sw + 1;
-  return true;
+  return make_geo_dims(g);
 }
 
 // Tensors as NCHW-indexed float64 vectors; layout only matters for what the kernels read/write.
 struct Data {
-  std::vector<double> x, w, b, go, y, gx;
+  std::vector<double> x, w, b, go, y, gx, gw, gb;
 };
 
 void reference(const Geo& g, Data& d) {
   d.y.assign(size_t(g.N) * g.K * g.P * g.Q, 0);
   d.gx.assign(size_t(g.N) * g.C * g.H * g.W, 0);
+  d.gw.assign(size_t(g.K) * g.R * g.S, 0);
+  d.gb.assign(g.K, 0);
   for (int n = 0; n < g.N; ++n)
     for (int k = 0; k < g.K; ++k)
       for (int p = 0; p < g.P; ++p)
@@ -74,7 +82,9 @@ void reference(const Geo& g, Data& d) {
               const size_t xi = ((size_t(n) * g.C + c) * g.H + h) * g.W + w;
               acc += d.x[xi] * d.w[(size_t(k) * g.R + r) * g.S + s];
               d.gx[xi] += go * d.w[(size_t(k) * g.R + r) * g.S + s];
+              d.gw[(size_t(k) * g.R + r) * g.S + s] += go * d.x[xi];
             }
+          d.gb[k] += go;
           d.y[((size_t(n) * g.K + k) * g.P + p) * g.Q + q] = acc;
         }
 }
@@ -164,7 +174,7 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
   const std::vector<double>& ref = FLIP ? d.gx : d.y;
   ++checks;
   for (size_t i = 0; i < ref.size(); ++i) {
-    if (!(std::fabs(nchw[i] - ref[i]) <= 1e-5 * (1 + std::fabs(ref[i])))) {
+    if (!(std::fabs(nchw[i] - ref[i]) <= tile_tol * (1 + std::fabs(ref[i])))) {
       std::printf("FAIL %s at %zu: got %g want %g\n", describe(FLIP ? "dgrad" : "fwd", g, cl, rows).c_str(), i,
                   nchw[i], ref[i]);
       ++fails;
@@ -188,6 +198,96 @@ void both_heights(const Geo& g, const Data& d, bool cl) {
   }
 }
 
+
+// The weight gradient by the all-taps kernel of `cl` with tap bound MAXT, the pixels cut into
+// chunks of chunk_len, then the chunk reduction: grad_weight (K, R, S) then grad_bias (K).
+template <int MAXT>
+std::vector<float> run_wgrad(const Geo& g, const Data& d, bool cl, int64_t chunk_len) {
+  const std::vector<float> x = laid_out<float>(d.x, g.N, g.C, g.H, g.W, cl);
+  const std::vector<float> go = laid_out<float>(d.go, g.N, g.K, g.P, g.Q, cl);
+  DwGradGeom gg;
+  gg.x = DwGeom{g.N, g.K, g.H, g.W, g.P, g.Q, g.R, g.S, g.Kg, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                int64_t(g.C) * g.H * g.W, cl ? 1 : int64_t(g.H) * g.W, cl ? int64_t(g.W) * g.C : g.W, cl ? g.C : 1};
+  gg.gs_n = int64_t(g.K) * g.P * g.Q;
+  gg.gs_c = cl ? 1 : int64_t(g.P) * g.Q;
+  gg.gs_h = cl ? int64_t(g.Q) * g.K : g.Q;
+  gg.gs_w = cl ? g.K : 1;
+  gg.pixels = int64_t(g.N) * g.P * g.Q;
+  gg.chunk_len = chunk_len;
+  gg.chunks = static_cast<int>((gg.pixels + chunk_len - 1) / chunk_len);
+  gg.taps = g.R * g.S + 1;
+  std::vector<float> part(size_t(gg.chunks) * gg.taps * g.K, 777.0f);
+  if (cl) {
+    const int64_t blocks = int64_t(gg.chunks) * ((g.K + kClLanes - 1) / kClLanes);
+    emu::launch_blocks_in_turn<const float*, const float*, float*, DwGradGeom>(
+        dw_wgrad_taps_cl_kernel<float, MAXT>, blocks, kTileThreads, go.data(), x.data(), part.data(), gg);
+  } else {
+    const int64_t blocks = int64_t(gg.chunks) * g.K;
+    emu::launch_blocks_in_turn<const float*, const float*, float*, DwGradGeom>(
+        dw_wgrad_taps_kernel<float, MAXT>, blocks, kTileThreads, go.data(), x.data(), part.data(), gg);
+  }
+  std::vector<float> out(size_t(g.K) * g.R * g.S + g.K, 12345.0f);
+  const int64_t outputs = int64_t(gg.taps) * g.K;
+  emu::launch_blocks_in_turn<const float*, float*, float*, int64_t, int64_t, int64_t, DwGradGeom>(
+      dw_wgrad_reduce_kernel<float>, (outputs + 255) / 256, 256, part.data(), out.data(), out.data() + size_t(g.K) * g.R * g.S,
+      int64_t(g.R) * g.S, int64_t(g.S), int64_t(1), gg);
+  return out;
+}
+
+Data make_data(const Geo& g, bool exact) {
+  Data d;
+  auto fill = [&](std::vector<double>& v, size_t n) {
+    v.resize(n);
+    for (auto& e : v) {
+      e = exact ? rnd(-2, 2) * 0.5  // exact in float
+                : static_cast<float>(std::uniform_real_distribution<double>(-2, 2)(rng));
+    }
+  };
+  fill(d.x, size_t(g.N) * g.C * g.H * g.W);
+  fill(d.w, size_t(g.K) * g.R * g.S);
+  fill(d.b, g.K);
+  fill(d.go, size_t(g.N) * g.K * g.P * g.Q);
+  reference(g, d);
+  return d;
+}
+
+void check_wgrad(const Geo& g, const Data& d, bool exact) {
+  const int64_t pixels = int64_t(g.N) * g.P * g.Q;
+  // One chunk, and chunks of 300-700 pixels (the launcher's are >= 128 / 1024 long); the
+  // emulation runs a block at a time, so chunkings of more than 32 blocks are skipped.
+  const int64_t lens[] = {pixels, std::min<int64_t>(pixels, rnd(300, 700))};
+  for (int cl = 0; cl < 2; ++cl) {
+    for (int bound = 0; bound < 2; ++bound) {
+      if (bound == 0 && g.R * g.S + 1 > 10) continue;
+      std::vector<float> first;
+      for (const int64_t len : lens) {
+        if ((pixels + len - 1) / len * (cl ? (g.K + kClLanes - 1) / kClLanes : g.K) > 32) continue;
+        const std::vector<float> got = bound == 0 ? run_wgrad<10>(g, d, cl, len) : run_wgrad<26>(g, d, cl, len);
+        ++checks;
+        bool bad = false;
+        for (size_t i = 0; i < got.size() && !bad; ++i) {
+          const double want = i < d.gw.size() ? d.gw[i] : d.gb[i - d.gw.size()];
+          const double tol = exact ? 0 : 1e-4 * (1 + std::fabs(want)) * std::sqrt(double(pixels));
+          if (!(std::fabs(got[i] - want) <= tol)) {
+            std::printf("FAIL %s MAXT %d chunk %lld at %zu: got %.9g want %.9g\n",
+                        describe("wgrad", g, cl, 0).c_str(), bound == 0 ? 10 : 26, (long long)len, i, got[i], want);
+            ++fails;
+            bad = true;
+          }
+        }
+        if (exact && !first.empty()) {
+          ++checks;
+          if (std::memcmp(first.data(), got.data(), got.size() * sizeof(float)) != 0) {
+            std::printf("FAIL %s: chunkings differ in bits\n", describe("wgrad", g, cl, 0).c_str());
+            ++fails;
+          }
+        }
+        if (first.empty()) first = got;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -200,20 +300,25 @@ int main(int argc, char** argv) {
       continue;
     }
     if (it % 2 == 0) g.sh = g.sw = 1, g.P = g.H + 2 * g.ph - g.dh * (g.R - 1), g.Q = g.W + 2 * g.pw - g.dw * (g.S - 1);
-    Data d;
-    auto fill = [](std::vector<double>& v, size_t n) {
-      v.resize(n);
-      for (auto& e : v) e = rnd(-2, 2) * 0.5;  // exact in float
-    };
-    fill(d.x, size_t(g.N) * g.C * g.H * g.W);
-    fill(d.w, size_t(g.K) * g.R * g.S);
-    fill(d.b, g.K);
-    fill(d.go, size_t(g.N) * g.K * g.P * g.Q);
-    reference(g, d);
+    const bool exact = it % 3 != 2;
+    tile_tol = exact ? 1e-5 : 1e-4;
+    const Data d = make_data(g, exact);
     for (int cl = 0; cl < 2; ++cl) {
       both_heights<false>(g, d, cl);
       if (g.sh == 1 && g.sw == 1) both_heights<true>(g, d, cl);
     }
+    if (it % 2 == 0) check_wgrad(g, d, exact);
+    // A small layer of at most 3x3 taps, so that the 10-tap kernels (two pixels a thread) run
+    // in NCHW too (few channels: a block each).
+    Geo s;
+    do {
+      make_geo(s);
+      s.C = rnd(1, 6);
+      s.K = s.C * s.Kg;
+      s.R = rnd(1, 3);
+      s.S = rnd(1, 3);
+    } while (!make_geo_dims(s));
+    check_wgrad(s, make_data(s, exact), exact);
   }
   std::printf("%d checks, %d fails\n", checks, fails);
   return fails != 0;
