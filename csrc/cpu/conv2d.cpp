@@ -985,16 +985,17 @@ DwColumns dw_interior(const Conv2d& g) {
 }
 
 // Taps of output row p (rows inside the image) and columns [s0, s1): offsets from the
-// pixel's window origin (ih0, iw0) in the NHWC image.
-TapList dw_row_taps(const Conv2d& g, TapRange<int64_t> tr, int64_t s0, int64_t s1) {
-  TapList t;
+// pixel's window origin (ih0, iw0) in the NHWC image, into t (its vectors reused: a row's
+// lists were a few dozen allocations, per row of every depthwise call).
+void dw_row_taps(const Conv2d& g, TapRange<int64_t> tr, int64_t s0, int64_t s1, TapList& t) {
+  t.in.clear();
+  t.w.clear();
   for (int64_t r = tr.lo; r < tr.hi; ++r)
     for (int64_t s = s0; s < s1; ++s) {
       t.in.push_back((r * g.dh * g.W + s * g.dw) * g.C);
       t.w.push_back(r * g.S + s);
     }
   t.L = 1;
-  return t;
 }
 
 template <typename T>
@@ -1005,6 +1006,7 @@ void forward_depthwise(const T* x, const T* w, const T* bias, T* y, const Conv2d
   at::parallel_for(0, g.N * g.P, 1, [&](int64_t begin, int64_t end) {
     std::vector<const T*> xs(g.Q);
     std::vector<T*> os(g.Q);
+    TapList inner, border;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.P, p = row % g.P, ih0 = p * g.sh - g.ph;
       const auto tr = conv_taps<int64_t>(ih0, g.H, g.R, g.dh);
@@ -1013,7 +1015,7 @@ void forward_depthwise(const T* x, const T* w, const T* bias, T* y, const Conv2d
         xs[q] = img + (q * g.sw - g.pw) * g.C;
         os[q] = y + (row * g.Q + q) * g.K;
       }
-      const TapList inner = dw_row_taps(g, tr, 0, g.S);
+      dw_row_taps(g, tr, 0, g.S, inner);
       for (int64_t q = 0; q < g.Q; ++q) {
         if (q == cols.qa && cols.qb > cols.qa) {
           for (int64_t c0 = 0; c0 < g.C; c0 += kBlock)
@@ -1023,7 +1025,7 @@ void forward_depthwise(const T* x, const T* w, const T* bias, T* y, const Conv2d
           continue;
         }
         const auto ts = conv_taps<int64_t>(q * g.sw - g.pw, g.W, g.S, g.dw);
-        const TapList border = dw_row_taps(g, tr, ts.lo, ts.hi);
+        dw_row_taps(g, tr, ts.lo, ts.hi, border);
         for (int64_t c0 = 0; c0 < g.C; c0 += kBlock)
           dw_pixels<T>(xs.data() + q, c0, border, pk.data() + c0, wstride, std::min<int64_t>(kBlock, g.C - c0),
                        os.data() + q, c0, 1, bias != nullptr ? bias + c0 : nullptr);
@@ -1062,6 +1064,7 @@ void backward_weight_depthwise(const T* x, const T* go, const Conv2d& g, T* part
   const int64_t wstride = round_up(g.C, kLanes);
   const DwColumns cols = dw_interior(g);
   at::parallel_for(0, count, 1, [&](int64_t c0, int64_t c1) {
+    TapList inner, border;
     for (int64_t c = c0; c < c1; ++c) {
       T* pw = part_w + c * psize;
       std::fill(pw, pw + psize, T(0));
@@ -1077,14 +1080,14 @@ void backward_weight_depthwise(const T* x, const T* go, const Conv2d& g, T* part
         const T* img = x + (n * g.H + ih0) * g.W * g.C;
         const T* gr = go + row * g.Q * g.K;
         if (cols.qb > cols.qa) {
-          const TapList inner = dw_row_taps(g, tr, 0, g.S);
+          dw_row_taps(g, tr, 0, g.S, inner);
           dw_wgt_rows<T>(img + (cols.qa * g.sw - g.pw) * g.C, g.sw * g.C, inner, gr + cols.qa * g.K, g.K, g.C,
                          cols.qb - cols.qa, pw, wstride);
         }
         for (int64_t q = 0; q < g.Q; ++q) {
           if (q >= cols.qa && q < cols.qb) continue;
           const auto ts = conv_taps<int64_t>(q * g.sw - g.pw, g.W, g.S, g.dw);
-          const TapList border = dw_row_taps(g, tr, ts.lo, ts.hi);
+          dw_row_taps(g, tr, ts.lo, ts.hi, border);
           dw_wgt_rows<T>(img + (q * g.sw - g.pw) * g.C, 0, border, gr + q * g.K, g.K, g.C, 1, pw, wstride);
         }
       }
@@ -1253,6 +1256,7 @@ void backward_data_small_c(const T* go, const T* w, T* gx, const Conv2d& g) {
     std::vector<T> rowbuf(Wb);
     std::vector<const T*> xs(g.Q);
     std::vector<T*> os(g.Q);
+    TapList inner, border;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H, ip = row % g.H + g.ph;
       std::fill(rowbuf.begin(), rowbuf.end(), T(0));
