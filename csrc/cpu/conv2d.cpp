@@ -1256,7 +1256,6 @@ void backward_data_small_c(const T* go, const T* w, T* gx, const Conv2d& g) {
     std::vector<T> rowbuf(Wb);
     std::vector<const T*> xs(g.Q);
     std::vector<T*> os(g.Q);
-    TapList inner, border;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H, ip = row % g.H + g.ph;
       std::fill(rowbuf.begin(), rowbuf.end(), T(0));

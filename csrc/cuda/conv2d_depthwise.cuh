@@ -366,15 +366,15 @@ __device__ __forceinline__ void add_taps(A (&acc)[MAXT], A gv, const A (&v)[MAXT
   }
 }
 
-// Pixels gathered together a thread: two for up to 10 taps (the 3x3 layers; ~70 registers),
-// one for up to 26 (two would hold 52 values and spill).
+// Pixels gathered together a thread: two for up to 10 taps (the 3x3 layers; float: 80
+// registers NCHW, 64 channels_last), one for up to 26 (two would hold 52 values).
 template <int MAXT>
 constexpr int wgrad_pix() {
   return MAXT <= 10 ? 2 : 1;
 }
 
-// Steps the (n, pq) position of a pixel by `by` (< PQ is not required; PQ < 2^31 - 2 * 256:
-// launcher) without a 64-bit division.
+// Steps the (n, pq) position of a pixel by `by` (<= 256) without a 64-bit division; pq + by
+// cannot overflow: P * Q < 2^31 - 1024 (launcher).
 __device__ __forceinline__ void step_pixel(int64_t& n, int& pq, int by, int64_t PQ) {
   pq += by;
   while (pq >= PQ) {
