@@ -104,6 +104,14 @@ std::vector<T> laid_out(const std::vector<double>& v, int N, int C, int H, int W
   return o;
 }
 
+// The (n, c, row, col) strides of a dense (N, C, rows, cols) tensor laid out by laid_out().
+struct Strides {
+  int64_t n, c, h, w;
+};
+Strides dense_strides(int64_t C, int64_t rows, int64_t cols, bool cl) {
+  return {C * rows * cols, cl ? 1 : rows * cols, cl ? cols * C : cols, cl ? C : 1};
+}
+
 // The launch parameters of conv2d_depthwise.cu's tile_params (NCHW) / cl_tile_params for an
 // output plane (OH, OW) over a dense source plane (SH, SW) of SC channels; false where the
 // tile of `rows` does not fit (as there).
@@ -126,9 +134,9 @@ bool plan(const Geo& g, bool cl, int rows, int OC, int OH, int OW, int SC, int S
     tiles_q = (OW + kTileQ - 1) / kTileQ;
     blocks = int64_t(g.N) * OC * tiles_p * tiles_q;
   }
-  const int64_t ss_n = int64_t(SC) * SH * SW;
+  const Strides ss = dense_strides(SC, SH, SW, cl);
   t = DwTile{OH, OW, SH, SW, g.R, g.S, sh, sw, ph, pw, g.dh, g.dw, patch_h, patch_w, tiles_p, tiles_q, OC, g.Kg,
-             ss_n, cl ? 1 : int64_t(SH) * SW, cl ? SW * SC : SW, cl ? SC : 1};
+             ss.n, ss.c, static_cast<int>(ss.h), static_cast<int>(ss.w)};
   return true;
 }
 
@@ -206,12 +214,13 @@ std::vector<float> run_wgrad(const Geo& g, const Data& d, bool cl, int64_t chunk
   const std::vector<float> x = laid_out<float>(d.x, g.N, g.C, g.H, g.W, cl);
   const std::vector<float> go = laid_out<float>(d.go, g.N, g.K, g.P, g.Q, cl);
   DwGradGeom gg;
+  const Strides xs = dense_strides(g.C, g.H, g.W, cl), gs = dense_strides(g.K, g.P, g.Q, cl);
   gg.x = DwGeom{g.N, g.K, g.H, g.W, g.P, g.Q, g.R, g.S, g.Kg, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
-                int64_t(g.C) * g.H * g.W, cl ? 1 : int64_t(g.H) * g.W, cl ? int64_t(g.W) * g.C : g.W, cl ? g.C : 1};
-  gg.gs_n = int64_t(g.K) * g.P * g.Q;
-  gg.gs_c = cl ? 1 : int64_t(g.P) * g.Q;
-  gg.gs_h = cl ? int64_t(g.Q) * g.K : g.Q;
-  gg.gs_w = cl ? g.K : 1;
+                xs.n, xs.c, xs.h, xs.w};
+  gg.gs_n = gs.n;
+  gg.gs_c = gs.c;
+  gg.gs_h = gs.h;
+  gg.gs_w = gs.w;
   gg.pixels = int64_t(g.N) * g.P * g.Q;
   gg.chunk_len = chunk_len;
   gg.chunks = static_cast<int>((gg.pixels + chunk_len - 1) / chunk_len);
