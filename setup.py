@@ -115,8 +115,7 @@ def _extensions():
     openmp = sys.platform.startswith("linux")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: Python's own CFLAGS carry -g
     cxx += ["-fno-math-errno", "--param", "vect-partial-vector-usage=1"]
-    if openmp:
-        cxx += ["-fopenmp"]
+    cxx += ["-fopenmp"] if openmp else ["-fopenmp-simd"]  # the latter: `omp simd` reductions only
     nvcc = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]
     nvcc += ["--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
              "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]

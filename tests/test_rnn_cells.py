@@ -656,13 +656,15 @@ def test_whole_backward_op_opcheck(device, cell, mask_id, bias):
         torch.library.opcheck(bop, (g, x, *states, w_ih, w_hh, out, cell.name == "rnn_relu_cell", mask))
 
 
+@pytest.mark.parametrize("b", [3, 1, None], ids=["batch3", "batch1", "unbatched"])
 @pytest.mark.parametrize("grads_of", ["all", "weights", "input", "states", "biases"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_gradcheck_partial(device, cell, grads_of, bias):
-    """float64 gradcheck with only some arguments requiring grad (the backward op's mask)."""
+def test_gradcheck_partial(device, cell, grads_of, bias, b):
+    """float64 gradcheck with only some arguments requiring grad (the backward op's mask); batch 1
+    and unbatched inputs take the CPU's batch-1 products."""
     if grads_of == "biases" and not bias:
         pytest.skip("no biases")
-    t = make_cell_inputs(cell, 3, 4, 5, torch.float64, device, bias, seed=11)
+    t = make_cell_inputs(cell, b, 4, 5, torch.float64, device, bias, seed=11)
     groups = {"all": NAMES, "weights": ["w_ih", "w_hh"], "input": ["input"], "states": ["h", "c"],
               "biases": ["b_ih", "b_hh"]}
     diff = [k for k in groups[grads_of] if t[k] is not None]
@@ -740,6 +742,44 @@ def test_thread_count_agrees(device, cell, size):
     for a, b in zip(runs[1], runs[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     check_against_torch(ours(cell), cell, t, f"{size_id(size)}", gouts=runs["gouts"], reference=False)
+
+
+@pytest.mark.parametrize("size", [(1, 300, 70), (None, 600, 130), (1, 7, 5)], ids=size_id)
+def test_batch1_bits_do_not_depend_on_threads(device, cell, size):
+    """At batch 1 the CPU gate products run in fixed chunks of 64 weight rows, over the threads
+    from 64K weight elements, the chunks' sums added in chunk order (cpu/rnn_cell_products.cpp):
+    1, 2 and 3 threads give the same bits, forward and backward, and agree with torch.  The
+    sizes: chunks split over the threads with a ragged last one (LSTM/GRU 300x70, all 600x130)
+    and a step below the threshold."""
+    if device != "cpu":
+        pytest.skip("the thread count is the CPU's")
+    t = make_cell_inputs(cell, *size, torch.float32, device, seed=4)
+    runs, gouts = [], None
+    for n in (1, 2, 3):
+        with num_threads(n):
+            outs, grads, gouts = fwd_bwd(ours(cell), cell, t, gouts)
+        runs.append(outs + tuple(grads.values()))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b), "batch 1: the thread count changed the bits"
+    check_against_torch(ours(cell), cell, t, f"{size_id(size)}", gouts=gouts)
+
+
+@pytest.mark.parametrize("layout", ["column_slices", "transposed"])
+def test_batch1_strided_weights(device, cell, layout):
+    """Batch-1 products read the weights in place when their rows have unit stride (a leading
+    dimension past the row: slices of wider matrices), else from a contiguous copy."""
+    t = make_cell_inputs(cell, 1, 65, 40, torch.float32, device, seed=5)
+    for k in ("w_ih", "w_hh"):
+        w = t[k]
+        if layout == "column_slices":
+            wide = torch.zeros(w.shape[0], w.shape[1] + 9, dtype=w.dtype, device=w.device)
+            wide[:, 3:3 + w.shape[1]] = w
+            t[k] = wide[:, 3:3 + w.shape[1]]
+        else:
+            t[k] = w.t().contiguous().t()
+        assert not t[k].is_contiguous()
+    check_against_torch(ours(cell), cell, t, f"batch 1, {layout} weights")
 
 
 @pytest.mark.parametrize("name", ["gru_cell", "rnn_tanh_cell", "rnn_relu_cell"])

@@ -39,22 +39,30 @@ def below_autograd(op, *args):
         return op(*args)
 
 
-def _eager_ok(args) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active() \
-            or torch._C._is_any_autocast_enabled():  # autocast's casts must be recorded by autograd
-        return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
-
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript
+_functorch_active = torch._C._are_functorch_transforms_active
+_autocast_enabled = torch._C._is_any_autocast_enabled  # autocast's casts must be recorded by autograd
 
 _FUNCTIONS = {}  # op -> how eager calls apply its autograd: its OpFunction's apply, or OpFunction.eager
 
 
 def call(op, *args):
     """Runs op(*args) (an OpOverload of an OpFunction) as the dispatcher would, with
-    autograd through the op's OpFunction when a gradient is needed; see above."""
-    if not _eager_ok(args):
+    autograd through the op's OpFunction when a gradient is needed; see above.  One pass
+    over the arguments, no generators: at a batch-1 RNN step this wrapper costs more than
+    the cell's arithmetic."""
+    if _is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN:
+                return op(*args)
+            grad = grad or a.requires_grad
+    if _is_tracing() or _functorch_active() or _autocast_enabled():
+        return op(*args)
+    if grad and torch.is_grad_enabled():
         return _FUNCTIONS[op](*args)
     with _below_autograd():
         return op(*args)

@@ -141,6 +141,137 @@ const T* cptr(const Tensor& t) {
   return t.const_data_ptr<T>();
 }
 
+// Batch 1 (one row of x and h, the character model's step): the products read each weight
+// matrix once and are bound by its bytes.  They run here, not in BLAS, in chunks of
+// kBatch1Rows weight rows; the chunks go to the threads when the weights have at least
+// kBatch1ParallelElems elements (both matrices), else run on the calling thread.  A chunk
+// always covers the same rows, and every sum over rows adds the chunks' partial sums in chunk
+// order, so the bits depend on the shapes only, not on the thread count.  The forward's and
+// the backward's chunks go to the same threads, so that each core reads its weight rows from
+// its own L2 in both (benchmarks/NOTES-rnn-cells.md, v8).
+constexpr int64_t kBatch1Rows = 64;
+constexpr int64_t kBatch1ParallelElems = int64_t(1) << 16;
+
+// Runs f(r0, r1, chunk) for every chunk of N rows (K weights a row in all).
+template <typename F>
+void batch1_chunks(int64_t N, int64_t K, const F& f) {
+  const int64_t chunks = (N + kBatch1Rows - 1) / kBatch1Rows;
+  auto run = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c * kBatch1Rows, std::min(N, (c + 1) * kBatch1Rows), c);
+  };
+  if (N * K >= kBatch1ParallelElems && chunks > 1 && at::get_num_threads() > 1) {
+    at::parallel_for(0, chunks, 1, run);
+  } else {
+    run(0, chunks);
+  }
+}
+
+// The two backward products that read one weight matrix, in one pass over N of its rows:
+// grad_in (K) += g (N) w (N x K), and grad_w (N x K) = g^T x, an outer product (either may be
+// absent).  Both are bound by the bytes of w and grad_w (each touched once; ~80 GB/s from L2
+// on the project machine).  BLAS runs them as a gemv and a ger, two passes with their own
+// setup: 16.7 us against 10.5 us for the LSTM's 512 x (65 + 128) weights, one thread, warm.
+template <typename T, bool IN, bool GW>
+CONVRNN_CPU_CLONES void batch1_rows(int64_t N, int64_t K, const T* __restrict g, const T* __restrict w, int64_t ldw,
+                                    const T* __restrict x, T* __restrict gin, T* __restrict gw) {
+  for (int64_t r = 0; r < N; ++r) {
+    const T a = g[r];
+    const T* __restrict wr = w + r * ldw;
+    T* __restrict gwr = gw + r * K;
+    for (int64_t k = 0; k < K; ++k) {
+      if (IN) gin[k] += a * wr[k];
+      if (GW) gwr[k] = a * x[k];
+    }
+  }
+}
+
+// One weight's pair of products over rows [r0, r1) of w (gin: this chunk's own sums, or
+// null; grad_w: contiguous, or undefined).
+template <typename T>
+void batch1_part(const T* g, const Tensor& w, const T* x, T* gin, const Tensor& grad_w, int64_t r0, int64_t r1) {
+  const int64_t K = w.size(1);
+  T* gw = grad_w.defined() ? grad_w.data_ptr<T>() + r0 * K : nullptr;
+  const T* wp = cptr<T>(w) + r0 * ld(w);
+  if (gin != nullptr && gw != nullptr) {
+    batch1_rows<T, true, true>(r1 - r0, K, g + r0, wp, ld(w), x, gin, gw);
+  } else if (gin != nullptr) {
+    batch1_rows<T, true, false>(r1 - r0, K, g + r0, wp, ld(w), x, gin, gw);
+  } else if (gw != nullptr) {
+    batch1_rows<T, false, true>(r1 - r0, K, g + r0, wp, ld(w), x, gin, gw);
+  }
+}
+
+// Batch 1 forward: out[r] = dot(w[r], x) (+ out[r] with accumulate) for rows [0, N), four rows
+// a pass so that each x vector serves four rows.  The dot products are reductions the compiler
+// may reorder only under `omp simd`; the order is fixed by the clone's vector width.
+template <typename T>
+CONVRNN_CPU_CLONES void batch1_dots(int64_t N, int64_t K, const T* __restrict w, int64_t ldw, const T* __restrict x,
+                                    T* __restrict out, bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= N; r += 4) {
+    const T* __restrict w0 = w + r * ldw;
+    const T* __restrict w1 = w0 + ldw;
+    const T* __restrict w2 = w1 + ldw;
+    const T* __restrict w3 = w2 + ldw;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < K; ++k) {
+      s0 += w0[k] * x[k];
+      s1 += w1[k] * x[k];
+      s2 += w2[k] * x[k];
+      s3 += w3[k] * x[k];
+    }
+    out[r] = accumulate ? out[r] + s0 : s0;
+    out[r + 1] = accumulate ? out[r + 1] + s1 : s1;
+    out[r + 2] = accumulate ? out[r + 2] + s2 : s2;
+    out[r + 3] = accumulate ? out[r + 3] + s3 : s3;
+  }
+  for (; r < N; ++r) {
+    const T* __restrict wr = w + r * ldw;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += wr[k] * x[k];
+    out[r] = accumulate ? out[r] + s : s;
+  }
+}
+
+// gates (N) = w_ih x, then + w_hh h (or gates_h = w_hh h).
+template <typename T>
+void batch1_forward(const Tensor& w_ih, const T* x, const Tensor& w_hh, const T* h, T* gates, T* gates_h) {
+  const int64_t N = w_ih.size(0), I = w_ih.size(1), H = w_hh.size(1);
+  batch1_chunks(N, I + H, [&](int64_t r0, int64_t r1, int64_t) {
+    batch1_dots<T>(r1 - r0, I, cptr<T>(w_ih) + r0 * ld(w_ih), ld(w_ih), x, gates + r0, false);
+    T* oh = gates_h != nullptr ? gates_h : gates;
+    batch1_dots<T>(r1 - r0, H, cptr<T>(w_hh) + r0 * ld(w_hh), ld(w_hh), h, oh + r0, gates_h == nullptr);
+  });
+}
+
+// The backward's products: grad_input = gx w_ih, grad_hx (+)= gh w_hh, grad_w_ih = gx^T x,
+// grad_w_hh = gh^T h (each may be undefined; all contiguous).
+template <typename T>
+void batch1_products(const T* gx, const Tensor& w_ih, const T* x, const Tensor& grad_input, const T* gh,
+                     const Tensor& w_hh, const T* h, const Tensor& grad_hx, bool accumulate_hx,
+                     const Tensor& grad_w_ih, const Tensor& grad_w_hh) {
+  const int64_t N = w_ih.size(0), I = w_ih.size(1), H = w_hh.size(1);
+  T* gin = grad_input.defined() ? grad_input.data_ptr<T>() : nullptr;
+  T* ghx = grad_hx.defined() ? grad_hx.data_ptr<T>() : nullptr;
+  // sums[c]: chunk c's partial sums, I of grad_input then H of grad_hx.
+  const int64_t chunks = (N + kBatch1Rows - 1) / kBatch1Rows, L = I + H;
+  std::vector<T> sums(gin != nullptr || ghx != nullptr ? chunks * L : 0, T(0));
+  batch1_chunks(N, L, [&](int64_t r0, int64_t r1, int64_t c) {
+    T* own = sums.empty() ? nullptr : sums.data() + c * L;
+    batch1_part<T>(gx, w_ih, x, gin != nullptr ? own : nullptr, grad_w_ih, r0, r1);
+    batch1_part<T>(gh, w_hh, h, ghx != nullptr ? own + I : nullptr, grad_w_hh, r0, r1);
+  });
+  if (gin != nullptr) std::fill(gin, gin + I, T(0));
+  if (ghx != nullptr && !accumulate_hx) std::fill(ghx, ghx + H, T(0));
+  for (int64_t c = 0; c < chunks && !sums.empty(); ++c) {
+    const T* own = sums.data() + c * L;
+    if (gin != nullptr) for (int64_t k = 0; k < I; ++k) gin[k] += own[k];
+    if (ghx != nullptr) for (int64_t k = 0; k < H; ++k) ghx[k] += own[I + k];
+  }
+}
+
 }  // namespace
 
 void cpu_gate_products(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, const Tensor& w_hh_,
@@ -153,6 +284,11 @@ void cpu_gate_products(const Tensor& x_, const Tensor& h_, const Tensor& w_ih_, 
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "convrnn.cell_products", [&] {
     using T = scalar_t;
     const int64_t B = gates.size(0), N = gates.size(1);
+    if (B == 1) {
+      batch1_forward<T>(w_ih, cptr<T>(x), w_hh, cptr<T>(h), gates.data_ptr<T>(),
+                        gates_h.defined() ? gates_h.data_ptr<T>() : nullptr);
+      return;
+    }
     // gates = x w_ih^T, then + h w_hh^T (or gates_h = h w_hh^T): both sliced by columns.
     const Gemm<T> gx{false, true, B, N, x.size(1), cptr<T>(x), ld(x), cptr<T>(w_ih), ld(w_ih), false,
                      gates.data_ptr<T>(), N, false};
@@ -175,6 +311,11 @@ void cpu_gate_product_grads(const Tensor& grad_x, const Tensor& grad_h, const Te
   AT_DISPATCH_FLOATING_TYPES(grad_x.scalar_type(), "convrnn.cell_product_grads", [&] {
     using T = scalar_t;
     const int64_t B = grad_x.size(0), N = grad_x.size(1), I = x.size(1), H = h.size(1);
+    if (B == 1) {
+      batch1_products<T>(cptr<T>(grad_x), w_ih, cptr<T>(x), grad_input, cptr<T>(grad_h), w_hh, cptr<T>(h), grad_hx,
+                         accumulate_hx, grad_w_ih, grad_w_hh);
+      return;
+    }
     std::vector<Gemm<T>> gemms;
     // grad_input (B x I) = grad_x w_ih, grad_hx (B x H) = grad_h w_hh: sliced by columns.
     if (grad_input.defined()) {
