@@ -152,10 +152,14 @@ const T* cptr(const Tensor& t) {
 constexpr int64_t kBatch1Rows = 64;
 constexpr int64_t kBatch1ParallelElems = int64_t(1) << 16;
 
+int64_t batch1_chunk_count(int64_t N) {
+  return (N + kBatch1Rows - 1) / kBatch1Rows;
+}
+
 // Runs f(r0, r1, chunk) for every chunk of N rows (K weights a row in all).
 template <typename F>
 void batch1_chunks(int64_t N, int64_t K, const F& f) {
-  const int64_t chunks = (N + kBatch1Rows - 1) / kBatch1Rows;
+  const int64_t chunks = batch1_chunk_count(N);
   auto run = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) f(c * kBatch1Rows, std::min(N, (c + 1) * kBatch1Rows), c);
   };
@@ -256,7 +260,7 @@ void batch1_products(const T* gx, const Tensor& w_ih, const T* x, const Tensor& 
   T* gin = grad_input.defined() ? grad_input.data_ptr<T>() : nullptr;
   T* ghx = grad_hx.defined() ? grad_hx.data_ptr<T>() : nullptr;
   // sums[c]: chunk c's partial sums, I of grad_input then H of grad_hx.
-  const int64_t chunks = (N + kBatch1Rows - 1) / kBatch1Rows, L = I + H;
+  const int64_t chunks = batch1_chunk_count(N), L = I + H;
   std::vector<T> sums(gin != nullptr || ghx != nullptr ? chunks * L : 0, T(0));
   batch1_chunks(N, L, [&](int64_t r0, int64_t r1, int64_t c) {
     T* own = sums.empty() ? nullptr : sums.data() + c * L;
