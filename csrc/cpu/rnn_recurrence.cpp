@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "panel_gemm.h"
 #include "rnn_recurrence.h"
 #include "rnn_rows.h"
 
@@ -126,21 +127,33 @@ Tensor pack_buffer(int64_t p, int64_t bytes) {
 }
 
 // A task's units [j0, j0 + n) of W_hh (G*H, H): its rows q * H + j0 + u, gate-major, as a (G n, H)
-// matrix (W_hh itself for a task of every unit), the right operand of h W_hh^T; for float also
-// MKL's packed copy of that operand for products of `packed_rows` rows (other row counts, from
-// packed sequences, use the plain rows).
+// matrix (W_hh itself for a task of every unit), the right operand of h W_hh^T.  For float, that
+// operand in cpu_gemm's panels (any row count) where that kernel runs, else MKL's packed copy for
+// products of `packed_rows` rows (other row counts, from packed sequences, use the plain rows).
 template <typename T>
 struct Slice {
   int64_t G = 1, j0 = 0, n = 0, H = 0;
-  Tensor rows, packed;
+  Tensor rows, packed, panels;  // panels: cpu_gemm's (then rows and packed stay undefined)
   int64_t packed_rows = -1;
 
-  // The MKL-packed operand goes to `buffer` (packed_bytes(...) of it) where defined.
+  // The packed operand goes to `buffer` (packed_bytes(...) of it) where defined: our panels
+  // (cpu/panel_gemm.h) where that kernel runs, else MKL's packed form (float only).
   void build(const Tensor& w_hh, int64_t G_, int64_t j0_, int64_t n_, int64_t m, const Tensor& buffer) {
     G = G_;
     j0 = j0_;
     n = n_;
     H = w_hh.size(1);
+    if constexpr (std::is_same_v<T, float>) {
+      if (buffer.defined() && cpu_gemm::enabled()) {
+        panels = buffer;
+        const float* w = w_hh.const_data_ptr<float>();
+        const int64_t nn = n, hh = H, first = j0;
+        // column j of the operand: W_hh row q H + j0 + u (gate q = j / n, unit u = j % n)
+        cpu_gemm::pack_columns(H, G * n, [&](int64_t j) { return w + ((j / nn) * hh + first + j % nn) * hh; },
+                               static_cast<float*>(panels.data_ptr()));
+        return;
+      }
+    }
     if (n == H) {
       rows = w_hh;
     } else {
@@ -161,7 +174,9 @@ struct Slice {
 
   // Bytes of the packed operand for products of m rows of G n columns (0: not packed).
   static int64_t packed_bytes(int64_t m, int64_t G, int64_t n, int64_t H) {
-    if (!std::is_same_v<T, float> || !cpu_blas::packed_available() || m == 0) return 0;
+    if (!std::is_same_v<T, float> || m == 0) return 0;
+    if (cpu_gemm::enabled()) return cpu_gemm::packed_floats(H, G * n) * int64_t(sizeof(float));
+    if (!cpu_blas::packed_available()) return 0;
     return int64_t(cblas_sgemm_pack_get_size(cpu_blas::kBMatrix, int(m), int(G * n), int(H)));
   }
 
@@ -169,6 +184,10 @@ struct Slice {
   void multiply(int64_t m, const T* a, T* c) const {
     if (m == 0) return;
     if constexpr (std::is_same_v<T, float>) {
+      if (panels.defined()) {
+        cpu_gemm::multiply(m, G * n, H, a, H, static_cast<const float*>(panels.const_data_ptr()), false, c, G * n);
+        return;
+      }
       if (m == packed_rows) {
         cblas_sgemm_compute(cpu_blas::kRowMajor, cpu_blas::kNoTrans, cpu_blas::kPacked, int(m), int(G * n), int(H), a,
                             int(H), static_cast<const float*>(packed.const_data_ptr()), int(H), 0.0f, c, int(G * n));
@@ -223,7 +242,27 @@ void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, con
   const int64_t H = l.H;
   // W_hh (G H, H): a task's columns are its units of dh
   const T *pw = l.w_hh.const_data_ptr<T>(), *pgo = ptr_or_null<T>(grad_out);
-  const auto dh_from = [&](const Step& st, int64_t j0, int64_t n) {
+  // per task, its columns of W_hh (G H, n) in cpu_gemm's panels, where that kernel runs
+  std::vector<Tensor> panels(tasks.count);
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_gemm::enabled()) {
+      for (int64_t p = 0; p < tasks.count; ++p) {
+        panels[p] = pack_buffer(p, cpu_gemm::packed_floats(G * H, tasks.size(p)) * int64_t(sizeof(float)));
+      }
+      run_tasks(tasks, [&](int64_t p) {
+        cpu_gemm::pack_rows(pw + tasks.j0(p), H, G * H, tasks.size(p), static_cast<float*>(panels[p].data_ptr()));
+      });
+    }
+  }
+  const auto dh_from = [&](const Step& st, int64_t p) {
+    const int64_t j0 = tasks.j0(p), n = tasks.size(p);
+    if constexpr (std::is_same_v<T, float>) {
+      if (panels[p].defined()) {
+        cpu_gemm::multiply(st.n, n, G * H, g_hidden + st.off * G * H, G * H,
+                           static_cast<const float*>(panels[p].const_data_ptr()), accumulate, pdh + j0, H);
+        return;
+      }
+    }
     cpu_blas::gemm(false, false, int(st.n), int(n), int(G * H), g_hidden + st.off * G * H, int(G * H), pw + j0, int(H),
                    accumulate ? T(1) : T(0), pdh + j0, int(H));
   };
@@ -233,7 +272,7 @@ void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, con
     const Step next = carried ? step_at(l, k + 1) : st;
     run_tasks(tasks, [&](int64_t p) {
       const int64_t j0 = tasks.j0(p), n = tasks.size(p);
-      if (carried) dh_from(next, j0, n);
+      if (carried) dh_from(next, p);
       for (int64_t b = 0; b < st.n; ++b) {
         if (pgo != nullptr) {
           T* ghy = pdh + b * H + j0;
@@ -245,7 +284,7 @@ void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, con
     });
   }
   const Step first = step_at(l, 0);
-  run_tasks(tasks, [&](int64_t p) { dh_from(first, tasks.j0(p), tasks.size(p)); });
+  run_tasks(tasks, [&](int64_t p) { dh_from(first, p); });
 }
 
 // Per-task sums of the bias gradients (acc_t<T>, `blocks` blocks of n per task, as the backward
@@ -398,6 +437,7 @@ bool serve(const PersistentLayer& l, const Tensor& t, const F& f) {
   if (!serves(l, t)) return false;
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "convrnn.cpu_recurrence", [&] { f(scalar_t()); });
   note_cpu_recurrence_run();
+  if (t.scalar_type() == at::kFloat && cpu_gemm::enabled()) cpu_gemm::note_run();
   return true;
 }
 

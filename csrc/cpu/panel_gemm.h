@@ -1,0 +1,66 @@
+// float products of the CPU layer recurrence (rnn_recurrence.cpp) with a right operand packed
+// once per layer call: our own AVX-512 kernel, in place of MKL where the CPU has AVX-512F.
+//
+// Why: a step's product is small (B=32: 32 x 256 by 256 x 1024; B=1: a 1 x 128 by 128 x 512
+// gemv) and repeats for every step with the same right operand.  MKL's packed sgemm ran these at
+// 60-70% of an AMD EPYC's peak (its "def" code path there: the gemv in mkl_blas_def_xsgemv, the
+// product with a copy of the left operand and a beta-scaling pass), below oneDNN's fused LSTM.
+//
+// Layout: the right operand B (K x N) in panels of kPanel = 64 columns, panel after panel; in a
+// panel row k's 64 columns are contiguous (k * 64 + c), columns past N are zeros.  A product
+// walks panel by panel; per panel, blocks of up to 6 rows of A: 6 x 4 vector accumulators
+// (24 of the 32 registers), per k four panel loads and six broadcasts for 24 FMAs.  Every
+// element of C is one sum over k in order: the bits depend on neither the thread count nor the
+// blocking of rows.
+#pragma once
+
+#include <cstdint>
+#include <tuple>
+
+namespace convrnn {
+namespace cpu_gemm {
+
+constexpr int64_t kPanel = 64;
+
+// The kernel runs here (an x86-64 CPU with AVX-512F) and is switched on (convrnn::_cpu_gemm,
+// CONVRNN_CPU_GEMM; rnn_layers.cpp keeps the switch).
+bool enabled();
+// The switch: mode -1 asks, 0 off (MKL), 1 on; returns the mode before the call and the layer
+// calls that used the kernel so far (convrnn::_cpu_gemm).
+std::tuple<int64_t, int64_t> switch_op(int64_t mode);
+// Counts a layer call that used the kernel.
+void note_run();
+
+// Floats of the packed form of a K x N right operand.
+inline int64_t packed_floats(int64_t K, int64_t N) {
+  return (N + kPanel - 1) / kPanel * kPanel * K;
+}
+
+// Packs B (K x N), column j of it contiguous at col(j) (B^T row-major: a weight's rows), into dst
+// (packed_floats(K, N)).
+template <typename ColumnPtr>
+void pack_columns(int64_t K, int64_t N, const ColumnPtr& col, float* dst) {
+  for (int64_t q = 0; q * kPanel < N; ++q) {
+    float* panel = dst + q * kPanel * K;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t j = q * kPanel + c;
+      if (j < N) {
+        const float* s = col(j);
+        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = s[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = 0.0f;
+      }
+    }
+  }
+}
+
+// Packs B (K x N) row-major with leading dimension ld into dst (packed_floats(K, N)).
+void pack_rows(const float* b, int64_t ld, int64_t K, int64_t N, float* dst);
+
+// c (m x N, leading dimension ldc) = a (m x K, lda) times the packed B, added to c's values with
+// accumulate.  Only where enabled().
+void multiply(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, bool accumulate,
+              float* c, int64_t ldc);
+
+}  // namespace cpu_gemm
+}  // namespace convrnn
