@@ -8,6 +8,8 @@
 # OLD=1 adds a third contender, "before": the cells as they were before the whole-cell ops
 # (main at 41a7f8f: Python checks, two F.linear, the fused pointwise op with Python autograd),
 # rebuilt below on the fused ops, which are still registered; speed-ups are against torch.
+# MKL=1 adds a contender "mkl": ours with the float products through MKL (convrnn::_cpu_gemm(0))
+# instead of our panel kernel (cpu/panel_gemm.h).
 # THREADS=n sets torch's intra-op threads (default: torch's default, 2 on the project machine).
 # CLOCK=cpu times with the process's CPU time instead of the wall clock: with THREADS=1 on a
 # loaded machine it leaves out the time the process waits for a core.  QUIET=1 starts each
@@ -112,6 +114,17 @@ CELLS = {"lstm": ("lstm_cell", ck.lstm_cell, torch.lstm_cell), "gru": ("gru_cell
          "rnn": ("rnn_tanh_cell", ck.rnn_tanh_cell, torch.rnn_tanh_cell)}
 
 
+def with_mkl(fn):
+    """fn with the float products through MKL (the panel kernel switched off during the call)."""
+    def f(*args):
+        before, _ = OPS._cpu_gemm(0)
+        try:
+            return fn(*args)
+        finally:
+            OPS._cpu_gemm(before)
+    return f
+
+
 def procs_running():
     with open("/proc/stat") as f:
         for line in f:
@@ -164,8 +177,9 @@ def main():
     for key in cells:
         op, ours, theirs = CELLS[key]
         lstm = op == "lstm_cell"
-        names = ["ours", "torch"] + (["before"] if os.environ.get("OLD") == "1" else [])
-        fns = {"ours": ours, "torch": theirs, "before": OLD[op]}
+        names = ["ours", "torch"] + (["before"] if os.environ.get("OLD") == "1" else []) + \
+            (["mkl"] if os.environ.get("MKL") == "1" else [])
+        fns = {"ours": ours, "torch": theirs, "before": OLD[op], "mkl": with_mkl(ours)}
         for _, b, i, h in SHAPES:
             if b not in batches:
                 continue

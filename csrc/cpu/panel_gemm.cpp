@@ -1,7 +1,9 @@
 // The AVX-512 panel kernel of panel_gemm.h (float), and its switch.
 #include "panel_gemm.h"
 
+#include <algorithm>
 #include <atomic>
+#include <vector>
 
 #include "../switches.h"
 
@@ -30,10 +32,12 @@ bool cpu_has_avx512f() {
   return has;
 }
 
-// Rows [0, R) of a block times one panel: c (R x 64, the valid columns by the four masks).
+// Rows [0, R) of a block of A (element (r, k) at a[r * ars + k * aks]) times 64 columns of B
+// (row k at b + k * ldb: a panel, ldb = kPanel, or B's own rows) over K into c (R x 64, the
+// valid columns by the four masks), starting from c's values with accumulate.
 template <int R>
-CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t lda, const float* panel, bool accumulate, float* c,
-                                int64_t ldc, const __mmask16* mask) {
+CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                                bool accumulate, float* c, int64_t ldc, const __mmask16* mask) {
   __m512 acc[R][4];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -42,13 +46,16 @@ CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t lda, const fl
       acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
     }
   }
+  // masked loads: a partial panel of B's own rows must not read past them
+  const __mmask16 m0 = mask[0], m1 = mask[1], m2 = mask[2], m3 = mask[3];
   for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kPanel;
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
-                 w3 = _mm512_loadu_ps(w + 48);
+    const float* w = b + k * ldb;
+    const __m512 w0 = _mm512_maskz_loadu_ps(m0, w), w1 = _mm512_maskz_loadu_ps(m1, w + 16),
+                 w2 = _mm512_maskz_loadu_ps(m2, w + 32), w3 = _mm512_maskz_loadu_ps(m3, w + 48);
+    const float* ak = a + k * aks;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 x = _mm512_set1_ps(ak[r * ars]);
       acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(x, w2, acc[r][2]);
@@ -62,8 +69,106 @@ CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t lda, const fl
   }
 }
 
-using Block = void (*)(int64_t, const float*, int64_t, const float*, bool, float*, int64_t, const __mmask16*);
+using Block = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, bool, float*, int64_t,
+                       const __mmask16*);
 constexpr Block kBlocks[7] = {nullptr, block<1>, block<2>, block<3>, block<4>, block<5>, block<6>};
+
+// Up to this many k per pass over a column panel (a K-block: 256 x 64 floats of B, 64 KB, stay
+// in L2 while every row block of A passes over them); c carries the sums between K-blocks, so the
+// order of the sum over k, and the bits, are those of one pass.
+constexpr int64_t kBlockK = 256;
+
+// c (m x n) (+)= A B: A's element (r, k) at a[r * ars + k * aks], B's row k at b + k * ldb (a
+// packed operand: ldb = kPanel and panel q at b + q * kPanel * K, passed as panel_stride).
+void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                int64_t panel_stride, bool accumulate, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  const int64_t blocks = (m + 5) / 6;  // row blocks as even as possible, at most 6 rows each (32: 6 6 5 5 5 5)
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t kc = std::min(kBlockK, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t q = 0; q * kPanel < n; ++q) {
+      const int64_t j0 = q * kPanel, cols = n - j0;
+      __mmask16 mask[4];
+      for (int v = 0; v < 4; ++v) {
+        const int64_t left = cols - 16 * v;
+        mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+      }
+      const float* bq = b + q * panel_stride + k0 * ldb;
+      int64_t r0 = 0;
+      for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t rows = (m - r0) / (blocks - i) + ((m - r0) % (blocks - i) != 0);
+        kBlocks[rows](kc, a + r0 * ars + k0 * aks, ars, aks, bq, ldb, acc, c + r0 * ldc + j0, ldc, mask);
+        r0 += rows;
+      }
+    }
+  }
+}
+
+// One 16 x 16 tile: dst (16 x 16, ldd) = src (16 x 16, lds) transposed, in registers.  (GCC 12
+// warns about the _mm512_undefined_ps inside its own unpack and shuffle intrinsics.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+CONVRNN_PANEL_TARGET void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  // 2 x 2 blocks of single floats, then of pairs, then of 128-bit quarters, then of halves
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);  // r[i]: column i of src
+}
+#pragma GCC diagnostic pop
+
+// dst (cols x rows, ldd) = src (rows x cols, lds) transposed: 16 x 16 tiles in registers, the
+// edges element by element.
+void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+      const int64_t j1 = std::min(cols, j0 + kTile);
+      if (i1 - i0 == kTile && j1 - j0 == kTile) {
+        transpose_tile(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+        continue;
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+      }
+    }
+  }
+}
+
+// Per-thread buffers (grow, never shrink): 0 for packed operands, 1 for a transposed result.
+float* scratch(int which, int64_t floats) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& b = buffers[which];
+  if (int64_t(b.size()) < floats) b.resize(floats);
+  return b.data();
+}
 #endif
 
 }  // namespace
@@ -100,26 +205,43 @@ void pack_rows(const float* b, int64_t ld, int64_t K, int64_t N, float* dst) {
 void multiply(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, bool accumulate,
               float* c, int64_t ldc) {
 #if CONVRNN_PANEL_AVX512
-  if (m <= 0 || N <= 0) return;
-  // row blocks as even as possible, at most 6 rows each (32 rows: 6 6 5 5 5 5)
-  const int64_t blocks = (m + 5) / 6;
-  for (int64_t q = 0; q * kPanel < N; ++q) {
-    const int64_t j0 = q * kPanel, cols = N - j0;
-    __mmask16 mask[4];
-    for (int v = 0; v < 4; ++v) {
-      const int64_t left = cols - 16 * v;
-      mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-    }
-    const float* panel = packed + j0 * K;
-    int64_t r0 = 0;
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t rows = (m - r0) / (blocks - i) + ((m - r0) % (blocks - i) != 0);
-      kBlocks[rows](K, a + r0 * lda, lda, panel, accumulate, c + r0 * ldc + j0, ldc, mask);
-      r0 += rows;
-    }
-  }
+  run_blocks(m, N, K, a, lda, 1, packed, kPanel, kPanel * K, accumulate, c, ldc);
 #else
   (void)m, (void)N, (void)K, (void)a, (void)lda, (void)packed, (void)accumulate, (void)c, (void)ldc;
+#endif
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+          bool accumulate, float* c, int64_t ldc) {
+#if CONVRNN_PANEL_AVX512
+  if (m <= 0 || n <= 0 || k <= 0) return;
+  // op(A)'s element (r, kk) at a[r * ars + kk * aks]
+  const int64_t ars = ta ? 1 : lda, aks = ta ? lda : 1;
+  if (!tb) {  // B row-major (k x n): its own rows serve as the panels' rows
+    run_blocks(m, n, k, a, ars, aks, b, ldb, kPanel, accumulate, c, ldc);
+  } else if (m <= n) {
+    // C^T (n x m) = B op(A)^T into a buffer (B's rows, b[j * ldb + kk], broadcast; op(A)^T (k x m)
+    // the panels: op(A)'s rows as they are where ta, else packed), then transposed into c: packing
+    // B^T would copy the weight every call, and C^T's rows written straight into c's columns
+    // measured 19% of the time in scattered copies
+    float* ct = scratch(1, n * m);
+    if (accumulate) transpose(m, n, c, ldc, ct, m);
+    if (ta) {
+      run_blocks(n, m, k, b, ldb, 1, a, lda, kPanel, accumulate, ct, m);
+    } else {
+      float* p = scratch(0, packed_floats(k, m));
+      pack_columns(k, m, [&](int64_t i) { return a + i * lda; }, p);
+      run_blocks(n, m, k, b, ldb, 1, p, kPanel, kPanel * k, accumulate, ct, m);
+    }
+    transpose(n, m, ct, m, c, ldc);
+  } else {  // B^T's rows packed into panels
+    float* p = scratch(0, packed_floats(k, n));
+    pack_columns(k, n, [&](int64_t j) { return b + j * ldb; }, p);
+    run_blocks(m, n, k, a, ars, aks, p, kPanel, kPanel * k, accumulate, c, ldc);
+  }
+#else
+  (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)accumulate, (void)c,
+      (void)ldc;
 #endif
 }
 

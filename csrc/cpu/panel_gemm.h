@@ -62,5 +62,14 @@ void pack_rows(const float* b, int64_t ld, int64_t K, int64_t N, float* dst);
 void multiply(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, bool accumulate,
               float* c, int64_t ldc);
 
+// c (m x n, ldc) = op(a) op(b) (+ c with accumulate), row-major, single-threaded (callers split
+// the work over their threads): op(a) (m x k) is a (k x m) transposed with ta, op(b) (k x n) b
+// (n x k) transposed with tb.  B row-major is read in place as the panels' rows; B transposed is
+// packed into panels in a per-thread buffer, or, for at most as many rows of C as columns, the
+// product runs transposed (C^T = B op(A)^T: B's rows broadcast, op(A)^T the panels, packed
+// unless ta).  Only where enabled().
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+          bool accumulate, float* c, int64_t ldc);
+
 }  // namespace cpu_gemm
 }  // namespace convrnn

@@ -16,9 +16,11 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "blas.h"
+#include "panel_gemm.h"
 #include "rnn_cells.h"
 
 namespace convrnn {
@@ -49,6 +51,12 @@ void run(const Gemm<T>& g) {
       for (int64_t i = 0; i < g.m; ++i) std::fill(g.c + i * g.ldc, g.c + i * g.ldc + g.n, T(0));
     }
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_gemm::enabled()) {
+      cpu_gemm::gemm(g.ta, g.tb, g.m, g.n, g.k, g.a, g.lda, g.b, g.ldb, g.accumulate, g.c, g.ldc);
+      return;
+    }
   }
   cpu_blas::gemm(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb),
                  g.accumulate ? T(1) : T(0), g.c, int(g.ldc));
