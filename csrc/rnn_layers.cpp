@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -329,12 +330,25 @@ CONVRNN_INLINE Tensor block(const Seq&, const StepRows& all, int64_t t) {
 // against the states entering them (N, P), one matrix product.  Unpacked, those states are
 // the output shifted by one step plus h0, so the product needs no copy of them: the steps
 // entered from the output as one product, h0's step added (addmm).
+// Float on the CPU: cpu_gemm's products (h0's step, then the others added to it).
 Tensor grad_w_hh(const Seq& s, const Tensor& g_all, const Tensor& out, const Tensor& h_init) {
-  if (s.packed || s.T < 2) return at::mm(g_all.t(), states_before(s, out, h_init));
+  const bool own = g_all.is_cpu() && g_all.scalar_type() == at::kFloat && cpu_gemm::enabled();
+  if (s.packed || s.T < 2) {
+    const Tensor states = states_before(s, out, h_init);
+    if (own) {
+      Tensor gw = at::empty({g_all.size(1), states.size(1)}, g_all.options());
+      if (cpu_gemm::mm(g_all.t(), states, gw, false)) return gw;
+    }
+    return at::mm(g_all.t(), states);
+  }
   const int64_t rest = s.N - s.B;
   const Tensor g_first = g_all.narrow(0, s.reverse ? rest : 0, s.B);
   const Tensor g_rest = g_all.narrow(0, s.reverse ? 0 : s.B, rest);
   const Tensor h_rest = out.narrow(0, s.reverse ? s.B : 0, rest);
+  if (own) {
+    Tensor gw = at::empty({g_all.size(1), h_init.size(1)}, g_all.options());
+    if (cpu_gemm::mm(g_first.t(), h_init, gw, false) && cpu_gemm::mm(g_rest.t(), h_rest, gw, true)) return gw;
+  }
   return at::addmm(at::mm(g_first.t(), h_init), g_rest.t(), h_rest);
 }
 
@@ -754,6 +768,49 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
 
 // ---- a unidirectional stack, inference ----
 
+// ---- the input projection ----
+
+// a b: float on the CPU through cpu_gemm (split over the threads), else at::mm.
+Tensor product(const Tensor& a, const Tensor& b) {
+  if (a.is_cpu() && a.scalar_type() == at::kFloat && cpu_gemm::enabled()) {
+    Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    if (cpu_gemm::mm(a, b, out, false)) return out;
+  }
+  return at::mm(a, b);
+}
+
+void check_projection(const Tensor& input, const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "convrnn.input_projection: weight must be 2-D (gates * hidden_size, input_size), "
+              "but got shape ", weight.sizes());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == weight.size(1), "convrnn.input_projection: input has ",
+              input.dim() >= 1 ? input.size(-1) : 0, " features but weight expects input_size = ", weight.size(1));
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "convrnn.input_projection: weight has dtype ",
+              weight.scalar_type(), " but input has dtype ", input.scalar_type(), "; expected one dtype");
+  TORCH_CHECK(input.device() == weight.device(), "convrnn.input_projection: weight is on ", weight.device(),
+              " but input is on ", input.device(), "; expected both on one device");
+}
+
+// Every step's input projection, input (..., I) times weight^T ((G, I): w_ih): F.linear without a
+// bias, one product over all rows.
+Tensor input_projection(const Tensor& input, const Tensor& weight) {
+  check_projection(input, weight);
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = weight.size(0);
+  return product(input.reshape({-1, weight.size(1)}), weight.t()).view(shape);
+}
+
+// grad_input = grad weight, grad_weight = grad^T input (each only where output_mask asks; else an
+// empty tensor).
+std::tuple<Tensor, Tensor> input_projection_backward(const Tensor& grad, const Tensor& input, const Tensor& weight,
+                                                     std::array<bool, 2> output_mask) {
+  check_projection(input, weight);
+  const Tensor g = grad.reshape({-1, weight.size(0)});
+  const Tensor gi = output_mask[0] ? product(g, weight).view(input.sizes()) : at::empty({0}, input.options());
+  const Tensor gw = output_mask[1] ? product(g.t(), input.reshape({-1, weight.size(1)}))
+                                   : at::empty({0}, weight.options());
+  return {gi, gw};
+}
+
 // Every layer of a unidirectional stack without projections, with no backward to follow:
 // layer 0's input projection x_proj (T, B, G*H); hx (L, B, H); cx (L, B, H) for the LSTM (cell
 // 0); w_ih of layers 1..L-1; w_hh, b_ih, b_hh of every layer.  On CUDA the stacked persistent
@@ -893,6 +950,12 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   // panel kernel (the default where the CPU has AVX-512F); returns the mode before the call and
   // the layer calls that used the kernel so far.
   m.def("_cpu_gemm(int mode=-1) -> (int, int)", &convrnn::cpu_gemm::switch_op);
+  // Every step's input projection: input (..., I) times weight^T, weight (G, I) (F.linear without a
+  // bias; float on the CPU through cpu/panel_gemm.h), and its backward (each gradient only where
+  // output_mask asks, else an empty tensor).
+  m.def("input_projection(Tensor input, Tensor weight) -> Tensor");
+  m.def("input_projection_backward(Tensor grad, Tensor input, Tensor weight, bool[2] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight)");
 }
 
 // Device-agnostic: the same functions for both keys (the fused ops they call dispatch on).
@@ -903,7 +966,9 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   m.impl("gru_layer_backward", &convrnn::gru_layer_backward);      \
   m.impl("rnn_layer", &convrnn::rnn_layer);                        \
   m.impl("rnn_layer_backward", &convrnn::rnn_layer_backward);      \
-  m.impl("rnn_stack", &convrnn::rnn_stack)
+  m.impl("rnn_stack", &convrnn::rnn_stack);                        \
+  m.impl("input_projection", &convrnn::input_projection);          \
+  m.impl("input_projection_backward", &convrnn::input_projection_backward)
 
 TORCH_LIBRARY_IMPL(convrnn, CPU, m) {
   CONVRNN_REGISTER_LAYERS(m);

@@ -1,9 +1,9 @@
 """Whole-sequence recurrent layers: lstm, gru, rnn_tanh, rnn_relu (multi-layer, bidirectional,
 projections, PackedSequence data), the functional behind convrnn_kernels.nn.LSTM/GRU/RNN.
 
-Per layer and direction the input projection of every step is ONE matrix product (F.linear
-over the whole (T*B, I) input, differentiated by autograd); the recurrence is one dispatcher
-op (convrnn::lstm_layer, gru_layer, rnn_layer: csrc/rnn_layers.cpp) whose C++ loop calls an
+Per layer and direction the input projection of every step is ONE matrix product over the
+whole (T*B, I) input (convrnn::input_projection for float32 on the CPU, F.linear elsewhere),
+differentiated by autograd; the recurrence is one dispatcher op (convrnn::lstm_layer, gru_layer, rnn_layer: csrc/rnn_layers.cpp) whose C++ loop calls an
 at::mm and a fused cell op per step; its backward is another op (*_layer_backward) registered
 as the autograd formula here.  Weights and gate order are torch.nn's."""
 from typing import List, Optional, Sequence, Tuple
@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import OpFunction, call
+from ._common import OpFunction, _autocast_enabled, call
 
 OPS = torch.ops.convrnn
 
@@ -71,6 +71,17 @@ def _(grad_output, grad_hn, h0, w_hh, output, batch_sizes, reverse, relu):
     g = w_hh.shape[0]
     return (output.new_empty((*output.shape[:-1], g)), h0.new_empty(h0.shape), w_hh.new_empty(w_hh.shape),
             w_hh.new_empty((g,)))
+
+
+@torch.library.register_fake("convrnn::input_projection")
+def _(input, weight):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("convrnn::input_projection_backward")
+def _(grad, input, weight, output_mask):
+    return (input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)))
 
 
 @torch.library.register_fake("convrnn::rnn_stack")
@@ -148,6 +159,33 @@ def _rnn_backward(ctx, grad_out, grad_hn):
     h0, w_hh, out, batch_sizes = ctx.saved_tensors
     gx, gh0, gw, gb = OPS.rnn_layer_backward(grad_out, grad_hn, h0, w_hh, out, batch_sizes, ctx.reverse, ctx.relu)
     return (gx, gh0, gw, gb if ctx.has_bias[0] else None, gb if ctx.has_bias[1] else None, None, None, None)
+
+
+def _projection_setup(ctx, inputs, output):
+    input, weight = inputs
+    ctx.save_for_backward(input, weight)
+
+
+def _projection_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gi, gw = OPS.input_projection_backward(grad, input, weight, [need[0], need[1]])
+    return (gi if need[0] else None), (gw if need[1] else None)
+
+
+class InputProjectionFunction(OpFunction):
+    op_name = "input_projection"
+    save, backward = staticmethod(_projection_setup), staticmethod(_projection_backward)
+
+
+def project(input, weight):
+    """Every step's input projection, input (..., I) times weight^T: convrnn::input_projection (our
+    float products on the CPU, cpu/panel_gemm.h) for float32 CPU tensors outside autocast, else
+    F.linear (cuBLAS on the GPU; autocast's casts)."""
+    if (input.dtype == torch.float32 and weight.dtype == torch.float32 and input.device.type == "cpu"
+            and weight.device.type == "cpu" and not _autocast_enabled()):
+        return call(OPS.input_projection.default, input, weight)
+    return F.linear(input, weight)
 
 
 class LstmLayerFunction(OpFunction):
@@ -267,7 +305,7 @@ def run_layers(mode: str, input: torch.Tensor, hx: torch.Tensor, cx: Optional[to
         for direction in range(d):
             idx = layer * d + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[idx]
-            x_proj = F.linear(layer_input, w_ih)  # every step's input projection: one matrix product
+            x_proj = project(layer_input, w_ih)  # every step's input projection: one matrix product
             reverse = direction == 1
             need = grad and any(t is not None and t.requires_grad for t in (x_proj, hx, cx, w_hh, b_ih, b_hh, w_hr))
             if mode == "LSTM":

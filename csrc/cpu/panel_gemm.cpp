@@ -1,6 +1,8 @@
 // The AVX-512 panel kernel of panel_gemm.h (float), and its switch.
 #include "panel_gemm.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -243,6 +245,61 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)accumulate, (void)c,
       (void)ldc;
 #endif
+}
+
+namespace {
+
+// A 2-D float operand as gemm() takes it: transposed (column-major) or not, and its leading
+// dimension; false where neither its rows nor its columns have unit stride.
+bool operand(const at::Tensor& t, bool& transposed, int64_t& ld) {
+  const int64_t r = t.size(0), c = t.size(1);
+  if (t.stride(1) == 1 || c == 1) {
+    transposed = false;
+    ld = std::max<int64_t>({t.stride(0), c, 1});
+    return r == 1 || t.stride(0) >= c;
+  }
+  if (t.stride(0) == 1 || r == 1) {
+    transposed = true;
+    ld = std::max<int64_t>({t.stride(1), r, 1});
+    return c == 1 || t.stride(1) >= r;
+  }
+  return false;
+}
+
+}  // namespace
+
+bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate) {
+  if (!enabled() || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
+      out.scalar_type() != at::kFloat || !a.is_cpu() || !b.is_cpu() || !out.is_cpu() || a.dim() != 2 ||
+      b.dim() != 2 || out.dim() != 2 || !out.is_contiguous()) {
+    return false;
+  }
+  bool ta = false, tb = false;
+  int64_t lda = 0, ldb = 0;
+  if (!operand(a, ta, lda) || !operand(b, tb, ldb)) return false;
+  const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
+  if (m == 0 || n == 0) return true;
+  float* c = out.data_ptr<float>();
+  if (k == 0) {
+    if (!accumulate) out.zero_();
+    return true;
+  }
+  const float *pa = a.const_data_ptr<float>(), *pb = b.const_data_ptr<float>();
+  // blocks of whole panels (64 columns) over the threads, or of rows (multiples of 6) for a tall out
+  const bool by_rows = m > 4 * n;
+  const int64_t unit = by_rows ? 6 : kPanel, extent = by_rows ? m : n;
+  const int64_t units = (extent + unit - 1) / unit;
+  // one block per thread; one block in all below ~2M multiply-adds (a fork-join costs microseconds)
+  const int64_t grain = m * n * k < (int64_t(1) << 21) ? units : std::max<int64_t>(1, units / at::get_num_threads());
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
+    if (by_rows) {
+      gemm(ta, tb, hi - lo, n, k, pa + (ta ? lo : lo * lda), lda, pb, ldb, accumulate, c + lo * n, n);
+    } else {
+      gemm(ta, tb, m, hi - lo, k, pa, lda, pb + (tb ? lo * ldb : lo), ldb, accumulate, c + lo, n);
+    }
+  });
+  return true;
 }
 
 }  // namespace cpu_gemm

@@ -14,6 +14,8 @@
 // blocking of rows.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 #include <tuple>
 
@@ -70,6 +72,13 @@ void multiply(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, cons
 // unless ta).  Only where enabled().
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
           bool accumulate, float* c, int64_t ldc);
+
+// out (m x n) = a (m x k) b (k x n), plus out's values with accumulate, for float CPU tensors
+// whose rows or columns have unit stride, split over the intra-op threads (blocks of 64 columns,
+// or of rows when out is tall); every element is one sum over k in order, so the bits do not
+// depend on the thread count.  Returns false, computing nothing, where it does not serve (not
+// enabled(), another dtype or device, other strides): the caller then uses at::mm.
+bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate);
 
 }  // namespace cpu_gemm
 }  // namespace convrnn
