@@ -790,13 +790,20 @@ void check_projection(const Tensor& input, const Tensor& weight) {
               " but input is on ", input.device(), "; expected both on one device");
 }
 
+// input (..., I) as (rows, I) (no -1: I may be 0).
+Tensor as_rows(const Tensor& input) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) rows *= input.size(d);
+  return input.reshape({rows, input.size(-1)});
+}
+
 // Every step's input projection, input (..., I) times weight^T ((G, I): w_ih): F.linear without a
 // bias, one product over all rows.
 Tensor input_projection(const Tensor& input, const Tensor& weight) {
   check_projection(input, weight);
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = weight.size(0);
-  return product(input.reshape({-1, weight.size(1)}), weight.t()).view(shape);
+  return product(as_rows(input), weight.t()).view(shape);
 }
 
 // grad_input = grad weight, grad_weight = grad^T input (each only where output_mask asks; else an
@@ -804,10 +811,9 @@ Tensor input_projection(const Tensor& input, const Tensor& weight) {
 std::tuple<Tensor, Tensor> input_projection_backward(const Tensor& grad, const Tensor& input, const Tensor& weight,
                                                      std::array<bool, 2> output_mask) {
   check_projection(input, weight);
-  const Tensor g = grad.reshape({-1, weight.size(0)});
+  const Tensor g = as_rows(grad);
   const Tensor gi = output_mask[0] ? product(g, weight).view(input.sizes()) : at::empty({0}, input.options());
-  const Tensor gw = output_mask[1] ? product(g.t(), input.reshape({-1, weight.size(1)}))
-                                   : at::empty({0}, weight.options());
+  const Tensor gw = output_mask[1] ? product(g.t(), as_rows(input)) : at::empty({0}, weight.options());
   return {gi, gw};
 }
 

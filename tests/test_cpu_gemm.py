@@ -1,0 +1,206 @@
+"""Our float products on the CPU (csrc/cpu/panel_gemm.h): an AVX-512 kernel in place of MKL
+wherever the CPU has AVX-512F, for the sequence layers' recurrence, input projections and weight
+gradients and for the cells' gate products; torch.ops.convrnn._cpu_gemm(0) switches back to MKL.
+
+The layers' input projection is an op of its own (convrnn::input_projection, F.linear without a
+bias): against F.linear, forward and both gradients, over odd sizes, empty and single rows, no
+features and strided inputs; its bad inputs, opcheck and a float64 gradcheck.  The kernel against
+MKL on the cells, the layers and the projection; bits independent of the thread count (every output
+element is one sum over k in order).  Tests that mean the kernel to run check the switch's run
+counter, and skip on a CPU without AVX-512F, where the products stay MKL's."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convrnn_kernels as ck
+from helpers import num_threads, raises_op_arg, switched
+from test_rnn_layers import make_inputs, make_pair, run
+
+OPS = torch.ops.convrnn
+
+
+def kernel_serves():
+    """Whether the panel kernel runs here: a float32 layer's recurrence counts its run."""
+    with switched(OPS._cpu_gemm, True) as s:
+        OPS.rnn_layer(torch.randn(2, 1, 4), torch.zeros(1, 4), torch.randn(4, 4), None, None, None, False, False)
+    return s.launches > 0
+
+
+needs_kernel = pytest.mark.skipif(not kernel_serves(), reason="the CPU has no AVX-512F: the products stay MKL's")
+
+
+def both(x, w, seed=3):
+    """(ours, F.linear's): each (output, grad_input, grad_weight) for one random output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    gout = torch.randn(*x.shape[:-1], w.shape[0], generator=g, dtype=torch.float64).to(x.dtype)
+    res = []
+    for fn in (lambda a, b: OPS.input_projection(a, b), F.linear):
+        a, b = x.detach().requires_grad_(), w.detach().requires_grad_()
+        out = fn(a, b)
+        ga, gb = torch.autograd.grad(out, (a, b), gout)
+        res.append((out, ga, gb))
+    return res
+
+
+# (rows, I, G): empty, a single row, odd sizes (partial panels and row blocks), the training
+# benchmark's layer-2 shape (split over the threads), no input features
+SHAPES = [(0, 5, 8), (1, 65, 512), (7, 13, 37), (100, 65, 512), (300, 70, 200), (1600, 256, 1024), (9, 0, 12)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_projection_matches_linear(shape, dtype):
+    n, i, g = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, i, generator=gen, dtype=torch.float64).to(dtype)
+    w = (torch.randn(g, i, generator=gen, dtype=torch.float64) * 0.2).to(dtype)
+    (out, gx, gw), (rout, rgx, rgw) = both(x, w)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-5 * max(1, n) ** 0.5)
+    for name, a, b in (("output", out, rout), ("grad_input", gx, rgx), ("grad_weight", gw, rgw)):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["time_major", "batch_first_view", "column_major_weight", "sliced"])
+def test_projection_strided(layout):
+    """3-D input as the layers pass it, a transposed (batch_first) view, a column-major weight and
+    slices of wider tensors: the same values as F.linear."""
+    x = torch.randn(6, 5, 24)
+    w = torch.randn(40, 24) * 0.2
+    if layout == "batch_first_view":
+        x = torch.randn(5, 6, 24).transpose(0, 1)
+    elif layout == "column_major_weight":
+        w = (torch.randn(24, 40) * 0.2).t()
+    elif layout == "sliced":
+        x = torch.randn(6, 5, 30)[..., 3:27]
+        w = torch.randn(40, 33)[:, 5:29] * 0.2
+    (out, gx, gw), (rout, rgx, rgw) = both(x, w)
+    for a, b in ((out, rout), (gx, rgx), (gw, rgw)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_projection_gradient_mask():
+    """Only the gradients autograd asks for are computed; the others come back empty."""
+    x, w, g = torch.randn(4, 3), torch.randn(5, 3), torch.randn(4, 5)
+    gi, gw = OPS.input_projection_backward(g, x, w, [True, False])
+    assert gi.shape == x.shape and gw.numel() == 0
+    gi, gw = OPS.input_projection_backward(g, x, w, [False, True])
+    assert gi.numel() == 0 and gw.shape == w.shape
+    torch.testing.assert_close(gw, g.t() @ x)
+
+
+def test_projection_gradcheck():
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: OPS.input_projection(a, b), (x, w))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_projection_opcheck(grad):
+    x, w = torch.randn(3, 4, 6, requires_grad=grad), torch.randn(8, 6, requires_grad=grad)
+    torch.library.opcheck(OPS.input_projection.default, (x, w))
+
+
+@pytest.mark.parametrize("case,arg", [("features", "features"), ("weight_1d", "weight"), ("dtype", "dtype"),
+                                      ("scalar", "features")])
+def test_projection_bad_input(case, arg):
+    x, w = torch.randn(4, 6), torch.randn(8, 6)
+    if case == "features":
+        w = torch.randn(8, 5)
+    elif case == "weight_1d":
+        w = torch.randn(8)
+    elif case == "dtype":
+        w = w.double()
+    elif case == "scalar":
+        x = torch.tensor(1.0)
+    with raises_op_arg("input_projection", arg):
+        OPS.input_projection(x, w)
+
+
+def test_switch():
+    before, _ = OPS._cpu_gemm(-1)
+    assert before in (0, 1)
+    with pytest.raises(RuntimeError, match=r"convrnn\._cpu_gemm: mode"):
+        OPS._cpu_gemm(2)
+    assert OPS._cpu_gemm(-1)[0] == before
+
+
+# ---- the kernel against MKL, and the thread count ----
+
+def cell_run(cell, b, i, h, seed=0):
+    """(outputs and every gradient) of one cell step, float32, forward and backward."""
+    g = torch.Generator().manual_seed(seed)
+    gates = {"lstm_cell": 4, "gru_cell": 3, "rnn_tanh_cell": 1}[cell]
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).requires_grad_()  # noqa: E731
+    x, hx = rnd(b, i), rnd(b, h)
+    w_ih, w_hh = rnd(gates * h, i, scale=i ** -0.5), rnd(gates * h, h, scale=h ** -0.5)
+    b_ih, b_hh = rnd(gates * h), rnd(gates * h)
+    leaves = [x, hx, w_ih, w_hh, b_ih, b_hh]
+    if cell == "lstm_cell":
+        c = rnd(b, h)
+        outs = ck.lstm_cell(x, (hx, c), w_ih, w_hh, b_ih, b_hh)
+        leaves.append(c)
+    else:
+        outs = (getattr(ck, cell)(x, hx, w_ih, w_hh, b_ih, b_hh),)
+    gouts = [torch.randn(o.shape, generator=g) for o in outs]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(outs, leaves, gouts))
+
+
+CELL_SHAPES = [(64, 256, 512), (7, 13, 37), (40, 70, 100)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", CELL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("cell", ["lstm_cell", "gru_cell", "rnn_tanh_cell"])
+def test_cells_kernel_matches_mkl_and_threads(cell, shape):
+    """The cells' gate products (B > 1) through the kernel agree with MKL's, and give the same
+    bits on 1, 2 and 3 threads (the products split over them by columns or whole)."""
+    with switched(OPS._cpu_gemm, False):
+        mkl = cell_run(cell, *shape)
+    runs = []
+    for n in (1, 2, 3):
+        with num_threads(n), switched(OPS._cpu_gemm, True):
+            runs.append(cell_run(cell, *shape))
+    for a, b in zip(runs[0], mkl):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b), f"{cell}: the thread count changed the bits"
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", ["plain", "packed_unsorted"])
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_layers_kernel_matches_mkl_and_threads(name, variant):
+    """Two bidirectional layers whose projections and weight gradients split over the threads
+    (T*B = 320 rows): the kernel agrees with MKL and gives the same bits on 1, 2 and 3 threads."""
+    ours, _ = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32, input_size=64, hidden=64,
+                        scale=1.0)
+    inputs = make_inputs(ours, variant, torch.float32, t=10, b=32, seed=2)
+    with switched(OPS._cpu_gemm, False):
+        mkl_outs, mkl_grads, gouts = run(ours, inputs)
+    runs = []
+    for n in (1, 2, 3):
+        with num_threads(n), switched(OPS._cpu_gemm, True) as s:
+            runs.append(run(ours, inputs, gouts)[:2])
+        assert s.launches == 8  # 2 layers x 2 directions, forward and backward
+    outs, grads = runs[0]
+    for k in outs:
+        if outs[k].is_floating_point():
+            torch.testing.assert_close(outs[k], mkl_outs[k], rtol=2e-5, atol=2e-5)
+    for k in grads:
+        torch.testing.assert_close(grads[k], mkl_grads[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {k}: {m}")
+    for o, g in runs[1:]:
+        assert all(torch.equal(o[k], outs[k]) for k in outs)
+        assert all(torch.equal(g[k], grads[k]) for k in grads), "the thread count changed the bits"
+
+
+@needs_kernel
+def test_projection_threads():
+    x, w = torch.randn(300, 70), torch.randn(200, 70)
+    runs = []
+    for n in (1, 2, 3):
+        with num_threads(n):
+            runs.append(both(x, w)[0])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
