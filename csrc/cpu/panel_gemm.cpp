@@ -37,7 +37,7 @@ bool cpu_has_avx512f() {
 // Rows [0, R) of a block of A (element (r, k) at a[r * ars + k * aks]) times 64 columns of B
 // (row k at b + k * ldb: a panel, ldb = kPanel, or B's own rows) over K into c (R x 64, the
 // valid columns by the four masks), starting from c's values with accumulate.
-template <int R>
+template <int R, bool kFull>
 CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
                                 bool accumulate, float* c, int64_t ldc, const __mmask16* mask) {
   __m512 acc[R][4];
@@ -48,12 +48,18 @@ CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t ars, int64_t 
       acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
     }
   }
-  // masked loads: a partial panel of B's own rows must not read past them
+  // masked loads for a partial panel (B's own rows must not be read past their end); a full one
+  // (kFull) loads without masks, which leaves the mask registers free
   const __mmask16 m0 = mask[0], m1 = mask[1], m2 = mask[2], m3 = mask[3];
   for (int64_t k = 0; k < K; ++k) {
     const float* w = b + k * ldb;
-    const __m512 w0 = _mm512_maskz_loadu_ps(m0, w), w1 = _mm512_maskz_loadu_ps(m1, w + 16),
-                 w2 = _mm512_maskz_loadu_ps(m2, w + 32), w3 = _mm512_maskz_loadu_ps(m3, w + 48);
+    __m512 w0, w1, w2, w3;
+    if constexpr (kFull) {
+      w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+    } else {
+      w0 = _mm512_maskz_loadu_ps(m0, w), w1 = _mm512_maskz_loadu_ps(m1, w + 16), w2 = _mm512_maskz_loadu_ps(m2, w + 32),
+      w3 = _mm512_maskz_loadu_ps(m3, w + 48);
+    }
     const float* ak = a + k * aks;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -73,7 +79,9 @@ CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t ars, int64_t 
 
 using Block = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, bool, float*, int64_t,
                        const __mmask16*);
-constexpr Block kBlocks[7] = {nullptr, block<1>, block<2>, block<3>, block<4>, block<5>, block<6>};
+constexpr Block kBlocks[2][7] = {
+    {nullptr, block<1, false>, block<2, false>, block<3, false>, block<4, false>, block<5, false>, block<6, false>},
+    {nullptr, block<1, true>, block<2, true>, block<3, true>, block<4, true>, block<5, true>, block<6, true>}};
 
 // Up to this many k per pass over a column panel (a K-block: 256 x 64 floats of B, 64 KB, stay
 // in L2 while every row block of A passes over them); c carries the sums between K-blocks, so the
@@ -100,7 +108,8 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
       int64_t r0 = 0;
       for (int64_t i = 0; i < blocks; ++i) {
         const int64_t rows = (m - r0) / (blocks - i) + ((m - r0) % (blocks - i) != 0);
-        kBlocks[rows](kc, a + r0 * ars + k0 * aks, ars, aks, bq, ldb, acc, c + r0 * ldc + j0, ldc, mask);
+        kBlocks[cols >= kPanel][rows](kc, a + r0 * ars + k0 * aks, ars, aks, bq, ldb, acc, c + r0 * ldc + j0, ldc,
+                                      mask);
         r0 += rows;
       }
     }
