@@ -204,3 +204,13 @@ def test_projection_threads():
             runs.append(both(x, w)[0])
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_projection_short_row_blocks():
+    """A tall product split over so many threads that each gets fewer rows than the transposed
+    kernel takes: those blocks go to BLAS, and the values stay F.linear's."""
+    x, w = torch.randn(100, 1000), torch.randn(20, 1000) * 0.05
+    with num_threads(16):
+        (out, gx, gw), (rout, rgx, rgw) = both(x, w)
+    for a, b in ((out, rout), (gx, rgx), (gw, rgw)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)

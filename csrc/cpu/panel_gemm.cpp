@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <vector>
 
 #include "../switches.h"
+#include "blas.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include <immintrin.h>
@@ -222,10 +224,15 @@ void multiply(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, cons
 #endif
 }
 
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+bool serves(bool tb, int64_t m, int64_t n) {
+  return enabled() && !(tb && m <= n && m < kMinTransposedRows);
+}
+
+bool gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
           bool accumulate, float* c, int64_t ldc) {
 #if CONVRNN_PANEL_AVX512
-  if (m <= 0 || n <= 0 || k <= 0) return;
+  if (!serves(tb, m, n)) return false;
+  if (m <= 0 || n <= 0 || k <= 0) return true;
   // op(A)'s element (r, kk) at a[r * ars + kk * aks]
   const int64_t ars = ta ? 1 : lda, aks = ta ? lda : 1;
   if (!tb) {  // B row-major (k x n): its own rows serve as the panels' rows
@@ -250,9 +257,11 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     pack_columns(k, n, [&](int64_t j) { return b + j * ldb; }, p);
     run_blocks(m, n, k, a, ars, aks, p, kPanel, kPanel * k, accumulate, c, ldc);
   }
+  return true;
 #else
   (void)ta, (void)tb, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)b, (void)ldb, (void)accumulate, (void)c,
       (void)ldc;
+  return false;
 #endif
 }
 
@@ -287,6 +296,7 @@ bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool ac
   int64_t lda = 0, ldb = 0;
   if (!operand(a, ta, lda) || !operand(b, tb, ldb)) return false;
   const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
+  if (!serves(tb, m, n) || !cpu_blas::available(at::kFloat) || std::max({m, n, k, lda, ldb}) >= INT_MAX) return false;
   if (m == 0 || n == 0) return true;
   float* c = out.data_ptr<float>();
   if (k == 0) {
@@ -302,10 +312,14 @@ bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool ac
   const int64_t grain = m * n * k < (int64_t(1) << 21) ? units : std::max<int64_t>(1, units / at::get_num_threads());
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t lo = u0 * unit, hi = std::min(extent, u1 * unit);
-    if (by_rows) {
-      gemm(ta, tb, hi - lo, n, k, pa + (ta ? lo : lo * lda), lda, pb, ldb, accumulate, c + lo * n, n);
-    } else {
-      gemm(ta, tb, m, hi - lo, k, pa, lda, pb + (tb ? lo * ldb : lo), ldb, accumulate, c + lo, n);
+    const int64_t ms = by_rows ? hi - lo : m, ns = by_rows ? n : hi - lo;
+    const float* as = by_rows ? pa + (ta ? lo : lo * lda) : pa;
+    const float* bs = by_rows ? pb : pb + (tb ? lo * ldb : lo);
+    float* cs = by_rows ? c + lo * n : c + lo;
+    if (!gemm(ta, tb, ms, ns, k, as, lda, bs, ldb, accumulate, cs, n)) {  // a short slice of rows: BLAS's
+      const cpu_blas::Sequential sequential;
+      cpu_blas::gemm(ta, tb, int(ms), int(ns), int(k), as, int(lda), bs, int(ldb), accumulate ? 1.0f : 0.0f, cs,
+                     int(n));
     }
   });
   return true;

@@ -64,20 +64,32 @@ void pack_rows(const float* b, int64_t ld, int64_t K, int64_t N, float* dst);
 void multiply(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* packed, bool accumulate,
               float* c, int64_t ldc);
 
+// Below this many rows of C a product with B transposed (a weight's rows) goes to MKL: the
+// transposed form fills m of a panel's 64 lanes (m = 32: 49 against MKL's 91 GF/s), and packing
+// B^T would copy the weight every call.
+constexpr int64_t kMinTransposedRows = 48;
+
+// Whether gemm() runs a product of m x n with B transposed or not (enabled(), and not a short
+// product with B transposed).
+bool serves(bool tb, int64_t m, int64_t n);
+
 // c (m x n, ldc) = op(a) op(b) (+ c with accumulate), row-major, single-threaded (callers split
 // the work over their threads): op(a) (m x k) is a (k x m) transposed with ta, op(b) (k x n) b
 // (n x k) transposed with tb.  B row-major is read in place as the panels' rows; B transposed is
 // packed into panels in a per-thread buffer, or, for at most as many rows of C as columns, the
 // product runs transposed (C^T = B op(A)^T: B's rows broadcast, op(A)^T the panels, packed
-// unless ta).  Only where enabled().
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+// unless ta) into a per-thread buffer then copied to c in 16 x 16 register transposes.  Returns
+// false, computing nothing, where it does not serve (serves()): the caller then calls BLAS.
+bool gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
           bool accumulate, float* c, int64_t ldc);
 
 // out (m x n) = a (m x k) b (k x n), plus out's values with accumulate, for float CPU tensors
 // whose rows or columns have unit stride, split over the intra-op threads (blocks of 64 columns,
 // or of rows when out is tall); every element is one sum over k in order, so the bits do not
-// depend on the thread count.  Returns false, computing nothing, where it does not serve (not
-// enabled(), another dtype or device, other strides): the caller then uses at::mm.
+// depend on the thread count (but for B transposed with so many threads that a block of rows is
+// shorter than kMinTransposedRows and goes to BLAS).  Returns false, computing nothing, where it
+// does not serve (not enabled(), another dtype or device, other strides, sizes past int, a short
+// product with B transposed): the caller then uses at::mm.
 bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool accumulate);
 
 }  // namespace cpu_gemm

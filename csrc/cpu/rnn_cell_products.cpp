@@ -53,10 +53,7 @@ void run(const Gemm<T>& g) {
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_gemm::enabled()) {
-      cpu_gemm::gemm(g.ta, g.tb, g.m, g.n, g.k, g.a, g.lda, g.b, g.ldb, g.accumulate, g.c, g.ldc);
-      return;
-    }
+    if (cpu_gemm::gemm(g.ta, g.tb, g.m, g.n, g.k, g.a, g.lda, g.b, g.ldb, g.accumulate, g.c, g.ldc)) return;
   }
   cpu_blas::gemm(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb),
                  g.accumulate ? T(1) : T(0), g.c, int(g.ldc));
