@@ -175,13 +175,31 @@ void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float*
   }
 }
 
-// Per-thread buffers (grow, never shrink): 0 for packed operands, 1 for a transposed result.
-float* scratch(int which, int64_t floats) {
-  thread_local std::vector<float> buffers[2];
-  std::vector<float>& b = buffers[which];
-  if (int64_t(b.size()) < floats) b.resize(floats);
-  return b.data();
-}
+// Working memory of one product: from a per-thread buffer kept between calls up to kKeptFloats
+// (16 MiB), else allocated for the call alone (a big product's buffer is not held forever).
+class Scratch {
+ public:
+  static constexpr int64_t kKeptFloats = int64_t(4) << 20;
+
+  Scratch(int which, int64_t floats) {
+    if (floats > kKeptFloats) {
+      own_.resize(floats);
+      data_ = own_.data();
+      return;
+    }
+    thread_local std::vector<float> kept[2];
+    std::vector<float>& b = kept[which];
+    if (int64_t(b.size()) < floats) b.resize(floats);
+    data_ = b.data();
+  }
+  float* data() const {
+    return data_;
+  }
+
+ private:
+  std::vector<float> own_;
+  float* data_ = nullptr;
+};
 #endif
 
 }  // namespace
@@ -242,18 +260,21 @@ bool gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     // the panels: op(A)'s rows as they are where ta, else packed), then transposed into c: packing
     // B^T would copy the weight every call, and C^T's rows written straight into c's columns
     // measured 19% of the time in scattered copies
-    float* ct = scratch(1, n * m);
+    const Scratch result(1, n * m);
+    float* ct = result.data();
     if (accumulate) transpose(m, n, c, ldc, ct, m);
     if (ta) {
       run_blocks(n, m, k, b, ldb, 1, a, lda, kPanel, accumulate, ct, m);
     } else {
-      float* p = scratch(0, packed_floats(k, m));
+      const Scratch packed(0, packed_floats(k, m));
+      float* p = packed.data();
       pack_columns(k, m, [&](int64_t i) { return a + i * lda; }, p);
       run_blocks(n, m, k, b, ldb, 1, p, kPanel, kPanel * k, accumulate, ct, m);
     }
     transpose(n, m, ct, m, c, ldc);
   } else {  // B^T's rows packed into panels
-    float* p = scratch(0, packed_floats(k, n));
+    const Scratch packed(0, packed_floats(k, n));
+    float* p = packed.data();
     pack_columns(k, n, [&](int64_t j) { return b + j * ldb; }, p);
     run_blocks(m, n, k, a, ars, aks, p, kPanel, kPanel * k, accumulate, c, ldc);
   }
