@@ -32,7 +32,7 @@ needs_kernel = pytest.mark.skipif(not kernel_serves(), reason="the CPU has no AV
 def both(x, w, seed=3):
     """(ours, F.linear's): each (output, grad_input, grad_weight) for one random output gradient."""
     g = torch.Generator().manual_seed(seed)
-    gout = torch.randn(*x.shape[:-1], w.shape[0], generator=g, dtype=torch.float64).to(x.dtype)
+    gout = torch.randn(*x.shape[:-1], w.shape[0], generator=g, dtype=torch.float64).to(x.device, x.dtype)
     res = []
     for fn in (lambda a, b: OPS.input_projection(a, b), F.linear):
         a, b = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -59,6 +59,20 @@ def test_projection_matches_linear(shape, dtype):
     for name, a, b in (("output", out, rout), ("grad_input", gx, rgx), ("grad_weight", gw, rgw)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_projection_devices(device, dtype):
+    """The op on every device (cuBLAS through at::mm on CUDA, MKL for half types on the CPU):
+    F.linear's values in every dtype."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 4, 33, generator=gen).to(device, dtype)
+    w = (torch.randn(70, 33, generator=gen) * 0.2).to(device, dtype)
+    (out, gx, gw), (rout, rgx, rgw) = both(x, w)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in ((out, rout), (gx, rgx), (gw, rgw)):
+        assert a.device == b.device and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
 
 
 @pytest.mark.parametrize("layout", ["time_major", "batch_first_view", "column_major_weight", "sliced"])
