@@ -326,30 +326,28 @@ CONVRNN_INLINE Tensor block(const Seq&, const StepRows& all, int64_t t) {
   return all.block(t);
 }
 
+// a b: float on the CPU through cpu_gemm (split over the threads), else at::mm.
+Tensor product(const Tensor& a, const Tensor& b) {
+  if (a.is_cpu() && a.scalar_type() == at::kFloat && cpu_gemm::enabled()) {
+    Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    if (cpu_gemm::mm(a, b, out, false)) return out;
+  }
+  return at::mm(a, b);
+}
+
 // grad W_hh = sum over steps of g_t^T h_prev_t: the gate gradients of all steps (N, G*H)
 // against the states entering them (N, P), one matrix product.  Unpacked, those states are
-// the output shifted by one step plus h0, so the product needs no copy of them: the steps
-// entered from the output as one product, h0's step added (addmm).
-// Float on the CPU: cpu_gemm's products (h0's step, then the others added to it).
+// the output shifted by one step plus h0, so the product needs no copy of them: h0's step,
+// then the steps entered from the output added to it.
 Tensor grad_w_hh(const Seq& s, const Tensor& g_all, const Tensor& out, const Tensor& h_init) {
-  const bool own = g_all.is_cpu() && g_all.scalar_type() == at::kFloat && cpu_gemm::enabled();
-  if (s.packed || s.T < 2) {
-    const Tensor states = states_before(s, out, h_init);
-    if (own) {
-      Tensor gw = at::empty({g_all.size(1), states.size(1)}, g_all.options());
-      if (cpu_gemm::mm(g_all.t(), states, gw, false)) return gw;
-    }
-    return at::mm(g_all.t(), states);
-  }
+  if (s.packed || s.T < 2) return product(g_all.t(), states_before(s, out, h_init));
   const int64_t rest = s.N - s.B;
   const Tensor g_first = g_all.narrow(0, s.reverse ? rest : 0, s.B);
   const Tensor g_rest = g_all.narrow(0, s.reverse ? 0 : s.B, rest);
   const Tensor h_rest = out.narrow(0, s.reverse ? s.B : 0, rest);
-  if (own) {
-    Tensor gw = at::empty({g_all.size(1), h_init.size(1)}, g_all.options());
-    if (cpu_gemm::mm(g_first.t(), h_init, gw, false) && cpu_gemm::mm(g_rest.t(), h_rest, gw, true)) return gw;
-  }
-  return at::addmm(at::mm(g_first.t(), h_init), g_rest.t(), h_rest);
+  Tensor gw = product(g_first.t(), h_init);
+  if (!cpu_gemm::mm(g_rest.t(), h_rest, gw, true)) gw.addmm_(g_rest.t(), h_rest);
+  return gw;
 }
 
 // (N, F) as the (T, B, F) shape of an unpacked sequence.
@@ -769,15 +767,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
 // ---- a unidirectional stack, inference ----
 
 // ---- the input projection ----
-
-// a b: float on the CPU through cpu_gemm (split over the threads), else at::mm.
-Tensor product(const Tensor& a, const Tensor& b) {
-  if (a.is_cpu() && a.scalar_type() == at::kFloat && cpu_gemm::enabled()) {
-    Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-    if (cpu_gemm::mm(a, b, out, false)) return out;
-  }
-  return at::mm(a, b);
-}
 
 void check_projection(const Tensor& input, const Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "convrnn.input_projection: weight must be 2-D (gates * hidden_size, input_size), "

@@ -40,10 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
+#include "avx512.h"
 #include "conv2d.h"
 
 namespace convrnn {
@@ -181,18 +178,8 @@ CONVRNN_CPU_CLONES void dw_wgt_rows_generic(const T* __restrict x, int64_t x_ps,
 // ----------------------------------------------------------------------------------------
 // float32 AVX-512 micro-kernels.
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#ifdef CONVRNN_HAVE_AVX512  // cpu/avx512.h: CONVRNN_AVX512, cpu_has_avx512f, lane_mask, transpose16
 #define CONVRNN_CONV_AVX512 1
-#define CONVRNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
-CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
-}
 
 // PB pixels x NV vectors; `last` masks the final vector's loads and stores.
 template <int PB, int NV, int MODE>
@@ -462,44 +449,6 @@ CONVRNN_AVX512 void dw_wgt_rows_avx512(const float* x, int64_t x_ps, const int64
 #undef CONVRNN_DWW_TAIL
   }
 }
-// 16 x 16 transpose: dst row j (at dst + j*dstride) = column j of the 16 src rows; only
-// nr src rows and nc src columns are read (and nc dst rows of nr values written).
-CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride, int nr = 16,
-                                       int nc = 16) {
-  __m512 r[16], t[16];
-  const __mmask16 cm = lane_mask(nc), rm = lane_mask(nr);
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, src + i * sstride) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-#pragma GCC unroll 2
-  for (int h = 0; h < 2; ++h) {
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
-      t[8 * h + i + 4] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0xdd);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-  }
-#pragma GCC unroll 16
-  for (int j = 0; j < 16; ++j)
-    if (j < nc) _mm512_mask_storeu_ps(dst + j * dstride, rm, r[j]);
-}
-
 // Full 16 x 16 tiles of the layout copies below (the edges run the portable loops).
 CONVRNN_AVX512 void nchw_rows_to_nhwc_avx512(const float* src, float* dst, int64_t C, int64_t H, int64_t W, int64_t h0,
                                              int64_t h1, int64_t Wp, int64_t left) {

@@ -17,9 +17,7 @@
 
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
+#include "avx512.h"
 
 #include "cpu/pool_loops.h"
 #include "max_pool2d.h"
@@ -58,7 +56,7 @@ CONVRNN_CPU_CLONES void max_row_interior(const T* __restrict plane, int64_t W, i
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#ifdef CONVRNN_HAVE_AVX512  // cpu/avx512.h
 #define CONVRNN_HAVE_AVX512_S2 1
 // float, column stride 2, AVX-512: the scan above for 16 outputs at a time, with their max
 // and tap in registers across all taps instead of in memory (the long loop above loads and
@@ -92,10 +90,6 @@ __attribute__((target("avx512f"))) void max_row_interior_f32_s2_avx512(const flo
   }
 }
 
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #endif
 
 // Max (and tap) over every output column of output row oh of one plane.

@@ -4,18 +4,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <climits>
 #include <vector>
 
 #include "../switches.h"
+#include "avx512.h"
 #include "blas.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#include <immintrin.h>
+#ifdef CONVRNN_HAVE_AVX512  // cpu/avx512.h: CONVRNN_AVX512, cpu_has_avx512f, transpose16
 #define CONVRNN_PANEL_AVX512 1
-#define CONVRNN_PANEL_TARGET __attribute__((target("avx512f,fma")))
 #else
 #define CONVRNN_PANEL_AVX512 0
 #endif
@@ -32,16 +30,11 @@ std::atomic<int>& mode() {
 std::atomic<int64_t> runs{0};
 
 #if CONVRNN_PANEL_AVX512
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-
 // Rows [0, R) of a block of A (element (r, k) at a[r * ars + k * aks]) times 64 columns of B
 // (row k at b + k * ldb: a panel, ldb = kPanel, or B's own rows) over K into c (R x 64, the
 // valid columns by the four masks), starting from c's values with accumulate.
 template <int R, bool kFull>
-CONVRNN_PANEL_TARGET void block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+CONVRNN_AVX512 void block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
                                 bool accumulate, float* c, int64_t ldc, const __mmask16* mask) {
   __m512 acc[R][4];
 #pragma GCC unroll 8
@@ -154,18 +147,18 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
   const int64_t blocks = (m + 5) / 6;  // row blocks as even as possible, at most 6 rows each (32: 6 6 5 5 5 5)
   const auto rows_of = [&](int64_t i, int64_t r0) { return (m - r0) / (blocks - i) + ((m - r0) % (blocks - i) != 0); };
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  std::vector<std::array<__mmask16, 4>> masks(panels);
-  for (int64_t q = 0; q < panels; ++q) {
-    for (int v = 0; v < 4; ++v) {
-      const int64_t left = n - q * kPanel - 16 * v;
-      masks[q][v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-    }
+  // the lanes of every panel but the last are all valid
+  const __mmask16 full[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+  __mmask16 last[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = n - (panels - 1) * kPanel - 16 * v;
+    last[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
   }
   const auto run = [&](int64_t q, int64_t r0, int64_t rows, int64_t k0, int64_t kc, const float* ab, int64_t rs,
                        int64_t ks) {
     const int64_t j0 = q * kPanel;
     kBlocks[n - j0 >= kPanel][rows](kc, ab, rs, ks, b + q * panel_stride + k0 * ldb, ldb, accumulate || k0 > 0,
-                                    c + r0 * ldc + j0, ldc, masks[q].data());
+                                    c + r0 * ldc + j0, ldc, q + 1 < panels ? full : last);
   };
   if (aks == 1) {
     for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
@@ -189,59 +182,12 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
   }
 }
 
-// One 16 x 16 tile: dst (16 x 16, ldd) = src (16 x 16, lds) transposed, in registers.  (GCC 12
-// warns about the _mm512_undefined_ps inside its own unpack and shuffle intrinsics.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-CONVRNN_PANEL_TARGET void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m512 r[16], t[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
-  // 2 x 2 blocks of single floats, then of pairs, then of 128-bit quarters, then of halves
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);  // r[i]: column i of src
-}
-#pragma GCC diagnostic pop
-
-// dst (cols x rows, ldd) = src (rows x cols, lds) transposed: 16 x 16 tiles in registers, the
-// edges element by element.
-void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
-  constexpr int64_t kTile = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-    const int64_t i1 = std::min(rows, i0 + kTile);
-    for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
-      const int64_t j1 = std::min(cols, j0 + kTile);
-      if (i1 - i0 == kTile && j1 - j0 == kTile) {
-        transpose_tile(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
-        continue;
-      }
-      for (int64_t j = j0; j < j1; ++j) {
-        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
-      }
+// dst (cols x rows, ldd) = src (rows x cols, lds) transposed, in 16 x 16 register tiles.
+CONVRNN_AVX512 void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      transpose16(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, static_cast<int>(std::min<int64_t>(16, rows - i0)),
+                  static_cast<int>(std::min<int64_t>(16, cols - j0)));
     }
   }
 }

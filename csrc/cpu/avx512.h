@@ -1,0 +1,71 @@
+// The float32 AVX-512 pieces the CPU kernels share (conv2d, max_pool2d, panel_gemm): the runtime
+// CPU check, lane masks and a 16 x 16 register transpose.  Functions carrying CONVRNN_AVX512 are
+// compiled for AVX-512 whatever the build's baseline and are called only after cpu_has_avx512f().
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define CONVRNN_HAVE_AVX512 1
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define CONVRNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+
+namespace convrnn {
+
+inline bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// The first n lanes (n clamped to [0, 16]).
+CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// 16 x 16 transpose: dst row j (at dst + j*dstride) = column j of the 16 src rows; only
+// nr src rows and nc src columns are read (and nc dst rows of nr values written).  (GCC 12 warns,
+// wherever this is inlined, about the _mm512_undefined_ps inside its own unpack and shuffle
+// intrinsics.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float* dst, int64_t dstride, int nr = 16,
+                                       int nc = 16) {
+  __m512 r[16], t[16];
+  const __mmask16 cm = lane_mask(nc), rm = lane_mask(nr);
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = i < nr ? _mm512_maskz_loadu_ps(cm, src + i * sstride) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
+      t[8 * h + i + 4] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j)
+    if (j < nc) _mm512_mask_storeu_ps(dst + j * dstride, rm, r[j]);
+}
+#pragma GCC diagnostic pop
+
+}  // namespace convrnn
+#endif
