@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "once_differentiable.h"
 #include "typed_op.h"
 
 namespace convrnn {
@@ -85,6 +86,10 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("conv2d", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     // needs_input_grad counts the tensors given: index 2 exists only with a bias
     const bool bias = ctx->saved_data["bias"].toBool();
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -114,6 +119,10 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("max_pool2d", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const variable_list s = ctx->get_saved_variables();
     return input_grad(max_pool_backward_op().call(grads[0], s[0], s[1], ints(ctx, "kernel"), ints(ctx, "stride"),
                                                   ints(ctx, "padding"), ints(ctx, "dilation"),
@@ -138,6 +147,10 @@ struct AvgPool2dFunction : public torch::autograd::Function<AvgPool2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("avg_pool2d", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const variable_list s = ctx->get_saved_variables();
     const c10::IValue& div = ctx->saved_data["divisor_override"];
     return input_grad(avg_pool_backward_op().call(grads[0], s[0], ints(ctx, "kernel"), ints(ctx, "stride"),
@@ -164,6 +177,10 @@ struct LrnFunction : public torch::autograd::Function<LrnFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("local_response_norm", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const variable_list s = ctx->get_saved_variables();
     return input_grad(lrn_backward_op().call(grads[0], s[0], ctx->saved_data["size"].toInt(),
                                              ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),

@@ -16,6 +16,7 @@
 
 #include <array>
 
+#include "once_differentiable.h"
 #include "typed_op.h"
 
 namespace convrnn {
@@ -91,6 +92,10 @@ struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("lstm_cell", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     if (!grads[0].defined() && !grads[1].defined()) return variable_list(7);
     const auto mask = grad_mask<7>(ctx, ctx->saved_data["bias"].toBool());
     const variable_list s = ctx->get_saved_variables();
@@ -117,6 +122,10 @@ struct GruCellFunction : public torch::autograd::Function<GruCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("gru_cell", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     if (!grads[0].defined()) return variable_list(7);
     const auto mask = grad_mask<6>(ctx, ctx->saved_data["bias"].toBool());
     const variable_list s = ctx->get_saved_variables();
@@ -141,6 +150,10 @@ struct RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return once_differentiable("rnn_cell", [&] { return gradients(ctx, grads); });
+  }
+
+  static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
     const auto mask = grad_mask<6>(ctx, ctx->saved_data["bias"].toBool());
     const variable_list s = ctx->get_saved_variables();
     return masked(rnn_backward_op()

@@ -1,4 +1,6 @@
 """Helpers shared by the fake kernels of every op."""
+import functools
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -68,6 +70,48 @@ def call(op, *args):
         return op(*args)
 
 
+# ---- backward formulas are differentiable once ----
+#
+# The backward ops (convrnn::*_backward) have no derivative of their own.  Under create_graph a
+# backward's results would then be constants to a second backward: torch's fallback for such ops
+# only warns, so gradient penalties, Hessian-vector products and MAML got second-order gradients
+# that were silently None or zero.  As torch.autograd.function.once_differentiable does, the
+# results pass through a DelayedError node instead, and differentiating them raises an error that
+# names the op.  The C++ nodes of the eager route do the same (csrc/once_differentiable.h).
+
+def double_backward_message(op_name):
+    return (f"convrnn::{op_name}: double backward is not supported (the gradient of its backward, "
+            "asked for through create_graph=True, is not implemented)")
+
+
+def _plain(t):
+    return t is None or type(t) in _PLAIN
+
+
+def once_differentiable(op_name, backward):
+    """backward (ctx, *grads) -> gradients, run without recording; under create_graph (grad mode on
+    in the backward) its tensors come out with an error node as their grad_fn.  Traced or
+    transformed backwards (torch.compile, functorch, tensor subclasses) are left as they are."""
+    message = double_backward_message(op_name).encode()
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or _is_compiling() or _is_tracing() or _functorch_active():
+            return outputs
+        single = not isinstance(outputs, tuple)
+        outs = (outputs,) if single else outputs
+        if not all(_plain(t) for t in outs if isinstance(t, torch.Tensor) or t is None):
+            return outputs
+        fake = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in outs]
+        wrapped = torch._C._functions.DelayedError(message, len(fake))(*fake)
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        return wrapped[0] if single else wrapped
+
+    return wrapper
+
+
 class OpFunction(torch.autograd.Function):
     """Base of every op's torch.autograd.Function.  A subclass names its op
     (`op_name = "max_pool2d"`) and defines two static methods:
@@ -98,4 +142,5 @@ class OpFunction(torch.autograd.Function):
             return output
 
         cls.forward = staticmethod(forward)
+        cls.backward = staticmethod(once_differentiable(cls.op_name, cls.backward))
         torch.library.register_autograd(f"convrnn::{cls.op_name}", cls.backward, setup_context=save)

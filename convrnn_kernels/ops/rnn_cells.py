@@ -12,7 +12,7 @@ The fused pointwise ops (convrnn::*_cell_fused) are what the sequence layers cal
 import torch
 
 from .. import _C
-from ._common import OpFunction, call
+from ._common import OpFunction, call, once_differentiable
 
 OPS = torch.ops.convrnn
 _LSTM, _GRU, _RNN = OPS.lstm_cell.default, OPS.gru_cell.default, OPS.rnn_cell.default
@@ -261,4 +261,4 @@ def _rnn_fused_backward(ctx, grad_hy):
 for _name, _setup, _backward in (("lstm_cell_fused", _lstm_fused_setup, _lstm_fused_backward),
                                  ("gru_cell_fused", _gru_fused_setup, _gru_fused_backward),
                                  ("rnn_cell_fused", _rnn_fused_setup, _rnn_fused_backward)):
-    torch.library.register_autograd(f"convrnn::{_name}", _backward, setup_context=_setup)
+    torch.library.register_autograd(f"convrnn::{_name}", once_differentiable(_name, _backward), setup_context=_setup)
