@@ -14,6 +14,13 @@ ck = import_ck("conv2d", "lstm_cell")
 OPS = torch.ops.convrnn
 
 
+# one id per entry of _cases, in its order: the route (eager functional, torch.ops, module) and op
+CASE_IDS = ["conv2d", "ops.conv2d", "max_pool2d", "ops.max_pool2d", "avg_pool2d", "ops.avg_pool2d",
+            "local_response_norm", "ops.local_response_norm", "lstm_cell", "ops.lstm_cell", "gru_cell",
+            "rnn_tanh_cell", "ops.rnn_cell", "ops.rnn_cell_fused", "nn.LSTM-h0", "nn.GRU-h0", "nn.RNN-h0",
+            "nn.LSTM-input"]
+
+
 def _cases(device):
     """(op named in the error, call, inputs): each call's first output is differentiated."""
     g = torch.Generator().manual_seed(0)
@@ -47,13 +54,19 @@ def _cases(device):
     ]
 
 
+def _case(device, i):
+    cases = _cases(device)
+    assert len(cases) == len(CASE_IDS)
+    return cases[i]
+
+
 def _leaves(inputs):
     return [t.detach().clone().requires_grad_() for t in inputs]
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_double_backward_raises_naming_the_op(device, case):
-    name, fn, inputs = _cases(device)[case]
+    name, fn, inputs = _case(device, case)
     leaves = _leaves(inputs)
     out = fn(*leaves)
     grads = torch.autograd.grad(out.sum(), leaves, create_graph=True, allow_unused=True)
@@ -63,9 +76,9 @@ def test_double_backward_raises_naming_the_op(device, case):
         penalty.backward()
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_create_graph_first_order_gradients_unchanged(device, case):
-    _, fn, inputs = _cases(device)[case]
+    _, fn, inputs = _case(device, case)
     a, b = _leaves(inputs), _leaves(inputs)
     ga = torch.autograd.grad(fn(*a).sum(), a, create_graph=True, allow_unused=True)
     gb = torch.autograd.grad(fn(*b).sum(), b, allow_unused=True)

@@ -84,10 +84,6 @@ def double_backward_message(op_name):
             "asked for through create_graph=True, is not implemented)")
 
 
-def _plain(t):
-    return t is None or type(t) in _PLAIN
-
-
 def once_differentiable(op_name, backward):
     """backward (ctx, *grads) -> gradients, run without recording; under create_graph (grad mode on
     in the backward) its tensors come out with an error node as their grad_fn.  Traced or
@@ -102,7 +98,7 @@ def once_differentiable(op_name, backward):
             return outputs
         single = not isinstance(outputs, tuple)
         outs = (outputs,) if single else outputs
-        if not all(_plain(t) for t in outs if isinstance(t, torch.Tensor) or t is None):
+        if not all(type(t) in _PLAIN for t in outs if isinstance(t, torch.Tensor)):
             return outputs
         fake = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in outs]
         wrapped = torch._C._functions.DelayedError(message, len(fake))(*fake)
