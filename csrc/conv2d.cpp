@@ -86,11 +86,24 @@ std::atomic<int64_t>& conv_r3_launches() {
   return n;
 }
 
+std::atomic<int>& conv_dw_vec_mode() {
+  static std::atomic<int> mode(env_mode("CONVRNN_DW_VEC", 1));
+  return mode;
+}
+
+std::atomic<int64_t>& conv_dw_vec_launches() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 }  // namespace convrnn
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   m.def("_conv2d_r3(int mode=-1) -> (int, int)", [](int64_t mode) {
     return convrnn::switch_op("_conv2d_r3", convrnn::conv_r3_mode(), convrnn::conv_r3_launches(), mode, 1);
+  });
+  m.def("_conv2d_dw_vec(int mode=-1) -> (int, int)", [](int64_t mode) {
+    return convrnn::switch_op("_conv2d_dw_vec", convrnn::conv_dw_vec_mode(), convrnn::conv_dw_vec_launches(), mode, 1);
   });
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> Tensor");

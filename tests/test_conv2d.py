@@ -502,6 +502,81 @@ def test_cuda_r3_same_bits(cfg, channels_last):
         assert_conv_close(a, t, f"{name} vs torch")
 
 
+# Depthwise channels_last layers that round 4's vector kernel takes (Kg = 1, C % 4 == 0, square
+# 3x3 or 5x5, column stride and dilation 1; csrc/cuda/conv2d_depthwise.cu: vec_plan): rows of
+# stride 2 and dilation 2, padding, a width that leaves a partial strip of 4 outputs, no bias.
+DW_VEC_CONFIGS = [
+    ((2, 32, 23, 18), (32, 1, 3, 3), 1, 1, 1, 32, True),
+    ((2, 12, 17, 9), (12, 1, 5, 5), 1, 2, 1, 12, True),
+    ((3, 8, 15, 14), (8, 1, 3, 3), (2, 1), (1, 0), (2, 1), 8, False),
+    ((1, 16, 9, 7), (16, 1, 5, 5), 1, (2, 1), 1, 16, True),
+]
+
+
+def dw_vec(on):
+    """conv2d CUDA round 4 (the depthwise channels_last vector kernel) on or off; .launches
+    counts its launches."""
+    return switched(torch.ops.convrnn._conv2d_dw_vec, on)
+
+
+def test_dw_vec_switch_op():
+    """The round-4 switch answers (mode, launches), restores, and names itself on a bad mode."""
+    before, _ = torch.ops.convrnn._conv2d_dw_vec()
+    assert before in (0, 1)
+    with dw_vec(False):
+        assert torch.ops.convrnn._conv2d_dw_vec()[0] == 0
+    assert torch.ops.convrnn._conv2d_dw_vec()[0] == before
+    with pytest.raises(RuntimeError, match="_conv2d_dw_vec: mode must be"):
+        torch.ops.convrnn._conv2d_dw_vec(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("cfg", DW_VEC_CONFIGS, ids=cfg_id)
+def test_cuda_dw_vec_same_bits(cfg, dtype):
+    """The vector kernel gives the tile kernel's values and (stride 1, channels_last
+    grad_output) input gradient bit for bit, takes its path in both, and agrees with torch;
+    with an NCHW grad_output the backward data falls back to the tile."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x, w, b, kw = make_args(cfg, dtype, "cuda", channels_last=True)
+    stride1 = kw["stride"] == 1
+    with torch.no_grad():
+        shape = ck.conv2d(x, w, b, **kw).shape
+    gout = make_input(shape, dtype, "cuda", channels_last=True, seed=5)
+    with dw_vec(False) as off:
+        old = conv_grads(ck.conv2d, x, w, b, kw, gout)
+    with dw_vec(True) as on:
+        new = conv_grads(ck.conv2d, x, w, b, kw, gout)
+    assert off.launches == 0 and on.launches == (2 if stride1 else 1), (off.launches, on.launches)
+    for name, a, c in zip(("values", "grad input", "grad weight", "grad bias"), new[:4], old[:4]):
+        assert (a is None and c is None) or torch.equal(a, c), f"{name}: the vector kernel changed the result"
+    assert new[0].is_contiguous(memory_format=torch.channels_last)
+    with dw_vec(True) as on:
+        check_against_torch(x, w, b, kw, f"{cfg} {dtype}")
+        conv_grads(ck.conv2d, x, w, b, kw, gout.contiguous())
+    assert on.launches == 2, on.launches  # both forwards; neither NCHW-grad backward
+
+
+def test_cuda_dw_vec_declines_misaligned_input():
+    """An input view one channel-vector lane off the 16-byte alignment runs the tile kernel,
+    with the same results."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = DW_VEC_CONFIGS[0]
+    x, w, b, kw = make_args(cfg, torch.float32, "cuda", channels_last=True)
+    n, c, h, wd = x.shape
+    flat = torch.empty(x.numel() + 1, device="cuda")
+    shifted = flat[1:].view(n, h, wd, c).permute(0, 3, 1, 2)
+    shifted.copy_(x)
+    with dw_vec(True) as on:
+        out = ck.conv2d(shifted, w, b, **kw)
+    assert on.launches == 0
+    with dw_vec(True) as on:
+        ref = ck.conv2d(x, w, b, **kw)
+    assert on.launches == 1
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("cfg", R3_CONFIGS[4:8], ids=cfg_id)
 def test_cuda_small_c_backward_data(cfg, dtype):

@@ -116,6 +116,63 @@ void launch_tile(bool cl, int rows, int64_t blocks, const T* src, const T* w, co
   if (rows == (cl ? kClRowsR3 : kTileRowsR3)) ++conv_r3_launches();
 }
 
+// The vector kernel's plan (dw_vec_cl_kernel) for an output (OH, OW, OC channels) over a source
+// plane (SH, SW) read through `src`'s strides, or false where it does not apply: round 4 off,
+// not channels_last, Kg > 1, a window other than square 3x3 or 5x5, column stride or dilation
+// other than 1, C not a multiple of the vector, a channel stride other than 1, a pointer or
+// stride off the vector's alignment, an output that is not channels_last contiguous, or
+// plane sizes beyond the kernel's 32-bit fields.
+bool vec_plan(const Conv2d& g, const Tensor& src, const Tensor& out, int64_t OC, int64_t OH, int64_t OW, int64_t SH,
+              int64_t SW, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dw, DwTile& t) {
+  if (conv_dw_vec_mode().load() == 0 || !g.channels_last() || g.Kg != 1 || g.R != g.S || (g.R != 3 && g.R != 5) ||
+      sw != 1 || dw != 1) {
+    return false;
+  }
+  const int64_t L = src.element_size() >= 8 ? 2 : 4, bytes = L * src.element_size();
+  if (OC % L != 0 || src.stride(1) != 1) return false;
+  for (const int d : {0, 2, 3}) {
+    if (src.stride(d) < 0 || src.stride(d) % L != 0) return false;
+  }
+  if (reinterpret_cast<uintptr_t>(src.const_data_ptr()) % bytes != 0 ||
+      reinterpret_cast<uintptr_t>(out.const_data_ptr()) % bytes != 0) {
+    return false;
+  }
+  if (!out.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  if (src.stride(2) >= kI32 || src.stride(3) >= kI32 || OC >= kI32 / 4 || OH >= kI32 / 4 || OW >= kI32 / 4 ||
+      SH >= kI32 / 4 || SW >= kI32 / 4 || sh >= kI32 / 4 || g.dh >= kI32 / 4 || ph <= -kI32 / 4 || ph >= kI32 / 4 ||
+      pw <= -kI32 / 4 || pw >= kI32 / 4 || OH * sh >= kI32 / 4 || g.R * g.dh >= kI32 / 4) {
+    return false;
+  }
+  t = DwTile{static_cast<int>(OH), static_cast<int>(OW), static_cast<int>(SH), static_cast<int>(SW),
+             static_cast<int>(g.R), static_cast<int>(g.S), static_cast<int>(sh), 1, static_cast<int>(ph),
+             static_cast<int>(pw), static_cast<int>(g.dh), 1, 0, 0, 0, 0, static_cast<int>(OC), 1, src.stride(0),
+             src.stride(1), static_cast<int>(src.stride(2)), static_cast<int>(src.stride(3))};
+  return true;
+}
+
+constexpr int kVecOutputs = 4;  // QN: outputs along a row a thread
+
+// Launches the vector kernel of a plan (vec_plan) over N images.
+template <typename T, bool FLIP>
+void launch_vec(int64_t N, const T* src, const T* w, const T* b, T* out, const DwTile& t, cudaStream_t stream) {
+  const int64_t items = N * t.OH * ((t.OW + kVecOutputs - 1) / kVecOutputs) * (t.OC / vec_lanes<T>());
+  if (items == 0) return;
+  with_index_type(items, [&](auto index_zero) {
+    using index_t = decltype(index_zero);
+    const unsigned blocks = static_cast<unsigned>(
+        std::max<int64_t>(1, std::min<int64_t>((items + kVecThreads - 1) / kVecThreads, kMaxBlocks)));
+    if (t.R == 3) {
+      dw_vec_cl_kernel<T, FLIP, 3, kVecOutputs, index_t>
+          <<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, static_cast<index_t>(items));
+    } else {
+      dw_vec_cl_kernel<T, FLIP, 5, kVecOutputs, index_t>
+          <<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, static_cast<index_t>(items));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  ++conv_dw_vec_launches();
+}
+
 }  // namespace
 
 void depthwise_forward_cuda(const Conv2d& g, const Tensor& input, const Tensor& weight, const Tensor& bias, Tensor& out,
@@ -126,9 +183,16 @@ void depthwise_forward_cuda(const Conv2d& g, const Tensor& input, const Tensor& 
   int64_t tile_blocks = 0;
   int rows = 0;
   const bool cl = g.channels_last();
-  const bool tiled = tile_plan(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks, rows);
+  DwTile tv;
+  const bool vec = vec_plan(g, input, out, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, g.dw, tv);
+  const bool tiled = !vec && tile_plan(g, input, g.K, g.P, g.Q, g.H, g.W, g.sh, g.sw, g.ph, g.pw, t, tile_blocks, rows);
   CONVRNN_DISPATCH_FLOATING(input.scalar_type(), "convrnn.conv2d", [&] {
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    if (vec) {
+      launch_vec<scalar_t, false>(g.N, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), b,
+                                  out.mutable_data_ptr<scalar_t>(), tv, stream);
+      return;
+    }
     if (tiled) {
       launch_tile<scalar_t, false>(cl, rows, tile_blocks, input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                    b, out.mutable_data_ptr<scalar_t>(), t, stream);
@@ -159,10 +223,19 @@ void depthwise_backward_data_cuda(const Conv2d& g, const Tensor& grad_output, co
   int64_t tile_blocks = 0;
   int rows = 0;
   const bool cl = g.channels_last();
-  const bool tiled = g.sh == 1 && g.sw == 1 &&
+  DwTile tv;
+  const bool vec = g.sh == 1 && g.sw == 1 &&
+                   vec_plan(g, grad_output, grad_input, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
+                            (g.S - 1) * g.dw - g.pw, g.dw, tv);
+  const bool tiled = !vec && g.sh == 1 && g.sw == 1 &&
                      tile_plan(g, grad_output, g.K / g.Kg, g.H, g.W, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph,
                                (g.S - 1) * g.dw - g.pw, t, tile_blocks, rows);
   CONVRNN_DISPATCH_FLOATING(grad_output.scalar_type(), "convrnn.conv2d_backward", [&] {
+    if (vec) {
+      launch_vec<scalar_t, true>(g.N, grad_output.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), nullptr,
+                                 grad_input.mutable_data_ptr<scalar_t>(), tv, stream);
+      return;
+    }
     if (tiled) {
       launch_tile<scalar_t, true>(cl, rows, tile_blocks, grad_output.const_data_ptr<scalar_t>(),
                                   w.const_data_ptr<scalar_t>(), nullptr, grad_input.mutable_data_ptr<scalar_t>(), t,

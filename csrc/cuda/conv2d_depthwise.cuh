@@ -251,6 +251,99 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
+// channels_last vector kernel (round 4): no shared memory, no barrier.  One thread computes
+// QN adjacent outputs along a row (q0 .. q0 + QN - 1) for L adjacent channels (one 8- or
+// 16-byte vector: float32 and half types L = 4, float64 L = 2), reading each of the KS source
+// rows' QN + KS - 1 columns once as L-wide vectors (the columns shared by the QN outputs
+// are loaded once, the rows shared with the neighbouring output rows come from L1/L2), and
+// writes QN L-wide stores.  Threads in the output's memory order (channel vectors fastest,
+// then strips of QN columns, rows, images), so a warp's loads and stores are contiguous runs
+// of a row's channels.  For a square KS x KS window, column stride 1 and column dilation 1
+// (any row stride, row dilation and padding), Kg == 1, C % L == 0, the source's channels
+// contiguous and every pointer and stride a multiple of the vector: the launcher checks
+// (conv2d_depthwise.cu: vec_plan).  Forward and stride-1 backward data (FLIP) as the tile
+// kernels, with each output's sum over the same taps in the same order (bias first, then
+// (r, s) row-major; taps outside the image: zero terms in columns, skipped rows), so the
+// results are the tile kernels' bit for bit (a zero's sign aside).
+constexpr int kVecThreads = 256;
+
+template <typename T>
+constexpr int vec_lanes() {
+  return sizeof(T) >= 8 ? 2 : 4;
+}
+
+template <typename T, int L>
+struct alignas(sizeof(T) * L) DwVec {
+  T v[L];
+};
+
+template <typename T, bool FLIP, int KS, int QN, typename index_t>
+__global__ void __launch_bounds__(kVecThreads)
+    dw_vec_cl_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias,
+                     T* __restrict__ out, DwTile t, index_t items) {
+  using A = acc_t<T>;
+  constexpr int L = vec_lanes<T>(), NC = QN + KS - 1, RS = KS * KS;
+  using V = DwVec<T, L>;
+  const index_t cv = static_cast<index_t>(t.OC / L), strips = static_cast<index_t>((t.OW + QN - 1) / QN);
+  CONVRNN_GRID_STRIDE(index_t, e, items) {
+    index_t rest = e;
+    const index_t c4 = rest % cv;
+    rest /= cv;
+    const index_t qs = rest % strips;
+    rest /= strips;
+    const index_t p = rest % static_cast<index_t>(t.OH);
+    const index_t n = rest / static_cast<index_t>(t.OH);
+    const int c = static_cast<int>(c4) * L, q0 = static_cast<int>(qs) * QN;
+    const int h0 = static_cast<int>(p) * t.sh - t.ph, w0 = q0 - t.pw;
+    A acc[QN][L];
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+      const A b0 = (!FLIP && bias != nullptr) ? static_cast<A>(bias[c + l]) : A(0);
+#pragma unroll
+      for (int i = 0; i < QN; ++i) acc[i][l] = b0;
+    }
+    const T* sp = src + static_cast<int64_t>(n) * t.ss_n + c;
+#pragma unroll
+    for (int r = 0; r < KS; ++r) {
+      const int h = h0 + r * t.dh;
+      if (h < 0 || h >= t.SH) continue;
+      const T* row = sp + static_cast<int64_t>(h) * t.ss_h;
+      V x[NC];
+#pragma unroll
+      for (int j = 0; j < NC; ++j) {
+        const int col = w0 + j;
+        if (col >= 0 && col < t.SW) {
+          x[j] = *reinterpret_cast<const V*>(row + static_cast<int64_t>(col) * t.ss_w);
+        } else {
+#pragma unroll
+          for (int l = 0; l < L; ++l) x[j].v[l] = T(0);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < KS; ++s) {
+        const int tap = r * KS + s;
+        A wv[L];
+#pragma unroll
+        for (int l = 0; l < L; ++l) wv[l] = static_cast<A>(w[static_cast<int64_t>(c + l) * RS + (FLIP ? RS - 1 - tap : tap)]);
+#pragma unroll
+        for (int i = 0; i < QN; ++i) {
+#pragma unroll
+          for (int l = 0; l < L; ++l) acc[i][l] += static_cast<A>(x[i + s].v[l]) * wv[l];
+        }
+      }
+    }
+    T* op = out + ((static_cast<int64_t>(n) * t.OH + p) * t.OW + q0) * t.OC + c;
+#pragma unroll
+    for (int i = 0; i < QN; ++i) {
+      if (q0 + i >= t.OW) break;
+      V o;
+#pragma unroll
+      for (int l = 0; l < L; ++l) o.v[l] = static_cast<T>(acc[i][l]);
+      *reinterpret_cast<V*>(op + static_cast<int64_t>(i) * t.OC) = o;
+    }
+  }
+}
+
 // Strides of both operands of the weight gradient.
 struct DwGradGeom {
   DwGeom x;  // input strides in x.xs_*

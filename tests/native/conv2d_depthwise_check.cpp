@@ -6,6 +6,8 @@
 // launcher (conv2d_depthwise.cu: tile_plan) can pick, round 2's and round 3's, must match the
 // reference and give the same bits as the others (each output's sum has one order whatever
 // the tile).  The launch parameters are built here as tile_params / cl_tile_params build them.
+// Round 4's channels_last vector kernel (dw_vec_cl_kernel, no shared memory) where its plan
+// applies: the reference, and the tile kernels' bits.
 // Prints the checks and "0 fails" when everything matched (tests/test_native.py).
 #include <cmath>
 #include <cstdio>
@@ -24,7 +26,7 @@ namespace {
 
 std::mt19937 rng(1);
 int rnd(int a, int b) { return std::uniform_int_distribution<int>(a, b)(rng); }
-int checks = 0, fails = 0;
+int checks = 0, fails = 0, vec_runs = 0;
 double tile_tol = 1e-5;  // relative; looser for the random (inexact) data
 
 struct Geo {
@@ -192,6 +194,51 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
   return nchw;
 }
 
+// One launch of round 4's channels_last vector kernel (dw_vec_cl_kernel) with the parameters
+// conv2d_depthwise.cu's vec_plan builds; the output NCHW-indexed, or empty where the plan does
+// not apply (Kg > 1, a window other than 3x3 or 5x5, column stride or dilation > 1, C % 4).
+template <bool FLIP>
+std::vector<float> run_vec(const Geo& g, const Data& d) {
+  constexpr int QN = 4, L = vec_lanes<float>();
+  const int OC = FLIP ? g.C : g.K, OH = FLIP ? g.H : g.P, OW = FLIP ? g.W : g.Q;
+  const int SC = FLIP ? g.K : g.C, SH = FLIP ? g.P : g.H, SW = FLIP ? g.Q : g.W;
+  const int sh = FLIP ? 1 : g.sh, sw = FLIP ? 1 : g.sw;
+  const int ph = FLIP ? (g.R - 1) * g.dh - g.ph : g.ph, pw = FLIP ? (g.S - 1) * g.dw - g.pw : g.pw;
+  if (g.Kg != 1 || g.R != g.S || (g.R != 3 && g.R != 5) || sw != 1 || g.dw != 1 || OC % L != 0) return {};
+  const std::vector<float> src = laid_out<float>(FLIP ? d.go : d.x, g.N, SC, SH, SW, true);
+  const Strides ss = dense_strides(SC, SH, SW, true);
+  const DwTile t{OH, OW, SH, SW, g.R, g.S, sh, 1, ph, pw, g.dh, 1, 0, 0, 0, 0, OC, 1,
+                 ss.n, ss.c, static_cast<int>(ss.h), static_cast<int>(ss.w)};
+  std::vector<float> w(d.w.begin(), d.w.end()), b(d.b.begin(), d.b.end());
+  std::vector<float> out(size_t(g.N) * OC * OH * OW, 12345.0f);
+  const float* bias = FLIP ? nullptr : b.data();
+  const int items = g.N * OH * ((OW + QN - 1) / QN) * (OC / L);
+  // a grid of at most 3 blocks, so that the grid-stride loop takes several turns
+  const int64_t blocks = std::min(3, (items + kVecThreads - 1) / kVecThreads);
+  emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile, int>(
+      g.R == 3 ? dw_vec_cl_kernel<float, FLIP, 3, QN, int> : dw_vec_cl_kernel<float, FLIP, 5, QN, int>, blocks,
+      kVecThreads, src.data(), w.data(), bias, out.data(), t, items);
+  std::vector<float> nchw(out.size());
+  for (int n = 0; n < g.N; ++n)
+    for (int c = 0; c < OC; ++c)
+      for (int h = 0; h < OH; ++h)
+        for (int x = 0; x < OW; ++x) {
+          nchw[((size_t(n) * OC + c) * OH + h) * OW + x] = out[((size_t(n) * OH + h) * OW + x) * OC + c];
+        }
+  const std::vector<double>& ref = FLIP ? d.gx : d.y;
+  ++checks;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!(std::fabs(nchw[i] - ref[i]) <= tile_tol * (1 + std::fabs(ref[i])))) {
+      std::printf("FAIL %s at %zu: got %g want %g\n", describe(FLIP ? "vec dgrad" : "vec fwd", g, true, 0).c_str(),
+                  i, nchw[i], ref[i]);
+      ++fails;
+      break;
+    }
+  }
+  ++vec_runs;
+  return nchw;
+}
+
 template <bool FLIP>
 void both_heights(const Geo& g, const Data& d, bool cl) {
   const std::vector<float> r2 = run<FLIP>(g, d, cl, cl ? 1 : kTileRows);
@@ -200,6 +247,17 @@ void both_heights(const Geo& g, const Data& d, bool cl) {
     ++checks;
     if (std::memcmp(r2.data(), r3.data(), r2.size() * sizeof(float)) != 0) {
       std::printf("FAIL %s: round 3's tile differs in bits from round 2's\n",
+                  describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
+      ++fails;
+    }
+  }
+  if (!cl) return;
+  const std::vector<float> r4 = run_vec<FLIP>(g, d);
+  const std::vector<float>& tile = r2.empty() ? r3 : r2;
+  if (!r4.empty() && !tile.empty()) {
+    ++checks;
+    if (std::memcmp(r4.data(), tile.data(), r4.size() * sizeof(float)) != 0) {
+      std::printf("FAIL %s: the vector kernel differs in bits from the tile\n",
                   describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
       ++fails;
     }
@@ -328,7 +386,20 @@ int main(int argc, char** argv) {
       s.S = rnd(1, 3);
     } while (!make_geo_dims(s));
     check_wgrad(s, make_data(s, exact), exact);
+    // A layer that round 4's channels_last vector kernel takes: Kg = 1, C % 4 == 0, a square
+    // 3x3 or 5x5 window, column stride and dilation 1 (rows: any stride, dilation, padding).
+    Geo v;
+    do {
+      make_geo(v);
+      v.Kg = 1;
+      v.C = v.K = 4 * rnd(1, 10);
+      v.R = v.S = rnd(0, 2) ? 3 : 5;
+      v.sw = v.dw = 1;
+    } while (!make_geo_dims(v));
+    const Data dv = make_data(v, exact);
+    both_heights<false>(v, dv, true);
+    if (v.sh == 1) both_heights<true>(v, dv, true);
   }
-  std::printf("%d checks, %d fails\n", checks, fails);
+  std::printf("%d checks (%d of the vector kernel), %d fails\n", checks, vec_runs, fails);
   return fails != 0;
 }
