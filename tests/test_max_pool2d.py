@@ -364,3 +364,33 @@ def test_wide_rows_match_torch(device, hw, k, s, p, d, ceil, kind):
     assert_close(out, eout, "values")
     gout = torch.randn(out.shape, generator=g).to(device)
     assert_close(torch.autograd.grad(out, x, gout)[0], torch.autograd.grad(eout, x, gout)[0])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape,ceil", [((2, 3, 10, 24), False), ((1, 2, 7, 16), False), ((1, 2, 7, 16), True),
+                                        ((2, 2, 6, 20), False)], ids=["rows", "odd-h", "odd-h-ceil", "w%8"])
+def test_2x2_stride2_forms(device, dtype, shape, ceil):
+    """2x2/2 NCHW pools in their three forward forms (values only, values and indices, the
+    training forward that saves the argmax) on rows that CUDA round 4 reads by 16-byte pieces
+    (W % 8 == 0, every window inside; odd H with ceil_mode and W = 20 are declined): ties, NaN
+    and -inf included, values and indices exact against torch, gradients too."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-3, 3, shape, generator=g).to(torch.float64)
+    x[torch.rand(shape, generator=g) < 0.05] = float("nan")
+    # -inf in odd rows only: no window is all -inf (whose index torch's CUDA kernel picks
+    # differently from its CPU one)
+    odd = x[..., 1::2, :]
+    odd[torch.rand(odd.shape, generator=g) < 0.1] = -float("inf")
+    x = x.to(dtype).to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.max_pool2d(x, 2, 2, ceil_mode=ceil), F.max_pool2d(x, 2, 2, ceil_mode=ceil),
+                                   rtol=0, atol=0, equal_nan=True)
+        out, idx = ck.max_pool2d(x, 2, 2, ceil_mode=ceil, return_indices=True)
+        eout, eidx = F.max_pool2d(x, 2, 2, ceil_mode=ceil, return_indices=True)
+    torch.testing.assert_close(out, eout, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(idx, eidx)
+    xg = x.clone().requires_grad_()
+    gout = torch.randn(out.shape, generator=g).to(dtype).to(device)
+    ours = torch.autograd.grad(ck.max_pool2d(xg, 2, 2, ceil_mode=ceil), xg, gout)[0]
+    theirs = torch.autograd.grad(F.max_pool2d(xg, 2, 2, ceil_mode=ceil), xg, gout)[0]
+    assert torch.equal(ours, theirs)

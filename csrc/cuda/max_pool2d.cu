@@ -241,6 +241,65 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Round 4's NCHW forward for 2x2 windows with stride 2, no padding, dilation 1, every window
+// inside the image and W % 8 == 0 (VGG's 2x2/2 pools): an item is the four outputs
+// (oh, 4q .. 4q + 3) of a row, read by load_row4_item as 16-byte row pieces (2 rows of 8
+// columns), V items a thread, all loaded before any is scanned; each output is scanned by
+// max_loaded_window (the unrolled kernel's scan: the same values, argmax and indices), and
+// the four values (and argmax bytes) stored by one vector store each (OW % 4 == 0, y and
+// taps aligned: the launcher checks).
+template <int V, typename T, typename index_t, typename tap_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_row4_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
+                        tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> row4_div, index_t total) {
+  const index_t chunk = static_cast<index_t>(kThreads) * V;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * chunk; base < total;
+       base += static_cast<index_t>(gridDim.x) * chunk) {
+    T r[V][2][kRow4Cols];
+    index_t o0[V], hstart[V], wstart[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e < total) o0[j] = load_row4_item<T, index_t>(x, d, row4_div, e, hstart[j], wstart[j], r[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const index_t e = base + j * kThreads + static_cast<index_t>(threadIdx.x);
+      if (e >= total) continue;
+      Lanes<T, 4> out;
+      Lanes<tap_t, 4> out_tap;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        T v[4];
+        row4_window<T>(r[j], l, v);
+        acc_t<T> best;
+        index_t tap;
+        max_loaded_window<2, 2, T, index_t>(v, index_t(0), best, tap);
+        out.v[l] = static_cast<T>(best);
+        out_tap.v[l] = static_cast<tap_t>(tap);
+        if (indices != nullptr) {
+          indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, 2, 1, 1, d.W);
+        }
+      }
+      *reinterpret_cast<Lanes<T, 4>*>(y + o0[j]) = out;
+      if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 4>*>(taps + o0[j]) = out_tap;
+    }
+  }
+}
+
+// Items a thread of forward_row4_kernel: 2 (float32: 8 loads of 16 bytes in flight, half types 4).
+constexpr int kRow4Items = 2;
+
+// Round 4's forward_row4_kernel is on unless CONVRNN_MAXPOOL_R4=0 (then the unrolled kernel
+// runs), so that one GPU session can time both.  Read once.
+bool row4_forward_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("CONVRNN_MAXPOOL_R4");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 // Round 3's forward_quad_kernel is on unless CONVRNN_MAXPOOL_R3=0 (then round 2's
 // forward_pair_kernel runs), so that one GPU session can time both.  Read once.
 bool quad_forward_enabled() {
@@ -358,7 +417,21 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
                 quad = true;
               }
             }
-            if (quad) {
+            // Round 4 (2x2/2 NCHW, every window inside, W % 8 == 0: 16-byte row pieces).
+            bool row4 = false;
+            if constexpr (!CL && sizeof(scalar_t) <= 8) {
+              const auto aligned = [](const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
+              if (!quad && g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 &&
+                  g.dh == 1 && g.dw == 1 && g.W % 8 == 0 && 2 * g.OW == g.W && 2 * g.OH <= g.H &&
+                  aligned(xp, 16) && aligned(yp, 4 * sizeof(scalar_t)) && row4_forward_enabled()) {
+                const index_t items = d.N * d.C * d.OH * (d.OW / 4);
+                const PosDividers<index_t> div(d.C, d.OH, d.OW / 4);
+                forward_row4_kernel<kRow4Items, scalar_t, index_t, tap_t>
+                    <<<blocks(items, kRow4Items), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+                row4 = true;
+              }
+            }
+            if (quad || row4) {
               done = true;
             } else if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1) {
               const index_t items = d.N * d.C * d.OH * ((d.OW + 1) / 2);

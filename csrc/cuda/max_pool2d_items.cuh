@@ -261,6 +261,58 @@ CONVRNN_HD QuadItem<index_t> load_quad_item(const T* x, unsigned x_mis, const Po
   return q;
 }
 
+// Round 4: four horizontally adjacent outputs (ow .. ow + 3, ow = 4q) of one NCHW row of a
+// 2x2 window with stride 2, no padding and dilation 1, every window inside the image
+// (2 * OH <= H, 2 * OW == W) and W % 8 == 0 (the launcher checks; plane rows then start at
+// multiples of 8 elements): their windows are columns 8q .. 8q + 7 of input rows 2oh and
+// 2oh + 1, each row read by 16-byte pieces (float32: 2, half types: 1, float64: 4) from a
+// 16-byte aligned x.  The pieces replace the unrolled kernel's 16 scalar loads, and the
+// index work is spent once for four outputs.
+constexpr int kRow4Cols = 8;
+
+template <typename T>
+constexpr int row4_piece() {
+  return 16 / static_cast<int>(sizeof(T)) < kRow4Cols ? 16 / static_cast<int>(sizeof(T)) : kRow4Cols;
+}
+
+// Item e of the round-4 forward (row4_div divides by (C, OH, OW / 4)): the offset of its first
+// output and its rows into r, for forward_row4_kernel and the CPU checker alike.
+template <typename T, typename index_t>
+CONVRNN_HD index_t load_row4_item(const T* x, const PoolDims<index_t>& d, const PosDividers<index_t>& row4_div,
+                                  index_t e, index_t& hstart, index_t& wstart, T (&r)[2][kRow4Cols]) {
+  constexpr int V = row4_piece<T>();
+  const Pos<index_t> p = decompose<false>(e, row4_div);
+  hstart = 2 * p.row;
+  wstart = 8 * p.col;
+  const T* row = x + plane_offset<false>(p.n, p.c, d.C, d.H, d.W) + hstart * d.W + wstart;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int t = 0; t < 2; ++t) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kRow4Cols / V; ++k) {
+      const Lanes<T, V> piece = *reinterpret_cast<const Lanes<T, V>*>(row + t * d.W + k * V);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int u = 0; u < V; ++u) r[t][k * V + u] = piece.v[u];
+    }
+  }
+  return ((p.n * d.C + p.c) * d.OH + p.row) * d.OW + 4 * p.col;
+}
+
+// Output l's window (0 <= l < 4) of rows loaded by load_row4_item, row-major, as load_window
+// would leave it.
+template <typename T>
+CONVRNN_HD void row4_window(const T (&r)[2][kRow4Cols], int l, T (&v)[4]) {
+  v[0] = r[0][2 * l];
+  v[1] = r[0][2 * l + 1];
+  v[2] = r[1][2 * l];
+  v[3] = r[1][2 * l + 1];
+}
+
 // Output l's window (0 <= l < 4) of rows loaded by load_rows_quad, row-major, as load_window
 // would leave it.
 template <int KH, typename T>

@@ -13,7 +13,7 @@ static std::mt19937_64 rng(12345);
 static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 static long fails = 0, checks = 0;
 static long reach_hist[5];
-static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0;
+static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0, row4_runs = 0;
 static long line_fails[1000];
 #define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 
@@ -225,6 +225,61 @@ static void check_forward_quads(const Pool2d& g, const std::vector<T>& x) {
   }
 }
 
+// forward_row4_kernel's body (round 4: NCHW 2x2/2, no padding, every window inside the image,
+// W % 8 == 0: load_row4_item, row4_window, max_loaded_window), item by item, from a 16-byte
+// aligned input; values bit for bit, int64 index and argmax byte against max_window's, each
+// output written once.
+template <typename T, typename index_t>
+static void check_forward_row4(const Pool2d& g, const std::vector<T>& x0) {
+  PoolDims<index_t> d(g);
+  std::vector<T> buf(x0.size() + 16);
+  T* x = buf.data();
+  while (reinterpret_cast<uintptr_t>(x) % 16 != 0) ++x;
+  std::copy(x0.begin(), x0.end(), x);
+  const index_t total = d.N * d.C * d.OH * d.OW;
+  std::vector<T> val(total, T(0.375));
+  std::vector<int64_t> idx(total, -7);
+  std::vector<uint8_t> tp(total, 77);
+  std::vector<int> written(total, 0);
+  PosDividers<index_t> dv(d.C, d.OH, d.OW / 4);
+  for (index_t e = 0; e < d.N * d.C * d.OH * (d.OW / 4); ++e) {
+    T r[2][kRow4Cols];
+    index_t hstart, wstart;
+    const index_t o0 = load_row4_item<T, index_t>(x, d, dv, e, hstart, wstart, r);  // the kernel's own item code
+    for (int l = 0; l < 4; ++l) {
+      T v[4];
+      row4_window<T>(r, l, v);
+      acc_t<T> best; index_t tap;
+      max_loaded_window<2, 2, T, index_t>(v, index_t(0), best, tap);
+      TCHECK(!written[o0 + l], "row4 output written twice o=%lld", (long long)(o0 + l));
+      written[o0 + l] = 1;
+      val[o0 + l] = T(best);
+      tp[o0 + l] = uint8_t(tap);
+      idx[o0 + l] = tap_index<index_t>(tap, hstart, wstart + 2 * l, 2, 1, 1, d.W);
+    }
+  }
+  ++row4_runs;
+  for (index_t e = 0; e < total; ++e) {
+    const Pos<index_t> p = decompose<false>(e, d.C, d.OH, d.OW);
+    const index_t hstart = p.row * 2, wstart = p.col * 2;
+    const Taps th = window_taps<index_t>(hstart, d.H, 2, 1), tw = window_taps<index_t>(wstart, d.W, 2, 1);
+    acc_t<T> best; index_t tap;
+    max_window<T, index_t>(x + plane_offset<false>(p.n, p.c, d.C, d.H, d.W), d.W, index_t(1), hstart, wstart, th, tw, index_t(2), index_t(1), index_t(1), best, tap);
+    const int64_t ref_index = tap_index<index_t>(tap, hstart, wstart, 2, 1, 1, d.W);
+    const uint8_t ref_tap = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
+    TCHECK(written[e] && same_bits_strict(T(best), val[e]) && ref_index == idx[e] && ref_tap == tp[e],
+           "row4 e=%lld: %g/%g index %lld/%lld tap %d/%d (H %lld W %lld)", (long long)e, double(T(best)), double(val[e]),
+           (long long)ref_index, (long long)idx[e], int(ref_tap), int(tp[e]), (long long)g.H, (long long)g.W);
+  }
+}
+
+// The round-4 launcher's rule (max_pool2d.cu): 2x2/2 NCHW, no padding, dilation 1, W % 8 == 0,
+// every window inside.
+static bool row4_applies(const Pool2d& g) {
+  return g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 && g.dh == 1 && g.dw == 1 &&
+         g.W % 8 == 0 && 2 * g.OW == g.W && 2 * g.OH <= g.H;
+}
+
 // Original forward body (max_window) against the unrolled one, for every output; L > 1:
 // the L-channel item form (channels_last, C % L == 0), item e covering outputs e*L + l.
 template <int K, bool CL, typename T, typename index_t, int L = 1>
@@ -306,6 +361,7 @@ static void run_geom(const Pool2d& g, int mode) {
     if (g.sw == 2 && g.dw == 1 && g.kh == 2 && g.kw == 2) check_forward_pair<2, T, index_t>(g, x);
     if (g.sw == 2 && g.dw == 1 && g.kh == 3 && g.kw == 3) check_forward_pair<3, T, index_t>(g, x);
     if (g.sw == 2 && g.dw == 1 && g.kh == 3 && g.kw == 3) check_forward_quads<T, index_t>(g, x);
+    if (row4_applies(g)) check_forward_row4<T, index_t>(g, x);
   }
   if constexpr (CL) {
     if (g.C % 2 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 2>(g, x); ++lane_geoms; }
@@ -374,6 +430,19 @@ int main() {
       else { run_geom<false, c10::BFloat16, int32_t>(g, mode); run_geom<false, c10::Half, int64_t>(g, mode); }
     }
   }
+  // round 4's 2x2/2 rows (W a multiple of 8, any H, ceil_mode either way: an odd H with ceil_mode
+  // leaves a partial last row, which the launcher declines)
+  for (int it = 0; it < 300; ++it) {
+    const int64_t H = rnd(2, 21), W = 8 * rnd(1, 4), N = rnd(1, 2), C = rnd(1, 3);
+    Pool2d g = make_geom(N, C, H, W, 2, 2, 2, 2, 0, 0, 1, 1, rnd(0, 1), false);
+    if (!row4_applies(g)) continue;
+    ++geoms;
+    const int mode = rnd(0, 3) == 0;
+    run_geom<false, float, int32_t>(g, mode);
+    run_geom<false, double, int64_t>(g, mode);
+    if (it % 2 == 0) run_geom<false, c10::Half, int64_t>(g, mode);
+    else run_geom<false, c10::BFloat16, int32_t>(g, mode);
+  }
   // the benchmark's geometries, smaller batch
   for (bool cl : {false, true}) {
     for (auto s : std::vector<std::vector<int64_t>>{{2, 4, 112, 112, 2, 2, 0}, {2, 6, 55, 55, 3, 2, 0}, {2, 4, 112, 112, 3, 2, 1}}) {
@@ -386,6 +455,8 @@ int main() {
   printf("lane (L=2) forward checks over %ld geometries, lane backward over %ld, W-pair forward over %ld\n", lane_geoms, lane_bwd, pair_geoms);
   printf("quad forward: %ld runs (V, TAPS, dtype), %ld outputs decided by the fix-up scan; %ld vector pieces, %ld misaligned\n", quad_runs, quad_fixups, pieces, piece_misaligned);
   TCHECK(piece_misaligned == 0 && quad_runs > 0 && quad_fixups > 0 && pieces > 0, "quad coverage / piece alignment");
+  printf("round-4 2x2/2 row forward: %ld runs\n", row4_runs);
+  TCHECK(row4_runs > 300, "round-4 coverage");
   printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
   for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
   return fails != 0;
