@@ -23,8 +23,10 @@ step() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
 examples=${GPU_CHECK_EXAMPLES:-1}  # 0: skip the examples/ecosystem step (about 75 s)
 tf32=${GPU_CHECK_TF32:-1}          # 0: skip the conv2d TF32 run (about 30 s)
-focus=${GPU_CHECK_FOCUS:-}         # conv2d: after the tests, benchmark, A/B and profile conv2d alone
-# (a rerun after a conv2d change; the whole run then takes about 330 s with a 120 s build)
+focus=${GPU_CHECK_FOCUS:-}         # ops (comma list, e.g. conv2d or conv2d,max_pool2d): after the tests,
+# benchmark, A/B and profile those alone (a rerun after a change; conv2d alone takes about 330 s
+# with a 120 s build)
+has() { [[ -z $focus || ",$focus," == *",$1,"* ]]; }  # is op $1 benchmarked in this run
 # seconds a step may take: its cap, less what the later steps are promised (reserve: their
 # usual times on the H200, not their caps, so that the tests are not starved by a slow build)
 budget() { local cap=$1 reserve=$2 left=$(( deadline - $(date +%s) - $2 ));
@@ -96,20 +98,25 @@ tail -45 "$out/bench.txt"
 # the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0, which also declines the stack); the
 # max-pool forward without its round-3 kernels (CONVRNN_MAXPOOL_R3=0); conv2d float32 with
 # round 2's kernels instead of round 3's (CONVRNN_CONV_R3=0: fixed SIMT tiles, GEMM backward data for C = 3).
-ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5
-  step "A/B $name: $env ($ops, $dtypes)"
+ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5 formats=${6:-nchw,channels_last}
+  step "A/B $name: $env ($ops, $dtypes, $formats)"
   env $env timeout $(budget 35 $(( reserve + 30 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
-    --no-progress --no-chart --seconds ${BENCH_SECONDS:-0.25} --out "$out/ab-$name.json" > "$out/ab-$name.txt" 2>&1 \
+    --formats $formats --no-progress --no-chart --seconds ${BENCH_SECONDS:-0.25} --out "$out/ab-$name.json" > "$out/ab-$name.txt" 2>&1 \
     || status=1
-  grep -A4 "^Geomean" "$out/ab-$name.txt" | tail -4
+  grep -A6 "^Geomean" "$out/ab-$name.txt" | tail -6
 }
 if [[ -z $focus ]]; then
   ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 110
   ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 95
   ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 80
 fi
+# round 4 (session 12): the NCHW 2x2/2 max-pool forward from 16-byte row pieces
+# (CONVRNN_MAXPOOL_R4=0: the unrolled kernel), and the depthwise channels_last vector kernel
+# (CONVRNN_DW_VEC=0: the shared-memory tile)
 if [[ -z $focus ]]; then reserve=60; else reserve=16; fi
-ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 $reserve
+has max_pool2d && ab maxpool-r4 CONVRNN_MAXPOOL_R4=0 max_pool2d float32,float16 $(( reserve + 20 )) nchw
+has conv2d && ab dw-vec CONVRNN_DW_VEC=0 conv2d float32,float16 $(( reserve + 10 )) channels_last
+[[ -z $focus || $focus == conv2d ]] && ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 $reserve
 
 if [[ -z $focus ]]; then
   step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
@@ -123,9 +130,11 @@ if [[ -z $focus ]]; then
   tail -3 "$out/cells-profile.txt"
 fi
 
-step "conv2d forward+backward by kernel, ours against cuDNN (benchmarks/conv_profile.py)"
-timeout $(budget 40 $(( 30 * tf32 ))) $py benchmarks/conv_profile.py -n 10 > "$out/conv-profile.txt" 2>&1 || status=1
-grep -E "^[A-Z0-9].*: ours" "$out/conv-profile.txt"
+if has conv2d; then
+  step "conv2d forward+backward by kernel, ours against cuDNN (benchmarks/conv_profile.py)"
+  timeout $(budget 40 $(( 30 * tf32 ))) $py benchmarks/conv_profile.py -n 10 > "$out/conv-profile.txt" 2>&1 || status=1
+  grep -E "^[A-Za-z0-9].*: ours" "$out/conv-profile.txt"
+fi
 
 if (( tf32 )); then
   step "benchmark on cuda: conv2d float32 with TF32 on (both sides)"

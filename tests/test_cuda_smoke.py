@@ -85,10 +85,11 @@ CONVS = [  # input shape, weight shape, stride, padding, dilation, groups: each 
     ((2, 32, 7, 7), (16, 32, 1, 1), 1, 0, 1, 1),     # 1x1
     ((2, 8, 9, 9), (16, 1, 3, 3), 2, 1, 2, 8),       # depthwise, multiplier 2, dilation 2
     ((2, 8, 9, 8), (6, 4, 2, 3), (2, 1), (1, 0), 1, 2),  # groups, even kernel
+    ((2, 8, 9, 10), (8, 1, 3, 3), 1, 1, 1, 8),       # depthwise 3x3/1: channels_last's vector kernel
 ]
 
 
-@pytest.mark.parametrize("cfg", CONVS, ids=["gemm", "strided", "1x1", "depthwise", "groups"])
+@pytest.mark.parametrize("cfg", CONVS, ids=["gemm", "strided", "1x1", "depthwise", "groups", "depthwise-vec"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float64, False),
                                         (torch.bfloat16, False)], ids=["f32", "tf32", "f64", "bf16"])
