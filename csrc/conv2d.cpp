@@ -87,7 +87,7 @@ std::atomic<int64_t>& conv_r3_launches() {
 }
 
 std::atomic<int>& conv_dw_vec_mode() {
-  static std::atomic<int> mode(env_mode("CONVRNN_DW_VEC", 1));
+  static std::atomic<int> mode(env_mode("CONVRNN_DW_VEC", 2));
   return mode;
 }
 
@@ -103,7 +103,8 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
     return convrnn::switch_op("_conv2d_r3", convrnn::conv_r3_mode(), convrnn::conv_r3_launches(), mode, 1);
   });
   m.def("_conv2d_dw_vec(int mode=-1) -> (int, int)", [](int64_t mode) {
-    return convrnn::switch_op("_conv2d_dw_vec", convrnn::conv_dw_vec_mode(), convrnn::conv_dw_vec_launches(), mode, 1);
+    return convrnn::switch_op("_conv2d_dw_vec", convrnn::conv_dw_vec_mode(), convrnn::conv_dw_vec_launches(), mode, 2,
+                              "on, 8 outputs a thread");
   });
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> Tensor");

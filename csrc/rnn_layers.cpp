@@ -91,7 +91,7 @@ std::tuple<int64_t, int64_t> persistent_stack_op(int64_t mode) {
 
 // Counts the layer calls (forward or backward) the CPU recurrence ran.
 std::tuple<int64_t, int64_t> cpu_recurrence_op(int64_t mode) {
-  return switch_op("_cpu_recurrence", cpu_mode(), cpu_runs, mode, 2);
+  return switch_op("_cpu_recurrence", cpu_mode(), cpu_runs, mode, 2, "on, every step split over the threads");
 }
 
 }  // namespace

@@ -31,10 +31,12 @@ inline int env_mode(const char* name, int highest) {
 }
 
 // mode -1 asks, 0..highest sets; returns (the mode before the call, the count so far).
+// mode2: what mode 2 means, where highest is 2.
 inline std::tuple<int64_t, int64_t> switch_op(const char* op, std::atomic<int>& mode,
-                                              const std::atomic<int64_t>& count, int64_t value, int64_t highest) {
+                                              const std::atomic<int64_t>& count, int64_t value, int64_t highest,
+                                              const char* mode2 = "") {
   TORCH_CHECK(value >= -1 && value <= highest, "convrnn.", op, ": mode must be -1 (ask), 0 (off) or 1 (on)",
-              highest > 1 ? " or 2 (on, every step split over the threads)" : "", ", but got ", value);
+              highest > 1 ? " or 2 (" : "", highest > 1 ? mode2 : "", highest > 1 ? ")" : "", ", but got ", value);
   const int before = value >= 0 ? mode.exchange(static_cast<int>(value)) : mode.load();
   return {before, count.load()};
 }

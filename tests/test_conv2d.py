@@ -527,7 +527,7 @@ def test_dw_vec_switch_op():
         assert torch.ops.convrnn._conv2d_dw_vec()[0] == 0
     assert torch.ops.convrnn._conv2d_dw_vec()[0] == before
     with pytest.raises(RuntimeError, match="_conv2d_dw_vec: mode must be"):
-        torch.ops.convrnn._conv2d_dw_vec(2)
+        torch.ops.convrnn._conv2d_dw_vec(3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=dtype_id)
@@ -547,9 +547,16 @@ def test_cuda_dw_vec_same_bits(cfg, dtype):
         old = conv_grads(ck.conv2d, x, w, b, kw, gout)
     with dw_vec(True) as on:
         new = conv_grads(ck.conv2d, x, w, b, kw, gout)
+    before, start = torch.ops.convrnn._conv2d_dw_vec(2)  # mode 2: 8 outputs a thread
+    try:
+        new8 = conv_grads(ck.conv2d, x, w, b, kw, gout)
+    finally:
+        _, end = torch.ops.convrnn._conv2d_dw_vec(before)
     assert off.launches == 0 and on.launches == (2 if stride1 else 1), (off.launches, on.launches)
-    for name, a, c in zip(("values", "grad input", "grad weight", "grad bias"), new[:4], old[:4]):
-        assert (a is None and c is None) or torch.equal(a, c), f"{name}: the vector kernel changed the result"
+    assert end - start == on.launches
+    for got in (new, new8):
+        for name, a, c in zip(("values", "grad input", "grad weight", "grad bias"), got[:4], old[:4]):
+            assert (a is None and c is None) or torch.equal(a, c), f"{name}: the vector kernel changed the result"
     assert new[0].is_contiguous(memory_format=torch.channels_last)
     with dw_vec(True) as on:
         check_against_torch(x, w, b, kw, f"{cfg} {dtype}")

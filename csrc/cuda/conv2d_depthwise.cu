@@ -150,23 +150,28 @@ bool vec_plan(const Conv2d& g, const Tensor& src, const Tensor& out, int64_t OC,
   return true;
 }
 
-constexpr int kVecOutputs = 4;  // QN: outputs along a row a thread
-
-// Launches the vector kernel of a plan (vec_plan) over N images.
+// Launches the vector kernel of a plan (vec_plan) over N images: QN = 4 outputs a thread, or 8
+// in round 4's mode 2 (an A/B on the GPU: fewer column loads an output, more registers).
 template <typename T, bool FLIP>
 void launch_vec(int64_t N, const T* src, const T* w, const T* b, T* out, const DwTile& t, cudaStream_t stream) {
-  const int64_t items = N * t.OH * ((t.OW + kVecOutputs - 1) / kVecOutputs) * (t.OC / vec_lanes<T>());
+  const int QN = conv_dw_vec_mode().load() == 2 ? 8 : 4;
+  const int64_t items = N * t.OH * ((t.OW + QN - 1) / QN) * (t.OC / vec_lanes<T>());
   if (items == 0) return;
   with_index_type(items, [&](auto index_zero) {
     using index_t = decltype(index_zero);
     const unsigned blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min<int64_t>((items + kVecThreads - 1) / kVecThreads, kMaxBlocks)));
-    if (t.R == 3) {
-      dw_vec_cl_kernel<T, FLIP, 3, kVecOutputs, index_t>
-          <<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, static_cast<index_t>(items));
+    const index_t n = static_cast<index_t>(items);
+    if (QN == 8) {
+      if (t.R == 3) {
+        dw_vec_cl_kernel<T, FLIP, 3, 8, index_t><<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, n);
+      } else {
+        dw_vec_cl_kernel<T, FLIP, 5, 8, index_t><<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, n);
+      }
+    } else if (t.R == 3) {
+      dw_vec_cl_kernel<T, FLIP, 3, 4, index_t><<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, n);
     } else {
-      dw_vec_cl_kernel<T, FLIP, 5, kVecOutputs, index_t>
-          <<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, static_cast<index_t>(items));
+      dw_vec_cl_kernel<T, FLIP, 5, 4, index_t><<<blocks, kVecThreads, 0, stream>>>(src, w, b, out, t, n);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

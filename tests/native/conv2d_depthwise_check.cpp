@@ -197,9 +197,9 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
 // One launch of round 4's channels_last vector kernel (dw_vec_cl_kernel) with the parameters
 // conv2d_depthwise.cu's vec_plan builds; the output NCHW-indexed, or empty where the plan does
 // not apply (Kg > 1, a window other than 3x3 or 5x5, column stride or dilation > 1, C % 4).
-template <bool FLIP>
+template <bool FLIP, int QN>
 std::vector<float> run_vec(const Geo& g, const Data& d) {
-  constexpr int QN = 4, L = vec_lanes<float>();
+  constexpr int L = vec_lanes<float>();
   const int OC = FLIP ? g.C : g.K, OH = FLIP ? g.H : g.P, OW = FLIP ? g.W : g.Q;
   const int SC = FLIP ? g.K : g.C, SH = FLIP ? g.P : g.H, SW = FLIP ? g.Q : g.W;
   const int sh = FLIP ? 1 : g.sh, sw = FLIP ? 1 : g.sw;
@@ -252,14 +252,15 @@ void both_heights(const Geo& g, const Data& d, bool cl) {
     }
   }
   if (!cl) return;
-  const std::vector<float> r4 = run_vec<FLIP>(g, d);
   const std::vector<float>& tile = r2.empty() ? r3 : r2;
-  if (!r4.empty() && !tile.empty()) {
-    ++checks;
-    if (std::memcmp(r4.data(), tile.data(), r4.size() * sizeof(float)) != 0) {
-      std::printf("FAIL %s: the vector kernel differs in bits from the tile\n",
-                  describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
-      ++fails;
+  for (const std::vector<float>& r4 : {run_vec<FLIP, 4>(g, d), run_vec<FLIP, 8>(g, d)}) {  // round 4's two modes
+    if (!r4.empty() && !tile.empty()) {
+      ++checks;
+      if (std::memcmp(r4.data(), tile.data(), r4.size() * sizeof(float)) != 0) {
+        std::printf("FAIL %s: the vector kernel differs in bits from the tile\n",
+                    describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
+        ++fails;
+      }
     }
   }
 }
