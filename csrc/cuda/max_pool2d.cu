@@ -290,8 +290,9 @@ __global__ void __launch_bounds__(kThreads)
 // Items a thread of forward_row4_kernel: 2 (float32: 8 loads of 16 bytes in flight, half types 4).
 constexpr int kRow4Items = 2;
 
-// Round 4's forward_row4_kernel is on unless CONVRNN_MAXPOOL_R4=0 (then the unrolled kernel
-// runs), so that one GPU session can time both.  Read once.
+// Round 4 (forward_row4_kernel for NCHW 2x2/2, 4-channel items in channels_last) is on unless
+// CONVRNN_MAXPOOL_R4=0 (then round 3's kernels run), so that one GPU session can time both.
+// Read once.
 bool row4_forward_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("CONVRNN_MAXPOOL_R4");
@@ -441,7 +442,16 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
               done = true;
             } else if (square23) {
               if constexpr (CL && sizeof(scalar_t) <= 4) {
-                if (L == 2) {
+                // Round 4: 4 channels an item (8-byte loads in half types, 16-byte in float32:
+                // half or a quarter of the load instructions of 2) where C % 4 == 0 and x, y
+                // are aligned to 4 elements (taps: a fresh tensor).
+                const bool four_lanes = L == 2 && g.C % 4 == 0 && row4_forward_enabled() &&
+                                        reinterpret_cast<uintptr_t>(xp) % (4 * sizeof(scalar_t)) == 0 &&
+                                        reinterpret_cast<uintptr_t>(yp) % (4 * sizeof(scalar_t)) == 0;
+                if (four_lanes) {
+                  using four = std::integral_constant<int, 4>;
+                  if (g.kh == 2) launch(two(), four()); else launch(three(), four());
+                } else if (L == 2) {
                   if (g.kh == 2) launch(two(), two()); else launch(three(), two());
                 } else {
                   if (g.kh == 2) launch(two(), one_lane()); else launch(three(), one_lane());

@@ -13,7 +13,7 @@ static std::mt19937_64 rng(12345);
 static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 static long fails = 0, checks = 0;
 static long reach_hist[5];
-static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0, row4_runs = 0;
+static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0, row4_runs = 0, lane4_geoms = 0;
 static long line_fails[1000];
 #define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 
@@ -366,6 +366,9 @@ static void run_geom(const Pool2d& g, int mode) {
   if constexpr (CL) {
     if (g.C % 2 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 2>(g, x); ++lane_geoms; }
     if (g.C % 2 == 0 && g.kh == 3 && g.kw == 3) { check_forward<3, CL, T, index_t, 2>(g, x); ++lane_geoms; }
+    // round 4: 4 channels an item
+    if (g.C % 4 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 4>(g, x); ++lane4_geoms; }
+    if (g.C % 4 == 0 && g.kh == 3 && g.kw == 3) { check_forward<3, CL, T, index_t, 4>(g, x); ++lane4_geoms; }
   }
   // forward taps by the reference body, for the backward
   PoolDims<index_t> d(g);
@@ -455,8 +458,8 @@ int main() {
   printf("lane (L=2) forward checks over %ld geometries, lane backward over %ld, W-pair forward over %ld\n", lane_geoms, lane_bwd, pair_geoms);
   printf("quad forward: %ld runs (V, TAPS, dtype), %ld outputs decided by the fix-up scan; %ld vector pieces, %ld misaligned\n", quad_runs, quad_fixups, pieces, piece_misaligned);
   TCHECK(piece_misaligned == 0 && quad_runs > 0 && quad_fixups > 0 && pieces > 0, "quad coverage / piece alignment");
-  printf("round-4 2x2/2 row forward: %ld runs\n", row4_runs);
-  TCHECK(row4_runs > 300, "round-4 coverage");
+  printf("round-4 2x2/2 row forward: %ld runs; 4-channel forward over %ld geometries\n", row4_runs, lane4_geoms);
+  TCHECK(row4_runs > 300 && lane4_geoms > 100, "round-4 coverage");
   printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
   for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
   return fails != 0;
