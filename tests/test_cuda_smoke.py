@@ -28,9 +28,10 @@ def _both(fn, x, grad_of_out):
 @pytest.mark.parametrize("cfg", POOLS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sanitizer_pools(cfg, channels_last, dtype):
+@pytest.mark.parametrize("channels", [3, 4])  # channels_last: 1 and 4 channels an item
+def test_sanitizer_pools(cfg, channels_last, dtype, channels):
     k, s, p, d, ceil = cfg
-    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    x = torch.randn(2, channels, 8, 8, dtype=dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.float16 else {}

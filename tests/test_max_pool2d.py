@@ -394,3 +394,29 @@ def test_2x2_stride2_forms(device, dtype, shape, ceil):
     ours = torch.autograd.grad(ck.max_pool2d(xg, 2, 2, ceil_mode=ceil), xg, gout)[0]
     theirs = torch.autograd.grad(F.max_pool2d(xg, 2, 2, ceil_mode=ceil), xg, gout)[0]
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape,k,s,p,ceil", [((2, 8, 10, 12), 2, 2, 0, False), ((2, 8, 13, 13), 3, 2, 0, False),
+                                              ((1, 12, 9, 9), 3, 2, 1, True), ((2, 4, 7, 7), 3, 1, 1, False)],
+                         ids=["2x2", "3x3s2", "3x3s2p1-ceil", "3x3s1"])
+def test_channels_last_channel_multiple_of_4(device, dtype, shape, k, s, p, ceil):
+    """channels_last with C % 4 == 0 (CUDA round 4: 4 channels an item): values, indices and
+    gradients exact against torch, ties and NaN included."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(-3, 3, shape, generator=g).to(torch.float64)
+    x[torch.rand(shape, generator=g) < 0.05] = float("nan")
+    x = x.to(dtype).to(device).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.max_pool2d(x, k, s, p, ceil_mode=ceil), F.max_pool2d(x, k, s, p, ceil_mode=ceil),
+                                   rtol=0, atol=0, equal_nan=True)
+    xg = x.clone().requires_grad_()
+    out, idx = ck.max_pool2d(xg, k, s, p, ceil_mode=ceil, return_indices=True)
+    eout, eidx = F.max_pool2d(xg, k, s, p, ceil_mode=ceil, return_indices=True)
+    torch.testing.assert_close(out, eout, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(idx, eidx)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    gout = torch.randint(-4, 4, out.shape, generator=g).to(dtype).to(device)
+    ours = torch.autograd.grad(out, xg, gout)[0]
+    theirs = torch.autograd.grad(eout, xg, gout)[0]
+    assert torch.equal(ours, theirs)
