@@ -35,8 +35,12 @@ budget() { local cap=$1 reserve=$2 left=$(( deadline - $(date +%s) - $2 ));
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >> "$out/summary.txt" 2>&1
 cap=$($py -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
 
+# The build's reserve is what the later steps usually take: ~300 s for the full run, ~200 s for a
+# focused one.  (A reserve larger than GPU_CHECK_SECONDS less the build's ~100-120 s kills the
+# build: session 12's first focused call, GPU_CHECK_SECONDS=370 against a fixed 300, lost 70 s.)
+if [[ -n $focus ]]; then build_reserve=200; else build_reserve=300; fi
 step "build (CONVRNN_CUDA_ARCHS=$cap, MAX_JOBS=$(nproc))"
-if ! CONVRNN_CUDA_ARCHS="$cap" MAX_JOBS=$(nproc) timeout $(budget 300 300) $py setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+if ! CONVRNN_CUDA_ARCHS="$cap" MAX_JOBS=$(nproc) timeout $(budget 300 $build_reserve) $py setup.py build_ext --inplace > "$out/build.log" 2>&1; then
   step "BUILD FAILED"; tail -40 "$out/build.log"; exit 1
 fi
 $py -c "import convrnn_kernels as ck; print(ck.build_info())" 2>&1 | tee -a "$out/summary.txt"
