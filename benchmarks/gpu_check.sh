@@ -114,8 +114,8 @@ if [[ -z $focus ]]; then
   ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 95
   ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 80
 fi
-# round 4 (session 12): the NCHW 2x2/2 max-pool forward from 16-byte row pieces and 4-channel items in channels_last
-# (CONVRNN_MAXPOOL_R4=0: the unrolled kernel), and the depthwise channels_last vector kernel
+# session 12: max_pool2d round 4, the NCHW 2x2/2 forward from 16-byte row pieces and 4-channel items in
+# channels_last (CONVRNN_MAXPOOL_R4=0: round 3's kernels), and conv2d round 5, the depthwise channels_last vector kernel
 # (CONVRNN_DW_VEC=0: the shared-memory tile; =2: 8 outputs a thread instead of 4)
 if [[ -z $focus ]]; then reserve=60; else reserve=16; fi
 has max_pool2d && ab maxpool-r4 CONVRNN_MAXPOOL_R4=0 max_pool2d float32,float16 $(( reserve + 20 )) nchw,channels_last

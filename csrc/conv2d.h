@@ -92,7 +92,7 @@ at::Tensor conv2d_not_needed(const at::TensorOptions& opts);
 std::atomic<int>& conv_r3_mode();
 std::atomic<int64_t>& conv_r3_launches();
 
-// conv2d CUDA round 4: 1 (the default) on, 2 on with 8 outputs a thread instead of 4, 0 off.
+// conv2d CUDA round 5: 1 (the default) on, 2 on with 8 outputs a thread instead of 4, 0 off.
 // On: depthwise channels_last forward and stride-1 backward data with square 3x3 or 5x5
 // windows, column stride and dilation 1 and Kg == 1 run the vector kernel
 // (cuda/conv2d_depthwise.cuh: dw_vec_cl_kernel; the tile kernel's bits).  CONVRNN_DW_VEC when first asked; convrnn::_conv2d_dw_vec sets it and returns how many

@@ -502,7 +502,7 @@ def test_cuda_r3_same_bits(cfg, channels_last):
         assert_conv_close(a, t, f"{name} vs torch")
 
 
-# Depthwise channels_last layers that round 4's vector kernel takes (Kg = 1, C % 4 == 0, square
+# Depthwise channels_last layers that round 5's vector kernel takes (Kg = 1, C % 4 == 0, square
 # 3x3 or 5x5, column stride and dilation 1; csrc/cuda/conv2d_depthwise.cu: vec_plan): rows of
 # stride 2 and dilation 2, padding, a width that leaves a partial strip of 4 outputs, no bias.
 DW_VEC_CONFIGS = [
@@ -514,13 +514,13 @@ DW_VEC_CONFIGS = [
 
 
 def dw_vec(on):
-    """conv2d CUDA round 4 (the depthwise channels_last vector kernel) on or off; .launches
+    """conv2d CUDA round 5 (the depthwise channels_last vector kernel) on or off; .launches
     counts its launches."""
     return switched(torch.ops.convrnn._conv2d_dw_vec, on)
 
 
 def test_dw_vec_switch_op():
-    """The round-4 switch answers (mode, launches), restores, and names itself on a bad mode."""
+    """The round-5 switch answers (mode, launches), restores, and names itself on a bad mode."""
     before, _ = torch.ops.convrnn._conv2d_dw_vec()
     assert before in (0, 1)
     with dw_vec(False):

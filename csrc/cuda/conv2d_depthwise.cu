@@ -117,7 +117,7 @@ void launch_tile(bool cl, int rows, int64_t blocks, const T* src, const T* w, co
 }
 
 // The vector kernel's plan (dw_vec_cl_kernel) for an output (OH, OW, OC channels) over a source
-// plane (SH, SW) read through `src`'s strides, or false where it does not apply: round 4 off,
+// plane (SH, SW) read through `src`'s strides, or false where it does not apply: round 5 off,
 // not channels_last, Kg > 1, a window other than square 3x3 or 5x5, column stride or dilation
 // other than 1, C not a multiple of the vector, a channel stride other than 1, a pointer or
 // stride off the vector's alignment, an output that is not channels_last contiguous, or
@@ -151,7 +151,7 @@ bool vec_plan(const Conv2d& g, const Tensor& src, const Tensor& out, int64_t OC,
 }
 
 // Launches the vector kernel of a plan (vec_plan) over N images: QN = 4 outputs a thread, or 8
-// in round 4's mode 2 (an A/B on the GPU: fewer column loads an output, more registers).
+// in round 5's mode 2 (an A/B on the GPU: fewer column loads an output, more registers).
 template <typename T, bool FLIP>
 void launch_vec(int64_t N, const T* src, const T* w, const T* b, T* out, const DwTile& t, cudaStream_t stream) {
   const int QN = conv_dw_vec_mode().load() == 2 ? 8 : 4;

@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-// channels_last vector kernel (round 4): no shared memory, no barrier.  One thread computes
+// channels_last vector kernel (round 5, session 12): no shared memory, no barrier.  One thread computes
 // QN adjacent outputs along a row (q0 .. q0 + QN - 1) for L adjacent channels (one 8- or
 // 16-byte vector: float32 and half types L = 4, float64 L = 2), reading each of the KS source
 // rows' QN + KS - 1 columns once as L-wide vectors (the columns shared by the QN outputs

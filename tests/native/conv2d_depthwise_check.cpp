@@ -6,7 +6,7 @@
 // launcher (conv2d_depthwise.cu: tile_plan) can pick, round 2's and round 3's, must match the
 // reference and give the same bits as the others (each output's sum has one order whatever
 // the tile).  The launch parameters are built here as tile_params / cl_tile_params build them.
-// Round 4's channels_last vector kernel (dw_vec_cl_kernel, no shared memory) where its plan
+// Round 5's channels_last vector kernel (dw_vec_cl_kernel, no shared memory) where its plan
 // applies: the reference, and the tile kernels' bits.
 // Prints the checks and "0 fails" when everything matched (tests/test_native.py).
 #include <cmath>
@@ -194,7 +194,7 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
   return nchw;
 }
 
-// One launch of round 4's channels_last vector kernel (dw_vec_cl_kernel) with the parameters
+// One launch of round 5's channels_last vector kernel (dw_vec_cl_kernel) with the parameters
 // conv2d_depthwise.cu's vec_plan builds; the output NCHW-indexed, or empty where the plan does
 // not apply (Kg > 1, a window other than 3x3 or 5x5, column stride or dilation > 1, C % 4).
 template <bool FLIP, int QN>
@@ -253,7 +253,7 @@ void both_heights(const Geo& g, const Data& d, bool cl) {
   }
   if (!cl) return;
   const std::vector<float>& tile = r2.empty() ? r3 : r2;
-  for (const std::vector<float>& r4 : {run_vec<FLIP, 4>(g, d), run_vec<FLIP, 8>(g, d)}) {  // round 4's two modes
+  for (const std::vector<float>& r4 : {run_vec<FLIP, 4>(g, d), run_vec<FLIP, 8>(g, d)}) {  // round 5's two modes
     if (!r4.empty() && !tile.empty()) {
       ++checks;
       if (std::memcmp(r4.data(), tile.data(), r4.size() * sizeof(float)) != 0) {
@@ -387,7 +387,7 @@ int main(int argc, char** argv) {
       s.S = rnd(1, 3);
     } while (!make_geo_dims(s));
     check_wgrad(s, make_data(s, exact), exact);
-    // A layer that round 4's channels_last vector kernel takes: Kg = 1, C % 4 == 0, a square
+    // A layer that round 5's channels_last vector kernel takes: Kg = 1, C % 4 == 0, a square
     // 3x3 or 5x5 window, column stride and dilation 1 (rows: any stride, dilation, padding).
     Geo v;
     do {
