@@ -239,29 +239,27 @@ std::vector<float> run_vec(const Geo& g, const Data& d) {
   return nchw;
 }
 
+// One check where both kernels ran (non-empty results): the same bits.
+void expect_same_bits(const std::vector<float>& a, const std::vector<float>& b, const std::string& what) {
+  if (a.empty() || b.empty()) return;
+  ++checks;
+  if (std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0) {
+    std::printf("FAIL %s\n", what.c_str());
+    ++fails;
+  }
+}
+
 template <bool FLIP>
 void both_heights(const Geo& g, const Data& d, bool cl) {
   const std::vector<float> r2 = run<FLIP>(g, d, cl, cl ? 1 : kTileRows);
   const std::vector<float> r3 = run<FLIP>(g, d, cl, cl ? kClRowsR3 : kTileRowsR3);
-  if (!r2.empty() && !r3.empty()) {
-    ++checks;
-    if (std::memcmp(r2.data(), r3.data(), r2.size() * sizeof(float)) != 0) {
-      std::printf("FAIL %s: round 3's tile differs in bits from round 2's\n",
-                  describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
-      ++fails;
-    }
-  }
+  const std::string what = describe(FLIP ? "dgrad" : "fwd", g, cl, 0);
+  expect_same_bits(r2, r3, what + ": round 3's tile differs in bits from round 2's");
   if (!cl) return;
   const std::vector<float>& tile = r2.empty() ? r3 : r2;
-  for (const std::vector<float>& r4 : {run_vec<FLIP, 4>(g, d), run_vec<FLIP, 8>(g, d)}) {  // round 5's two modes
-    if (!r4.empty() && !tile.empty()) {
-      ++checks;
-      if (std::memcmp(r4.data(), tile.data(), r4.size() * sizeof(float)) != 0) {
-        std::printf("FAIL %s: the vector kernel differs in bits from the tile\n",
-                    describe(FLIP ? "dgrad" : "fwd", g, cl, 0).c_str());
-        ++fails;
-      }
-    }
+  // round 5's two modes: 4 and 8 outputs a thread
+  for (const std::vector<float>& vec : {run_vec<FLIP, 4>(g, d), run_vec<FLIP, 8>(g, d)}) {
+    expect_same_bits(vec, tile, what + ": the vector kernel differs in bits from the tile");
   }
 }
 
