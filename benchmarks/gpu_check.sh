@@ -7,7 +7,8 @@
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
 #   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
 #      runtime switches (persistent recurrence barriers, max-pool round 3, conv2d round 3), the persistent
-#      recurrence's time a step, the cells' GPU-vs-host time, conv2d's time by kernel, then
+#      recurrence's time a step, the cells' GPU-vs-host time and their gate products' cuBLAS host
+#      time by dtype and width, conv2d's time by kernel, then
 #      conv2d float32 with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
 # Usage: benchmarks/gpu_check.sh OUTDIR   (GPU_CHECK_SECONDS, GPU_CHECK_EXAMPLES=0, GPU_CHECK_TF32=0,
@@ -133,6 +134,11 @@ if [[ -z $focus ]]; then
   timeout $(budget 40 $(( 20 + 30 * tf32 ))) $py benchmarks/cells_profile.py --device cuda -n 100 > "$out/cells-profile.txt" 2>&1 \
     || status=1
   tail -3 "$out/cells-profile.txt"
+
+  step "gate products: cuBLAS host time by dtype and gate width (benchmarks/cells_gemm_probe.py)"
+  timeout $(budget 25 $(( 20 + 30 * tf32 ))) $py benchmarks/cells_gemm_probe.py -n 200 > "$out/cells-gemm-probe.txt" 2>&1 \
+    || status=1
+  grep -E "^float16 +1 " "$out/cells-gemm-probe.txt"
 fi
 
 if has conv2d; then
