@@ -17,6 +17,9 @@
 //    thread sharing their middle column; or, for 2-byte types with W % 8 == 0 and no argmax
 //    (where it measured faster; CONVRNN_MAXPOOL_R3=0 turns it off), round 3's
 //    forward_quad_kernel: four outputs a thread from 16-byte row pieces;
+//  - round 4 (CONVRNN_MAXPOOL_R4=0 turns it off): NCHW 2x2/2 windows all inside the image with
+//    W % 8 == 0, forward_row4_kernel, four outputs of a row an item from 16-byte row pieces; and
+//    channels_last 2x2 / 3x3 with C % 4 == 0, 4 channels an item in forward_unrolled_kernel;
 //  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
 //    kernels' function).
 // Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
