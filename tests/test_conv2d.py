@@ -464,15 +464,18 @@ def conv_r3(on):
     return switched(torch.ops.convrnn._conv2d_r3, on)
 
 
-def test_r3_switch_op():
-    """The round-3 switch answers (mode, launches), restores, and names itself on a bad mode."""
-    before, _ = torch.ops.convrnn._conv2d_r3()
-    assert before in (0, 1)
-    with conv_r3(False):
-        assert torch.ops.convrnn._conv2d_r3()[0] == 0
-    assert torch.ops.convrnn._conv2d_r3()[0] == before
-    with pytest.raises(RuntimeError, match="_conv2d_r3: mode must be"):
-        torch.ops.convrnn._conv2d_r3(3)
+@pytest.mark.parametrize("name,highest", [("_conv2d_r3", 1), ("_conv2d_dw_vec", 2)])
+def test_switch_ops(name, highest):
+    """conv2d's runtime switches (round 3; round 5's depthwise vector kernel, whose mode 2 takes 8
+    outputs a thread) answer (mode, launches), restore, and name themselves on a bad mode."""
+    op = getattr(torch.ops.convrnn, name)
+    before, _ = op()
+    assert 0 <= before <= highest
+    with switched(op, False):
+        assert op()[0] == 0
+    assert op()[0] == before
+    with pytest.raises(RuntimeError, match=f"{name}: mode must be"):
+        op(highest + 1)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -517,17 +520,6 @@ def dw_vec(on):
     """conv2d CUDA round 5 (the depthwise channels_last vector kernel) on or off; .launches
     counts its launches."""
     return switched(torch.ops.convrnn._conv2d_dw_vec, on)
-
-
-def test_dw_vec_switch_op():
-    """The round-5 switch answers (mode, launches), restores, and names itself on a bad mode."""
-    before, _ = torch.ops.convrnn._conv2d_dw_vec()
-    assert before in (0, 1)
-    with dw_vec(False):
-        assert torch.ops.convrnn._conv2d_dw_vec()[0] == 0
-    assert torch.ops.convrnn._conv2d_dw_vec()[0] == before
-    with pytest.raises(RuntimeError, match="_conv2d_dw_vec: mode must be"):
-        torch.ops.convrnn._conv2d_dw_vec(3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=dtype_id)

@@ -366,14 +366,23 @@ def test_wide_rows_match_torch(device, hw, k, s, p, d, ceil, kind):
     assert_close(torch.autograd.grad(out, x, gout)[0], torch.autograd.grad(eout, x, gout)[0])
 
 
+# (shape, kernel, stride, padding, ceil_mode, channels_last): rows CUDA round 4 takes (NCHW 2x2/2
+# with W % 8 == 0 and every window inside, read by 16-byte pieces; channels_last with C % 4 == 0,
+# 4 channels an item), and ones it declines (odd H with ceil_mode, W = 20, C = 6).
+ROUND4 = [((2, 3, 10, 24), 2, 2, 0, False, False), ((1, 2, 7, 16), 2, 2, 0, False, False),
+          ((1, 2, 7, 16), 2, 2, 0, True, False), ((2, 2, 6, 20), 2, 2, 0, False, False),
+          ((2, 8, 10, 12), 2, 2, 0, False, True), ((2, 8, 13, 13), 3, 2, 0, False, True),
+          ((1, 12, 9, 9), 3, 2, 1, True, True), ((2, 4, 7, 7), 3, 1, 1, False, True),
+          ((2, 6, 8, 8), 2, 2, 0, False, True)]
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape,ceil", [((2, 3, 10, 24), False), ((1, 2, 7, 16), False), ((1, 2, 7, 16), True),
-                                        ((2, 2, 6, 20), False)], ids=["rows", "odd-h", "odd-h-ceil", "w%8"])
-def test_2x2_stride2_forms(device, dtype, shape, ceil):
-    """2x2/2 NCHW pools in their three forward forms (values only, values and indices, the
-    training forward that saves the argmax) on rows that CUDA round 4 reads by 16-byte pieces
-    (W % 8 == 0, every window inside; odd H with ceil_mode and W = 20 are declined): ties, NaN
-    and -inf included, values and indices exact against torch, gradients too."""
+@pytest.mark.parametrize("cfg", ROUND4, ids=cfg_id)
+def test_round4_forward_forms(device, dtype, cfg):
+    """The three forward forms (values only, values and indices, the training forward that saves
+    the argmax) on round 4's rows: ties, NaN and -inf included, values, indices and gradients
+    exact against torch."""
+    shape, k, s, p, ceil, channels_last = cfg
     g = torch.Generator().manual_seed(11)
     x = torch.randint(-3, 3, shape, generator=g).to(torch.float64)
     x[torch.rand(shape, generator=g) < 0.05] = float("nan")
@@ -382,31 +391,8 @@ def test_2x2_stride2_forms(device, dtype, shape, ceil):
     odd = x[..., 1::2, :]
     odd[torch.rand(odd.shape, generator=g) < 0.1] = -float("inf")
     x = x.to(dtype).to(device)
-    with torch.no_grad():
-        torch.testing.assert_close(ck.max_pool2d(x, 2, 2, ceil_mode=ceil), F.max_pool2d(x, 2, 2, ceil_mode=ceil),
-                                   rtol=0, atol=0, equal_nan=True)
-        out, idx = ck.max_pool2d(x, 2, 2, ceil_mode=ceil, return_indices=True)
-        eout, eidx = F.max_pool2d(x, 2, 2, ceil_mode=ceil, return_indices=True)
-    torch.testing.assert_close(out, eout, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(idx, eidx)
-    xg = x.clone().requires_grad_()
-    gout = torch.randn(out.shape, generator=g).to(dtype).to(device)
-    ours = torch.autograd.grad(ck.max_pool2d(xg, 2, 2, ceil_mode=ceil), xg, gout)[0]
-    theirs = torch.autograd.grad(F.max_pool2d(xg, 2, 2, ceil_mode=ceil), xg, gout)[0]
-    assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("shape,k,s,p,ceil", [((2, 8, 10, 12), 2, 2, 0, False), ((2, 8, 13, 13), 3, 2, 0, False),
-                                              ((1, 12, 9, 9), 3, 2, 1, True), ((2, 4, 7, 7), 3, 1, 1, False)],
-                         ids=["2x2", "3x3s2", "3x3s2p1-ceil", "3x3s1"])
-def test_channels_last_channel_multiple_of_4(device, dtype, shape, k, s, p, ceil):
-    """channels_last with C % 4 == 0 (CUDA round 4: 4 channels an item): values, indices and
-    gradients exact against torch, ties and NaN included."""
-    g = torch.Generator().manual_seed(12)
-    x = torch.randint(-3, 3, shape, generator=g).to(torch.float64)
-    x[torch.rand(shape, generator=g) < 0.05] = float("nan")
-    x = x.to(dtype).to(device).to(memory_format=torch.channels_last)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(ck.max_pool2d(x, k, s, p, ceil_mode=ceil), F.max_pool2d(x, k, s, p, ceil_mode=ceil),
                                    rtol=0, atol=0, equal_nan=True)
@@ -415,8 +401,7 @@ def test_channels_last_channel_multiple_of_4(device, dtype, shape, k, s, p, ceil
     eout, eidx = F.max_pool2d(xg, k, s, p, ceil_mode=ceil, return_indices=True)
     torch.testing.assert_close(out, eout, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(idx, eidx)
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_same_format(out, x, "values")
+    # integer gradients: sums over overlapping windows are exact in every dtype and order
     gout = torch.randint(-4, 4, out.shape, generator=g).to(dtype).to(device)
-    ours = torch.autograd.grad(out, xg, gout)[0]
-    theirs = torch.autograd.grad(eout, xg, gout)[0]
-    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.autograd.grad(out, xg, gout)[0], torch.autograd.grad(eout, xg, gout)[0])

@@ -133,10 +133,7 @@ bool vec_plan(const Conv2d& g, const Tensor& src, const Tensor& out, int64_t OC,
   for (const int d : {0, 2, 3}) {
     if (src.stride(d) < 0 || src.stride(d) % L != 0) return false;
   }
-  if (reinterpret_cast<uintptr_t>(src.const_data_ptr()) % bytes != 0 ||
-      reinterpret_cast<uintptr_t>(out.const_data_ptr()) % bytes != 0) {
-    return false;
-  }
+  if (!aligned_to(src.const_data_ptr(), bytes) || !aligned_to(out.const_data_ptr(), bytes)) return false;
   if (!out.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
   if (src.stride(2) >= kI32 || src.stride(3) >= kI32 || OC >= kI32 / 4 || OH >= kI32 / 4 || OW >= kI32 / 4 ||
       SH >= kI32 / 4 || SW >= kI32 / 4 || sh >= kI32 / 4 || g.dh >= kI32 / 4 || ph <= -kI32 / 4 || ph >= kI32 / 4 ||
@@ -159,8 +156,8 @@ void launch_vec(int64_t N, const T* src, const T* w, const T* b, T* out, const D
   if (items == 0) return;
   with_index_type(items, [&](auto index_zero) {
     using index_t = decltype(index_zero);
-    const unsigned blocks = static_cast<unsigned>(
-        std::max<int64_t>(1, std::min<int64_t>((items + kVecThreads - 1) / kVecThreads, kMaxBlocks)));
+    static_assert(kVecThreads == kThreads, "blocks_for counts blocks of kThreads");
+    const unsigned blocks = blocks_for(items);
     const index_t n = static_cast<index_t>(items);
     if (QN == 8) {
       if (t.R == 3) {

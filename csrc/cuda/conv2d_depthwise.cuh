@@ -4,6 +4,7 @@
 
 #include "conv2d.h"
 #include "cuda/grid_stride.cuh"
+#include "cuda/lanes.cuh"
 #include "cuda/stage.cuh"
 
 namespace convrnn {
@@ -272,18 +273,13 @@ constexpr int vec_lanes() {
   return sizeof(T) >= 8 ? 2 : 4;
 }
 
-template <typename T, int L>
-struct alignas(sizeof(T) * L) DwVec {
-  T v[L];
-};
-
 template <typename T, bool FLIP, int KS, int QN, typename index_t>
 __global__ void __launch_bounds__(kVecThreads)
     dw_vec_cl_kernel(const T* __restrict__ src, const T* __restrict__ w, const T* __restrict__ bias,
                      T* __restrict__ out, DwTile t, index_t items) {
   using A = acc_t<T>;
   constexpr int L = vec_lanes<T>(), NC = QN + KS - 1, RS = KS * KS;
-  using V = DwVec<T, L>;
+  using V = Lanes<T, L>;
   const index_t cv = static_cast<index_t>(t.OC / L), strips = static_cast<index_t>((t.OW + QN - 1) / QN);
   CONVRNN_GRID_STRIDE(index_t, e, items) {
     index_t rest = e;

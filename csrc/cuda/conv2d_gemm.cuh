@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "cuda/conv2d_plan.cuh"
+#include "cuda/lanes.cuh"
 
 namespace convrnn {
 namespace conv {
@@ -102,9 +103,7 @@ struct Num<__nv_bfloat16> {
 
 // V elements loaded or stored as one (up to 16-byte) access; the address must be aligned to it.
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
+using Vec = Lanes<T, V>;
 
 template <typename T, int V>
 __device__ __forceinline__ Vec<T, V> vec_zero() {

@@ -45,7 +45,7 @@ inline unsigned wgrad_grid(WgradArgs& a) {
 }
 
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 // 16-byte vector loads of the image operand: channel counts multiples of 16 bytes' worth of
 // elements and a 16-byte aligned base (the packed weight is always aligned and padded).

@@ -35,13 +35,11 @@
 //    order (torch's scheme; gather_grad).
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "cuda/launch.cuh"
 #include "cuda/max_pool2d_items.cuh"
 #include "cuda/pool_dims.cuh"
 #include "max_pool2d.h"
+#include "switches.h"
 
 namespace convrnn {
 namespace {
@@ -297,20 +295,14 @@ constexpr int kRow4Items = 2;
 // CONVRNN_MAXPOOL_R4=0 (then round 3's kernels run), so that one GPU session can time both.
 // Read once.
 bool row4_forward_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("CONVRNN_MAXPOOL_R4");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_mode("CONVRNN_MAXPOOL_R4", 1) != 0;
   return on;
 }
 
 // Round 3's forward_quad_kernel is on unless CONVRNN_MAXPOOL_R3=0 (then round 2's
 // forward_pair_kernel runs), so that one GPU session can time both.  Read once.
 bool quad_forward_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("CONVRNN_MAXPOOL_R3");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool on = env_mode("CONVRNN_MAXPOOL_R3", 1) != 0;
   return on;
 }
 
@@ -330,15 +322,19 @@ __global__ void __launch_bounds__(kThreads, (R == 1 && L == 1 && sizeof(index_t)
   }
 }
 
-// Channels a thread of the forward_unrolled and backward_cells kernels: 2 for 2- and 4-byte
-// types in channels_last when C is even and the pointers allow 2-element accesses (halves
-// the per-element index work and load/store instructions, which bound these kernels), else 1.
-inline int channel_lanes(const Pool2d& g, size_t elem_size, std::initializer_list<const void*> ptrs) {
-  if (!is_channels_last(g) || elem_size > 4 || g.C % 2 != 0) return 1;
-  for (const void* p : ptrs) {
-    if (reinterpret_cast<uintptr_t>(p) % (2 * elem_size) != 0) return 1;
+// Channels a thread of the forward_unrolled and backward_cells kernels, for 2- and 4-byte
+// types in channels_last: the most of `most` (2 or 4) and 2 that divides C and whose
+// multi-element accesses the pointers allow (fewer per-element index work and load/store
+// instructions, which bound these kernels), else 1.  The forward takes 4 in round 4, the
+// backward cells at most 2.
+inline int channel_lanes(const Pool2d& g, size_t elem_size, std::initializer_list<const void*> ptrs, int most = 2) {
+  if (!is_channels_last(g) || elem_size > 4) return 1;
+  for (int L = most; L >= 2; L /= 2) {
+    bool ok = g.C % L == 0;
+    for (const void* p : ptrs) ok = ok && aligned_to(p, L * elem_size);
+    if (ok) return L;
   }
-  return 2;
+  return 1;
 }
 
 // One thread per input element (gather_grad): windows reaching more than 2 outputs back.
@@ -386,7 +382,7 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
           if constexpr (std::is_same_v<tap_t, uint8_t>) {  // 2x2 and 3x3 have byte taps
             // taps (1-byte elements, L of them a store) need 2-byte alignment for L = 2;
             // argmax is a fresh tensor, so only the input decides.
-            const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp});
+            const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp}, row4_forward_enabled() ? 4 : 2);
             const auto launch = [&](auto kh_c, auto lanes_c) {
               constexpr int K = decltype(kh_c)::value, LL = decltype(lanes_c)::value;
               const index_t items = n / LL;
@@ -415,7 +411,7 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
                 const index_t items = d.N * d.C * d.OH * ((d.OW + 3) / 4);
                 const PosDividers<index_t> div(d.C, d.OH, (d.OW + 3) / 4);
                 // vec_store: every item holds 4 outputs at a multiple of 4 from y.
-                const bool vec_store = g.OW % 4 == 0 && reinterpret_cast<uintptr_t>(yp) % (4 * sizeof(scalar_t)) == 0;
+                const bool vec_store = g.OW % 4 == 0 && aligned_to(yp, 4 * sizeof(scalar_t));
                 forward_quad_kernel<8, scalar_t, index_t><<<blocks(items, 1), kThreads, 0, stream>>>(
                     xp, yp, d, div, items, vec_store);
                 quad = true;
@@ -423,11 +419,10 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             }
             // Round 4 (2x2/2 NCHW, every window inside, W % 8 == 0: 16-byte row pieces).
             bool row4 = false;
-            if constexpr (!CL && sizeof(scalar_t) <= 8) {
-              const auto aligned = [](const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
+            if constexpr (!CL) {
               if (!quad && g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 &&
                   g.dh == 1 && g.dw == 1 && g.W % 8 == 0 && 2 * g.OW == g.W && 2 * g.OH <= g.H &&
-                  aligned(xp, 16) && aligned(yp, 4 * sizeof(scalar_t)) && row4_forward_enabled()) {
+                  aligned_to(xp, 16) && aligned_to(yp, 4 * sizeof(scalar_t)) && row4_forward_enabled()) {
                 const index_t items = d.N * d.C * d.OH * (d.OW / 4);
                 const PosDividers<index_t> div(d.C, d.OH, d.OW / 4);
                 forward_row4_kernel<kRow4Items, scalar_t, index_t, tap_t>
@@ -446,12 +441,8 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             } else if (square23) {
               if constexpr (CL && sizeof(scalar_t) <= 4) {
                 // Round 4: 4 channels an item (8-byte loads in half types, 16-byte in float32:
-                // half or a quarter of the load instructions of 2) where C % 4 == 0 and x, y
-                // are aligned to 4 elements (taps: a fresh tensor).
-                const bool four_lanes = L == 2 && g.C % 4 == 0 && row4_forward_enabled() &&
-                                        reinterpret_cast<uintptr_t>(xp) % (4 * sizeof(scalar_t)) == 0 &&
-                                        reinterpret_cast<uintptr_t>(yp) % (4 * sizeof(scalar_t)) == 0;
-                if (four_lanes) {
+                // half the load instructions of 2; taps: a fresh tensor, aligned).
+                if (L == 4) {
                   using four = std::integral_constant<int, 4>;
                   if (g.kh == 2) launch(two(), four()); else launch(three(), four());
                 } else if (L == 2) {

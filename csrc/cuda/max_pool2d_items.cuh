@@ -21,17 +21,11 @@
 
 #include <cstring>
 
+#include "cuda/lanes.cuh"  // Lanes: L adjacent channels of channels_last in one access
 #include "cuda/pool_dims.cuh"
 #include "max_pool2d.h"
 
 namespace convrnn {
-
-// L values of one type stored together (L adjacent channels of channels_last): one load or
-// store of sizeof(T) * L bytes.  The address must be aligned to that size.
-template <typename T, int L>
-struct alignas(sizeof(T) * L) Lanes {
-  T v[L];
-};
 
 // Taps of the window at (hstart, wstart) of one plane (element (ih, iw) at
 // plane[(ih*W + iw) * cstride]), row-major into v[l] for each of the L channels

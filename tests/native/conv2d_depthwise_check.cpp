@@ -149,20 +149,54 @@ std::string describe(const char* what, const Geo& g, bool cl, int rows) {
   return buf;
 }
 
+// What a launch computes: the forward, or (FLIP) the backward data at stride 1 as a forward over
+// grad_output with flipped taps and padding (R-1)*d - p: output (OC, OH, OW) over a source
+// (SC, SH, SW) with strides sh, sw and padding ph, pw.
+struct Side {
+  int OC, OH, OW, SC, SH, SW, sh, sw, ph, pw;
+};
+
+template <bool FLIP>
+Side side(const Geo& g) {
+  if (FLIP) return {g.C, g.H, g.W, g.K, g.P, g.Q, 1, 1, (g.R - 1) * g.dh - g.ph, (g.S - 1) * g.dw - g.pw};
+  return {g.K, g.P, g.Q, g.C, g.H, g.W, g.sh, g.sw, g.ph, g.pw};
+}
+
+// A kernel's output (laid out NCHW, or NHWC with cl) in NCHW order, checked against the float64
+// reference (the output, or with FLIP the input gradient).
+std::vector<float> checked_nchw(const std::vector<float>& out, const Geo& g, const Data& d, const Side& s, bool cl,
+                                bool flip, const std::string& what) {
+  std::vector<float> nchw(out.size());
+  for (int n = 0; n < g.N; ++n)
+    for (int c = 0; c < s.OC; ++c)
+      for (int h = 0; h < s.OH; ++h)
+        for (int x = 0; x < s.OW; ++x) {
+          const size_t i = ((size_t(n) * s.OC + c) * s.OH + h) * s.OW + x;
+          nchw[i] = out[cl ? ((size_t(n) * s.OH + h) * s.OW + x) * s.OC + c : i];
+        }
+  const std::vector<double>& ref = flip ? d.gx : d.y;
+  ++checks;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (!(std::fabs(nchw[i] - ref[i]) <= tile_tol * (1 + std::fabs(ref[i])))) {
+      std::printf("FAIL %s at %zu: got %g want %g\n", what.c_str(), i, nchw[i], ref[i]);
+      ++fails;
+      break;
+    }
+  }
+  return nchw;
+}
+
 // One launch of the tile kernel for (cl, rows); returns the output (NCHW-indexed) or empty when
 // the tile does not fit.  FLIP: backward data at stride 1.
 template <bool FLIP>
 std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
-  const int OC = FLIP ? g.C : g.K, OH = FLIP ? g.H : g.P, OW = FLIP ? g.W : g.Q;
-  const int SC = FLIP ? g.K : g.C, SH = FLIP ? g.P : g.H, SW = FLIP ? g.Q : g.W;
-  const int sh = FLIP ? 1 : g.sh, sw = FLIP ? 1 : g.sw;
-  const int ph = FLIP ? (g.R - 1) * g.dh - g.ph : g.ph, pw = FLIP ? (g.S - 1) * g.dw - g.pw : g.pw;
+  const Side s = side<FLIP>(g);
   DwTile t;
   int64_t blocks = 0;
-  if (!plan(g, cl, rows, OC, OH, OW, SC, SH, SW, sh, sw, ph, pw, t, blocks)) return {};
-  const std::vector<float> src = laid_out<float>(FLIP ? d.go : d.x, g.N, SC, SH, SW, cl);
+  if (!plan(g, cl, rows, s.OC, s.OH, s.OW, s.SC, s.SH, s.SW, s.sh, s.sw, s.ph, s.pw, t, blocks)) return {};
+  const std::vector<float> src = laid_out<float>(FLIP ? d.go : d.x, g.N, s.SC, s.SH, s.SW, cl);
   std::vector<float> w(d.w.begin(), d.w.end()), b(d.b.begin(), d.b.end());
-  std::vector<float> out(size_t(g.N) * OC * OH * OW, 12345.0f);
+  std::vector<float> out(size_t(g.N) * s.OC * s.OH * s.OW, 12345.0f);
   const float* bias = FLIP ? nullptr : b.data();
   auto launch = [&](void (*kernel)(const float*, const float*, const float*, float*, DwTile)) {
     emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile>(
@@ -173,25 +207,7 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
   } else {
     launch(rows == kTileRowsR3 ? dw_tile_kernel<float, FLIP, kTileRowsR3> : dw_tile_kernel<float, FLIP, kTileRows>);
   }
-  std::vector<float> nchw(out.size());  // back to NCHW order
-  for (int n = 0; n < g.N; ++n)
-    for (int c = 0; c < OC; ++c)
-      for (int h = 0; h < OH; ++h)
-        for (int x = 0; x < OW; ++x) {
-          const size_t i = ((size_t(n) * OC + c) * OH + h) * OW + x;
-          nchw[i] = out[cl ? ((size_t(n) * OH + h) * OW + x) * OC + c : i];
-        }
-  const std::vector<double>& ref = FLIP ? d.gx : d.y;
-  ++checks;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!(std::fabs(nchw[i] - ref[i]) <= tile_tol * (1 + std::fabs(ref[i])))) {
-      std::printf("FAIL %s at %zu: got %g want %g\n", describe(FLIP ? "dgrad" : "fwd", g, cl, rows).c_str(), i,
-                  nchw[i], ref[i]);
-      ++fails;
-      break;
-    }
-  }
-  return nchw;
+  return checked_nchw(out, g, d, s, cl, FLIP, describe(FLIP ? "dgrad" : "fwd", g, cl, rows));
 }
 
 // One launch of round 5's channels_last vector kernel (dw_vec_cl_kernel) with the parameters
@@ -200,43 +216,23 @@ std::vector<float> run(const Geo& g, const Data& d, bool cl, int rows) {
 template <bool FLIP, int QN>
 std::vector<float> run_vec(const Geo& g, const Data& d) {
   constexpr int L = vec_lanes<float>();
-  const int OC = FLIP ? g.C : g.K, OH = FLIP ? g.H : g.P, OW = FLIP ? g.W : g.Q;
-  const int SC = FLIP ? g.K : g.C, SH = FLIP ? g.P : g.H, SW = FLIP ? g.Q : g.W;
-  const int sh = FLIP ? 1 : g.sh, sw = FLIP ? 1 : g.sw;
-  const int ph = FLIP ? (g.R - 1) * g.dh - g.ph : g.ph, pw = FLIP ? (g.S - 1) * g.dw - g.pw : g.pw;
-  if (g.Kg != 1 || g.R != g.S || (g.R != 3 && g.R != 5) || sw != 1 || g.dw != 1 || OC % L != 0) return {};
-  const std::vector<float> src = laid_out<float>(FLIP ? d.go : d.x, g.N, SC, SH, SW, true);
-  const Strides ss = dense_strides(SC, SH, SW, true);
-  const DwTile t{OH, OW, SH, SW, g.R, g.S, sh, 1, ph, pw, g.dh, 1, 0, 0, 0, 0, OC, 1,
+  const Side s = side<FLIP>(g);
+  if (g.Kg != 1 || g.R != g.S || (g.R != 3 && g.R != 5) || s.sw != 1 || g.dw != 1 || s.OC % L != 0) return {};
+  const std::vector<float> src = laid_out<float>(FLIP ? d.go : d.x, g.N, s.SC, s.SH, s.SW, true);
+  const Strides ss = dense_strides(s.SC, s.SH, s.SW, true);
+  const DwTile t{s.OH, s.OW, s.SH, s.SW, g.R, g.S, s.sh, 1, s.ph, s.pw, g.dh, 1, 0, 0, 0, 0, s.OC, 1,
                  ss.n, ss.c, static_cast<int>(ss.h), static_cast<int>(ss.w)};
   std::vector<float> w(d.w.begin(), d.w.end()), b(d.b.begin(), d.b.end());
-  std::vector<float> out(size_t(g.N) * OC * OH * OW, 12345.0f);
+  std::vector<float> out(size_t(g.N) * s.OC * s.OH * s.OW, 12345.0f);
   const float* bias = FLIP ? nullptr : b.data();
-  const int items = g.N * OH * ((OW + QN - 1) / QN) * (OC / L);
+  const int items = g.N * s.OH * ((s.OW + QN - 1) / QN) * (s.OC / L);
   // a grid of at most 3 blocks, so that the grid-stride loop takes several turns
   const int64_t blocks = std::min(3, (items + kVecThreads - 1) / kVecThreads);
   emu::launch_blocks_in_turn<const float*, const float*, const float*, float*, DwTile, int>(
       g.R == 3 ? dw_vec_cl_kernel<float, FLIP, 3, QN, int> : dw_vec_cl_kernel<float, FLIP, 5, QN, int>, blocks,
       kVecThreads, src.data(), w.data(), bias, out.data(), t, items);
-  std::vector<float> nchw(out.size());
-  for (int n = 0; n < g.N; ++n)
-    for (int c = 0; c < OC; ++c)
-      for (int h = 0; h < OH; ++h)
-        for (int x = 0; x < OW; ++x) {
-          nchw[((size_t(n) * OC + c) * OH + h) * OW + x] = out[((size_t(n) * OH + h) * OW + x) * OC + c];
-        }
-  const std::vector<double>& ref = FLIP ? d.gx : d.y;
-  ++checks;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (!(std::fabs(nchw[i] - ref[i]) <= tile_tol * (1 + std::fabs(ref[i])))) {
-      std::printf("FAIL %s at %zu: got %g want %g\n", describe(FLIP ? "vec dgrad" : "vec fwd", g, true, 0).c_str(),
-                  i, nchw[i], ref[i]);
-      ++fails;
-      break;
-    }
-  }
   ++vec_runs;
-  return nchw;
+  return checked_nchw(out, g, d, s, true, FLIP, describe(FLIP ? "vec dgrad" : "vec fwd", g, true, QN));
 }
 
 // One check where both kernels ran (non-empty results): the same bits.
