@@ -104,7 +104,7 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   });
   m.def("_conv2d_dw_vec(int mode=-1) -> (int, int)", [](int64_t mode) {
     return convrnn::switch_op("_conv2d_dw_vec", convrnn::conv_dw_vec_mode(), convrnn::conv_dw_vec_launches(), mode, 2,
-                              "on, 8 outputs a thread");
+                              "2 (on, 8 outputs a thread)");
   });
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> Tensor");

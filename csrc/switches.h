@@ -31,12 +31,12 @@ inline int env_mode(const char* name, int highest) {
 }
 
 // mode -1 asks, 0..highest sets; returns (the mode before the call, the count so far).
-// mode2: what mode 2 means, where highest is 2.
+// more: what the modes above 1 mean ("2 (...)", "2 (...) or 3 (...)"), where highest > 1.
 inline std::tuple<int64_t, int64_t> switch_op(const char* op, std::atomic<int>& mode,
                                               const std::atomic<int64_t>& count, int64_t value, int64_t highest,
-                                              const char* mode2 = "") {
+                                              const char* more = "") {
   TORCH_CHECK(value >= -1 && value <= highest, "convrnn.", op, ": mode must be -1 (ask), 0 (off) or 1 (on)",
-              highest > 1 ? " or 2 (" : "", highest > 1 ? mode2 : "", highest > 1 ? ")" : "", ", but got ", value);
+              highest > 1 ? " or " : "", highest > 1 ? more : "", ", but got ", value);
   const int before = value >= 0 ? mode.exchange(static_cast<int>(value)) : mode.load();
   return {before, count.load()};
 }

@@ -1,6 +1,7 @@
 """The CPU layer recurrence (csrc/cpu/rnn_recurrence.cpp): on by default for float32 and float64
 LSTM (without a projection), GRU and vanilla RNN layers (torch.ops.convrnn._cpu_recurrence(0) turns it off, 2
-splits every step over the threads whatever its size).  Against our own step loop (the same
+splits every step over the hidden units whatever its size, 3 splits the forward over the batch's rows
+from 2 rows a task).  Against our own step loop (the same
 formulas, other products) and torch.nn's modules, forward and every gradient, over packed input in
 both directions, batch 1, odd and split hidden sizes, 1 to 3 threads; float64 gradcheck through
 the split path; determinism; inference (no workspace written); what it declines.  Every test
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from helpers import num_threads
+from test_cpu_gemm import kernel_serves
 from test_rnn_layers import TOL, assert_runs_identical, compare, make_inputs, make_pair, run  # noqa: F401
 
 OPS = torch.ops.convrnn
@@ -48,7 +50,7 @@ NAMES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("mode", [1, 2], ids=["auto", "split"])
+@pytest.mark.parametrize("mode", [1, 2, 3], ids=["auto", "split", "rows"])
 @pytest.mark.parametrize("variant", ["plain", "packed_unsorted", "no_hx"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -124,6 +126,44 @@ def test_deterministic(name, threads):
     assert mode.runs == 16
 
 
+def layer_forward(name, x, h0, c0, w, bi, bh, bs, reverse):
+    if name == "lstm":
+        return OPS.lstm_layer(x, h0, c0, w, bi, bh, None, bs, reverse, False)[:3]
+    if name == "gru":
+        return OPS.gru_layer(x, h0, w, bi, bh, bs, reverse, False)[:2]
+    return OPS.rnn_layer(x, h0, w, bi, bh, bs, reverse, name == "rnn_relu")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("name", NAMES)
+def test_row_split_matches_unit_split(name, reverse, packed):
+    """A layer's forward split over the batch's rows (mode 3 from 2 rows a task) against the split
+    over the hidden units (mode 2) and one thread: every output element is computed the same way
+    whichever rows share its task, so float32 (the panel kernel, where it runs) gives the same bits
+    and float64 (BLAS's products) agrees within rounding; a packed batch's tasks lose rows as the
+    steps do."""
+    g = {"lstm": 4, "gru": 3}.get(name, 1)
+    t, b, h = 6, 7, 40
+    bs = torch.tensor([7, 7, 5, 4, 4, 2]) if packed else None
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.float64):
+        rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+        x = rnd(int(bs.sum()), g * h) if packed else rnd(t, b, g * h)
+        args = (x, rnd(b, h), rnd(b, h), rnd(g * h, h) * 0.3, rnd(g * h), rnd(g * h), bs, reverse)
+        runs = []
+        for mode, threads in ((2, 1), (2, 2), (3, 2), (3, 3), (1, 2)):
+            with num_threads(threads), recurrence_mode(mode) as m:
+                runs.append(layer_forward(name, *args))
+            assert m.runs == 1
+        for other in runs[1:]:
+            for got, want in zip(other, runs[0]):
+                if dtype == torch.float32 and kernel_serves():
+                    assert torch.equal(got, want), f"{name}: the split changed the bits"
+                else:
+                    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_bias_gradient_independent_of_threads(name):
     """The bias gradients are summed per unit, steps and rows in a fixed order: the same bits
@@ -181,9 +221,9 @@ def test_declines(case):
 
 def test_switch():
     before, _ = OPS._cpu_recurrence(-1)
-    assert before in (0, 1, 2)
+    assert before in (0, 1, 2, 3)
     with pytest.raises(RuntimeError, match=r"convrnn\._cpu_recurrence: mode"):
-        OPS._cpu_recurrence(3)
+        OPS._cpu_recurrence(4)
     assert OPS._cpu_recurrence(-1)[0] == before
 
 

@@ -20,6 +20,8 @@
 // finished (the whole state, or the whole gate gradients, of the step before).  Every output
 // element comes from one task in a fixed order: results do not depend on the thread timing, and
 // the bias sums (per unit, steps in processing order, rows in order) not on the thread count.
+// The forward of a batch of at least 12 rows a thread splits the rows instead (split_rows): one
+// region for the layer, each task running every step on its rows with all of W_hh, no barrier.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -62,6 +64,33 @@ Tasks split_units(int64_t B, int64_t G, int64_t H) {
     count = (H + units - 1) / units;
   }
   return {count, units, H, count == 1 && big && threads > 1};
+}
+
+// The batch's rows split into `count` tasks of `rows` rows (the last may have fewer), for the
+// forward: each task runs every step on its rows with every unit, so the tasks never wait for
+// each other.  The split by units ends every step with a barrier (a task's units need every
+// unit's state of the step before): at B=32, H=256 on two threads, 10% of the LSTM's forward went
+// to libgomp's waits.  Here each task multiplies by the whole W_hh (its panels, read by both
+// cores) instead of its slice.  One task (the units' split then) below kMinTaskRows rows a task:
+// a block of rows shares a panel's loads among its rows.
+struct RowTasks {
+  int64_t count, rows;
+  int64_t r0(int64_t p) const {
+    return p * rows;
+  }
+};
+
+constexpr int64_t kMinTaskRows = 12;
+
+RowTasks split_rows(int64_t B, int64_t G, int64_t H) {
+  const int mode = cpu_recurrence_mode();
+  const int64_t threads = at::get_num_threads();
+  if (threads < 2 || mode == 2) return {1, B};  // mode 2: the units' split, whatever the size
+  const bool big = mode == 3 || B * G * H * H >= cpu_blas::kParallelMacs;
+  const int64_t most = mode == 3 ? B : B / kMinTaskRows;
+  if (!big || most < 2) return {1, B};
+  const int64_t rows = (B + std::min(threads, most) - 1) / std::min(threads, most);
+  return {(B + rows - 1) / rows, rows};
 }
 
 // Runs f(p) for every task, BLAS single-threaded: in a parallel region, or, for one task, on the
@@ -149,9 +178,15 @@ struct Slice {
         panels = buffer;
         const float* w = w_hh.const_data_ptr<float>();
         const int64_t nn = n, hh = H, first = j0;
-        // column j of the operand: W_hh row q H + j0 + u (gate q = j / n, unit u = j % n)
-        cpu_gemm::pack_columns(H, G * n, [&](int64_t j) { return w + ((j / nn) * hh + first + j % nn) * hh; },
-                               static_cast<float*>(panels.data_ptr()));
+        // column j of the operand: W_hh row q H + j0 + u (gate q = j / n, unit u = j % n); the
+        // panels over the threads where this runs outside a parallel region (the rows' split)
+        const int64_t N = G * n, panel_count = (N + cpu_gemm::kPanel - 1) / cpu_gemm::kPanel;
+        float* dst = static_cast<float*>(panels.data_ptr());
+        at::parallel_for(0, panel_count, 1, [&](int64_t q0, int64_t q1) {
+          const int64_t c0 = q0 * cpu_gemm::kPanel, cols = std::min(N, q1 * cpu_gemm::kPanel) - c0;
+          cpu_gemm::pack_columns(H, cols, [&](int64_t j) { return w + (((c0 + j) / nn) * hh + first + (c0 + j) % nn) * hh; },
+                                 dst + c0 * H);
+        });
         return;
       }
     }
@@ -216,12 +251,58 @@ void prefetch_rows(const T* x, int64_t rows, int64_t row_stride, int64_t segment
   }
 }
 
+// forward_steps with the batch's rows split over the tasks (split_rows): one parallel region for
+// the layer, in which task p runs every step on its rows [r0, r1): the products of their
+// entering states with all of W_hh into its (rows, G H) block, then row(0, H, step, b, gates of
+// row b).  A row's state comes only from the same row of the step before (or of h0), which the
+// same task wrote.  The bits are the units' split's: every element of a product is one sum over k
+// in order whatever the rows beside it (the panel kernel; where BLAS runs the products, the
+// tests allow rounding), and the row functions see each row alone.
+constexpr int64_t kAhead = 1;
+template <typename T, typename Row>
+void forward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int64_t G, const T* x, const T* h0,
+                           const T* h, const Row& row) {
+  const int64_t H = l.H, B = l.B, width = G * H;
+  Slice<T> slice;
+  Tensor buffer;
+  const int64_t bytes = Slice<T>::packed_bytes(tasks.rows, G, H, H);
+  if (bytes > 0) buffer = pack_buffer(0, bytes);
+  slice.build(l.w_hh, G, 0, H, tasks.rows, buffer);
+  Tensor scratch = at::empty({tasks.count, tasks.rows, width}, l.w_hh.options());
+  T* ps = scratch.data_ptr<T>();
+  at::parallel_for(0, tasks.count, 1, [&](int64_t p0, int64_t p1) {
+    const cpu_blas::Sequential sequential;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = tasks.r0(p), r1 = std::min(B, r0 + tasks.rows);
+      T* gates = ps + p * tasks.rows * width;
+      for (int64_t k = 0; k < l.T; ++k) {
+        const Step st = step_at(l, k);
+        const int64_t e = std::min(r1, st.n), mid = std::clamp(st.from_prev, r0, std::max(r0, e));
+        if (e <= r0) continue;  // a packed sequence's step without these rows
+        slice.multiply(mid - r0, h + (st.prev_off + r0) * H, gates);
+        slice.multiply(e - mid, h0 + mid * H, gates + (mid - r0) * width);
+        const T* xs = x + st.off * width;
+        prefetch_rows(xs + r0 * width, std::min<int64_t>(kAhead, e - r0), width, 1, 0, width);
+        for (int64_t b = r0; b < e; ++b) {
+          if (b + kAhead < e) prefetch_rows(xs + (b + kAhead) * width, 1, width, 1, 0, width);
+          row(int64_t(0), H, st, b, gates + (b - r0) * width);
+        }
+      }
+    }
+  });
+}
+
 // The forward steps of a cell with G gates: per step and task, the products of the state entering
 // the step with the task's slice into its (rows, G n) block `gates`, then row(p, step, b, gates of
 // row b) for every row b of the step.  h: the layer's output (N, H); h0 (B, H).
 template <typename T, typename Row>
 void forward_steps(const PersistentLayer& l, int64_t G, const T* x, const T* h0, const T* h, const Row& row) {
   const int64_t H = l.H, B = l.B;
+  const RowTasks by_rows = split_rows(B, G, H);
+  if (by_rows.count > 1) {
+    forward_steps_by_rows(l, by_rows, G, x, h0, h, row);
+    return;
+  }
   const Tasks tasks = split_units(B, G, H);
   const Tensor& w_hh = l.w_hh;
   std::vector<Slice<T>> slices(tasks.count);

@@ -4,7 +4,8 @@
 // the CPU: the hidden units are split over the intra-op threads once, each task keeps its slice
 // of W_hh packed for its products (float: our AVX-512 panels, else MKL's) for all steps, and a
 // step is one parallel region in which every task multiplies the state by its slice and runs
-// the cell on its units: no dispatcher call, allocation or copy per step.  rnn_layers.cpp asks it first for float and
+// the cell on its units: no dispatcher call, allocation or copy per step.  A forward with enough
+// batch rows splits the rows over the threads instead, each running every step on its own rows.  rnn_layers.cpp asks it first for float and
 // double layers (LSTMs without a projection; unless CONVRNN_CPU_RECURRENCE=0, or
 // convrnn::_cpu_recurrence(0)) and runs its own step loop wherever these return false.
 #pragma once
