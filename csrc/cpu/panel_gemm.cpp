@@ -317,8 +317,12 @@ bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool ac
     return true;
   }
   const float *pa = a.const_data_ptr<float>(), *pb = b.const_data_ptr<float>();
-  // blocks of whole panels (64 columns) over the threads, or of rows (multiples of 6) for a tall out
-  const bool by_rows = m > 4 * n;
+  // blocks of whole panels (64 columns) over the threads, or of rows (multiples of 6) for a tall
+  // out, and wherever op(A) is copied a row block at a time (A transposed, but for the transposed
+  // form): split by panels, every thread copied every row block of A and used each copy for its
+  // few panels (a layer's grad W_hh, 1024 x 256 x 1600: 6.5 MB of strided copies a thread, each
+  // serving 2 of the 4 panels)
+  const bool by_rows = m > 4 * n || (ta && !(tb && m <= n));
   const int64_t unit = by_rows ? 6 : kPanel, extent = by_rows ? m : n;
   const int64_t units = (extent + unit - 1) / unit;
   // one block per thread; one block in all below ~2M multiply-adds (a fork-join costs microseconds)
