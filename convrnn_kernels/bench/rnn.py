@@ -3,8 +3,9 @@ torch.gru_cell, torch.rnn_tanh_cell): a character model's step (B=1) and two bat
 The B=1 step is its own group ("<cell>@B=1") because the project's goal differs there.
 
 Whole sequences ("lstm_seq", "gru_seq"): convrnn_kernels.nn.LSTM / GRU against torch.nn.LSTM /
-GRU with identical weights, 2 layers: a training shape (T=50, B=32, I=128, H=256; judged
-forward+backward) and a generation-latency shape (T=100, B=1, I=65, H=128; judged forward).
+GRU with identical weights, 2 layers: a training shape (T=50, B=32, I=128, H=256) and a
+generation-latency shape (T=100, B=1, I=65, H=128).  The CPU goals judge forward+backward at the
+training shape and the forward (inference) at each shape.
 torch runs oneDNN's fused LSTM on the CPU in float32 and cuDNN on CUDA."""
 from functools import partial
 from typing import List
@@ -48,7 +49,9 @@ def cases(quick: bool) -> List[Case]:
         for label, b, i, h in SHAPES:
             b = b if b == 1 else batch(b, quick)
             group = f"{op}@B=1" if b == 1 else op
-            goal = Goal(device="cpu", dtype="float32", direction="forward+backward", speedup=2 if b == 1 else 1.3)
+            # the issue's goals: 2x at B=1, 1.3x at B=64 (the large step is timed, not judged)
+            goal = Goal(device="cpu", dtype="float32", direction="forward+backward", speedup=2 if b == 1 else 1.3,
+                        label=None if b == 1 else "batched step")
             out.append(Case(op=group, label=label, shape=f"B{b} I{i} H{h}", params=dict(B=b, I=i, H=h),
                             make_inputs=partial(_inputs, op, b, i, h), ours=partial(_call, ours, lstm),
                             torch_fn=partial(_call, ref, lstm), grad_inputs=tuple(range(n_inputs)), formats=None,
@@ -58,11 +61,15 @@ def cases(quick: bool) -> List[Case]:
 
 # ---- whole sequences ----
 
-# (label, T, B, I, H, layers, the direction its goal judges)
+# (label, T, B, I, H, layers)
 SEQ_SHAPES = (
-    ("training", 50, 32, 128, 256, 2, "forward+backward"),
-    ("generation", 100, 1, 65, 128, 2, "forward"),
+    ("training", 50, 32, 128, 256, 2),
+    ("generation", 100, 1, 65, 128, 2),
 )
+# The CPU goals: forward+backward (training) at the training shape, and forward (inference) at
+# each shape.
+SEQ_CPU_GOALS = (Goal(device="cpu", dtype="float32", direction="forward+backward", speedup=1, label="training"),
+                 Goal(device="cpu", dtype="float32", direction="forward", min_speedup=1))
 
 
 class _ModulePair:
@@ -101,11 +108,10 @@ def seq_cases(quick: bool) -> List[Case]:
     out = []
     for op, kind in (("lstm_seq", "LSTM"), ("gru_seq", "GRU")):
         lstm = kind == "LSTM"
-        for label, t, b, i, h, layers, judged in SEQ_SHAPES:
+        for label, t, b, i, h, layers in SEQ_SHAPES:
             b = b if b == 1 else batch(b, quick)
             pair = _ModulePair(kind, i, h, layers)
-            goals = (Goal(device="cpu", dtype="float32", direction=judged, speedup=1, label=label),
-                     Goal(device="cuda", speedup=0.8 if b > 8 else 1, label=label))
+            goals = SEQ_CPU_GOALS + (Goal(device="cuda", speedup=0.8 if b > 8 else 1, label=label),)
             out.append(Case(op=op, label=label, shape=f"T{t} B{b} I{i} H{h} L{layers}",
                             params=dict(T=t, B=b, I=i, H=h, layers=layers),
                             make_inputs=partial(_seq_inputs, lstm, t, b, i, h, layers),
