@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "avg_pool2d.h"
+#include "cpu/fresh_memory.h"
 #include "cpu/pool_loops.h"
 
 namespace convrnn {
@@ -228,6 +229,7 @@ Tensor avg_pool2d_cpu(const Tensor& input, at::IntArrayRef kernel_size, at::IntA
   const Tensor x = input.contiguous(kernel_format(g));
   Tensor out = pool2d_empty(g, g.output_sizes(), x.options());
   if (out.numel() == 0) return out;
+  populate_pages(out);
   CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.avg_pool2d", [&] {
     if (is_channels_last(g)) {
       forward_channels_last<scalar_t>(x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, o);
@@ -245,7 +247,7 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input, a
       pool2d_backward_geometry("avg_pool2d_backward", grad_output, input, kernel_size, stride, padding, {1, 1}, ceil_mode);
   const AvgOpts o = avg_opts("avg_pool2d_backward", count_include_pad, divisor_override);
   const Tensor go = grad_output.contiguous(kernel_format(g));
-  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(kernel_format(g)));
+  Tensor grad_input = empty_populated(input.sizes(), input.options().memory_format(kernel_format(g)));
   if (grad_input.numel() == 0) return grad_input;
   CONVRNN_DISPATCH_FLOATING(go.scalar_type(), "convrnn.avg_pool2d_backward", [&] {
     if (is_channels_last(g)) {

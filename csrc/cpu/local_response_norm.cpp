@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "cpu/fresh_memory.h"
 #include "local_response_norm.h"
 
 namespace convrnn {
@@ -183,7 +184,7 @@ void run(const T* go, const T* x, T* out, const Lrn& g, const LrnConst& c) {
 Tensor lrn_cpu(const Tensor& input, int64_t size, double alpha, double beta, double k) {
   const Lrn g = lrn_geometry("local_response_norm", input, size);
   const Tensor x = input.contiguous(lrn_format(g));
-  Tensor out = at::empty(x.sizes(), x.options().memory_format(lrn_format(g)));
+  Tensor out = empty_populated(x.sizes(), x.options().memory_format(lrn_format(g)));
   if (out.numel() == 0) return out;
   CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.local_response_norm", [&] {
     run<scalar_t>(nullptr, x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g, lrn_const(size, alpha, beta, k));
@@ -196,7 +197,7 @@ Tensor lrn_backward_cpu(const Tensor& grad_output, const Tensor& input, int64_t 
   const Lrn g = lrn_backward_geometry("local_response_norm_backward", grad_output, input, size);
   const Tensor x = input.contiguous(lrn_format(g));
   const Tensor go = grad_output.contiguous(lrn_format(g));
-  Tensor gi = at::empty(x.sizes(), x.options().memory_format(lrn_format(g)));
+  Tensor gi = empty_populated(x.sizes(), x.options().memory_format(lrn_format(g)));
   if (gi.numel() == 0) return gi;
   CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.local_response_norm_backward", [&] {
     run<scalar_t>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), g,

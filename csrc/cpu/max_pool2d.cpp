@@ -19,6 +19,7 @@
 
 #include "avx512.h"
 
+#include "cpu/fresh_memory.h"
 #include "cpu/pool_loops.h"
 #include "max_pool2d.h"
 
@@ -378,6 +379,7 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cpu(const Tensor& input, at::IntAr
                                   : at::empty({0}, x.options().dtype(at::kLong));
   Tensor argmax = empty_argmax(g, x.options(), save_argmax);
   if (out.numel() == 0) return {out, indices, argmax};
+  for (const Tensor* t : {&out, &indices, &argmax}) populate_pages(*t);
   int64_t* idx = return_indices ? indices.data_ptr<int64_t>() : nullptr;
   CONVRNN_DISPATCH_FLOATING(x.scalar_type(), "convrnn.max_pool2d", [&] {
     with_tap_type(g, [&](auto tap_zero) {
@@ -401,7 +403,7 @@ Tensor max_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input, c
   const auto fmt = kernel_format(g);
   const Tensor go = grad_output.contiguous(fmt);
   const Tensor am = argmax.contiguous(fmt);
-  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+  Tensor grad_input = empty_populated(input.sizes(), input.options().memory_format(fmt));
   if (grad_input.numel() == 0) return grad_input;
   CONVRNN_DISPATCH_FLOATING(go.scalar_type(), "convrnn.max_pool2d_backward", [&] {
     with_tap_type(g, [&](auto tap_zero) {
