@@ -89,13 +89,21 @@ RowTasks split_rows(int64_t B, int64_t G, int64_t H) {
   const bool big = mode == 3 || B * G * H * H >= cpu_blas::kParallelMacs;
   const int64_t most = mode == 3 ? B : B / kMinTaskRows;
   if (!big || most < 2) return {1, B};
-  const int64_t rows = (B + std::min(threads, most) - 1) / std::min(threads, most);
+  const int64_t count = std::min(threads, most), rows = (B + count - 1) / count;
   return {(B + rows - 1) / rows, rows};
 }
 
-// Runs f(p) for every task, BLAS single-threaded: in a parallel region, or, for one task, on the
+// Runs f(p) for every task, BLAS single-threaded: in a parallel region (in_parallel), or, for one task, on the
 // calling thread (with BLAS's own threads where the product is big; a small product on MKL's
 // threads spent most of its time waking them: a batch-1 gemv measured ~40% in libgomp).
+template <typename F>
+void in_parallel(int64_t count, const F& f) {
+  at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
+    const cpu_blas::Sequential sequential;
+    for (int64_t p = p0; p < p1; ++p) f(p);
+  });
+}
+
 template <typename F>
 void run_tasks(const Tasks& tasks, const F& f) {
   if (tasks.count == 1) {
@@ -107,10 +115,7 @@ void run_tasks(const Tasks& tasks, const F& f) {
     }
     return;
   }
-  at::parallel_for(0, tasks.count, 1, [&](int64_t p0, int64_t p1) {
-    const cpu_blas::Sequential sequential;
-    for (int64_t p = p0; p < p1; ++p) f(p);
-  });
+  in_parallel(tasks.count, f);
 }
 
 // The k-th processed step: step t, its n rows from row `off`; the state it enters with is rows
@@ -251,6 +256,17 @@ void prefetch_rows(const T* x, int64_t rows, int64_t row_stride, int64_t segment
   }
 }
 
+// gates (rows [r0, e) of the step, G n wide: `width`) = the states entering the step in those
+// rows times the slice: rows below st.from_prev continue the step processed before (rows of h
+// from st.prev_off), the rest start from h0.
+template <typename T>
+void entering_product(const Slice<T>& sl, const Step& st, int64_t r0, int64_t e, const T* h, const T* h0,
+                      int64_t width, T* gates) {
+  const int64_t H = sl.H, mid = std::clamp(st.from_prev, r0, std::max(r0, e));
+  sl.multiply(mid - r0, h + (st.prev_off + r0) * H, gates);
+  sl.multiply(e - mid, h0 + mid * H, gates + (mid - r0) * width);
+}
+
 // forward_steps with the batch's rows split over the tasks (split_rows): one parallel region for
 // the layer, in which task p runs every step on its rows [r0, r1): the products of their
 // entering states with all of W_hh into its (rows, G H) block, then row(0, H, step, b, gates of
@@ -277,23 +293,19 @@ void forward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int6
   slice.build(l.w_hh, G, 0, H, tasks.rows, buffer);
   Tensor scratch = at::empty({tasks.count, tasks.rows, width}, l.w_hh.options());
   T* ps = scratch.data_ptr<T>();
-  at::parallel_for(0, tasks.count, 1, [&](int64_t p0, int64_t p1) {
-    const cpu_blas::Sequential sequential;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t r0 = tasks.r0(p), r1 = std::min(B, r0 + tasks.rows);
-      T* gates = ps + p * tasks.rows * width;
-      for (int64_t k = 0; k < l.T; ++k) {
-        const Step st = step_at(l, k);
-        const int64_t e = std::min(r1, st.n), mid = std::clamp(st.from_prev, r0, std::max(r0, e));
-        if (e <= r0) continue;  // a packed sequence's step without these rows
-        slice.multiply(mid - r0, h + (st.prev_off + r0) * H, gates);
-        slice.multiply(e - mid, h0 + mid * H, gates + (mid - r0) * width);
-        const T* xs = x + st.off * width;
-        prefetch_rows(xs + r0 * width, std::min<int64_t>(kAhead, e - r0), width, 1, 0, width);
-        for (int64_t b = r0; b < e; ++b) {
-          if (b + kAhead < e) prefetch_rows(xs + (b + kAhead) * width, 1, width, 1, 0, width);
-          row(int64_t(0), H, st, b, gates + (b - r0) * width);
-        }
+  in_parallel(tasks.count, [&](int64_t p) {
+    const int64_t r0 = tasks.r0(p), r1 = std::min(B, r0 + tasks.rows);
+    T* gates = ps + p * tasks.rows * width;
+    for (int64_t k = 0; k < l.T; ++k) {
+      const Step st = step_at(l, k);
+      const int64_t e = std::min(r1, st.n);
+      if (e <= r0) continue;  // a packed sequence's step without these rows
+      entering_product(slice, st, r0, e, h, h0, width, gates);
+      const T* xs = x + st.off * width;
+      prefetch_rows(xs + r0 * width, std::min<int64_t>(kAhead, e - r0), width, 1, 0, width);
+      for (int64_t b = r0; b < e; ++b) {
+        if (b + kAhead < e) prefetch_rows(xs + (b + kAhead) * width, 1, width, 1, 0, width);
+        row(int64_t(0), H, st, b, gates + (b - r0) * width);
       }
     }
   });
@@ -328,8 +340,7 @@ void forward_steps(const PersistentLayer& l, int64_t G, const T* x, const T* h0,
       const int64_t width = G * sl.n;
       T* gates = ps + p * B * G * tasks.units;
       prefetch_rows(x + st.off * G * H + sl.j0, st.n, G * H, G, H, sl.n);
-      sl.multiply(st.from_prev, h + st.prev_off * H, gates);
-      sl.multiply(st.n - st.from_prev, h0 + st.from_prev * H, gates + st.from_prev * width);
+      entering_product(sl, st, 0, st.n, h, h0, width, gates);
       for (int64_t b = 0; b < st.n; ++b) row(sl.j0, sl.n, st, b, gates + b * width);
     });
   }
