@@ -36,6 +36,7 @@
 
 #include "common.h"
 #include "cpu/panel_gemm.h"
+#include "cpu/reused_memory.h"
 #include "cpu/rnn_recurrence.h"
 #include "rnn_persistent.h"
 #include "switches.h"
@@ -332,7 +333,7 @@ CONVRNN_INLINE Tensor block(const Seq&, const StepRows& all, int64_t t) {
 // a b: float on the CPU through cpu_gemm (split over the threads), else at::mm.
 Tensor product(const Tensor& a, const Tensor& b) {
   if (a.is_cpu() && a.scalar_type() == at::kFloat && cpu_gemm::enabled()) {
-    Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    Tensor out = reused_empty({a.size(0), b.size(1)}, a.options());
     if (cpu_gemm::mm(a, b, out, false)) return out;
   }
   return at::mm(a, b);
@@ -545,8 +546,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(const Tens
   const Tensor x = x_proj.contiguous().view({s.N, 4 * d.H});
   const Tensor h_init = h0.contiguous(), c_init = c0.contiguous();
   if (!proj && offer_layer(x, s)) {
-    Tensor out = at::empty({s.N, d.H}, opts), cs = at::empty({s.N, d.H}, opts);
-    Tensor ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor();
+    Tensor out = reused_empty({s.N, d.H}, opts), cs = reused_empty({s.N, d.H}, opts);
+    Tensor ws = need_backward ? reused_empty({s.N, 4 * d.H}, opts) : Tensor();
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, b_ih, b_hh, h_init, c_init);
     if (layer_forward(l, x, out, cs, ws)) {
       const Tensor none = at::empty({0, 0}, opts);
@@ -603,7 +604,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
   const Tensor gout = grad_rows(grad_output, s, d.P);
   Tensor dh = grad_buffer(grad_hn, s.B, d.P, opts), dc = grad_buffer(grad_cn, s.B, d.H, opts);
   if (!proj && offer_layer(out, s)) {
-    Tensor gg = at::empty({s.N, 4 * d.H}, opts), none, grad_bias, unused;
+    Tensor gg = reused_empty({s.N, 4 * d.H}, opts), none, grad_bias, unused;
     const PersistentLayer l = persistent_layer(RnnCell::kLstm, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, c_init);
     if (layer_backward(l, gout, out, c_all, ws, dh, dc, gg, none, grad_bias, unused)) {
       return {as_sequence(s, gg), dh, dc, grad_w_hh(s, gg, out, h_init), grad_bias, at::empty({0}, opts)};
@@ -644,7 +645,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer(const Tensor& x_proj, const Tensor&
   const Tensor x = x_proj.contiguous().view({s.N, 3 * d.H});
   const Tensor h_init = h0.contiguous();
   if (offer_layer(x, s)) {
-    Tensor out = at::empty({s.N, d.H}, opts), ws = need_backward ? at::empty({s.N, 4 * d.H}, opts) : Tensor(), none;
+    Tensor out = reused_empty({s.N, d.H}, opts), none;
+    Tensor ws = need_backward ? reused_empty({s.N, 4 * d.H}, opts) : Tensor();
     const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
     if (layer_forward(l, x, out, none, ws)) {
       Tensor h_n = final_state(s, out, h_init);
@@ -681,7 +683,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_layer_backward(const OptT
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
   if (offer_layer(out, s)) {
-    Tensor gx = at::empty({s.N, 3 * d.H}, opts), gh = at::empty({s.N, 3 * d.H}, opts), none, gb_ih, gb_hh;
+    Tensor gx = reused_empty({s.N, 3 * d.H}, opts), gh = reused_empty({s.N, 3 * d.H}, opts), none, gb_ih, gb_hh;
     const PersistentLayer l = persistent_layer(RnnCell::kGru, s, d.H, w_hh, std::nullopt, std::nullopt, h_init, Tensor());
     if (layer_backward(l, gout, out, none, ws, dh, none, gh, gx, gb_ih, gb_hh)) {
       return {as_sequence(s, gx), dh, grad_w_hh(s, gh, out, h_init), gb_ih, gb_hh};
@@ -714,7 +716,7 @@ std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x_proj, const Tensor& h0, con
   const Tensor x = x_proj.contiguous().view({s.N, d.H});
   const Tensor h_init = h0.contiguous();
   if (offer_layer(x, s)) {
-    Tensor out = at::empty({s.N, d.H}, opts), none;
+    Tensor out = reused_empty({s.N, d.H}, opts), none;
     const PersistentLayer l =
         persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, b_ih, b_hh, h_init, Tensor());
     if (layer_forward(l, x, out, none, none)) {
@@ -748,7 +750,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(const OptTensor& g
   const Tensor gout = grad_rows(grad_output, s, d.H);
   Tensor dh = grad_buffer(grad_hn, s.B, d.H, opts);
   if (offer_layer(out, s)) {
-    Tensor gp = at::empty({s.N, d.H}, opts), none, grad_bias, unused;
+    Tensor gp = reused_empty({s.N, d.H}, opts), none, grad_bias, unused;
     const PersistentLayer l = persistent_layer(relu ? RnnCell::kRelu : RnnCell::kTanh, s, d.H, w_hh, std::nullopt,
                                                std::nullopt, h_init, Tensor());
     if (layer_backward(l, gout, out, none, none, dh, none, gp, none, grad_bias, unused)) {
