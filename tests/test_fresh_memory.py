@@ -37,3 +37,27 @@ def test_large_outputs_match_torch(op, channels_last):
         assert xo.grad.nbytes >= 32 << 20
         torch.testing.assert_close(out.detach(), want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(xo.grad, want[1], rtol=1e-5, atol=1e-5)
+
+
+# avg_pool2d's channels_last forward streams float outputs of 16 MiB or more past the caches
+# (csrc/cpu/avg_pool2d.cpp, forward_pixels_streamed): the same sums in the same order, so the same
+# bits as the plain loop, over the window options and channel counts (64-channel blocks, 16-channel
+# blocks, and a count the streamed loop declines).
+@pytest.mark.parametrize("channels", [64, 48, 40])
+@pytest.mark.parametrize("opts", [dict(kernel_size=2, stride=2),
+                                  dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+                                  dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, divisor_override=5)],
+                         ids=["2x2s2", "3x3s2p1-exclude-pad", "3x3s2p1-ceil-divisor"])
+def test_avg_pool2d_streamed_forward(channels, opts):
+    from helpers import switched
+    ops = torch.ops.convrnn
+    x = torch.randn(26, channels, 130, 130, generator=torch.Generator().manual_seed(3))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with switched(ops._avg_pool2d_streamed, False):
+        plain = ck.avg_pool2d(x, **opts)
+    with switched(ops._avg_pool2d_streamed, True) as s:
+        streamed = ck.avg_pool2d(x, **opts)
+    assert plain.nbytes >= 16 << 20
+    assert s.launches == (1 if channels % 16 == 0 else 0)
+    assert torch.equal(streamed, plain)
+    torch.testing.assert_close(streamed, F.avg_pool2d(x, **opts), rtol=1e-5, atol=1e-6)
