@@ -39,25 +39,58 @@ def test_large_outputs_match_torch(op, channels_last):
         torch.testing.assert_close(xo.grad, want[1], rtol=1e-5, atol=1e-5)
 
 
-# avg_pool2d's channels_last forward streams float outputs of 16 MiB or more past the caches
-# (csrc/cpu/avg_pool2d.cpp, forward_pixels_streamed): the same sums in the same order, so the same
-# bits as the plain loop, over the window options and channel counts (64-channel blocks, 16-channel
-# blocks, and a count the streamed loop declines).
-@pytest.mark.parametrize("channels", [64, 48, 40])
-@pytest.mark.parametrize("opts", [dict(kernel_size=2, stride=2),
-                                  dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
-                                  dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, divisor_override=5)],
-                         ids=["2x2s2", "3x3s2p1-exclude-pad", "3x3s2p1-ceil-divisor"])
-def test_avg_pool2d_streamed_forward(channels, opts):
+
+# The pooling ops stream float channels_last outputs and gradients of 16 MiB or more past the caches
+# (cpu/pool_loops.h, streams): avg_pool2d's forward, and the backward of both ops over tiled windows
+# (kernel = stride, no padding).  The same values in the same order as the plain loops: the same bits,
+# over the window options, channel counts (64-channel blocks, 16-channel blocks, and a count the
+# streamed loops decline) and both tap types of max_pool2d's argmax (uint8, int32 past 255 taps).
+def _streamed_and_plain(fn, x, grad_seed=4):
     from helpers import switched
-    ops = torch.ops.convrnn
+    results = []
+    for on in (False, True):
+        with switched(torch.ops.convrnn._pool2d_streamed, on) as s:
+            xi = x.detach().requires_grad_()
+            out = fn(xi)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)))
+        results.append((out.detach(), xi.grad, s.launches))
+    return results
+
+
+AVG_OPTS = {"2x2s2": dict(kernel_size=2, stride=2),
+            "3x3s2p1-exclude-pad": dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+            "3x3s2p1-ceil-divisor": dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, divisor_override=5)}
+
+
+@pytest.mark.parametrize("channels", [64, 48, 40])
+@pytest.mark.parametrize("opts", list(AVG_OPTS))
+def test_avg_pool2d_streamed(channels, opts):
+    kw = AVG_OPTS[opts]
     x = torch.randn(26, channels, 130, 130, generator=torch.Generator().manual_seed(3))
     x = x.contiguous(memory_format=torch.channels_last)
-    with switched(ops._avg_pool2d_streamed, False):
-        plain = ck.avg_pool2d(x, **opts)
-    with switched(ops._avg_pool2d_streamed, True) as s:
-        streamed = ck.avg_pool2d(x, **opts)
-    assert plain.nbytes >= 16 << 20
-    assert s.launches == (1 if channels % 16 == 0 else 0)
-    assert torch.equal(streamed, plain)
-    torch.testing.assert_close(streamed, F.avg_pool2d(x, **opts), rtol=1e-5, atol=1e-6)
+    (out0, grad0, n0), (out1, grad1, n1) = _streamed_and_plain(lambda t: ck.avg_pool2d(t, **kw), x)
+    assert out0.nbytes >= 16 << 20 and n0 == 0
+    streamable = channels % 16 == 0
+    assert n1 == (2 if streamable and opts == "2x2s2" else 1 if streamable else 0)  # forward, tiled backward
+    assert torch.equal(out1, out0) and torch.equal(grad1, grad0)
+    xt = x.detach().requires_grad_()
+    ref = F.avg_pool2d(xt, **kw)
+    ref.backward(torch.randn(ref.shape, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(out1, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad1, xt.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [64, 48, 40])
+@pytest.mark.parametrize("kernel", [2, 16], ids=["uint8-taps", "int32-taps"])
+def test_max_pool2d_streamed_backward(channels, kernel):
+    x = torch.randn(12, channels, 96, 96, generator=torch.Generator().manual_seed(3))
+    x[:, :, ::7, ::5] = x[:, :, 1::7, ::5]  # ties: the first maximum takes the gradient
+    x = x.contiguous(memory_format=torch.channels_last)
+    (out0, grad0, n0), (out1, grad1, n1) = _streamed_and_plain(lambda t: ck.max_pool2d(t, kernel, kernel), x)
+    assert grad0.nbytes >= 16 << 20 and n0 == 0
+    assert n1 == (1 if channels % 16 == 0 else 0)
+    assert torch.equal(out1, out0) and torch.equal(grad1, grad0)
+    xt = x.detach().requires_grad_()
+    ref = F.max_pool2d(xt, kernel, kernel)
+    ref.backward(torch.randn(ref.shape, generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(grad1, xt.grad, rtol=0, atol=0)

@@ -19,20 +19,12 @@
 #include "avx512.h"
 #include "cpu/fresh_memory.h"
 #include "cpu/pool_loops.h"
-#include "switches.h"
 
 namespace convrnn {
 namespace {
 
 using at::Tensor;
 
-// Whether large float channels_last forwards stream their output (forward_pixels_streamed): 1 yes,
-// 0 never; CONVRNN_AVG_POOL2D_STREAMED when first asked, convrnn::_avg_pool2d_streamed.
-std::atomic<int>& streamed_mode() {
-  static std::atomic<int> m{env_mode("CONVRNN_AVG_POOL2D_STREAMED", 1)};
-  return m;
-}
-std::atomic<int64_t> streamed_runs{0};
 
 // Window sums of n interior outputs of one row (every column tap inside the image).
 template <typename T, int SW>
@@ -197,21 +189,16 @@ CONVRNN_AVX512 void forward_pixels_streamed(const float* x, float* y, const Pool
   }
   _mm_sfence();  // the streamed lines are visible before the task ends
 }
-#endif
 
-// Outputs from this size on are written with non-temporal stores (forward_pixels_streamed):
-// half the last-level cache, past which an output is mostly evicted before it is read.
-constexpr int64_t kStreamedBytes = int64_t(16) << 20;
+#endif
 
 template <typename T>
 void forward_channels_last(const T* x, T* y, const Pool2d& g, const AvgOpts& o) {
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.C * g.kh * g.kw));
 #if CONVRNN_HAVE_AVX512
   if constexpr (std::is_same_v<T, float>) {
-    const bool aligned = reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
-    if (g.C % 16 == 0 && aligned && g.N * g.OH * g.OW * g.C * int64_t(sizeof(float)) >= kStreamedBytes &&
-        cpu_has_avx512f() && streamed_mode().load(std::memory_order_relaxed) != 0) {
-      streamed_runs.fetch_add(1, std::memory_order_relaxed);
+    if (streams(y, g.C, g.N * g.OH * g.OW * g.C)) {
+      note_streamed();
       at::parallel_for(0, g.N * g.OH * g.OW, grain,
                        [&](int64_t begin, int64_t end) { forward_pixels_streamed(x, y, g, o, begin, end); });
       return;
@@ -255,11 +242,43 @@ CONVRNN_CPU_CLONES void spread_pixel_channels(const T* __restrict go, D* __restr
   }
 }
 
+#if CONVRNN_HAVE_AVX512
+// Output pixels [begin, end) of a float channels_last backward over tiled windows (C a multiple
+// of 16, gi 64-byte aligned): spread_pixel_channels's shares (the same bits), each written to the
+// pixel's whole window with non-temporal stores.
+CONVRNN_AVX512 void spread_pixels_streamed(const float* go, float* gi, const Pool2d& g, const AvgOpts& o,
+                                           int64_t begin, int64_t end) {
+  const int64_t C = g.C;
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh, wstart = q % g.OW * g.sw;
+    const __m512 div = _mm512_set1_ps(static_cast<float>(divisor_at(g, o, hstart, wstart)));
+    float* img = gi + n * g.H * g.W * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __m512 share = _mm512_div_ps(_mm512_loadu_ps(go + q * C + c0), div);
+      for (int64_t t = 0; t < g.kh; ++t) {
+        for (int64_t u = 0; u < g.kw; ++u) _mm512_stream_ps(img + ((hstart + t) * g.W + wstart + u) * C + c0, share);
+      }
+    }
+  }
+  _mm_sfence();
+}
+#endif
+
 template <typename T>
 void backward_channels_last(const T* go, T* gi, const Pool2d& g, const AvgOpts& o) {
   using A = acc_t<T>;
   constexpr bool direct = std::is_same<T, A>::value;
   const int64_t HW = g.H * g.W;
+#if CONVRNN_HAVE_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles_exactly(g) && streams(gi, g.C, g.N * HW * g.C)) {
+      note_streamed();
+      at::parallel_for(0, g.N * g.OH * g.OW, 64,
+                       [&](int64_t begin, int64_t end) { spread_pixels_streamed(go, gi, g, o, begin, end); });
+      return;
+    }
+  }
+#endif
   if (tiles_exactly(g)) {  // each output pixel writes its own window, all channels
     at::parallel_for(0, g.N * g.OH * g.OW, 64, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
@@ -337,13 +356,6 @@ Tensor avg_pool2d_backward_cpu(const Tensor& grad_output, const Tensor& input, a
 
 }  // namespace
 }  // namespace convrnn
-
-TORCH_LIBRARY_FRAGMENT(convrnn, m) {
-  // mode -1 asks, 0 off, 1 on; returns (mode before, streamed forwards so far)
-  m.def("_avg_pool2d_streamed(int mode=-1) -> (int, int)", [](int64_t mode) {
-    return convrnn::switch_op("_avg_pool2d_streamed", convrnn::streamed_mode(), convrnn::streamed_runs, mode, 1);
-  });
-}
 
 TORCH_LIBRARY_IMPL(convrnn, CPU, m) {
   m.impl("avg_pool2d", &convrnn::avg_pool2d_cpu);

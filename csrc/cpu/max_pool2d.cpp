@@ -332,11 +332,58 @@ void forward_channels_last(const T* x, T* y, int64_t* idx, tap_t* taps, const Po
   });
 }
 
+#ifdef CONVRNN_HAVE_AVX512
+// Output pixels [begin, end) of a float channels_last backward over tiled windows (C a multiple of
+// 16, gi 64-byte aligned): tiled_pixel_backward's values (the gradient at the argmax tap, +0
+// elsewhere: the same bits), written with non-temporal stores (cpu/pool_loops.h, streams).  (GCC
+// 12 warns about the _mm512_undefined inside _mm512_cvtepu8_epi32.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <typename tap_t>
+CONVRNN_AVX512 void tiled_pixels_streamed(const float* go, const tap_t* taps, float* gi, const Pool2d& g,
+                                          int64_t begin, int64_t end) {
+  const int64_t C = g.C;
+  for (int64_t q = begin; q < end; ++q) {
+    const int64_t n = q / (g.OH * g.OW), oh = (q / g.OW) % g.OH, ow = q % g.OW;
+    float* img = gi + n * g.H * g.W * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      const __m512 grad = _mm512_loadu_ps(go + q * C + c0);
+      const tap_t* tp = taps + q * C + c0;
+      __m512i tap;
+      if constexpr (sizeof(tap_t) == 1) {
+        tap = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tp)));
+      } else {
+        static_assert(sizeof(tap_t) == 4, "taps are uint8 or int32");
+        tap = _mm512_loadu_si512(tp);
+      }
+      for (int64_t t = 0; t < g.kh; ++t) {
+        for (int64_t u = 0; u < g.kw; ++u) {
+          const __mmask16 at = _mm512_cmpeq_epi32_mask(tap, _mm512_set1_epi32(static_cast<int>(t * g.kw + u)));
+          _mm512_stream_ps(img + ((oh * g.kh + t) * g.W + ow * g.kw + u) * C + c0, _mm512_maskz_mov_ps(at, grad));
+        }
+      }
+    }
+  }
+  _mm_sfence();
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <typename T, typename tap_t>
 void backward_channels_last(const T* go, const tap_t* taps, T* gi, const Pool2d& g) {
   using A = acc_t<T>;
   constexpr bool direct = std::is_same<T, A>::value;
   const int64_t HW = g.H * g.W;
+#ifdef CONVRNN_HAVE_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (tiles_exactly(g) && streams(gi, g.C, g.N * HW * g.C)) {
+      note_streamed();
+      at::parallel_for(0, g.N * g.OH * g.OW, 64,
+                       [&](int64_t begin, int64_t end) { tiled_pixels_streamed<tap_t>(go, taps, gi, g, begin, end); });
+      return;
+    }
+  }
+#endif
   if (tiles_exactly(g)) {  // each output pixel writes its own window, all channels
     at::parallel_for(0, g.N * g.OH * g.OW, 64, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
