@@ -94,3 +94,11 @@ def test_max_pool2d_streamed_backward(channels, kernel):
     ref = F.max_pool2d(xt, kernel, kernel)
     ref.backward(torch.randn(ref.shape, generator=torch.Generator().manual_seed(4)))
     torch.testing.assert_close(grad1, xt.grad, rtol=0, atol=0)
+
+
+def test_streamed_switch_errors_name_the_op():
+    ops = torch.ops.convrnn
+    before, _ = ops._pool2d_streamed(-1)
+    with pytest.raises(RuntimeError, match=r"convrnn\._pool2d_streamed: mode"):
+        ops._pool2d_streamed(2)
+    assert ops._pool2d_streamed(-1)[0] == before
