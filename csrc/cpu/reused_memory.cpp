@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "../switches.h"
@@ -47,7 +48,7 @@ at::Tensor reused_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   for (const int64_t s : sizes) n *= s;
   const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
   if (!opts.device().is_cpu() || bytes < kReuseMin || bytes > kReuseMax || reuse_mode().load() == 0 ||
-      opts.has_layout() && opts.layout() != at::kStrided) {
+      (opts.has_layout() && opts.layout() != at::kStrided)) {
     return at::empty(sizes, opts);
   }
   Pool& p = pool();
@@ -84,11 +85,23 @@ at::Tensor reused_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return at::empty(sizes, opts);
 }
 
+// Turning the pool off also lets go of the buffers no tensor holds (the others leave the pool too
+// and are freed with their last tensor).
+std::tuple<int64_t, int64_t> reuse_switch(int64_t mode) {
+  auto result = switch_op("_reuse_memory", reuse_mode(), reuses, mode, 1);
+  if (mode == 0) {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> guard(p.lock);
+    p.kept.clear();
+    p.bytes = 0;
+  }
+  return result;
+}
+
 }  // namespace convrnn
 
 TORCH_LIBRARY_FRAGMENT(convrnn, m) {
-  // mode -1 asks, 0 turns the pool off (at::empty), 1 on; returns (mode before, buffers reused so far).
-  m.def("_reuse_memory(int mode=-1) -> (int, int)", [](int64_t mode) {
-    return convrnn::switch_op("_reuse_memory", convrnn::reuse_mode(), convrnn::reuses, mode, 1);
-  });
+  // mode -1 asks, 0 turns the pool off (at::empty) and empties it, 1 on; returns (mode before,
+  // buffers reused so far).
+  m.def("_reuse_memory(int mode=-1) -> (int, int)", &convrnn::reuse_switch);
 }

@@ -15,7 +15,8 @@
 // tensor still holds is never handed out again, so results are those of at::empty, garbage
 // included: the callers write every element.  Outside the sizes, on other devices, or with the
 // pool full (kReuseSlots buffers, kReuseTotal bytes), it is at::empty itself.  The switch
-// convrnn::_reuse_memory (CONVRNN_REUSE_MEMORY=0 when first asked) turns the pool off.
+// convrnn::_reuse_memory (CONVRNN_REUSE_MEMORY=0 when first asked) turns the pool off, and
+// turning it off empties it.
 #pragma once
 
 #include <ATen/ATen.h>
