@@ -25,7 +25,6 @@ namespace {
 
 using at::Tensor;
 
-
 // Window sums of n interior outputs of one row (every column tap inside the image).
 template <typename T, int SW>
 CONVRNN_CPU_CLONES void avg_row_interior(const T* __restrict plane, int64_t W, int64_t hstart, Taps th, int64_t c0,
@@ -189,7 +188,6 @@ CONVRNN_AVX512 void forward_pixels_streamed(const float* x, float* y, const Pool
   }
   _mm_sfence();  // the streamed lines are visible before the task ends
 }
-
 #endif
 
 template <typename T>
