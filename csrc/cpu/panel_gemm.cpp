@@ -109,26 +109,19 @@ class Scratch {
   std::vector<float> own_;
   float* data_ = nullptr;
 };
-// dst ((r, k) at k * rows + r) = A's rows [0, rows) over k in [0, kc), A's (r, k) at
-// a[r * ars + k * aks], rows <= 6.  The row loop has a constant count: with a run-time one GCC
-// called memmove for every 24 bytes; masked vector stores measured slower still (grad W_hh 94 ->
-// 78 GFLOP/s), and so did copying 16 blocks at once, k by k (75-80).
-template <int R>
-void copy_block(const float* a, int64_t ars, int64_t aks, int64_t kc, float* dst) {
+// dst ((r, k) at k * kGroupRows + r) = rows [0, rows) of A over k in [0, kc), A's (r, k) at
+// a[r + k * aks], rows <= kGroupRows: per k, kGroupRows / 16 masked vector copies (whole lines of
+// A where the group starts on one).
+constexpr int64_t kGroupRows = 48;
+CONVRNN_AVX512 void copy_group(const float* a, int64_t aks, int64_t rows, int64_t kc, float* dst) {
+  constexpr int kChunks = kGroupRows / 16;
+  __mmask16 mask[kChunks];
+  for (int j = 0; j < kChunks; ++j) mask[j] = lane_mask(rows - 16 * j);
   for (int64_t k = 0; k < kc; ++k) {
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) dst[k * R + r] = a[r * ars + k * aks];
-  }
-}
-
-void copy_block(const float* a, int64_t ars, int64_t aks, int64_t rows, int64_t kc, float* dst) {
-  switch (rows) {
-    case 6: copy_block<6>(a, ars, aks, kc, dst); break;
-    case 5: copy_block<5>(a, ars, aks, kc, dst); break;
-    case 4: copy_block<4>(a, ars, aks, kc, dst); break;
-    case 3: copy_block<3>(a, ars, aks, kc, dst); break;
-    case 2: copy_block<2>(a, ars, aks, kc, dst); break;
-    default: copy_block<1>(a, ars, aks, kc, dst);
+    const float* src = a + k * aks;
+    float* d = dst + k * kGroupRows;
+#pragma GCC unroll 8
+    for (int j = 0; j < kChunks; ++j) _mm512_store_ps(d + 16 * j, _mm512_maskz_loadu_ps(mask[j], src + 16 * j));
   }
 }
 
@@ -137,10 +130,13 @@ void copy_block(const float* a, int64_t ars, int64_t aks, int64_t rows, int64_t 
 //
 // A with rows of unit stride (aks == 1) is read in place, panel after panel, each panel's K-block
 // (64 KB) staying in L2 while every row block passes over it.  A transposed (a gradient's columns:
-// aks = lda, a line, often a page, per k) goes row block after row block instead: the block's
-// K-block copied once into a small buffer (6 x 256 floats, L1) that serves every panel, where read
-// in place it cost every panel a strided walk (a layer's grad W_hh, 1024 x 128 x 1568 a thread:
-// 89.7 -> 94.2 GF/s a core; copying a whole K-block of A at once, 1 MB, measured 79).
+// aks = lda, a line, often a page, per k) goes row block after row block instead, from a copy of
+// the K-block of a group of 48 rows (48 KB, L2) that serves the group's row blocks and every
+// panel, where read in place it cost every panel a strided walk (a layer's grad W_hh, 1024 x 128 x
+// 1568 a thread: 89.7 -> 94.2 GF/s a core with a 6-row copy; copying a whole K-block of A at once,
+// 1 MB, measured 79).  The 48-row copy reads whole lines of A once where the 6-row one read 24
+// bytes of each of 256 lines per block (grad W of 1024 x 256 x 1600, 2 threads: 4.82 -> 4.35 ms,
+// session 14).
 void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
                 int64_t panel_stride, bool accumulate, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
@@ -171,13 +167,22 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
     }
     return;
   }
-  alignas(64) float block_a[6 * kBlockK];  // (r, k) at k * rows + r
+  // A transposed (its rows contiguous at each k: ars == 1, as gemm() passes a gradient's G^T): a
+  // group of up to kGroupRows rows copied at once, k by k, into (r, k) at k * kGroupRows + r, and
+  // read in place there by every row block inside the group
+  TORCH_INTERNAL_ASSERT(ars == 1, "convrnn: run_blocks takes A's rows or columns contiguous");
+  alignas(64) float group_a[kGroupRows * kBlockK];
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
     const int64_t kc = std::min(kBlockK, K - k0);
+    int64_t g0 = 0, g1 = 0;  // the rows in group_a
     for (int64_t i = 0, r0 = 0; i < blocks; r0 += rows_of(i, r0), ++i) {
       const int64_t rows = rows_of(i, r0);
-      copy_block(a + r0 * ars + k0 * aks, ars, aks, rows, kc, block_a);
-      for (int64_t q = 0; q < panels; ++q) run(q, r0, rows, k0, kc, block_a, 1, rows);
+      if (r0 + rows > g1) {
+        g0 = r0;
+        g1 = std::min(m, r0 + kGroupRows);
+        copy_group(a + r0 + k0 * aks, aks, g1 - g0, kc, group_a);
+      }
+      for (int64_t q = 0; q < panels; ++q) run(q, r0, rows, k0, kc, group_a + (r0 - g0), 1, kGroupRows);
     }
   }
 }
