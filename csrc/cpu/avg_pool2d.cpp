@@ -154,7 +154,7 @@ CONVRNN_AVX512 void forward_pixels_streamed(const float* x, float* y, const Pool
                                             int64_t begin, int64_t end) {
   const int64_t C = g.C;
   for (int64_t q = begin; q < end; ++q) {
-    const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh - g.ph, wstart = q % g.OW * g.sw - g.pw;
+    const auto [n, hstart, wstart] = pixel_window(g, q);
     const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, 1), tw = window_taps<int64_t>(wstart, g.W, g.kw, 1);
     const __m512 div = _mm512_set1_ps(static_cast<float>(divisor_at(g, o, hstart, wstart)));
     const float* img = x + n * g.H * g.W * C;
@@ -205,7 +205,7 @@ void forward_channels_last(const T* x, T* y, const Pool2d& g, const AvgOpts& o) 
 #endif
   at::parallel_for(0, g.N * g.OH * g.OW, grain, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh - g.ph, wstart = q % g.OW * g.sw - g.pw;
+      const auto [n, hstart, wstart] = pixel_window(g, q);
       avg_pixel_channels<T>(x + n * g.H * g.W * g.C, g.W, g.C, hstart, window_taps<int64_t>(hstart, g.H, g.kh, 1),
                             wstart, window_taps<int64_t>(wstart, g.W, g.kw, 1), divisor_at(g, o, hstart, wstart),
                             y + q * g.C);
@@ -248,7 +248,7 @@ CONVRNN_AVX512 void spread_pixels_streamed(const float* go, float* gi, const Poo
                                            int64_t begin, int64_t end) {
   const int64_t C = g.C;
   for (int64_t q = begin; q < end; ++q) {
-    const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh, wstart = q % g.OW * g.sw;
+    const auto [n, hstart, wstart] = pixel_window(g, q);  // tiled: no padding
     const __m512 div = _mm512_set1_ps(static_cast<float>(divisor_at(g, o, hstart, wstart)));
     float* img = gi + n * g.H * g.W * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
@@ -280,7 +280,7 @@ void backward_channels_last(const T* go, T* gi, const Pool2d& g, const AvgOpts& 
   if (tiles_exactly(g)) {  // each output pixel writes its own window, all channels
     at::parallel_for(0, g.N * g.OH * g.OW, 64, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
-        const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh, wstart = q % g.OW * g.sw;
+        const auto [n, hstart, wstart] = pixel_window(g, q);  // tiled: no padding
         spread_pixel_channels<T, T, false>(go + q * g.C, gi + n * HW * g.C, g.W, g.C, g.C, hstart, Taps{0, g.kh},
                                            wstart, Taps{0, g.kw}, divisor_at(g, o, hstart, wstart));
       }

@@ -308,7 +308,7 @@ void forward_channels_last(const T* x, T* y, int64_t* idx, tap_t* taps, const Po
     std::vector<A> best(g.C);
     std::vector<int32_t> tap(with_tap ? g.C : 0);
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q / (g.OH * g.OW), hstart = (q / g.OW) % g.OH * g.sh - g.ph, wstart = q % g.OW * g.sw - g.pw;
+      const auto [n, hstart, wstart] = pixel_window(g, q);
       const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh), tw = window_taps<int64_t>(wstart, g.W, g.kw, g.dw);
       const T* img = x + n * g.H * g.W * g.C;
       if (with_tap) {

@@ -35,6 +35,15 @@ inline int64_t chunk_start(int64_t i0, int64_t n) {
   return i0 + kChunk <= n ? i0 : n - kChunk;
 }
 
+// Channels_last output pixel q = (n * OH + oh) * OW + ow: its image n and its window's first tap
+// (hstart, wstart) = (oh * sh - ph, ow * sw - pw).
+struct PixelWindow {
+  int64_t n, hstart, wstart;
+};
+inline PixelWindow pixel_window(const Pool2d& g, int64_t q) {
+  return {q / (g.OH * g.OW), (q / g.OW) % g.OH * g.sh - g.ph, q % g.OW * g.sw - g.pw};
+}
+
 // channels_last backward work split: one task per (image, block of channels), so no two
 // tasks touch the same grad_input element and each task scatters in a fixed order.
 constexpr int64_t kChannelBlock = 64;

@@ -93,9 +93,7 @@ RowTasks split_rows(int64_t B, int64_t G, int64_t H) {
   return {(B + rows - 1) / rows, rows};
 }
 
-// Runs f(p) for every task, BLAS single-threaded: in a parallel region (in_parallel), or, for one task, on the
-// calling thread (with BLAS's own threads where the product is big; a small product on MKL's
-// threads spent most of its time waking them: a batch-1 gemv measured ~40% in libgomp).
+// f(p) for p in [0, count) in one parallel region, BLAS single-threaded inside it.
 template <typename F>
 void in_parallel(int64_t count, const F& f) {
   at::parallel_for(0, count, 1, [&](int64_t p0, int64_t p1) {
@@ -104,6 +102,9 @@ void in_parallel(int64_t count, const F& f) {
   });
 }
 
+// Runs f(p) for every task: in a parallel region (in_parallel), or, for one task, on the calling
+// thread (with BLAS's own threads where the product is big; a small product on MKL's threads
+// spent most of its time waking them: a batch-1 gemv measured ~40% in libgomp).
 template <typename F>
 void run_tasks(const Tasks& tasks, const F& f) {
   if (tasks.count == 1) {
