@@ -56,8 +56,8 @@ std::atomic<int>& persistent_mode() {
 }
 
 // The CPU recurrence (cpu/rnn_recurrence.h): 1 on (the default), 0 off, 2 on with every step
-// split over the hidden units, 3 on with the forward split over the batch's rows whatever the
-// size; CONVRNN_CPU_RECURRENCE when first asked, convrnn::_cpu_recurrence.
+// split over the hidden units, 3 on with the forward and the backward split over the batch's rows
+// whatever the size; CONVRNN_CPU_RECURRENCE when first asked, convrnn::_cpu_recurrence.
 std::atomic<int>& cpu_mode() {
   static std::atomic<int> mode(env_mode("CONVRNN_CPU_RECURRENCE", 3));
   return mode;
@@ -94,8 +94,8 @@ std::tuple<int64_t, int64_t> persistent_stack_op(int64_t mode) {
 // Counts the layer calls (forward or backward) the CPU recurrence ran.
 std::tuple<int64_t, int64_t> cpu_recurrence_op(int64_t mode) {
   return switch_op("_cpu_recurrence", cpu_mode(), cpu_runs, mode, 3,
-                   "2 (on, every step split over the hidden units) or 3 (on, the forward split over the batch's rows "
-                   "from 2 rows a task)");
+                   "2 (on, every step split over the hidden units) or 3 (on, forward and backward split over the "
+                   "batch's rows from 2 rows a task)");
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 """The CPU layer recurrence (csrc/cpu/rnn_recurrence.cpp): on by default for float32 and float64
 LSTM (without a projection), GRU and vanilla RNN layers (torch.ops.convrnn._cpu_recurrence(0) turns it off, 2
-splits every step over the hidden units whatever its size, 3 splits the forward over the batch's rows
+splits every step over the hidden units whatever its size, 3 splits the forward and the backward over the batch's rows
 from 2 rows a task).  Against our own step loop (the same
 formulas, other products) and torch.nn's modules, forward and every gradient, over packed input in
 both directions, batch 1, odd and split hidden sizes, 1 to 3 threads; float64 gradcheck through
@@ -137,45 +137,63 @@ def layer_forward(name, x, h0, c0, w, bi, bh, bs, reverse):
     return OPS.rnn_layer(x, h0, w, bi, bh, bs, reverse, name == "rnn_relu")
 
 
+def layer_backward(name, x, h0, c0, w, bi, bh, bs, reverse, grads):
+    """The layer's backward op on its forward's saved tensors; grads: the output's, h_n's, c_n's."""
+    go, ghn, gcn = grads
+    if name == "lstm":
+        out, _, _, cs, ws, hp = OPS.lstm_layer(x, h0, c0, w, bi, bh, None, bs, reverse, True)
+        return OPS.lstm_layer_backward(go, ghn, gcn, h0, c0, w, None, out, cs, ws, hp, bs, reverse)
+    if name == "gru":
+        out, _, ws = OPS.gru_layer(x, h0, w, bi, bh, bs, reverse, True)
+        return OPS.gru_layer_backward(go, ghn, h0, w, out, ws, bs, reverse)
+    out, _ = OPS.rnn_layer(x, h0, w, bi, bh, bs, reverse, name == "rnn_relu")
+    return OPS.rnn_layer_backward(go, ghn, h0, w, out, bs, reverse, name == "rnn_relu")
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("name", NAMES)
 def test_row_split_matches_unit_split(name, reverse, packed):
-    """A layer's forward split over the batch's rows (mode 3 from 2 rows a task) against the split
-    over the hidden units (mode 2) and one thread: every output element is computed the same way
-    whichever rows share its task, so float32 (the panel kernel, where it runs) gives the same bits
-    and float64 (BLAS's products) agrees within rounding; a packed batch's tasks lose rows as the
-    steps do."""
+    """A layer's forward and backward split over the batch's rows (mode 3 from 2 rows a task)
+    against the split over the hidden units (mode 2) and one thread: every element is computed the
+    same way whichever rows share its task (the backward's bias gradients summed after the steps
+    in the units' order), so float32 (the panel kernel, where it runs) gives the same bits and
+    float64 (BLAS's products) agrees within rounding; a packed batch's tasks lose rows as the steps
+    do (and, in reverse, gain them: the rows entering from h0)."""
     g = {"lstm": 4, "gru": 3}.get(name, 1)
     t, b, h = 6, 7, 40
     bs = torch.tensor([7, 7, 5, 4, 4, 2]) if packed else None
     gen = torch.Generator().manual_seed(5)
     for dtype in (torch.float32, torch.float64):
         rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
-        x = rnd(int(bs.sum()), g * h) if packed else rnd(t, b, g * h)
+        n = int(bs.sum()) if packed else t * b
+        x = rnd(n, g * h) if packed else rnd(t, b, g * h)
         args = (x, rnd(b, h), rnd(b, h), rnd(g * h, h) * 0.3, rnd(g * h), rnd(g * h), bs, reverse)
-        runs = []
-        for mode, threads in ((2, 1), (2, 2), (3, 2), (3, 3), (1, 2)):
-            with num_threads(threads), recurrence_mode(mode) as m:
-                runs.append(layer_forward(name, *args))
-            assert m.runs == 1
-        for other in runs[1:]:
-            for got, want in zip(other, runs[0]):
-                if dtype == torch.float32 and kernel_serves():
-                    assert torch.equal(got, want), f"{name}: the split changed the bits"
-                else:
-                    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        grads = (rnd(n, h) if packed else rnd(t, b, h), rnd(b, h), rnd(b, h))
+        for direction in ("forward", "backward"):
+            runs = []
+            for mode, threads in ((2, 1), (2, 2), (3, 2), (3, 3), (1, 2)):
+                with num_threads(threads), recurrence_mode(mode) as m:
+                    runs.append(layer_forward(name, *args) if direction == "forward"
+                                else layer_backward(name, *args, grads))
+                assert m.runs == (1 if direction == "forward" else 2)
+            for other in runs[1:]:
+                for got, want in zip(other, runs[0]):
+                    if dtype == torch.float32 and kernel_serves():
+                        assert torch.equal(got, want), f"{name} {direction}: the split changed the bits"
+                    else:
+                        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bias_gradient_independent_of_threads(name):
     """The bias gradients are summed per unit, steps and rows in a fixed order: the same bits
-    whatever the number of tasks."""
+    whatever the number of tasks, split over the units or the rows."""
     ours, _ = make_pair(name, dtype=torch.float32, input_size=5, hidden=48, scale=1.0)
     inputs = make_inputs(ours, "plain", torch.float32, t=7, b=6)
     got = []
-    for threads in (1, 2, 3):
-        with num_threads(threads), recurrence_mode(2):
+    for mode, threads in ((2, 1), (2, 2), (2, 3), (3, 2), (3, 3)):
+        with num_threads(threads), recurrence_mode(mode):
             _, grads, gouts = run(ours, inputs, None if not got else got[0][2])
         got.append((grads["bias_ih_l0"], grads["bias_hh_l0"], gouts))
     for gi, gh, _ in got[1:]:

@@ -20,8 +20,11 @@
 // finished (the whole state, or the whole gate gradients, of the step before).  Every output
 // element comes from one task in a fixed order: results do not depend on the thread timing, and
 // the bias sums (per unit, steps in processing order, rows in order) not on the thread count.
-// The forward of a batch of at least 12 rows a thread splits the rows instead (split_rows): one
-// region for the layer, each task running every step on its rows with all of W_hh, no barrier.
+// The forward and the backward of a batch of at least 12 rows a thread split the rows instead
+// (split_rows): one region for the layer, each task running every step on its rows with all of
+// W_hh, no barrier (a row's state and carried gradient come only from the same row); the
+// backward's bias sums then run after the steps, per unit in the units' split's order
+// (bias_sums_pass).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -347,52 +350,73 @@ void forward_steps(const PersistentLayer& l, int64_t G, const T* x, const T* h0,
   }
 }
 
+// Whether the backward's products dh (+)= g W_hh run on cpu_gemm's panels of W_hh's columns (float
+// where that kernel runs), else BLAS on W_hh's rows in place.
+template <typename T>
+bool backward_packs() {
+  return std::is_same_v<T, float> && cpu_gemm::enabled();
+}
+
+// W_hh (G H, H)'s columns [c0, c1) into cpu_gemm's panels at `dst` (the panels of the operand whose
+// first column is c0; c0 a multiple of kPanel where dst is inside a whole operand's panels).
+void pack_backward_columns(const Tensor& w_hh, int64_t G, int64_t c0, int64_t c1, float* dst) {
+  const int64_t H = w_hh.size(1);
+  cpu_gemm::pack_rows(w_hh.const_data_ptr<float>() + c0, H, G * H, c1 - c0, dst);
+}
+
+// dh's rows [b0, b1), columns [j0, j0 + n) (+)= the gate gradients of step st's rows [b0, b1)
+// (g_hidden, (N, G H)) times W_hh's columns [j0, j0 + n) (`panels`: pack_backward_columns of them, or
+// undefined for BLAS on W_hh's rows).
+template <typename T>
+void dh_product(const PersistentLayer& l, int64_t G, const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n,
+                const Tensor& panels, const T* g_hidden, bool accumulate, T* pdh) {
+  const int64_t H = l.H, m = b1 - b0;
+  if (m <= 0) return;
+  const T* g = g_hidden + (st.off + b0) * G * H;
+  if constexpr (std::is_same_v<T, float>) {
+    if (panels.defined()) {
+      cpu_gemm::multiply(m, n, G * H, g, G * H, static_cast<const float*>(panels.const_data_ptr()), accumulate,
+                         pdh + b0 * H + j0, H);
+      return;
+    }
+  }
+  cpu_blas::gemm(false, false, int(m), int(n), int(G * H), g, int(G * H), l.w_hh.const_data_ptr<T>() + j0, int(H),
+                 accumulate ? T(1) : T(0), pdh + b0 * H + j0, int(H));
+}
+
 // The backward steps of a cell with G gates.  dh (B, H) holds the carried gradient; per step and
 // task: dh's rows of the step processed before, the task's columns, get that step's hidden-side
 // gate gradients (g_hidden, (N, G H)) times the task's columns of W_hh (added to what dh holds with
 // `accumulate`: the GRU's direct part, stored there by its row), the output's gradient is added to
 // the step's rows, and row(p, j0, n, step, b) runs the cell backward on row b.  After the last step,
 // dh gets the same product for the first processed step: the gradient of h0.  tasks: the caller's
-// split_units(B, G, H), the one its per-task buffers were sized for.
+// split_units(B, G, H), the one its per-task buffers were sized for.  prefetch(step, b0, b1, j0, n)
+// asks for the saved tensors of rows [b0, b1), units [j0, j0 + n).
 template <typename T, typename Row, typename Prefetch>
 void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, const Tensor& grad_out, T* pdh,
                     const T* g_hidden, bool accumulate, const Row& row, const Prefetch& prefetch) {
   const int64_t H = l.H;
-  // W_hh (G H, H): a task's columns are its units of dh
-  const T *pw = l.w_hh.const_data_ptr<T>(), *pgo = ptr_or_null<T>(grad_out);
+  const T* pgo = ptr_or_null<T>(grad_out);
   // per task, its columns of W_hh (G H, n) in cpu_gemm's panels, where that kernel runs
   std::vector<Tensor> panels(tasks.count);
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_gemm::enabled()) {
-      for (int64_t p = 0; p < tasks.count; ++p) {
-        panels[p] = pack_buffer(p, cpu_gemm::packed_floats(G * H, tasks.size(p)) * int64_t(sizeof(float)));
-      }
-      run_tasks(tasks, [&](int64_t p) {
-        cpu_gemm::pack_rows(pw + tasks.j0(p), H, G * H, tasks.size(p), static_cast<float*>(panels[p].data_ptr()));
-      });
+  if (backward_packs<T>()) {
+    for (int64_t p = 0; p < tasks.count; ++p) {
+      panels[p] = pack_buffer(p, cpu_gemm::packed_floats(G * H, tasks.size(p)) * int64_t(sizeof(float)));
     }
+    run_tasks(tasks, [&](int64_t p) {
+      pack_backward_columns(l.w_hh, G, tasks.j0(p), tasks.j0(p) + tasks.size(p),
+                               static_cast<float*>(panels[p].data_ptr()));
+    });
   }
-  const auto dh_from = [&](const Step& st, int64_t p) {
-    const int64_t j0 = tasks.j0(p), n = tasks.size(p);
-    if constexpr (std::is_same_v<T, float>) {
-      if (panels[p].defined()) {
-        cpu_gemm::multiply(st.n, n, G * H, g_hidden + st.off * G * H, G * H,
-                           static_cast<const float*>(panels[p].const_data_ptr()), accumulate, pdh + j0, H);
-        return;
-      }
-    }
-    cpu_blas::gemm(false, false, int(st.n), int(n), int(G * H), g_hidden + st.off * G * H, int(G * H), pw + j0, int(H),
-                   accumulate ? T(1) : T(0), pdh + j0, int(H));
-  };
   for (int64_t k = l.T - 1; k >= 0; --k) {
     const Step st = step_at(l, k);
     const bool carried = k + 1 < l.T;
     const Step next = carried ? step_at(l, k + 1) : st;
     run_tasks(tasks, [&](int64_t p) {
       const int64_t j0 = tasks.j0(p), n = tasks.size(p);
-      prefetch(st, j0, n);  // the rows' saved tensors, while the product runs
+      prefetch(st, 0, st.n, j0, n);  // the rows' saved tensors, while the product runs
       if (pgo != nullptr) prefetch_rows(pgo + st.off * H + j0, st.n, H, 1, 0, n);
-      if (carried) dh_from(next, p);
+      if (carried) dh_product(l, G, next, 0, next.n, j0, n, panels[p], g_hidden, accumulate, pdh);
       for (int64_t b = 0; b < st.n; ++b) {
         if (pgo != nullptr) {
           T* ghy = pdh + b * H + j0;
@@ -404,26 +428,177 @@ void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, con
     });
   }
   const Step first = step_at(l, 0);
-  run_tasks(tasks, [&](int64_t p) { dh_from(first, p); });
+  run_tasks(tasks, [&](int64_t p) {
+    dh_product(l, G, first, 0, first.n, tasks.j0(p), tasks.size(p), panels[p], g_hidden, accumulate, pdh);
+  });
 }
 
-// Per-task sums of the bias gradients (acc_t<T>, `blocks` blocks of n per task, as the backward
-// rows add them), and a per-task row of n elements for a state gradient the row writes before it
-// is copied over its input.
+// backward_steps with the batch's rows split over the tasks (split_rows), as the forward's
+// forward_steps_by_rows: a row's carried gradient needs only the same row's gate gradients of
+// the step processed before, so each task runs every step on its rows [r0, r1) with all of W_hh
+// (one packed copy, shared), in one parallel region with no barrier between steps.  The units'
+// split ended every step with a barrier and read half of each step's gate gradients from the
+// other core's cache.  row(p, 0, H, step, b) as there; the rows leave the bias sums to
+// bias_sums_pass (per task sums over rows would make the bits depend on the thread count).  The
+// bits are the units' split's: every element of a product is one sum over k in order however the
+// rows and columns are blocked (the panel kernel; BLAS, where it runs, may round differently).
+template <typename T, typename Row, typename Prefetch>
+void backward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int64_t G, const Tensor& grad_out,
+                            T* pdh, const T* g_hidden, bool accumulate, const Row& row, const Prefetch& prefetch) {
+  const int64_t H = l.H, B = l.B;
+  const T* pgo = ptr_or_null<T>(grad_out);
+  Tensor panels;
+  if (backward_packs<T>()) {  // one operand of every column, its panels packed over the threads
+    panels = pack_buffer(0, cpu_gemm::packed_floats(G * H, H) * int64_t(sizeof(float)));
+    float* dst = static_cast<float*>(panels.data_ptr());
+    const int64_t panel_count = (H + cpu_gemm::kPanel - 1) / cpu_gemm::kPanel;
+    at::parallel_for(0, panel_count, 1, [&](int64_t q0, int64_t q1) {
+      const int64_t c0 = q0 * cpu_gemm::kPanel, c1 = std::min(H, q1 * cpu_gemm::kPanel);
+      pack_backward_columns(l.w_hh, G, c0, c1, dst + c0 * G * H);
+    });
+  }
+  in_parallel(tasks.count, [&](int64_t p) {
+    const int64_t r0 = tasks.r0(p), r1 = std::min(B, r0 + tasks.rows);
+    for (int64_t k = l.T - 1; k >= 0; --k) {
+      const Step st = step_at(l, k);
+      const int64_t e = std::min(r1, st.n);
+      if (k + 1 < l.T) {
+        const Step next = step_at(l, k + 1);
+        dh_product(l, G, next, r0, std::min(r1, next.n), 0, H, panels, g_hidden, accumulate, pdh);
+      }
+      if (e > r0) prefetch(st, r0, std::min(e, r0 + kAhead), 0, H);
+      for (int64_t b = r0; b < e; ++b) {
+        if (b + kAhead < e) prefetch(st, b + kAhead, b + kAhead + 1, 0, H);
+        if (pgo != nullptr) {
+          T* ghy = pdh + b * H;
+          const T* go = pgo + (st.off + b) * H;
+          for (int64_t u = 0; u < H; ++u) ghy[u] += go[u];
+        }
+        row(p, int64_t(0), H, st, b);
+      }
+    }
+    const Step first = step_at(l, 0);
+    dh_product(l, G, first, r0, std::min(r1, first.n), 0, H, panels, g_hidden, accumulate, pdh);
+  });
+}
+
+// s[j] += row i's element j (row i at g + rows[i] * ld), for the rows in order and j < n <=
+// kSumColumns: the sums in registers where n is the whole width.
+constexpr int64_t kSumColumns = 64;
+
+template <typename T>
+CONVRNN_CPU_CLONES void column_sums(const T* __restrict g, int64_t ld, const int64_t* __restrict rows, int64_t count,
+                                    int64_t n, acc_t<T>* __restrict out) {
+  acc_t<T> s[kSumColumns] = {};
+  if (n == kSumColumns) {
+    for (int64_t i = 0; i < count; ++i) {
+      const T* r = g + rows[i] * ld;
+      for (int64_t j = 0; j < kSumColumns; ++j) s[j] += static_cast<acc_t<T>>(r[j]);
+    }
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      const T* r = g + rows[i] * ld;
+      for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t<T>>(r[j]);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = s[j];
+}
+
+// The rows of every step in the backward's processing order: steps from the last processed back
+// to the first, each step's rows in order.
+std::vector<int64_t> backward_row_order(const PersistentLayer& l) {
+  std::vector<int64_t> rows;
+  rows.reserve(l.N);
+  for (int64_t k = l.T - 1; k >= 0; --k) {
+    const Step st = step_at(l, k);
+    for (int64_t b = 0; b < st.n; ++b) rows.push_back(st.off + b);
+  }
+  return rows;
+}
+
+// out (width) = the sums of g's columns (g: (N, width)) over the rows in `order`
+// (backward_row_order): the order in which the units' split's rows add them, so the same bits
+// (acc_t<T> is T for the recurrence's float and double, and the rows store their sums' terms
+// unrounded).  Blocks of columns over the threads, each column summed whole by one: the bits do
+// not depend on the thread count.  Nothing where out is undefined.
+template <typename T>
+void bias_sums_pass(const std::vector<int64_t>& order, const T* g, int64_t width, const Tensor& out) {
+  if (!out.defined()) return;
+  T* po = out.data_ptr<T>();
+  const int64_t count = static_cast<int64_t>(order.size());
+  at::parallel_for(0, (width + kSumColumns - 1) / kSumColumns, 1, [&](int64_t q0, int64_t q1) {
+    acc_t<T> s[kSumColumns];
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t c = q * kSumColumns, n = std::min(kSumColumns, width - c);
+      column_sums<T>(g + c, width, order.data(), count, n, s);
+      for (int64_t j = 0; j < n; ++j) po[c + j] = static_cast<T>(s[j]);
+    }
+  });
+}
+
+// How a layer's backward splits its steps over the threads: by rows where the forward does
+// (split_rows), else by units (split_units).
+struct BackwardSplit {
+  RowTasks rows;
+  Tasks units;
+  bool by_rows() const {
+    return rows.count > 1;
+  }
+  int64_t count() const {
+    return by_rows() ? rows.count : units.count;
+  }
+};
+
+BackwardSplit split_backward(int64_t B, int64_t G, int64_t H) {
+  const RowTasks rows = split_rows(B, G, H);
+  return {rows, rows.count > 1 ? Tasks{1, H, H, false} : split_units(B, G, H)};
+}
+
+// Runs the backward steps (backward_steps' arguments) as `split` says.
+template <typename T, typename Row, typename Prefetch>
+void run_backward_steps(const PersistentLayer& l, const BackwardSplit& split, int64_t G, const Tensor& grad_out,
+                        T* pdh, const T* g_hidden, bool accumulate, const Row& row, const Prefetch& prefetch) {
+  if (split.by_rows()) {
+    backward_steps_by_rows<T>(l, split.rows, G, grad_out, pdh, g_hidden, accumulate, row, prefetch);
+  } else {
+    backward_steps<T>(l, split.units, G, grad_out, pdh, g_hidden, accumulate, row, prefetch);
+  }
+}
+
+// Per task: the sums of the bias gradients (acc_t<T>, `blocks` blocks of n, as the backward rows
+// of the units' split add them; none in the rows' split, where bias_sums_pass sums them after),
+// and a row of n elements for a state gradient the row writes before it is copied over its input
+// (n: the task's units, or H in the rows' split).
 template <typename T>
 struct TaskBuffers {
   std::vector<std::vector<acc_t<T>>> sums;
   std::vector<std::vector<T>> row;
 
-  TaskBuffers(const Tasks& tasks, int64_t blocks) : sums(tasks.count), row(tasks.count) {
-    for (int64_t p = 0; p < tasks.count; ++p) {
-      sums[p].assign(blocks * tasks.size(p), acc_t<T>(0));
-      row[p].resize(tasks.size(p));
+  TaskBuffers(const BackwardSplit& split, int64_t blocks) : sums(split.count()), row(split.count()) {
+    for (int64_t p = 0; p < split.count(); ++p) {
+      const int64_t n = split.by_rows() ? split.units.H : split.units.size(p);
+      if (!split.by_rows()) sums[p].assign(blocks * n, acc_t<T>(0));
+      row[p].resize(n);
     }
   }
 
-  // Writes sums blocks [first, first + count) of every task into out (count H: block q, unit j).
-  void store(const Tasks& tasks, int64_t first, int64_t count, const Tensor& out) const {
+  // Task p's sums, or nullptr (the rows' split).
+  acc_t<T>* sums_of(int64_t p) {
+    return sums[p].empty() ? nullptr : sums[p].data();
+  }
+
+  // Writes the bias sums of `count` gate blocks (the columns [0, count H) of g, (N, width)) into
+  // out: in the units' split, sums blocks [first, first + count) of every task (block q, unit j);
+  // in the rows' split, bias_sums_pass over g.
+  void store(const PersistentLayer& l, const BackwardSplit& split, int64_t first, int64_t count, const T* g,
+             int64_t width, const Tensor& out) const {
+    if (!out.defined()) return;
+    if (split.by_rows()) {
+      TORCH_INTERNAL_ASSERT(width == count * l.H, "convrnn: bias sums over a part of g's columns");
+      bias_sums_pass<T>(backward_row_order(l), g, width, out);
+      return;
+    }
+    const Tasks& tasks = split.units;
     for (int64_t p = 0; p < tasks.count; ++p) {
       const int64_t n = tasks.size(p);
       store_bias_sums<T>(sums[p].data() + first * n, count, tasks.H, tasks.j0(p), n, {&out});
@@ -457,22 +632,28 @@ void lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tenso
   const int64_t H = l.H;
   const T *c0 = l.c0.const_data_ptr<T>(), *pc = cs.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
   T *pdh = dh.data_ptr<T>(), *pdc = dc.data_ptr<T>(), *pg = gg.data_ptr<T>();
-  const Tasks tasks = split_units(l.B, 4, H);
-  TaskBuffers<T> buf(tasks, 4);
+  const BackwardSplit split = split_backward(l.B, 4, H);
+  TaskBuffers<T> buf(split, 4);
   const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     const T* cx = entering(st, b, pc, c0, H);
     T* gcx = buf.row[p].data();
-    lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
-                               pg + r * 4 * H + j0, gcx, buf.sums[p].data(), H, n);
+    acc_t<T>* sums = buf.sums_of(p);
+    if (sums != nullptr) {
+      lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
+                                 pg + r * 4 * H + j0, gcx, sums, H, n);
+    } else {
+      lstm_backward_row<T, false>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
+                                  pg + r * 4 * H + j0, gcx, nullptr, H, n);
+    }
     std::copy_n(gcx, n, pdc + b * H + j0);
   };
-  const auto prefetch = [&](const Step& st, int64_t j0, int64_t n) {
-    prefetch_rows(pws + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n);
-    prefetch_rows(pc + st.off * H + j0, st.n, H, 1, 0, n);
+  const auto prefetch = [&](const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n) {
+    prefetch_rows(pws + (st.off + b0) * 4 * H + j0, b1 - b0, 4 * H, 4, H, n);
+    prefetch_rows(pc + (st.off + b0) * H + j0, b1 - b0, H, 1, 0, n);
   };
-  backward_steps<T>(l, tasks, 4, grad_out, pdh, pg, false, row, prefetch);
-  buf.store(tasks, 0, 4, grad_bias);
+  run_backward_steps<T>(l, split, 4, grad_out, pdh, pg, false, row, prefetch);
+  buf.store(l, split, 0, 4, pg, 4 * H, grad_bias);
 }
 
 template <typename T>
@@ -498,24 +679,30 @@ void gru_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   const int64_t H = l.H;
   const T *h0 = l.h0.const_data_ptr<T>(), *po = out.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
   T *pdh = dh.data_ptr<T>(), *pgh = gh.data_ptr<T>(), *pgx = gx.data_ptr<T>();
-  const Tasks tasks = split_units(l.B, 3, H);
-  TaskBuffers<T> buf(tasks, 6);
+  const BackwardSplit split = split_backward(l.B, 3, H);
+  TaskBuffers<T> buf(split, 6);
   // the row leaves the direct part of the state's gradient (grad_hy z) in dh; the next region
   // adds the products to it
   const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     const T* hx = entering(st, b, po, h0, H);
     T* ghx = buf.row[p].data();
-    gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
-                              pgh + r * 3 * H + j0, ghx, buf.sums[p].data(), H, n);
+    acc_t<T>* sums = buf.sums_of(p);
+    if (sums != nullptr) {
+      gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
+                                pgh + r * 3 * H + j0, ghx, sums, H, n);
+    } else {
+      gru_backward_row<T, false>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
+                                 pgh + r * 3 * H + j0, ghx, nullptr, H, n);
+    }
     std::copy_n(ghx, n, pdh + b * H + j0);
   };
-  const auto prefetch = [&](const Step& st, int64_t j0, int64_t n) {
-    prefetch_rows(pws + st.off * 4 * H + j0, st.n, 4 * H, 4, H, n);
+  const auto prefetch = [&](const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n) {
+    prefetch_rows(pws + (st.off + b0) * 4 * H + j0, b1 - b0, 4 * H, 4, H, n);
   };
-  backward_steps<T>(l, tasks, 3, grad_out, pdh, pgh, true, row, prefetch);
-  buf.store(tasks, 0, 3, grad_b_ih);
-  buf.store(tasks, 3, 3, grad_b_hh);
+  run_backward_steps<T>(l, split, 3, grad_out, pdh, pgh, true, row, prefetch);
+  buf.store(l, split, 0, 3, pgx, 3 * H, grad_b_ih);
+  buf.store(l, split, 3, 3, pgh, 3 * H, grad_b_hh);
 }
 
 template <typename T>
@@ -542,17 +729,22 @@ void rnn_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   const bool relu = l.cell == RnnCell::kRelu;
   const T* po = out.const_data_ptr<T>();
   T *pdh = dh.data_ptr<T>(), *pgp = gp.data_ptr<T>();
-  const Tasks tasks = split_units(l.B, 1, H);
-  TaskBuffers<T> buf(tasks, 1);
+  const BackwardSplit split = split_backward(l.B, 1, H);
+  TaskBuffers<T> buf(split, 1);
   const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
-    rnn_backward_row<T, true>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, buf.sums[p].data(), n, relu);
+    acc_t<T>* sums = buf.sums_of(p);
+    if (sums != nullptr) {
+      rnn_backward_row<T, true>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, sums, n, relu);
+    } else {
+      rnn_backward_row<T, false>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, nullptr, n, relu);
+    }
   };
-  const auto prefetch = [&](const Step& st, int64_t j0, int64_t n) {
-    prefetch_rows(po + st.off * H + j0, st.n, H, 1, 0, n);
+  const auto prefetch = [&](const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n) {
+    prefetch_rows(po + (st.off + b0) * H + j0, b1 - b0, H, 1, 0, n);
   };
-  backward_steps<T>(l, tasks, 1, grad_out, pdh, pgp, false, row, prefetch);
-  buf.store(tasks, 0, 1, grad_bias);
+  run_backward_steps<T>(l, split, 1, grad_out, pdh, pgp, false, row, prefetch);
+  buf.store(l, split, 0, 1, pgp, H, grad_bias);
 }
 
 // The sizes BLAS takes as int, on the CPU, steps to run.

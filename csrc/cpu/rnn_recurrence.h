@@ -4,10 +4,11 @@
 // the CPU: the hidden units are split over the intra-op threads once, each task keeps its slice
 // of W_hh packed for its products (float: our AVX-512 panels, else MKL's) for all steps, and a
 // step is one parallel region in which every task multiplies the state by its slice and runs
-// the cell on its units: no dispatcher call, allocation or copy per step.  A forward with enough
-// batch rows splits the rows over the threads instead, each running every step on its own rows.  rnn_layers.cpp asks it first for float and
-// double layers (LSTMs without a projection; unless CONVRNN_CPU_RECURRENCE=0, or
-// convrnn::_cpu_recurrence(0)) and runs its own step loop wherever these return false.
+// the cell on its units: no dispatcher call, allocation or copy per step.  A forward or backward
+// with enough batch rows splits the rows over the threads instead, each running every step on
+// its own rows.  rnn_layers.cpp asks it first for float and double layers (LSTMs without a
+// projection; unless CONVRNN_CPU_RECURRENCE=0, or convrnn::_cpu_recurrence(0)) and runs its own
+// step loop wherever these return false.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,8 +17,9 @@
 
 namespace convrnn {
 
-// 0: off; 1: on (the default); 2: on, and every step split over the threads whatever its size
-// (the tests' way to reach the parallel code with small shapes).  rnn_layers.cpp keeps it.
+// 0: off; 1: on (the default); 2: on, and every step split over the hidden units whatever its
+// size; 3: on, the forward and the backward split over the batch's rows from 2 rows a task (the
+// tests' ways to reach the parallel code with small shapes).  rnn_layers.cpp keeps it.
 int cpu_recurrence_mode();
 // Counts the layer calls the recurrence served (convrnn::_cpu_recurrence returns the count).
 void note_cpu_recurrence_run();
