@@ -19,12 +19,11 @@
 // The end of a region is the barrier between steps: a task reads only rows that earlier regions
 // finished (the whole state, or the whole gate gradients, of the step before).  Every output
 // element comes from one task in a fixed order: results do not depend on the thread timing, and
-// the bias sums (per unit, steps in processing order, rows in order) not on the thread count.
+// the bias sums (per row and unit over the steps in processing order, then the rows in order:
+// TaskBuffers) not on the thread count.
 // The forward and the backward of a batch of at least 12 rows a thread split the rows instead
 // (split_rows): one region for the layer, each task running every step on its rows with all of
-// W_hh, no barrier (a row's state and carried gradient come only from the same row); the
-// backward's bias sums then run after the steps, per unit in the units' split's order
-// (bias_sums_pass).
+// W_hh, no barrier (a row's state and carried gradient come only from the same row).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -438,10 +437,10 @@ void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, con
 // the step processed before, so each task runs every step on its rows [r0, r1) with all of W_hh
 // (one packed copy, shared), in one parallel region with no barrier between steps.  The units'
 // split ended every step with a barrier and read half of each step's gate gradients from the
-// other core's cache.  row(p, 0, H, step, b) as there; the rows leave the bias sums to
-// bias_sums_pass (per task sums over rows would make the bits depend on the thread count).  The
-// bits are the units' split's: every element of a product is one sum over k in order however the
-// rows and columns are blocked (the panel kernel; BLAS, where it runs, may round differently).
+// other core's cache.  row(p, 0, H, step, b) as there.  The bits are the units' split's: every
+// element of a product is one sum over k in order however the rows and columns are blocked (the
+// panel kernel; BLAS, where it runs, may round differently), and the bias sums go per row
+// (TaskBuffers).
 template <typename T, typename Row, typename Prefetch>
 void backward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int64_t G, const Tensor& grad_out,
                             T* pdh, const T* g_hidden, bool accumulate, const Row& row, const Prefetch& prefetch) {
@@ -482,60 +481,6 @@ void backward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int
   });
 }
 
-// s[j] += row i's element j (row i at g + rows[i] * ld), for the rows in order and j < n <=
-// kSumColumns: the sums in registers where n is the whole width.
-constexpr int64_t kSumColumns = 64;
-
-template <typename T>
-CONVRNN_CPU_CLONES void column_sums(const T* __restrict g, int64_t ld, const int64_t* __restrict rows, int64_t count,
-                                    int64_t n, acc_t<T>* __restrict out) {
-  acc_t<T> s[kSumColumns] = {};
-  if (n == kSumColumns) {
-    for (int64_t i = 0; i < count; ++i) {
-      const T* r = g + rows[i] * ld;
-      for (int64_t j = 0; j < kSumColumns; ++j) s[j] += static_cast<acc_t<T>>(r[j]);
-    }
-  } else {
-    for (int64_t i = 0; i < count; ++i) {
-      const T* r = g + rows[i] * ld;
-      for (int64_t j = 0; j < n; ++j) s[j] += static_cast<acc_t<T>>(r[j]);
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) out[j] = s[j];
-}
-
-// The rows of every step in the backward's processing order: steps from the last processed back
-// to the first, each step's rows in order.
-std::vector<int64_t> backward_row_order(const PersistentLayer& l) {
-  std::vector<int64_t> rows;
-  rows.reserve(l.N);
-  for (int64_t k = l.T - 1; k >= 0; --k) {
-    const Step st = step_at(l, k);
-    for (int64_t b = 0; b < st.n; ++b) rows.push_back(st.off + b);
-  }
-  return rows;
-}
-
-// out (width) = the sums of g's columns (g: (N, width)) over the rows in `order`
-// (backward_row_order): the order in which the units' split's rows add them, so the same bits
-// (acc_t<T> is T for the recurrence's float and double, and the rows store their sums' terms
-// unrounded).  Blocks of columns over the threads, each column summed whole by one: the bits do
-// not depend on the thread count.  Nothing where out is undefined.
-template <typename T>
-void bias_sums_pass(const std::vector<int64_t>& order, const T* g, int64_t width, const Tensor& out) {
-  if (!out.defined()) return;
-  T* po = out.data_ptr<T>();
-  const int64_t count = static_cast<int64_t>(order.size());
-  at::parallel_for(0, (width + kSumColumns - 1) / kSumColumns, 1, [&](int64_t q0, int64_t q1) {
-    acc_t<T> s[kSumColumns];
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t c = q * kSumColumns, n = std::min(kSumColumns, width - c);
-      column_sums<T>(g + c, width, order.data(), count, n, s);
-      for (int64_t j = 0; j < n; ++j) po[c + j] = static_cast<T>(s[j]);
-    }
-  });
-}
-
 // How a layer's backward splits its steps over the threads: by rows where the forward does
 // (split_rows), else by units (split_units).
 struct BackwardSplit {
@@ -565,43 +510,59 @@ void run_backward_steps(const PersistentLayer& l, const BackwardSplit& split, in
   }
 }
 
-// Per task: the sums of the bias gradients (acc_t<T>, `blocks` blocks of n, as the backward rows
-// of the units' split add them; none in the rows' split, where bias_sums_pass sums them after),
-// and a row of n elements for a state gradient the row writes before it is copied over its input
-// (n: the task's units, or H in the rows' split).
+// The bias gradients' sums, per batch row: row b's sums (acc_t<T>, `blocks` gate blocks of n,
+// as the backward rows add them) over every step it takes part in, in processing order, kept
+// by the task that runs row b (its units' part in the units' split); store() then adds the rows'
+// sums in row order.  The same order in both splits, so the same bits whatever the split and the
+// thread count (a per-task sum over its rows would depend on both).  Also per task a row of n
+// elements for a state gradient the row writes before it is copied over its input (n: the
+// task's units, or H in the rows' split).
 template <typename T>
 struct TaskBuffers {
-  std::vector<std::vector<acc_t<T>>> sums;
+  const BackwardSplit& split;
+  int64_t blocks;
+  std::vector<std::vector<acc_t<T>>> sums;  // task p: (its rows, blocks, its units)
   std::vector<std::vector<T>> row;
 
-  TaskBuffers(const BackwardSplit& split, int64_t blocks) : sums(split.count()), row(split.count()) {
+  TaskBuffers(const BackwardSplit& split_, int64_t B, int64_t blocks_)
+      : split(split_), blocks(blocks_), sums(split_.count()), row(split_.count()) {
     for (int64_t p = 0; p < split.count(); ++p) {
-      const int64_t n = split.by_rows() ? split.units.H : split.units.size(p);
-      if (!split.by_rows()) sums[p].assign(blocks * n, acc_t<T>(0));
-      row[p].resize(n);
+      const int64_t rows = split.by_rows() ? std::min(B, first_row(p) + split.rows.rows) - first_row(p) : B;
+      sums[p].assign(rows * blocks * units(p), acc_t<T>(0));
+      row[p].resize(units(p));
     }
   }
 
-  // Task p's sums, or nullptr (the rows' split).
-  acc_t<T>* sums_of(int64_t p) {
-    return sums[p].empty() ? nullptr : sums[p].data();
+  // Task p's units (all H in the rows' split) and first row (0 in the units' split).
+  int64_t units(int64_t p) const {
+    return split.by_rows() ? split.units.H : split.units.size(p);
+  }
+  int64_t first_row(int64_t p) const {
+    return split.by_rows() ? split.rows.r0(p) : 0;
   }
 
-  // Writes the bias sums of `count` gate blocks (the columns [0, count H) of g, (N, width)) into
-  // out: in the units' split, sums blocks [first, first + count) of every task (block q, unit j);
-  // in the rows' split, bias_sums_pass over g.
-  void store(const PersistentLayer& l, const BackwardSplit& split, int64_t first, int64_t count, const T* g,
-             int64_t width, const Tensor& out) const {
+  // Row b's sums, in task p (which runs it).
+  acc_t<T>* sums_of(int64_t p, int64_t b) {
+    return sums[p].data() + (b - first_row(p)) * blocks * units(p);
+  }
+
+  // out (count H) = gate blocks [first, first + count) of the sums of rows [0, B), added in row
+  // order, per part of the units (a task's in the units' split, all H in the rows').
+  void store(int64_t B, int64_t first, int64_t count, const Tensor& out) const {
     if (!out.defined()) return;
-    if (split.by_rows()) {
-      TORCH_INTERNAL_ASSERT(width == count * l.H, "convrnn: bias sums over a part of g's columns");
-      bias_sums_pass<T>(backward_row_order(l), g, width, out);
-      return;
-    }
-    const Tasks& tasks = split.units;
-    for (int64_t p = 0; p < tasks.count; ++p) {
-      const int64_t n = tasks.size(p);
-      store_bias_sums<T>(sums[p].data() + first * n, count, tasks.H, tasks.j0(p), n, {&out});
+    T* po = out.data_ptr<T>();
+    const int64_t parts = split.by_rows() ? 1 : split.units.count;
+    for (int64_t q = 0; q < parts; ++q) {
+      const int64_t n = units(q), j0 = split.by_rows() ? 0 : split.units.j0(q);
+      std::vector<acc_t<T>> total(count * n, acc_t<T>(0));
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t p = split.by_rows() ? b / split.rows.rows : q;  // the task that ran row b
+        const acc_t<T>* s = sums[p].data() + ((b - first_row(p)) * blocks + first) * n;
+        for (int64_t i = 0; i < count * n; ++i) total[i] += s[i];
+      }
+      for (int64_t k = 0; k < count; ++k) {
+        for (int64_t j = 0; j < n; ++j) po[k * split.units.H + j0 + j] = static_cast<T>(total[k * n + j]);
+      }
     }
   }
 };
@@ -633,19 +594,13 @@ void lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tenso
   const T *c0 = l.c0.const_data_ptr<T>(), *pc = cs.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
   T *pdh = dh.data_ptr<T>(), *pdc = dc.data_ptr<T>(), *pg = gg.data_ptr<T>();
   const BackwardSplit split = split_backward(l.B, 4, H);
-  TaskBuffers<T> buf(split, 4);
+  TaskBuffers<T> buf(split, l.B, 4);
   const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     const T* cx = entering(st, b, pc, c0, H);
     T* gcx = buf.row[p].data();
-    acc_t<T>* sums = buf.sums_of(p);
-    if (sums != nullptr) {
-      lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
-                                 pg + r * 4 * H + j0, gcx, sums, H, n);
-    } else {
-      lstm_backward_row<T, false>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
-                                  pg + r * 4 * H + j0, gcx, nullptr, H, n);
-    }
+    lstm_backward_row<T, true>(pdh + b * H + j0, pdc + b * H + j0, cx + j0, pc + r * H + j0, pws + r * 4 * H + j0,
+                               pg + r * 4 * H + j0, gcx, buf.sums_of(p, b), H, n);
     std::copy_n(gcx, n, pdc + b * H + j0);
   };
   const auto prefetch = [&](const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n) {
@@ -653,7 +608,7 @@ void lstm_backward(const PersistentLayer& l, const Tensor& grad_out, const Tenso
     prefetch_rows(pc + (st.off + b0) * H + j0, b1 - b0, H, 1, 0, n);
   };
   run_backward_steps<T>(l, split, 4, grad_out, pdh, pg, false, row, prefetch);
-  buf.store(l, split, 0, 4, pg, 4 * H, grad_bias);
+  buf.store(l.B, 0, 4, grad_bias);
 }
 
 template <typename T>
@@ -680,29 +635,23 @@ void gru_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   const T *h0 = l.h0.const_data_ptr<T>(), *po = out.const_data_ptr<T>(), *pws = ws.const_data_ptr<T>();
   T *pdh = dh.data_ptr<T>(), *pgh = gh.data_ptr<T>(), *pgx = gx.data_ptr<T>();
   const BackwardSplit split = split_backward(l.B, 3, H);
-  TaskBuffers<T> buf(split, 6);
+  TaskBuffers<T> buf(split, l.B, 6);
   // the row leaves the direct part of the state's gradient (grad_hy z) in dh; the next region
   // adds the products to it
   const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
     const T* hx = entering(st, b, po, h0, H);
     T* ghx = buf.row[p].data();
-    acc_t<T>* sums = buf.sums_of(p);
-    if (sums != nullptr) {
-      gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
-                                pgh + r * 3 * H + j0, ghx, sums, H, n);
-    } else {
-      gru_backward_row<T, false>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
-                                 pgh + r * 3 * H + j0, ghx, nullptr, H, n);
-    }
+    gru_backward_row<T, true>(pdh + b * H + j0, hx + j0, pws + r * 4 * H + j0, pgx + r * 3 * H + j0,
+                              pgh + r * 3 * H + j0, ghx, buf.sums_of(p, b), H, n);
     std::copy_n(ghx, n, pdh + b * H + j0);
   };
   const auto prefetch = [&](const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n) {
     prefetch_rows(pws + (st.off + b0) * 4 * H + j0, b1 - b0, 4 * H, 4, H, n);
   };
   run_backward_steps<T>(l, split, 3, grad_out, pdh, pgh, true, row, prefetch);
-  buf.store(l, split, 0, 3, pgx, 3 * H, grad_b_ih);
-  buf.store(l, split, 3, 3, pgh, 3 * H, grad_b_hh);
+  buf.store(l.B, 0, 3, grad_b_ih);
+  buf.store(l.B, 3, 3, grad_b_hh);
 }
 
 template <typename T>
@@ -730,21 +679,16 @@ void rnn_backward(const PersistentLayer& l, const Tensor& grad_out, const Tensor
   const T* po = out.const_data_ptr<T>();
   T *pdh = dh.data_ptr<T>(), *pgp = gp.data_ptr<T>();
   const BackwardSplit split = split_backward(l.B, 1, H);
-  TaskBuffers<T> buf(split, 1);
+  TaskBuffers<T> buf(split, l.B, 1);
   const auto row = [&](int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b) {
     const int64_t r = st.off + b;
-    acc_t<T>* sums = buf.sums_of(p);
-    if (sums != nullptr) {
-      rnn_backward_row<T, true>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, sums, n, relu);
-    } else {
-      rnn_backward_row<T, false>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, nullptr, n, relu);
-    }
+    rnn_backward_row<T, true>(pdh + b * H + j0, po + r * H + j0, pgp + r * H + j0, buf.sums_of(p, b), n, relu);
   };
   const auto prefetch = [&](const Step& st, int64_t b0, int64_t b1, int64_t j0, int64_t n) {
     prefetch_rows(po + (st.off + b0) * H + j0, b1 - b0, H, 1, 0, n);
   };
   run_backward_steps<T>(l, split, 1, grad_out, pdh, pgp, false, row, prefetch);
-  buf.store(l, split, 0, 1, pgp, H, grad_bias);
+  buf.store(l.B, 0, 1, grad_bias);
 }
 
 // The sizes BLAS takes as int, on the CPU, steps to run.
