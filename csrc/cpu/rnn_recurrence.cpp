@@ -485,7 +485,7 @@ void backward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int
 // (split_rows), else by units (split_units).
 struct BackwardSplit {
   RowTasks rows;
-  Tasks units;
+  Tasks units;  // the units' split, or in the rows' split one task of all H units (its H serves)
   bool by_rows() const {
     return rows.count > 1;
   }
