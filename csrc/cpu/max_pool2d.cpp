@@ -198,13 +198,15 @@ CONVRNN_CPU_CLONES void tiled_row_backward(const T* __restrict go, const tap_t* 
   }
 }
 
-// Tiled windows, channels_last: output pixel (n, oh, ow) writes its window, all channels.
+// Tiled windows, channels_last: an output pixel writes its window (first tap (hstart, wstart),
+// pixel_window), all channels.
 template <typename T, typename tap_t>
 CONVRNN_CPU_CLONES void tiled_pixel_backward(const T* __restrict go, const tap_t* __restrict taps, T* __restrict img,
-                                             int64_t W, int64_t C, int64_t oh, int64_t ow, int64_t kh, int64_t kw) {
+                                             int64_t W, int64_t C, int64_t hstart, int64_t wstart, int64_t kh,
+                                             int64_t kw) {
   for (int64_t t = 0; t < kh; ++t) {
     for (int64_t u = 0; u < kw; ++u) {
-      T* __restrict dst = img + ((oh * kh + t) * W + ow * kw + u) * C;
+      T* __restrict dst = img + ((hstart + t) * W + wstart + u) * C;
       const tap_t id = static_cast<tap_t>(t * kw + u);
       for (int64_t c = 0; c < C; ++c) {
         const T g = go[c];
@@ -344,7 +346,7 @@ CONVRNN_AVX512 void tiled_pixels_streamed(const float* go, const tap_t* taps, fl
                                           int64_t begin, int64_t end) {
   const int64_t C = g.C;
   for (int64_t q = begin; q < end; ++q) {
-    const int64_t n = q / (g.OH * g.OW), oh = (q / g.OW) % g.OH, ow = q % g.OW;
+    const auto [n, hstart, wstart] = pixel_window(g, q);  // tiled: no padding
     float* img = gi + n * g.H * g.W * C;
     for (int64_t c0 = 0; c0 < C; c0 += 16) {
       const __m512 grad = _mm512_loadu_ps(go + q * C + c0);
@@ -359,7 +361,7 @@ CONVRNN_AVX512 void tiled_pixels_streamed(const float* go, const tap_t* taps, fl
       for (int64_t t = 0; t < g.kh; ++t) {
         for (int64_t u = 0; u < g.kw; ++u) {
           const __mmask16 at = _mm512_cmpeq_epi32_mask(tap, _mm512_set1_epi32(static_cast<int>(t * g.kw + u)));
-          _mm512_stream_ps(img + ((oh * g.kh + t) * g.W + ow * g.kw + u) * C + c0, _mm512_maskz_mov_ps(at, grad));
+          _mm512_stream_ps(img + ((hstart + t) * g.W + wstart + u) * C + c0, _mm512_maskz_mov_ps(at, grad));
         }
       }
     }
@@ -387,8 +389,9 @@ void backward_channels_last(const T* go, const tap_t* taps, T* gi, const Pool2d&
   if (tiles_exactly(g)) {  // each output pixel writes its own window, all channels
     at::parallel_for(0, g.N * g.OH * g.OW, 64, [&](int64_t begin, int64_t end) {
       for (int64_t q = begin; q < end; ++q) {
-        const int64_t n = q / (g.OH * g.OW), oh = (q / g.OW) % g.OH, ow = q % g.OW;
-        tiled_pixel_backward<T, tap_t>(go + q * g.C, taps + q * g.C, gi + n * HW * g.C, g.W, g.C, oh, ow, g.kh, g.kw);
+        const auto [n, hstart, wstart] = pixel_window(g, q);  // tiled: no padding
+        tiled_pixel_backward<T, tap_t>(go + q * g.C, taps + q * g.C, gi + n * HW * g.C, g.W, g.C, hstart, wstart, g.kh,
+                                       g.kw);
       }
     });
     return;

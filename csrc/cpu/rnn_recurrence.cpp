@@ -383,6 +383,19 @@ void dh_product(const PersistentLayer& l, int64_t G, const Step& st, int64_t b0,
                  accumulate ? T(1) : T(0), pdh + b0 * H + j0, int(H));
 }
 
+// Row b of step st, units [j0, j0 + n): the output's gradient (grad_out, (N, H), or null) added to
+// the carried gradient dh, then row(p, j0, n, st, b), the cell backward.
+template <typename T, typename Row>
+void backward_row(const Row& row, int64_t p, int64_t j0, int64_t n, const Step& st, int64_t b, const T* pgo, T* pdh,
+                  int64_t H) {
+  if (pgo != nullptr) {
+    T* ghy = pdh + b * H + j0;
+    const T* go = pgo + (st.off + b) * H + j0;
+    for (int64_t u = 0; u < n; ++u) ghy[u] += go[u];
+  }
+  row(p, j0, n, st, b);
+}
+
 // The backward steps of a cell with G gates.  dh (B, H) holds the carried gradient; per step and
 // task: dh's rows of the step processed before, the task's columns, get that step's hidden-side
 // gate gradients (g_hidden, (N, G H)) times the task's columns of W_hh (added to what dh holds with
@@ -416,14 +429,7 @@ void backward_steps(const PersistentLayer& l, const Tasks& tasks, int64_t G, con
       prefetch(st, 0, st.n, j0, n);  // the rows' saved tensors, while the product runs
       if (pgo != nullptr) prefetch_rows(pgo + st.off * H + j0, st.n, H, 1, 0, n);
       if (carried) dh_product(l, G, next, 0, next.n, j0, n, panels[p], g_hidden, accumulate, pdh);
-      for (int64_t b = 0; b < st.n; ++b) {
-        if (pgo != nullptr) {
-          T* ghy = pdh + b * H + j0;
-          const T* go = pgo + (st.off + b) * H + j0;
-          for (int64_t u = 0; u < n; ++u) ghy[u] += go[u];
-        }
-        row(p, j0, n, st, b);
-      }
+      for (int64_t b = 0; b < st.n; ++b) backward_row(row, p, j0, n, st, b, pgo, pdh, H);
     });
   }
   const Step first = step_at(l, 0);
@@ -468,12 +474,7 @@ void backward_steps_by_rows(const PersistentLayer& l, const RowTasks& tasks, int
       if (e > r0) prefetch(st, r0, std::min(e, r0 + kAhead), 0, H);
       for (int64_t b = r0; b < e; ++b) {
         if (b + kAhead < e) prefetch(st, b + kAhead, b + kAhead + 1, 0, H);
-        if (pgo != nullptr) {
-          T* ghy = pdh + b * H;
-          const T* go = pgo + (st.off + b) * H;
-          for (int64_t u = 0; u < H; ++u) ghy[u] += go[u];
-        }
-        row(p, int64_t(0), H, st, b);
+        backward_row(row, p, int64_t(0), H, st, b, pgo, pdh, H);
       }
     }
     const Step first = step_at(l, 0);
@@ -550,7 +551,6 @@ struct TaskBuffers {
   // order, per part of the units (a task's in the units' split, all H in the rows').
   void store(int64_t B, int64_t first, int64_t count, const Tensor& out) const {
     if (!out.defined()) return;
-    T* po = out.data_ptr<T>();
     const int64_t parts = split.by_rows() ? 1 : split.units.count;
     for (int64_t q = 0; q < parts; ++q) {
       const int64_t n = units(q), j0 = split.by_rows() ? 0 : split.units.j0(q);
@@ -560,9 +560,7 @@ struct TaskBuffers {
         const acc_t<T>* s = sums[p].data() + ((b - first_row(p)) * blocks + first) * n;
         for (int64_t i = 0; i < count * n; ++i) total[i] += s[i];
       }
-      for (int64_t k = 0; k < count; ++k) {
-        for (int64_t j = 0; j < n; ++j) po[k * split.units.H + j0 + j] = static_cast<T>(total[k * n + j]);
-      }
+      store_bias_sums<T>(total.data(), count, split.units.H, j0, n, {&out});
     }
   }
 };
