@@ -1,7 +1,7 @@
 """The CPU layer recurrence (csrc/cpu/rnn_recurrence.cpp): on by default for float32 and float64
-LSTM (without a projection), GRU and vanilla RNN layers (torch.ops.convrnn._cpu_recurrence(0) turns it off, 2
-splits every step over the hidden units whatever its size, 3 splits the forward and the backward over the batch's rows
-from 2 rows a task).  Against our own step loop (the same
+LSTM (without a projection), GRU and vanilla RNN layers (torch.ops.convrnn._cpu_recurrence(0) turns
+it off, 2 splits every step over the hidden units whatever its size, 3 splits the forward and the
+backward over the batch's rows from 2 rows a task).  Against our own step loop (the same
 formulas, other products) and torch.nn's modules, forward and every gradient, over packed input in
 both directions, batch 1, odd and split hidden sizes, 1 to 3 threads; float64 gradcheck through
 the split path; determinism; inference (no workspace written); what it declines.  Every test
@@ -156,8 +156,8 @@ def layer_backward(name, x, h0, c0, w, bi, bh, bs, reverse, grads):
 def test_row_split_matches_unit_split(name, reverse, packed):
     """A layer's forward and backward split over the batch's rows (mode 3 from 2 rows a task)
     against the split over the hidden units (mode 2) and one thread: every element is computed the
-    same way whichever rows share its task (the backward's bias gradients summed after the steps
-    in the units' order), so float32 (the panel kernel, where it runs) gives the same bits and
+    same way whichever rows share its task (the backward's bias gradients summed per row over the
+    steps, then over the rows in order, in both splits), so float32 (the panel kernel, where it runs) gives the same bits and
     float64 (BLAS's products) agrees within rounding; a packed batch's tasks lose rows as the steps
     do (and, in reverse, gain them: the rows entering from h0)."""
     g = {"lstm": 4, "gru": 3}.get(name, 1)
