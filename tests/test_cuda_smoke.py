@@ -28,7 +28,7 @@ def _both(fn, x, grad_of_out):
 @pytest.mark.parametrize("cfg", POOLS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("channels", [3, 4])  # channels_last: 1 and 4 channels an item
+@pytest.mark.parametrize("channels", [3, 4, 8])  # channels_last: 1, 4 and (float16) 8 channels an item
 def test_sanitizer_pools(cfg, channels_last, dtype, channels):
     k, s, p, d, ceil = cfg
     x = torch.randn(2, channels, 8, 8, dtype=dtype)

@@ -368,12 +368,14 @@ def test_wide_rows_match_torch(device, hw, k, s, p, d, ceil, kind):
 
 # (shape, kernel, stride, padding, ceil_mode, channels_last): rows CUDA round 4 takes (NCHW 2x2/2
 # with W % 8 == 0 and every window inside, read by 16-byte pieces; channels_last with C % 4 == 0,
-# 4 channels an item), and ones it declines (odd H with ceil_mode, W = 20, C = 6).
+# 4 channels an item; round 5: C % 8 == 0 in the 2-byte types, 8 channels an item), and ones it
+# declines (odd H with ceil_mode, W = 20, C = 6).
 ROUND4 = [((2, 3, 10, 24), 2, 2, 0, False, False), ((1, 2, 7, 16), 2, 2, 0, False, False),
           ((1, 2, 7, 16), 2, 2, 0, True, False), ((2, 2, 6, 20), 2, 2, 0, False, False),
           ((2, 8, 10, 12), 2, 2, 0, False, True), ((2, 8, 13, 13), 3, 2, 0, False, True),
           ((1, 12, 9, 9), 3, 2, 1, True, True), ((2, 4, 7, 7), 3, 1, 1, False, True),
-          ((2, 6, 8, 8), 2, 2, 0, False, True)]
+          ((2, 6, 8, 8), 2, 2, 0, False, True), ((2, 16, 8, 6), 2, 2, 0, False, True),
+          ((1, 16, 9, 11), 3, 1, 1, True, True), ((1, 24, 11, 9), 3, 2, 1, False, True)]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
@@ -405,3 +407,31 @@ def test_round4_forward_forms(device, dtype, cfg):
     # integer gradients: sums over overlapping windows are exact in every dtype and order
     gout = torch.randint(-4, 4, out.shape, generator=g).to(dtype).to(device)
     assert torch.equal(torch.autograd.grad(out, xg, gout)[0], torch.autograd.grad(eout, xg, gout)[0])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("offset", [1, 2, 4, 8])
+@pytest.mark.parametrize("cfg", [((2, 16, 8, 8), 2, 2, 0), ((1, 16, 9, 9), 3, 2, 1)], ids=cfg_id)
+def test_misaligned_channels_last_input(device, dtype, offset, cfg):
+    """A channels_last input whose data starts `offset` elements into its storage (not aligned
+    to the 8- or 16-byte accesses of the multi-channel kernels): the same values, indices and
+    gradients as torch's and as the same input aligned."""
+    shape, k, s, p = cfg
+    g = torch.Generator().manual_seed(offset)
+    base = torch.randn(shape, generator=g).to(dtype).to(device).contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(base.numel() + offset, dtype=dtype, device=device)
+    x = buf[offset:].as_strided(base.shape, base.stride())
+    x.copy_(base)
+    assert x.storage_offset() == offset and x.is_contiguous(memory_format=torch.channels_last)
+    for t in (x, base):
+        t.requires_grad_()
+    out, idx = ck.max_pool2d(x, k, s, p, return_indices=True)
+    eout, eidx = F.max_pool2d(x, k, s, p, return_indices=True)
+    aout = ck.max_pool2d(base, k, s, p)
+    torch.testing.assert_close(out, eout, rtol=0, atol=0)
+    torch.testing.assert_close(out, aout, rtol=0, atol=0)
+    assert torch.equal(idx, eidx)
+    gout = torch.randint(-4, 4, out.shape, generator=g).to(dtype).to(device)
+    assert torch.equal(torch.autograd.grad(out, x, gout)[0], torch.autograd.grad(eout, x, gout)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(ck.max_pool2d(x, k, s, p), eout, rtol=0, atol=0)

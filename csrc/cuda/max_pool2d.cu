@@ -20,6 +20,10 @@
 //  - round 4 (CONVRNN_MAXPOOL_R4=0 turns it off): NCHW 2x2/2 windows all inside the image with
 //    W % 8 == 0, forward_row4_kernel, four outputs of a row an item from 16-byte row pieces; and
 //    channels_last 2x2 / 3x3 with C % 4 == 0, 4 channels an item in forward_unrolled_kernel;
+//  - round 5 (CONVRNN_MAXPOOL_R5=0 turns it off, =2 keeps only its values-only form): in the 2-byte types, channels_last 2x2 / 3x3
+//    with C % 8 == 0, 8 channels an item (16-byte loads); and forward_unrolled_kernel's values-only
+//    form (no indices or argmax to write: maxima by a NaN-propagating max instruction, the scan
+//    only where the result is NaN or a zero);
 //  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
 //    kernels' function).
 // Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
@@ -84,8 +88,9 @@ __global__ void __launch_bounds__(kThreads)
 // their taps are loaded first, then scanned.  L > 1 (channels_last, C a multiple of L, x
 // aligned to L elements): each output item is L adjacent channels, read a tap at a time by
 // one L-wide load and written by one L-wide store (out_div divides by C / L, total counts
-// items); every lane computed exactly as alone.
-template <int KH, int KW, int L, bool CL, typename T, typename index_t, typename tap_t>
+// items); every lane computed exactly as alone.  VALUES (round 5: no indices or taps to
+// write, the inference forward): each value by max_values_window, the same bits.
+template <int KH, int KW, int L, bool CL, bool VALUES, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
     forward_unrolled_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
                             tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> out_div,
@@ -120,15 +125,21 @@ __global__ void __launch_bounds__(kThreads)
       Lanes<tap_t, L> out_tap;
 #pragma unroll
       for (int l = 0; l < L; ++l) {
-        acc_t<T> best;
-        index_t tap;
-        max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j], best, tap);
-        out.v[l] = static_cast<T>(best);
-        out_tap.v[l] = any[j] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
-        if (indices != nullptr) indices[e * L + l] = tap_index<index_t>(tap, hstart[j], wstart[j], KW, d.dh, d.dw, d.W);
+        if constexpr (VALUES) {
+          out.v[l] = static_cast<T>(max_values_window<KH, KW, T, index_t>(v[j][l], first[j]));
+        } else {
+          acc_t<T> best;
+          index_t tap;
+          max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j], best, tap);
+          out.v[l] = static_cast<T>(best);
+          out_tap.v[l] = any[j] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
+          if (indices != nullptr) indices[e * L + l] = tap_index<index_t>(tap, hstart[j], wstart[j], KW, d.dh, d.dw, d.W);
+        }
       }
       *reinterpret_cast<Lanes<T, L>*>(y + e * L) = out;
-      if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, L>*>(taps + e * L) = out_tap;
+      if constexpr (!VALUES) {
+        if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, L>*>(taps + e * L) = out_tap;
+      }
     }
   }
 }
@@ -299,6 +310,18 @@ bool row4_forward_enabled() {
   return on;
 }
 
+// Round 5 of forward_unrolled_kernel: 8 channels an item in the channels_last forward of the
+// 2-byte types (16-byte loads, half the load instructions and index work of round 4's 4), and its
+// values-only form (maxima by nan_max where no indices or taps are written).  CONVRNN_MAXPOOL_R5:
+// 1 (default) both, 2 the values-only form alone, 0 neither (round 4's kernels), so that one GPU
+// session can time each.  Read once.
+int round5_mode() {
+  static const int mode = env_mode("CONVRNN_MAXPOOL_R5", 1);
+  return mode;
+}
+bool lane8_forward_enabled() { return round5_mode() == 1; }
+bool values_forward_enabled() { return round5_mode() != 0; }
+
 // Round 3's forward_quad_kernel is on unless CONVRNN_MAXPOOL_R3=0 (then round 2's
 // forward_pair_kernel runs), so that one GPU session can time both.  Read once.
 bool quad_forward_enabled() {
@@ -323,12 +346,13 @@ __global__ void __launch_bounds__(kThreads, (R == 1 && L == 1 && sizeof(index_t)
 }
 
 // Channels a thread of the forward_unrolled and backward_cells kernels, for 2- and 4-byte
-// types in channels_last: the most of `most` (2 or 4) and 2 that divides C and whose
-// multi-element accesses the pointers allow (fewer per-element index work and load/store
-// instructions, which bound these kernels), else 1.  The forward takes 4 in round 4, the
-// backward cells at most 2.
+// types in channels_last: the most of `most` (2, 4 or 8; at most 16 bytes), 4 and 2 that
+// divides C and whose multi-element accesses the pointers allow (fewer per-element index work
+// and load/store instructions, which bound these kernels), else 1.  The forward takes 4 in
+// round 4 and 8 for 2-byte types in round 5, the backward cells at most 2.
 inline int channel_lanes(const Pool2d& g, size_t elem_size, std::initializer_list<const void*> ptrs, int most = 2) {
   if (!is_channels_last(g) || elem_size > 4) return 1;
+  while (most * elem_size > 16) most /= 2;
   for (int L = most; L >= 2; L /= 2) {
     bool ok = g.C % L == 0;
     for (const void* p : ptrs) ok = ok && aligned_to(p, L * elem_size);
@@ -382,13 +406,22 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
           if constexpr (std::is_same_v<tap_t, uint8_t>) {  // 2x2 and 3x3 have byte taps
             // taps (1-byte elements, L of them a store) need 2-byte alignment for L = 2;
             // argmax is a fresh tensor, so only the input decides.
-            const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp}, row4_forward_enabled() ? 4 : 2);
+            const int most_lanes = !row4_forward_enabled() ? 2 : sizeof(scalar_t) == 2 && lane8_forward_enabled() ? 8 : 4;
+            const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp}, most_lanes);
+            // Round 5: the values-only form where there is nothing else to write.
+            const bool values_only = ip == nullptr && tp == nullptr && values_forward_enabled();
             const auto launch = [&](auto kh_c, auto lanes_c) {
               constexpr int K = decltype(kh_c)::value, LL = decltype(lanes_c)::value;
               const index_t items = n / LL;
               const PosDividers<index_t> div(d.C / LL, d.OH, d.OW);
-              forward_unrolled_kernel<K, K, LL, CL, scalar_t, index_t, tap_t>
-                  <<<blocks(items, forward_items(K, K, LL, static_cast<int>(sizeof(scalar_t)))), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              const int nblocks = blocks(items, forward_items(K, K, LL, static_cast<int>(sizeof(scalar_t))));
+              if (values_only) {
+                forward_unrolled_kernel<K, K, LL, CL, true, scalar_t, index_t, tap_t>
+                    <<<nblocks, kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              } else {
+                forward_unrolled_kernel<K, K, LL, CL, false, scalar_t, index_t, tap_t>
+                    <<<nblocks, kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              }
             };
             using two = std::integral_constant<int, 2>;
             using three = std::integral_constant<int, 3>;
@@ -439,19 +472,24 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
                   <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
               done = true;
             } else if (square23) {
+              const auto by_window = [&](auto lanes_c) {
+                if (g.kh == 2) launch(two(), lanes_c); else launch(three(), lanes_c);
+              };
               if constexpr (CL && sizeof(scalar_t) <= 4) {
                 // Round 4: 4 channels an item (8-byte loads in half types, 16-byte in float32:
-                // half the load instructions of 2; taps: a fresh tensor, aligned).
-                if (L == 4) {
-                  using four = std::integral_constant<int, 4>;
-                  if (g.kh == 2) launch(two(), four()); else launch(three(), four());
+                // half the load instructions of 2; taps: a fresh tensor, aligned).  Round 5: 8
+                // channels an item in the 2-byte types (16-byte loads; taps 8-byte stores).
+                if (L == 8) {  // 2-byte types only: channel_lanes keeps an item to 16 bytes
+                  if constexpr (sizeof(scalar_t) == 2) by_window(std::integral_constant<int, 8>());
+                } else if (L == 4) {
+                  by_window(std::integral_constant<int, 4>());
                 } else if (L == 2) {
-                  if (g.kh == 2) launch(two(), two()); else launch(three(), two());
+                  by_window(two());
                 } else {
-                  if (g.kh == 2) launch(two(), one_lane()); else launch(three(), one_lane());
+                  by_window(one_lane());
                 }
               } else {
-                if (g.kh == 2) launch(two(), one_lane()); else launch(three(), one_lane());
+                by_window(one_lane());
               }
               done = true;
             }

@@ -387,6 +387,26 @@ CONVRNN_HD void max_values_quad(const T (&r)[KH][kQuadCols], acc_t<T> (&best)[4]
   }
 }
 
+// max_loaded_window's value (not its tap) for a window loaded by load_window: a chain of
+// nan_max over the taps (one instruction a tap for float on sm_80+, against the scan's
+// compare, NaN test and select), the -inf of taps outside the image never winning; where the
+// result is NaN or a zero, whose bits depend on the scan's order, the scan itself decides, as
+// in max_values_quad.  So the bits are always max_loaded_window's.
+template <int KH, int KW, typename T, typename index_t>
+CONVRNN_HD acc_t<T> max_values_window(const T (&v)[KH * KW], index_t first_tap) {
+  using A = acc_t<T>;
+  A m = static_cast<A>(v[0]);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 1; k < KH * KW; ++k) m = nan_max(m, static_cast<A>(v[k]));
+  if (!(m > A(0) || m < A(0))) {  // NaN or a zero: the scan decides
+    index_t tap;
+    max_loaded_window<KH, KW, T, index_t>(v, first_tap, m, tap);
+  }
+  return m;
+}
+
 // Tap number at which the window of output (oh, ow) sees input (ih, iw), or -1 if it
 // falls between dilated taps.  (ih, iw) lies in the window's extent.
 template <typename index_t>

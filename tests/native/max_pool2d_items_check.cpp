@@ -13,7 +13,8 @@ static std::mt19937_64 rng(12345);
 static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
 static long fails = 0, checks = 0;
 static long reach_hist[5];
-static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0, row4_runs = 0, lane4_geoms = 0;
+static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0, row4_runs = 0, lane4_geoms = 0, lane8_geoms = 0,
+            values_checks = 0, values_fixups = 0;
 static long line_fails[1000];
 #define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 
@@ -305,6 +306,12 @@ static void check_forward(const Pool2d& g, const std::vector<T>& x) {
       acc_t<T> best2; index_t tap2;
       max_loaded_window<K, K, T, index_t>(v[l], first, best2, tap2);
       out.v[l] = T(best2);
+      // round 5's values-only form (forward_unrolled_kernel<..., VALUES = true, ...>): the same bits
+      const T values_only = T(max_values_window<K, K, T, index_t>(v[l], first));
+      TCHECK(same_bits_strict(values_only, T(best2)), "values-only K=%d L=%d CL=%d e=%lld: %g vs %g", K, L, int(CL),
+             (long long)e, double(values_only), double(T(best2)));
+      ++values_checks;
+      if (!(best2 > 0 || best2 < 0)) ++values_fixups;
       ot.v[l] = any ? uint8_t(tap2) : no_tap<uint8_t>();
       idx[e * L + l] = tap_index<index_t>(tap2, hs, ws, K, d.dh, d.dw, d.W);
     }
@@ -369,6 +376,11 @@ static void run_geom(const Pool2d& g, int mode) {
     // round 4: 4 channels an item
     if (g.C % 4 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 4>(g, x); ++lane4_geoms; }
     if (g.C % 4 == 0 && g.kh == 3 && g.kw == 3) { check_forward<3, CL, T, index_t, 4>(g, x); ++lane4_geoms; }
+    // round 5: 8 channels an item, in the 2-byte types (16-byte loads)
+    if constexpr (sizeof(T) == 2) {
+      if (g.C % 8 == 0 && g.kh == 2 && g.kw == 2) { check_forward<2, CL, T, index_t, 8>(g, x); ++lane8_geoms; }
+      if (g.C % 8 == 0 && g.kh == 3 && g.kw == 3) { check_forward<3, CL, T, index_t, 8>(g, x); ++lane8_geoms; }
+    }
   }
   // forward taps by the reference body, for the backward
   PoolDims<index_t> d(g);
@@ -446,9 +458,21 @@ int main() {
     if (it % 2 == 0) run_geom<false, c10::Half, int64_t>(g, mode);
     else run_geom<false, c10::BFloat16, int32_t>(g, mode);
   }
+  // round 5's 8-channel items: channels_last 2x2 and 3x3 windows with C a multiple of 8, half types
+  for (int it = 0; it < 200; ++it) {
+    const int64_t k = rnd(2, 3), s = rnd(1, 3), dil = rnd(0, 3) == 0 ? 2 : 1, p = rnd(0, k / 2);
+    const int64_t H = rnd(1, 13), W = rnd(1, 13), N = rnd(1, 2), C = 8 * rnd(1, 2);
+    Pool2d g = make_geom(N, C, H, W, k, k, s, s, p, p, dil, dil, rnd(0, 1), true);
+    if (g.OH < 1 || g.OW < 1) continue;
+    ++geoms;
+    const int mode = rnd(0, 3) == 0;
+    if (it % 2 == 0) run_geom<true, c10::Half, int32_t>(g, mode);
+    else run_geom<true, c10::BFloat16, int64_t>(g, mode);
+  }
   // the benchmark's geometries, smaller batch
   for (bool cl : {false, true}) {
-    for (auto s : std::vector<std::vector<int64_t>>{{2, 4, 112, 112, 2, 2, 0}, {2, 6, 55, 55, 3, 2, 0}, {2, 4, 112, 112, 3, 2, 1}}) {
+    for (auto s : std::vector<std::vector<int64_t>>{{2, 4, 112, 112, 2, 2, 0}, {2, 6, 55, 55, 3, 2, 0}, {2, 4, 112, 112, 3, 2, 1},
+                                                    {1, 8, 112, 112, 2, 2, 0}, {1, 16, 55, 55, 3, 2, 0}, {1, 8, 112, 112, 3, 2, 1}}) {
       Pool2d g = make_geom(s[0], s[1], s[2], s[3], s[4], s[4], s[5], s[5], s[6], s[6], 1, 1, false, cl);
       ++geoms;
       if (cl) { run_geom<true, float, int32_t>(g, 0); run_geom<true, c10::Half, int32_t>(g, 0); run_geom<true, c10::BFloat16, int64_t>(g, 0); }
@@ -460,6 +484,9 @@ int main() {
   TCHECK(piece_misaligned == 0 && quad_runs > 0 && quad_fixups > 0 && pieces > 0, "quad coverage / piece alignment");
   printf("round-4 2x2/2 row forward: %ld runs; 4-channel forward over %ld geometries\n", row4_runs, lane4_geoms);
   TCHECK(row4_runs > 300 && lane4_geoms > 100, "round-4 coverage");
+  printf("round-5 8-channel forward over %ld geometries; values-only form: %ld outputs, %ld by the fix-up scan\n",
+         lane8_geoms, values_checks, values_fixups);
+  TCHECK(lane8_geoms > 100 && values_fixups > 1000 && values_checks > 2 * values_fixups, "round-5 coverage");
   printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
   for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
   return fails != 0;
