@@ -174,6 +174,18 @@ def test_bad_arguments(device, shape, size, arg):
         ck.local_response_norm(x, size)
 
 
+@pytest.mark.parametrize("size", [2.5, 3.0, True, "3", None], ids=repr)
+def test_size_not_an_integer(size):
+    """A size that is not an integer raises TypeError naming the op and size, as torch raises
+    TypeError (a float would otherwise be truncated); an integer tensor is taken, as by torch."""
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(TypeError):
+        F.local_response_norm(x, size)
+    with pytest.raises(TypeError, match=r"convrnn\.local_response_norm.*size"):
+        ck.local_response_norm(x, size)
+    torch.testing.assert_close(ck.local_response_norm(x, torch.tensor(3)), F.local_response_norm(x, 3))
+
+
 @pytest.mark.parametrize("dtype", BAD_DTYPES, ids=dtype_id)
 def test_bad_dtype(device, dtype):
     x = torch.ones(1, 4, 3, 3, dtype=dtype, device=device)

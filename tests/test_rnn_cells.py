@@ -337,6 +337,33 @@ def test_bad_arguments(device, name, case):
         call(fn, cell, t)
 
 
+@pytest.mark.parametrize("missing", ["b_ih", "b_hh"])
+def test_one_bias(device, cell, missing):
+    """torch's cell functions take either bias alone: the same values and gradients (float64),
+    and no gradient invented for the missing bias."""
+    t = make_cell_inputs(cell, 3, 5, 7, torch.float64, device)
+    t[missing] = None
+    results = []
+    for fn in (ours(cell), torch_fn(cell)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in t.items() if v is not None}
+        outs = call(fn, cell, {k: leaves.get(k) for k in t})
+        grads = torch.autograd.grad([o.sum() for o in outs], list(leaves.values()))
+        results.append((outs, grads))
+    (o1, g1), (o2, g2) = results
+    for a, b in zip(o1 + g1, o2 + g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_cell_hx_not_a_pair(device):
+    """hx of three tensors, or not a tuple: an error naming the op and hx (torch: "lstm_cell
+    expects two hidden states")."""
+    cell = CELLS["lstm_cell"]
+    t = make_cell_inputs(cell, 3, 5, 7, torch.float32, device)
+    for hx in ((t["h"], t["c"], t["c"]), (t["h"],), t["h"]):
+        with raises_named("lstm_cell", "hx"):
+            ours(cell)(t["input"], hx, t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"])
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=dtype_id)
 def test_bad_dtype(device, cell, dtype):
     t = make_cell_inputs(cell, 3, 5, 7, torch.float32, device)

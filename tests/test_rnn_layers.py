@@ -384,7 +384,8 @@ def raises_named(op, arg):
 
 
 BAD_CASES = ["input_features", "input_4d", "input_int", "hx_batch", "hx_hidden", "hx_layers", "hx_dtype", "cx_shape",
-             "hx_3d_unbatched", "weight_hh_rows", "weight_ih_dtype", "bias_size", "num_layers_0"]
+             "hx_3d_unbatched", "weight_hh_rows", "weight_ih_dtype", "bias_size", "num_layers_0", "input_no_steps",
+             "input_no_steps_unbatched", "cx_none"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -392,14 +393,15 @@ BAD_CASES = ["input_features", "input_4d", "input_int", "hx_batch", "hx_hidden",
 def test_bad_module_input(name, case):
     ours, _ = make_pair(name, num_layers=2, bidirectional=True, dtype=torch.float32)
     lstm = name.startswith("lstm")
-    if case == "cx_shape" and not lstm:
+    if case in ("cx_shape", "cx_none") and not lstm:
         pytest.skip("no cx")
     inputs = make_inputs(ours, "plain", torch.float32)
     x, h, c = inputs["x"], inputs["h"], inputs.get("c")
     arg = {"input_features": "input", "input_4d": "input", "input_int": "input", "hx_batch": "hx",
            "hx_hidden": "hx", "hx_layers": "hx", "hx_dtype": "hx", "cx_shape": "cx", "hx_3d_unbatched": "hx",
            "weight_hh_rows": "weight_hh_l0", "weight_ih_dtype": "weight_ih_l1", "bias_size": "bias_hh_l0_reverse",
-           "num_layers_0": "num_layers"}[case]
+           "num_layers_0": "num_layers", "input_no_steps": "input.*sequence length",
+           "input_no_steps_unbatched": "input.*sequence length", "cx_none": "cx"}[case]
     if case == "input_features":
         x = torch.randn(T, B, I + 1)
     elif case == "input_4d":
@@ -426,6 +428,12 @@ def test_bad_module_input(name, case):
         ours.bias_hh_l0_reverse = torch.nn.Parameter(torch.randn(ours.bias_hh_l0_reverse.shape[0] + 1))
     elif case == "num_layers_0":
         ours.num_layers = 0
+    elif case == "input_no_steps":  # torch: "Expected sequence length to be larger than 0 in RNN"
+        x = x[:0]
+    elif case == "input_no_steps_unbatched":
+        x, h, c = x[:0, 0], h[:, 0], None if c is None else c[:, 0]
+    elif case == "cx_none":
+        c = None
     with raises_named(OP_RE[name], arg):
         ours(x, (h, c) if lstm else h)
 

@@ -76,6 +76,9 @@ def _sequence_forward(module, mode, input, hx):
         if input.dim() not in (2, 3):
             raise ValueError(f"convrnn.{op}: input must be 2-D (unbatched) or 3-D, but got {input.dim()}-D")
         is_batched = input.dim() == 3
+        if input.shape[1 if is_batched and module.batch_first else 0] == 0:
+            raise RuntimeError(f"convrnn.{op}: input must have a sequence length larger than 0 (as torch's RNNs), "
+                               f"but got input of shape {tuple(input.shape)}")
         if not is_batched:
             input = input.unsqueeze(1)  # (T, 1, I)
         elif module.batch_first:
@@ -92,9 +95,7 @@ def _sequence_forward(module, mode, input, hx):
             h, c = hx
         else:
             h, c = hx, None
-        for name, t in (("hx", h), ("cx", c)):
-            if t is None:
-                continue
+        for name, t in (("hx", h), ("cx", c)) if lstm else (("hx", h),):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"convrnn.{op}: {name} must be a tensor, but got {type(t).__name__}")
             want = 3 if is_batched else 2

@@ -13,6 +13,9 @@ OPS = torch.ops.convrnn
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     """Same signature, results and gradients as torch.nn.functional.local_response_norm:
     out_c = x_c / (k + alpha/size * sum of x_j^2 over j in [c - size//2, c + (size-1)//2])^beta."""
+    if isinstance(size, (bool, float)) or not hasattr(size, "__index__"):
+        # torch raises TypeError for these too (a float size would otherwise be truncated)
+        raise TypeError(f"convrnn.local_response_norm: size must be an integer, but got {type(size).__name__} {size!r}")
     return call(OPS.local_response_norm.default, input, int(size), float(alpha), float(beta), float(k))
 
 
