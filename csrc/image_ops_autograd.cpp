@@ -86,7 +86,7 @@ struct Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("conv2d", [&] { return gradients(ctx, grads); });
+    return once_differentiable("conv2d", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
@@ -119,7 +119,7 @@ struct MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("max_pool2d", [&] { return gradients(ctx, grads); });
+    return once_differentiable("max_pool2d", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
@@ -147,7 +147,7 @@ struct AvgPool2dFunction : public torch::autograd::Function<AvgPool2dFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("avg_pool2d", [&] { return gradients(ctx, grads); });
+    return once_differentiable("avg_pool2d", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
@@ -177,7 +177,7 @@ struct LrnFunction : public torch::autograd::Function<LrnFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("local_response_norm", [&] { return gradients(ctx, grads); });
+    return once_differentiable("local_response_norm", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {

@@ -5,6 +5,9 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
+
+#include "once_differentiable.h"
 
 namespace convrnn {
 void bind_cell_autograd(pybind11::module& m);    // rnn_cells_autograd.cpp
@@ -30,6 +33,14 @@ std::string cpu_kernel_level() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   convrnn::bind_cell_autograd(m);
   convrnn::bind_image_autograd(m);
+  m.def(
+      "with_double_backward_error",
+      [](const std::string& op, std::vector<at::Tensor> outputs, const std::vector<at::Tensor>& grads_in) {
+        return convrnn::with_double_backward_error(op, std::move(outputs), grads_in);
+      },
+      "A backward's gradients (computed without recording) as aliases whose grad_fn raises the op's "
+      "double-backward error; the error node's edges: the node being evaluated's and the incoming "
+      "gradients' (ops/_common.py's once_differentiable).");
   m.def("build_info", [] {
     pybind11::dict d;
 #ifdef CONVRNN_WITH_CUDA

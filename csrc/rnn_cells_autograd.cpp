@@ -92,7 +92,7 @@ struct LstmCellFunction : public torch::autograd::Function<LstmCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("lstm_cell", [&] { return gradients(ctx, grads); });
+    return once_differentiable("lstm_cell", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
@@ -122,7 +122,7 @@ struct GruCellFunction : public torch::autograd::Function<GruCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("gru_cell", [&] { return gradients(ctx, grads); });
+    return once_differentiable("gru_cell", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {
@@ -150,7 +150,7 @@ struct RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return once_differentiable("rnn_cell", [&] { return gradients(ctx, grads); });
+    return once_differentiable("rnn_cell", grads, [&] { return gradients(ctx, grads); });
   }
 
   static variable_list gradients(AutogradContext* ctx, const variable_list& grads) {

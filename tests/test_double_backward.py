@@ -105,3 +105,29 @@ def test_create_graph_leaves_grads_usable(device):
     ref(x).square().sum().backward()
     torch.testing.assert_close(w_grad, ref.weight.grad, rtol=1e-10, atol=1e-10)
     torch.optim.SGD(conv.parameters(), lr=0.1).step()
+
+
+@pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_second_order_gradient_of_each_input_raises(device, case):
+    """A second-order gradient asked of one input or weight through torch.autograd.grad (a
+    gradient penalty's), allow_unused or not, reaches the error node and raises: the error node
+    keeps the forward's edges, so such a gradient is never silently None."""
+    name, fn, inputs = _case(device, case)
+    leaves = _leaves(inputs)
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True, allow_unused=True)
+    penalty = sum((g * g).sum() for g in grads if g is not None)
+    for leaf in leaves:
+        for allow_unused in (False, True):
+            with pytest.raises(RuntimeError, match=f"convrnn::{name}: double backward is not supported"):
+                torch.autograd.grad(penalty, leaf, retain_graph=True, allow_unused=allow_unused)
+
+
+def test_second_order_through_incoming_gradient_raises(device):
+    """The gradient flowing into the node under create_graph may itself depend on a leaf (here
+    through a square after the pool): a second-order gradient of that leaf raises too."""
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    y = ck.max_pool2d(x, 2)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="convrnn::max_pool2d: double backward is not supported"):
+        torch.autograd.grad(gx.sum(), x, allow_unused=True)

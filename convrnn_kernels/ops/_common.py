@@ -4,6 +4,8 @@ import functools
 import torch
 from torch._prims_common import suggest_memory_format
 
+from .. import _C
+
 
 def memory_format_of(input):
     """The memory format the C++ kernels give their outputs: the input's suggested one for
@@ -75,9 +77,13 @@ def call(op, *args):
 # The backward ops (convrnn::*_backward) have no derivative of their own.  Under create_graph a
 # backward's results would then be constants to a second backward: torch's fallback for such ops
 # only warns, so gradient penalties, Hessian-vector products and MAML got second-order gradients
-# that were silently None or zero.  As torch.autograd.function.once_differentiable does, the
-# results pass through a DelayedError node instead, and differentiating them raises an error that
-# names the op.  The C++ nodes of the eager route do the same (csrc/once_differentiable.h).
+# that were silently None or zero.  As with torch.autograd.function.once_differentiable, the
+# results come out with an error node as their grad_fn instead, and differentiating them raises an
+# error that names the op; unlike its DelayedError over detached copies, our error node keeps the
+# edges of the node being evaluated (the forward's inputs) and of the incoming gradients, so that a
+# second-order gradient asked of a weight (autograd.grad(penalty, weight), allow_unused or not)
+# raises rather than coming back None (csrc/once_differentiable.h, shared with the C++ nodes of the
+# eager route).
 
 def double_backward_message(op_name):
     return (f"convrnn::{op_name}: double backward is not supported (the gradient of its backward, "
@@ -88,7 +94,6 @@ def once_differentiable(op_name, backward):
     """backward (ctx, *grads) -> gradients, run without recording; under create_graph (grad mode on
     in the backward) its tensors come out with an error node as their grad_fn.  Traced or
     transformed backwards (torch.compile, functorch, tensor subclasses) are left as they are."""
-    message = double_backward_message(op_name).encode()
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -100,10 +105,13 @@ def once_differentiable(op_name, backward):
         outs = (outputs,) if single else outputs
         if not all(type(t) in _PLAIN for t in outs if isinstance(t, torch.Tensor)):
             return outputs
-        fake = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in outs]
-        wrapped = torch._C._functions.DelayedError(message, len(fake))(*fake)
-        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-        return wrapped[0] if single else wrapped
+        where = [i for i, t in enumerate(outs) if isinstance(t, torch.Tensor)]
+        tensors = _C.with_double_backward_error(op_name, [outs[i] for i in where],
+                                                [g for g in grads if isinstance(g, torch.Tensor)])
+        wrapped = list(outs)
+        for i, t in zip(where, tensors):
+            wrapped[i] = t
+        return wrapped[0] if single else tuple(wrapped)
 
     return wrapper
 
