@@ -53,6 +53,11 @@ Conv2d conv2d_geometry(const char* op, const at::Tensor& input, const at::Tensor
               ") (dilated) is larger than the padded input (", g.H + 2 * g.ph, ", ", g.W + 2 * g.pw, ")");
   g.P = conv_output_size(g.H, g.R, g.sh, g.ph, g.dh);
   g.Q = conv_output_size(g.W, g.S, g.sw, g.pw, g.dw);
+  // A dimension with one output does not depend on its stride: 1 stands in for it, so that no
+  // buffer or table the kernels size by the stride (the CPU kernels' row slack, the backward's
+  // phases) grows with a stride far past the input, which torch accepts.
+  if (g.P == 1) g.sh = 1;
+  if (g.Q == 1) g.sw = 1;
   const bool cl = image_format(input) == at::MemoryFormat::ChannelsLast ||
                   weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   g.format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

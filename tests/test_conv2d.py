@@ -587,3 +587,18 @@ def test_cuda_small_c_backward_data(cfg, dtype):
     with conv_r3(True) as on:
         check_against_torch(x, w, b, kw, f"{cfg} {dtype}")
     assert on.launches >= 1
+
+
+@pytest.mark.parametrize("stride", [(1, 10**8), (10**8, 1), (10**9, 10**9), (2**40, 3)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("groups", [1, 2], ids=["dense", "depthwise"])
+def test_stride_far_past_the_input(device, stride, channels_last, groups):
+    """A stride larger than the input gives one output along that dimension, which torch accepts;
+    no memory or time grows with the stride (it stood in the size of row buffers and of the
+    backward's phase table), and values and gradients match torch's."""
+    x = torch.randn(2, 2, 5, 7, dtype=torch.float64, device=device)
+    w = torch.randn(4, 2 // groups, 3, 2, dtype=torch.float64, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_against_torch(x, w, torch.randn(4, dtype=torch.float64, device=device),
+                        dict(stride=stride, padding=(1, 0), groups=groups), f"stride {stride}")
