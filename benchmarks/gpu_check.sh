@@ -10,7 +10,7 @@
 #   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
 #      runtime switches (persistent recurrence barriers, max-pool rounds 3 and 5, conv2d rounds 3 and 5), the persistent
 #      recurrence's time a step, the cells' GPU-vs-host time and their gate products' cuBLAS host
-#      time by dtype and width, conv2d's time by kernel, then
+#      time by dtype and width, conv2d's and max_pool2d's time by kernel, then
 #      conv2d float32 with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
 # Usage: benchmarks/gpu_check.sh OUTDIR   (GPU_CHECK_SECONDS, GPU_CHECK_EXAMPLES=1, GPU_CHECK_TF32=0,
@@ -148,8 +148,16 @@ fi
 
 if has conv2d; then
   step "conv2d forward+backward by kernel, ours against cuDNN (benchmarks/conv_profile.py)"
-  timeout $(budget 40 $(( 30 * tf32 ))) $py benchmarks/conv_profile.py -n 10 > "$out/conv-profile.txt" 2>&1 || status=1
+  timeout $(budget 40 $(( 25 * $(has max_pool2d && echo 1 || echo 0) + 30 * tf32 ))) $py benchmarks/conv_profile.py -n 10 \
+    > "$out/conv-profile.txt" 2>&1 || status=1
   grep -E "^[A-Za-z0-9].*: ours" "$out/conv-profile.txt"
+fi
+
+# session 16 (never run yet): max_pool2d by kernel, inference forward and forward+backward, ours and torch's
+if has max_pool2d; then
+  step "max_pool2d by kernel, ours against torch (benchmarks/pool_profile.py)"
+  timeout $(budget 30 $(( 30 * tf32 ))) $py benchmarks/pool_profile.py -n 10 > "$out/pool-profile.txt" 2>&1 || status=1
+  grep -c "us (" "$out/pool-profile.txt"
 fi
 
 if (( tf32 )); then
