@@ -26,7 +26,7 @@ def short(name):
     """A kernel's name without return type, namespaces and argument list (template arguments kept)."""
     name = re.sub(r"^void ", "", name)
     name = re.sub(r"\((?:[^()]|\([^()]*\))*\)$", "", name)
-    name = re.sub(r"\b(?:convrnn|at|native|c10|\(anonymous namespace\))::", "", name)
+    name = re.sub(r"(?:\b(?:convrnn|at|native|c10)|\(anonymous namespace\))::", "", name)
     return name[:110]
 
 
