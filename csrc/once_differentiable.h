@@ -18,7 +18,6 @@
 #include <torch/extension.h>
 
 #include <memory>
-#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -26,7 +25,8 @@
 
 namespace convrnn {
 
-// The message of ops/_common.py's double_backward_message.
+// The error a double backward through op raises (both routes: ops/_common.py calls
+// with_double_backward_error through convrnn_kernels._C).
 inline std::string double_backward_message(const std::string& op) {
   return "convrnn::" + op +
          ": double backward is not supported (the gradient of its backward, asked for through "

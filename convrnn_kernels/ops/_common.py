@@ -85,11 +85,6 @@ def call(op, *args):
 # raises rather than coming back None (csrc/once_differentiable.h, shared with the C++ nodes of the
 # eager route).
 
-def double_backward_message(op_name):
-    return (f"convrnn::{op_name}: double backward is not supported (the gradient of its backward, "
-            "asked for through create_graph=True, is not implemented)")
-
-
 def once_differentiable(op_name, backward):
     """backward (ctx, *grads) -> gradients, run without recording; under create_graph (grad mode on
     in the backward) its tensors come out with an error node as their grad_fn.  Traced or

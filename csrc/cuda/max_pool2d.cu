@@ -20,10 +20,10 @@
 //  - round 4 (CONVRNN_MAXPOOL_R4=0 turns it off): NCHW 2x2/2 windows all inside the image with
 //    W % 8 == 0, forward_row4_kernel, four outputs of a row an item from 16-byte row pieces; and
 //    channels_last 2x2 / 3x3 with C % 4 == 0, 4 channels an item in forward_unrolled_kernel;
-//  - round 5 (CONVRNN_MAXPOOL_R5=0 turns it off, =2 keeps only its values-only form): in the 2-byte types, channels_last 2x2 / 3x3
-//    with C % 8 == 0, 8 channels an item (16-byte loads); and forward_unrolled_kernel's values-only
-//    form (no indices or argmax to write: maxima by a NaN-propagating max instruction, the scan
-//    only where the result is NaN or a zero);
+//  - round 5 (CONVRNN_MAXPOOL_R5=0 turns it off, =2 keeps only its values-only form): in the
+//    2-byte types, channels_last 2x2 / 3x3 with C % 8 == 0, 8 channels an item (16-byte loads);
+//    and forward_unrolled_kernel's values-only form (no indices or argmax to write: maxima by a
+//    NaN-propagating max instruction, the scan only where the result is NaN or a zero);
 //  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
 //    kernels' function).
 // Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
@@ -406,7 +406,8 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
           if constexpr (std::is_same_v<tap_t, uint8_t>) {  // 2x2 and 3x3 have byte taps
             // taps (1-byte elements, L of them a store) need 2-byte alignment for L = 2;
             // argmax is a fresh tensor, so only the input decides.
-            const int most_lanes = !row4_forward_enabled() ? 2 : sizeof(scalar_t) == 2 && lane8_forward_enabled() ? 8 : 4;
+            const int most_lanes =
+                !row4_forward_enabled() ? 2 : (sizeof(scalar_t) == 2 && lane8_forward_enabled() ? 8 : 4);
             const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp}, most_lanes);
             // Round 5: the values-only form where there is nothing else to write.
             const bool values_only = ip == nullptr && tp == nullptr && values_forward_enabled();
