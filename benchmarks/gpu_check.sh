@@ -8,7 +8,7 @@
 #   2. runs the CUDA tests;
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
 #   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
-#      runtime switches (persistent recurrence barriers, max-pool rounds 3 and 5, conv2d rounds 3 and 5), the persistent
+#      runtime switches (persistent recurrence barriers, max-pool round 5, conv2d rounds 3 and 5), the persistent
 #      recurrence's time a step, the cells' GPU-vs-host time and their gate products' cuBLAS host
 #      time by dtype and width, conv2d's and max_pool2d's time by kernel, then
 #      conv2d float32 with TF32 on;
@@ -102,9 +102,10 @@ timeout $(budget 150 $(( after_bench + 30 * tf32 ))) $py -m convrnn_kernels.benc
 tail -45 "$out/bench.txt"
 # A/B of runtime switches, each against the main run's default (bench.json): the sequences'
 # inference without the stacked kernel (CONVRNN_PERSISTENT_STACK=0: layer by layer), and with
-# the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0, which also declines the stack); the
-# max-pool forward without its round-3 kernels (CONVRNN_MAXPOOL_R3=0); conv2d float32 with
+# the grid barrier only (CONVRNN_PERSISTENT_CLUSTER=0, which also declines the stack); conv2d float32 with
 # round 2's kernels instead of round 3's (CONVRNN_CONV_R3=0: fixed SIMT tiles, GEMM backward data for C = 3).
+# (The max-pool forward without its round-3 kernels, CONVRNN_MAXPOOL_R3=0, was measured in sessions 7
+# and 12 and is no longer run.)
 ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5 formats=${6:-nchw,channels_last} directions=${7:-forward,forward+backward}
   step "A/B $name: $env ($ops, $dtypes, $formats, $directions)"
   env $env timeout $(budget 35 $(( reserve + 30 * tf32 ))) $py -m convrnn_kernels.bench --devices cuda --ops $ops --dtypes $dtypes \
@@ -115,16 +116,18 @@ ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5 formats=${6:-nchw,channe
 if [[ -z $focus ]]; then
   ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 110
   ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 95
-  ab maxpool-r2 CONVRNN_MAXPOOL_R3=0 max_pool2d float32,float16 80
 fi
 # session 12: max_pool2d round 4, the NCHW 2x2/2 forward from 16-byte row pieces and 4-channel items in
 # channels_last (CONVRNN_MAXPOOL_R4=0: round 3's kernels), and conv2d round 5, the depthwise channels_last vector kernel
 # (CONVRNN_DW_VEC=0: the shared-memory tile; =2, 8 outputs a thread, measured no faster in session 12)
 if [[ -z $focus ]]; then reserve=60; else reserve=16; fi
-# session 16: max_pool2d round 5, the channels_last forward (the inference forward, values only, by a
-# NaN-propagating max; 8 channels an item in the 2-byte types): CONVRNN_MAXPOOL_R5=0 round 4's kernels,
-# =2 the values-only form with round 4's 4 channels (round 4 itself was A/B'd in session 12)
-has max_pool2d && ab maxpool-r5-off CONVRNN_MAXPOOL_R5=0 max_pool2d float32,float16,bfloat16 $(( reserve + 32 )) channels_last forward
+# session 16: max_pool2d round 5 (the inference forward values only, by a NaN-propagating max, in the
+# unrolled, pair and row4 kernels; in channels_last 8 channels an item in the 2-byte types' forward, 4 a
+# backward cell of 3x3/2 and 2x2/2):
+# CONVRNN_MAXPOOL_R5=0 round 4's kernels, =2 the values-only form with round 4's 4 channels and 2-channel
+# cells (round 4 itself was A/B'd in session 12)
+has max_pool2d && ab maxpool-r5-off-cl CONVRNN_MAXPOOL_R5=0 max_pool2d float32,float16,bfloat16 $(( reserve + 52 )) channels_last
+has max_pool2d && ab maxpool-r5-off-nchw CONVRNN_MAXPOOL_R5=0 max_pool2d float32,float16,bfloat16 $(( reserve + 32 )) nchw
 has max_pool2d && ab maxpool-r5-lanes4 CONVRNN_MAXPOOL_R5=2 max_pool2d float16,bfloat16 $(( reserve + 20 )) channels_last forward
 has conv2d && ab dw-vec CONVRNN_DW_VEC=0 conv2d float32,float16 $(( reserve + 10 )) channels_last
 [[ -z $focus || $focus == conv2d ]] && ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 $reserve

@@ -22,8 +22,10 @@
 //    channels_last 2x2 / 3x3 with C % 4 == 0, 4 channels an item in forward_unrolled_kernel;
 //  - round 5 (CONVRNN_MAXPOOL_R5=0 turns it off, =2 keeps only its values-only form): in the
 //    2-byte types, channels_last 2x2 / 3x3 with C % 8 == 0, 8 channels an item (16-byte loads);
-//    and forward_unrolled_kernel's values-only form (no indices or argmax to write: maxima by a
-//    NaN-propagating max instruction, the scan only where the result is NaN or a zero);
+//    and the values-only forms of the unrolled, pair and row4 kernels (no indices or argmax to
+//    write: maxima by a NaN-propagating max instruction, the scan only where the result is NaN
+//    or a zero); and
+//    4 channels a backward cell in channels_last where the reach (below) is at most 1;
 //  - other windows (forward_kernel): one output a thread, scanned by max_window (the CPU
 //    kernels' function).
 // Backward, deterministic and without atomics, from the saved argmax (1 byte per output;
@@ -150,10 +152,11 @@ __global__ void __launch_bounds__(kThreads)
 // its row's window bounds and index work, loads its KW + 2 columns once
 // (load_window_pair), and stores its values and argmax bytes by one 2-wide store when both
 // outputs exist and the pair is aligned (OW odd: every other row is not). Each output is
-// scanned by max_loaded_window from its own first tap: the same results as alone.
+// scanned by max_loaded_window from its own first tap: the same results as alone; VALUES
+// (round 5: no indices or taps to write): each value by max_values_window, the same bits.
 // (32-bit indices: minimum 4 blocks an SM, which lets ptxas use 64 registers; left to
 // itself it picks 48 and spills 4 bytes in the 2x2 kernel. 64-bit indices need ~75.)
-template <int KH, int KW, typename T, typename index_t, typename tap_t>
+template <int KH, int KW, bool VALUES, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
     forward_pair_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
                         tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> pair_div, index_t total) {
@@ -192,24 +195,32 @@ __global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
       Lanes<tap_t, 2> out_tap;
 #pragma unroll
       for (int l = 0; l < 2; ++l) {
-        acc_t<T> best;
-        index_t tap;
-        max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j][l], best, tap);
-        out.v[l] = static_cast<T>(best);
-        out_tap.v[l] = any[j][l] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
-        if (indices != nullptr && (l == 0 || second[j])) {
-          indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, KW, d.dh, index_t(1), d.W);
+        if constexpr (VALUES) {
+          out.v[l] = static_cast<T>(max_values_window<KH, KW, T, index_t>(v[j][l], first[j][l]));
+        } else {
+          acc_t<T> best;
+          index_t tap;
+          max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j][l], best, tap);
+          out.v[l] = static_cast<T>(best);
+          out_tap.v[l] = any[j][l] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
+          if (indices != nullptr && (l == 0 || second[j])) {
+            indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, KW, d.dh, index_t(1), d.W);
+          }
         }
       }
       if (second[j] && o0[j] % 2 == 0) {
         *reinterpret_cast<Lanes<T, 2>*>(y + o0[j]) = out;
-        if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 2>*>(taps + o0[j]) = out_tap;
+        if constexpr (!VALUES) {
+          if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 2>*>(taps + o0[j]) = out_tap;
+        }
       } else {
         y[o0[j]] = out.v[0];
-        if (taps != nullptr) taps[o0[j]] = out_tap.v[0];
-        if (second[j]) {
-          y[o0[j] + 1] = out.v[1];
-          if (taps != nullptr) taps[o0[j] + 1] = out_tap.v[1];
+        if (second[j]) y[o0[j] + 1] = out.v[1];
+        if constexpr (!VALUES) {
+          if (taps != nullptr) {
+            taps[o0[j]] = out_tap.v[0];
+            if (second[j]) taps[o0[j] + 1] = out_tap.v[1];
+          }
         }
       }
     }
@@ -257,10 +268,11 @@ __global__ void __launch_bounds__(kThreads)
 // inside the image and W % 8 == 0 (VGG's 2x2/2 pools): an item is the four outputs
 // (oh, 4q .. 4q + 3) of a row, read by load_row4_item as 16-byte row pieces (2 rows of 8
 // columns), V items a thread, all loaded before any is scanned; each output is scanned by
-// max_loaded_window (the unrolled kernel's scan: the same values, argmax and indices), and
+// max_loaded_window (the unrolled kernel's scan: the same values, argmax and indices), or by
+// max_values_window with VALUES (round 5: nothing but values to write; the same bits), and
 // the four values (and argmax bytes) stored by one vector store each (OW % 4 == 0, y and
 // taps aligned: the launcher checks).
-template <int V, typename T, typename index_t, typename tap_t>
+template <int V, bool VALUES, typename T, typename index_t, typename tap_t>
 __global__ void __launch_bounds__(kThreads)
     forward_row4_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t* __restrict__ indices,
                         tap_t* __restrict__ taps, PoolDims<index_t> d, PosDividers<index_t> row4_div, index_t total) {
@@ -284,17 +296,23 @@ __global__ void __launch_bounds__(kThreads)
       for (int l = 0; l < 4; ++l) {
         T v[4];
         row4_window<T>(r[j], l, v);
-        acc_t<T> best;
-        index_t tap;
-        max_loaded_window<2, 2, T, index_t>(v, index_t(0), best, tap);
-        out.v[l] = static_cast<T>(best);
-        out_tap.v[l] = static_cast<tap_t>(tap);
-        if (indices != nullptr) {
-          indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, 2, 1, 1, d.W);
+        if constexpr (VALUES) {
+          out.v[l] = static_cast<T>(max_values_window<2, 2, T, index_t>(v, index_t(0)));
+        } else {
+          acc_t<T> best;
+          index_t tap;
+          max_loaded_window<2, 2, T, index_t>(v, index_t(0), best, tap);
+          out.v[l] = static_cast<T>(best);
+          out_tap.v[l] = static_cast<tap_t>(tap);
+          if (indices != nullptr) {
+            indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, 2, 1, 1, d.W);
+          }
         }
       }
       *reinterpret_cast<Lanes<T, 4>*>(y + o0[j]) = out;
-      if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 4>*>(taps + o0[j]) = out_tap;
+      if constexpr (!VALUES) {
+        if (taps != nullptr) *reinterpret_cast<Lanes<tap_t, 4>*>(taps + o0[j]) = out_tap;
+      }
     }
   }
 }
@@ -310,16 +328,17 @@ bool row4_forward_enabled() {
   return on;
 }
 
-// Round 5 of forward_unrolled_kernel: 8 channels an item in the channels_last forward of the
-// 2-byte types (16-byte loads, half the load instructions and index work of round 4's 4), and its
-// values-only form (maxima by nan_max where no indices or taps are written).  CONVRNN_MAXPOOL_R5:
-// 1 (default) both, 2 the values-only form alone, 0 neither (round 4's kernels), so that one GPU
-// session can time each.  Read once.
+// Round 5: more channels an item in channels_last (the forward_unrolled_kernel of the 2-byte
+// types 8, 16-byte loads, half the load instructions and index work of round 4's 4; the backward
+// cells 4 where windows reach at most one output back), and the values-only forms of the unrolled,
+// pair and row4 kernels (maxima by nan_max where no indices or taps are written).  CONVRNN_MAXPOOL_R5: 1 (default)
+// all, 2 the values-only form alone, 0 none (round 4's kernels), so that one GPU session can time
+// each.  Read once.
 int round5_mode() {
   static const int mode = env_mode("CONVRNN_MAXPOOL_R5", 1);
   return mode;
 }
-bool lane8_forward_enabled() { return round5_mode() == 1; }
+bool round5_lanes_enabled() { return round5_mode() == 1; }
 bool values_forward_enabled() { return round5_mode() != 0; }
 
 // Round 3's forward_quad_kernel is on unless CONVRNN_MAXPOOL_R3=0 (then round 2's
@@ -349,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, (R == 1 && L == 1 && sizeof(index_t)
 // types in channels_last: the most of `most` (2, 4 or 8; at most 16 bytes), 4 and 2 that
 // divides C and whose multi-element accesses the pointers allow (fewer per-element index work
 // and load/store instructions, which bound these kernels), else 1.  The forward takes 4 in
-// round 4 and 8 for 2-byte types in round 5, the backward cells at most 2.
+// round 4 and 8 for 2-byte types in round 5, the backward cells 2, or 4 in round 5 (reach <= 1).
 inline int channel_lanes(const Pool2d& g, size_t elem_size, std::initializer_list<const void*> ptrs, int most = 2) {
   if (!is_channels_last(g) || elem_size > 4) return 1;
   while (most * elem_size > 16) most /= 2;
@@ -407,7 +426,7 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             // taps (1-byte elements, L of them a store) need 2-byte alignment for L = 2;
             // argmax is a fresh tensor, so only the input decides.
             const int most_lanes =
-                !row4_forward_enabled() ? 2 : (sizeof(scalar_t) == 2 && lane8_forward_enabled() ? 8 : 4);
+                !row4_forward_enabled() ? 2 : (sizeof(scalar_t) == 2 && round5_lanes_enabled() ? 8 : 4);
             const int L = channel_lanes(g, sizeof(scalar_t), {xp, yp}, most_lanes);
             // Round 5: the values-only form where there is nothing else to write.
             const bool values_only = ip == nullptr && tp == nullptr && values_forward_enabled();
@@ -459,8 +478,13 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
                   aligned_to(xp, 16) && aligned_to(yp, 4 * sizeof(scalar_t)) && row4_forward_enabled()) {
                 const index_t items = d.N * d.C * d.OH * (d.OW / 4);
                 const PosDividers<index_t> div(d.C, d.OH, d.OW / 4);
-                forward_row4_kernel<kRow4Items, scalar_t, index_t, tap_t>
-                    <<<blocks(items, kRow4Items), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+                if (values_only) {
+                  forward_row4_kernel<kRow4Items, true, scalar_t, index_t, tap_t>
+                      <<<blocks(items, kRow4Items), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+                } else {
+                  forward_row4_kernel<kRow4Items, false, scalar_t, index_t, tap_t>
+                      <<<blocks(items, kRow4Items), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+                }
                 row4 = true;
               }
             }
@@ -469,8 +493,13 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             } else if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1) {
               const index_t items = d.N * d.C * d.OH * ((d.OW + 1) / 2);
               const PosDividers<index_t> div(d.C, d.OH, (d.OW + 1) / 2);
-              forward_pair_kernel<3, 3, scalar_t, index_t, tap_t>
-                  <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              if (values_only) {
+                forward_pair_kernel<3, 3, true, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              } else {
+                forward_pair_kernel<3, 3, false, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
+              }
               done = true;
             } else if (square23) {
               const auto by_window = [&](auto lanes_c) {
@@ -535,7 +564,10 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
         with_layout(is_channels_last(g), [&](auto cl) {
           constexpr bool CL = decltype(cl)::value;
           if (reach <= 2) {
-            const int L = channel_lanes(g, sizeof(scalar_t), {gop, taps, gip});
+            // Round 5: 4 channels a cell where windows reach at most one output back (8-byte
+            // accesses in the 2-byte types, 16-byte in float32); wider reaches keep 2 (registers).
+            const int L =
+                channel_lanes(g, sizeof(scalar_t), {gop, taps, gip}, reach <= 1 && round5_lanes_enabled() ? 4 : 2);
             const auto launch = [&](auto reach_c, auto lanes_c) {
               constexpr int R = decltype(reach_c)::value, LL = decltype(lanes_c)::value;
               const CellDividers<index_t> cd(d.C / LL, rows, cols, d.kw);
@@ -545,6 +577,12 @@ Tensor max_pool2d_backward_cuda(const Tensor& grad_output, const Tensor& input, 
             };
             const auto with_lanes = [&](auto reach_c) {
               if constexpr (CL && sizeof(scalar_t) <= 4) {
+                if constexpr (decltype(reach_c)::value <= 1) {
+                  if (L == 4) {
+                    launch(reach_c, std::integral_constant<int, 4>());
+                    return;
+                  }
+                }
                 if (L == 2) {
                   launch(reach_c, std::integral_constant<int, 2>());
                   return;

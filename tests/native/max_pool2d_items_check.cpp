@@ -14,7 +14,7 @@ static int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distributio
 static long fails = 0, checks = 0;
 static long reach_hist[5];
 static long lane_geoms = 0, lane_bwd = 0, pair_geoms = 0, quad_runs = 0, quad_fixups = 0, row4_runs = 0, lane4_geoms = 0, lane8_geoms = 0,
-            values_checks = 0, values_fixups = 0;
+            values_checks = 0, values_fixups = 0, lane4_bwd = 0;
 static long line_fails[1000];
 #define TCHECK(c, ...) do { ++checks; if (!(c)) { ++line_fails[__LINE__]; if (++fails < 20) { printf("FAIL %s:%d: ", __FILE__, __LINE__); printf(__VA_ARGS__); printf("\n"); } } } while (0)
 
@@ -58,6 +58,20 @@ static void test_decompose() {
 }
 
 static bool same_bits(double a, double b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
+
+template <typename T>
+static bool same_bits_strict(T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
+
+// Round 5's values-only form (the unrolled, pair and row4 kernels with VALUES = true) on a loaded
+// window against the scan's value `best`: the same bits.
+template <int KH, int KW, typename T, typename index_t>
+static void check_values_only(const T (&v)[KH * KW], index_t first, acc_t<T> best, const char* kernel) {
+  const T values_only = T(max_values_window<KH, KW, T, index_t>(v, first));
+  TCHECK(same_bits_strict(values_only, T(best)), "values-only %s %dx%d: %g vs %g", kernel, KH, KW,
+         double(values_only), double(T(best)));
+  ++values_checks;
+  if (!(best > 0 || best < 0)) ++values_fixups;
+}
 
 static Pool2d make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                         int64_t ph, int64_t pw, int64_t dh, int64_t dw, bool ceil, bool cl) {
@@ -128,6 +142,7 @@ static void check_forward_pair(const Pool2d& g, const std::vector<T>& x) {
       const Taps tw = window_taps<index_t>(ws + 2 * l, d.W, K, index_t(1));
       acc_t<T> best; index_t tap;
       max_loaded_window<K, K, T, index_t>(v[l], index_t(th.lo) * K + index_t(tw.lo), best, tap);
+      check_values_only<K, K, T, index_t>(v[l], index_t(th.lo) * K + index_t(tw.lo), best, "pair");
       TCHECK(idx[o0 + l] == -7, "pair output written twice o=%lld", (long long)(o0 + l));
       val[o0 + l] = T(best);
       tp[o0 + l] = has_taps(th, tw) ? uint8_t(tap) : no_tap<uint8_t>();
@@ -137,9 +152,6 @@ static void check_forward_pair(const Pool2d& g, const std::vector<T>& x) {
   ++pair_geoms;
   compare_forward<false, T, index_t>(g, x, val, idx, tp, K, 0);
 }
-
-template <typename T>
-static bool same_bits_strict(T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
 
 // forward_quad_kernel's body (NCHW 3x3, column stride 2, column dilation 1: load_quad_item,
 // max_values_quad), item by item,
@@ -252,6 +264,7 @@ static void check_forward_row4(const Pool2d& g, const std::vector<T>& x0) {
       row4_window<T>(r, l, v);
       acc_t<T> best; index_t tap;
       max_loaded_window<2, 2, T, index_t>(v, index_t(0), best, tap);
+      check_values_only<2, 2, T, index_t>(v, index_t(0), best, "row4");
       TCHECK(!written[o0 + l], "row4 output written twice o=%lld", (long long)(o0 + l));
       written[o0 + l] = 1;
       val[o0 + l] = T(best);
@@ -306,12 +319,7 @@ static void check_forward(const Pool2d& g, const std::vector<T>& x) {
       acc_t<T> best2; index_t tap2;
       max_loaded_window<K, K, T, index_t>(v[l], first, best2, tap2);
       out.v[l] = T(best2);
-      // round 5's values-only form (forward_unrolled_kernel<..., VALUES = true, ...>): the same bits
-      const T values_only = T(max_values_window<K, K, T, index_t>(v[l], first));
-      TCHECK(same_bits_strict(values_only, T(best2)), "values-only K=%d L=%d CL=%d e=%lld: %g vs %g", K, L, int(CL),
-             (long long)e, double(values_only), double(T(best2)));
-      ++values_checks;
-      if (!(best2 > 0 || best2 < 0)) ++values_fixups;
+      check_values_only<K, K, T, index_t>(v[l], first, best2, "unrolled");
       ot.v[l] = any ? uint8_t(tap2) : no_tap<uint8_t>();
       idx[e * L + l] = tap_index<index_t>(tap2, hs, ws, K, d.dh, d.dw, d.W);
     }
@@ -410,6 +418,14 @@ static void run_geom(const Pool2d& g, int mode) {
       if (reach <= 1) check_backward<1, CL, T, index_t, 2>(g, taps, go, brute);
       check_backward<2, CL, T, index_t, 2>(g, taps, go, brute);
     }
+    // round 5: 4 channels a cell where the reach is at most 1 (float and the 2-byte types)
+    if constexpr (sizeof(T) <= 4) {
+      if (g.C % 4 == 0 && reach <= 1) {
+        ++lane4_bwd;
+        if (reach == 0) check_backward<0, CL, T, index_t, 4>(g, taps, go, brute);
+        check_backward<1, CL, T, index_t, 4>(g, taps, go, brute);
+      }
+    }
   }
   if (reach == 0) { check_backward<0, CL, T, index_t>(g, taps, go, brute); check_backward<1, CL, T, index_t>(g, taps, go, brute); }
   else if (reach == 1) { check_backward<1, CL, T, index_t>(g, taps, go, brute); check_backward<2, CL, T, index_t>(g, taps, go, brute); }
@@ -486,7 +502,9 @@ int main() {
   TCHECK(row4_runs > 300 && lane4_geoms > 100, "round-4 coverage");
   printf("round-5 8-channel forward over %ld geometries; values-only form: %ld outputs, %ld by the fix-up scan\n",
          lane8_geoms, values_checks, values_fixups);
-  TCHECK(lane8_geoms > 100 && values_fixups > 1000 && values_checks > 2 * values_fixups, "round-5 coverage");
+  printf("round-5 4-channel backward cells over %ld geometries\n", lane4_bwd);
+  TCHECK(lane8_geoms > 100 && values_fixups > 1000 && values_checks > 2 * values_fixups && lane4_bwd > 100,
+         "round-5 coverage");
   printf("geometries %d: %ld checks, %ld fails; reach histogram %ld %ld %ld %ld %ld\n", geoms, checks, fails, reach_hist[0], reach_hist[1], reach_hist[2], reach_hist[3], reach_hist[4]);
   for (int l = 0; l < 1000; ++l) if (line_fails[l]) printf("  failures at test.cpp:%d: %ld\n", l, line_fails[l]);
   return fails != 0;
