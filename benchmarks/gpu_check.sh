@@ -2,19 +2,21 @@
 # The project's one script for a CUDA machine with torch preinstalled and no network
 # (the lent H100/H200: Python 3.12, torch 2.11).  Within GPU_CHECK_SECONDS (default 480 s: issue
 # 2's 8 minutes, under the device tool's 10-minute limit per command; in session 12 the full run
-# took 377 s on an H200 without the TF32 step, before the round-4/5 A/B runs and the gate-product
-# probe were added, which should add about a minute) it:
+# took 377 s on an H200 without the TF32 step; since then the gate-product probe, the max-pool
+# profile and round 5's A/B runs came in and the A/B runs of switches measured before went behind
+# GPU_CHECK_OLD_AB=1: about 420 s expected, never timed) it:
 #   1. builds the extension in place with all cores, for the GPU that is present;
 #   2. runs the CUDA tests;
 #   3. runs compute-sanitizer memcheck over a small CUDA test subset;
 #   4. runs the benchmark on cuda (float32 with TF32 off, float16, bfloat16), A/B runs of the
-#      runtime switches (persistent recurrence barriers, max-pool round 5, conv2d rounds 3 and 5), the persistent
+#      runtime switches (max-pool round 5; with GPU_CHECK_OLD_AB=1 also the persistent recurrence's
+#      barriers and conv2d rounds 3 and 5), the persistent
 #      recurrence's time a step, the cells' GPU-vs-host time and their gate products' cuBLAS host
 #      time by dtype and width, conv2d's and max_pool2d's time by kernel, then
 #      conv2d float32 with TF32 on;
 #   5. leaves logs and the JSON in OUTDIR, and prints a short summary last.
 # Usage: benchmarks/gpu_check.sh OUTDIR   (GPU_CHECK_SECONDS, GPU_CHECK_EXAMPLES=1, GPU_CHECK_TF32=0,
-# GPU_CHECK_FOCUS=conv2d,max_pool2d, BENCH_SECONDS: see below)
+# GPU_CHECK_OLD_AB=1, GPU_CHECK_FOCUS=conv2d,max_pool2d, BENCH_SECONDS: see below)
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -26,6 +28,8 @@ step() { echo "== $(date +%T) $*" | tee -a "$out/summary.txt"; }
 deadline=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
 examples=${GPU_CHECK_EXAMPLES:-0}  # 1: also the examples/ecosystem step (about 75 s; then give GPU_CHECK_SECONDS=560)
 tf32=${GPU_CHECK_TF32:-1}          # 0: skip the conv2d TF32 run (about 30 s)
+old_ab=${GPU_CHECK_OLD_AB:-0}      # 1: also the A/B runs of switches measured before (the persistent recurrence's
+# barriers and stack, sessions 4-12; conv2d rounds 3 and 5, sessions 7 and 12): about 80 s more
 focus=${GPU_CHECK_FOCUS:-}         # ops (comma list, e.g. conv2d or conv2d,max_pool2d): after the tests,
 # benchmark, A/B and profile those alone (a rerun after a change; conv2d alone takes about 330 s
 # with a 120 s build)
@@ -113,7 +117,7 @@ ab() { local name=$1 env=$2 ops=$3 dtypes=$4 reserve=$5 formats=${6:-nchw,channe
     || status=1
   grep -A6 "^Geomean" "$out/ab-$name.txt" | tail -6
 }
-if [[ -z $focus ]]; then
+if [[ -z $focus ]] && (( old_ab )); then
   ab seq-nostack CONVRNN_PERSISTENT_STACK=0 lstm_seq,gru_seq float32,bfloat16 110
   ab seq-grid CONVRNN_PERSISTENT_CLUSTER=0 lstm_seq,gru_seq float32,bfloat16 95
 fi
@@ -129,8 +133,8 @@ if [[ -z $focus ]]; then reserve=60; else reserve=16; fi
 has max_pool2d && ab maxpool-r5-off-cl CONVRNN_MAXPOOL_R5=0 max_pool2d float32,float16,bfloat16 $(( reserve + 52 )) channels_last
 has max_pool2d && ab maxpool-r5-off-nchw CONVRNN_MAXPOOL_R5=0 max_pool2d float32,float16,bfloat16 $(( reserve + 32 )) nchw
 has max_pool2d && ab maxpool-r5-lanes4 CONVRNN_MAXPOOL_R5=2 max_pool2d float16,bfloat16 $(( reserve + 20 )) channels_last forward
-has conv2d && ab dw-vec CONVRNN_DW_VEC=0 conv2d float32,float16 $(( reserve + 10 )) channels_last
-[[ -z $focus || $focus == conv2d ]] && ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 $reserve
+(( old_ab )) && has conv2d && ab dw-vec CONVRNN_DW_VEC=0 conv2d float32,float16 $(( reserve + 10 )) channels_last
+(( old_ab )) && [[ -z $focus || $focus == conv2d ]] && ab conv-r2 CONVRNN_CONV_R3=0 conv2d float32 $reserve
 
 if [[ -z $focus ]]; then
   step "persistent recurrence at batch 1: us a step by barrier (benchmarks/rnn_persistent_profile.py)"
