@@ -26,7 +26,7 @@ def short(name):
     """A kernel's name without return type, namespaces and argument list."""
     name = re.sub(r"^void ", "", name)
     name = re.sub(r"\((?:[^()]|\([^()]*\))*\)$", "", name)
-    name = re.sub(r"\b(?:convrnn|conv|at|native|cudnn|\(anonymous namespace\))::", "", name)
+    name = re.sub(r"(?:\b(?:convrnn|conv|at|native|cudnn)|\(anonymous namespace\))::", "", name)
     return name[:90]
 
 
