@@ -22,12 +22,13 @@ import convrnn_kernels as ck
 from convrnn_kernels.bench.conv import LAYERS, _inputs
 
 
-def short(name):
-    """A kernel's name without return type, namespaces and argument list."""
+def short(name, width=90):
+    """A kernel's name without return type, namespaces and argument list (template arguments kept),
+    cut to width characters."""
     name = re.sub(r"^void ", "", name)
     name = re.sub(r"\((?:[^()]|\([^()]*\))*\)$", "", name)
-    name = re.sub(r"(?:\b(?:convrnn|conv|at|native|cudnn)|\(anonymous namespace\))::", "", name)
-    return name[:90]
+    name = re.sub(r"(?:\b(?:convrnn|conv|at|native|cudnn|c10)|\(anonymous namespace\))::", "", name)
+    return name[:width]
 
 
 def profile(fn, args, grad_out, n, dev):

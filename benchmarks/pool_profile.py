@@ -12,22 +12,15 @@ the device time against the row's time, so that host-bound rows show.
     python benchmarks/pool_profile.py [--dtypes float32,float16,bfloat16] [--formats nchw,channels_last]
                                       [--layers 'VGG 2x2/2'] [-n 20] [--top 3]"""
 import argparse
-import re
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
 import convrnn_kernels as ck
+from conv_profile import short  # benchmarks/, this script's directory
+from convrnn_kernels.bench.core import copy_roofline_gbps
 from convrnn_kernels.bench.pooling import LAYERS
-
-
-def short(name):
-    """A kernel's name without return type, namespaces and argument list (template arguments kept)."""
-    name = re.sub(r"^void ", "", name)
-    name = re.sub(r"\((?:[^()]|\([^()]*\))*\)$", "", name)
-    name = re.sub(r"(?:\b(?:convrnn|at|native|c10)|\(anonymous namespace\))::", "", name)
-    return name[:110]
 
 
 def profile(step, n):
@@ -43,24 +36,8 @@ def profile(step, n):
     per = defaultdict(float)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[short(ev.name)] += (ev.device_time if hasattr(ev, "device_time") else ev.cuda_time) / n
+            per[short(ev.name, 110)] += (ev.device_time if hasattr(ev, "device_time") else ev.cuda_time) / n
     return dict(per), sum(per.values())
-
-
-def copy_gbs(nbytes):
-    """Device-to-device copy bandwidth (read + write, GB/s), as the benchmark measures its roofline."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 20 / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
 def main():
@@ -74,7 +51,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("pool_profile.py needs a CUDA GPU")
     wanted = [s.strip() for s in a.layers.split(",") if s.strip()]
-    roof = copy_gbs(256 << 20)
+    roof, _ = copy_roofline_gbps(torch.device("cuda"), quick=False)  # the benchmark's own roofline
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, n {a.n}, copy roofline "
           f"{roof:.0f} GB/s; device microseconds per call by kernel (% of the roofline by the bench's bytes)")
     for label, n, c, h, w, k, s, p in LAYERS:

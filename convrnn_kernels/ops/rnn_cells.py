@@ -19,12 +19,12 @@ _LSTM, _GRU, _RNN = OPS.lstm_cell.default, OPS.gru_cell.default, OPS.rnn_cell.de
 
 
 def _both_biases(b_ih, b_hh):
-    """torch's cells take either bias alone; the ops take both or neither, so the missing one
-    becomes zeros (a constant: it gets no gradient)."""
+    """torch's cells take either bias alone; the ops take both or neither, so a missing one beside
+    a given one becomes zeros (a constant: it gets no gradient).  Both or neither: unchanged."""
     if b_ih is None and isinstance(b_hh, torch.Tensor):
-        return torch.zeros_like(b_hh, requires_grad=False), b_hh
+        return torch.zeros_like(b_hh), b_hh
     if b_hh is None and isinstance(b_ih, torch.Tensor):
-        return b_ih, torch.zeros_like(b_ih, requires_grad=False)
+        return b_ih, torch.zeros_like(b_ih)
     return b_ih, b_hh
 
 
@@ -34,8 +34,7 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
         raise TypeError(f"convrnn.lstm_cell: hx must be a pair (h, c) of tensors, but got "
                         f"{type(hx).__name__}{f' of {len(hx)}' if isinstance(hx, (tuple, list)) else ''}")
     h, c = hx
-    if (b_ih is None) != (b_hh is None):
-        b_ih, b_hh = _both_biases(b_ih, b_hh)
+    b_ih, b_hh = _both_biases(b_ih, b_hh)
     hy, cy, _ = call(_LSTM, input, h, c, w_ih, w_hh, b_ih, b_hh)
     return hy, cy
 
@@ -46,23 +45,20 @@ def _needs_grad(*tensors):
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """h' = GRU cell step, as torch.gru_cell / torch.nn.GRUCell."""
-    if (b_ih is None) != (b_hh is None):
-        b_ih, b_hh = _both_biases(b_ih, b_hh)
+    b_ih, b_hh = _both_biases(b_ih, b_hh)
     need_backward = _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh)
     return call(_GRU, input, hx, w_ih, w_hh, b_ih, b_hh, need_backward)[0]
 
 
 def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh), as torch.rnn_tanh_cell."""
-    if (b_ih is None) != (b_hh is None):
-        b_ih, b_hh = _both_biases(b_ih, b_hh)
+    b_ih, b_hh = _both_biases(b_ih, b_hh)
     return call(_RNN, input, hx, w_ih, w_hh, b_ih, b_hh, False)
 
 
 def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
     """h' = relu(x W_ih^T + b_ih + h W_hh^T + b_hh), as torch.rnn_relu_cell."""
-    if (b_ih is None) != (b_hh is None):
-        b_ih, b_hh = _both_biases(b_ih, b_hh)
+    b_ih, b_hh = _both_biases(b_ih, b_hh)
     return call(_RNN, input, hx, w_ih, w_hh, b_ih, b_hh, True)
 
 

@@ -127,13 +127,9 @@ __global__ void __launch_bounds__(kThreads)
       Lanes<tap_t, L> out_tap;
 #pragma unroll
       for (int l = 0; l < L; ++l) {
-        if constexpr (VALUES) {
-          out.v[l] = static_cast<T>(max_values_window<KH, KW, T, index_t>(v[j][l], first[j]));
-        } else {
-          acc_t<T> best;
-          index_t tap;
-          max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j], best, tap);
-          out.v[l] = static_cast<T>(best);
+        index_t tap;
+        out.v[l] = static_cast<T>(window_max<VALUES, KH, KW, T, index_t>(v[j][l], first[j], tap));
+        if constexpr (!VALUES) {
           out_tap.v[l] = any[j] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
           if (indices != nullptr) indices[e * L + l] = tap_index<index_t>(tap, hstart[j], wstart[j], KW, d.dh, d.dw, d.W);
         }
@@ -195,13 +191,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(index_t) == 4 ? 4 : 1)
       Lanes<tap_t, 2> out_tap;
 #pragma unroll
       for (int l = 0; l < 2; ++l) {
-        if constexpr (VALUES) {
-          out.v[l] = static_cast<T>(max_values_window<KH, KW, T, index_t>(v[j][l], first[j][l]));
-        } else {
-          acc_t<T> best;
-          index_t tap;
-          max_loaded_window<KH, KW, T, index_t>(v[j][l], first[j][l], best, tap);
-          out.v[l] = static_cast<T>(best);
+        index_t tap;
+        out.v[l] = static_cast<T>(window_max<VALUES, KH, KW, T, index_t>(v[j][l], first[j][l], tap));
+        if constexpr (!VALUES) {
           out_tap.v[l] = any[j][l] ? static_cast<tap_t>(tap) : no_tap<tap_t>();
           if (indices != nullptr && (l == 0 || second[j])) {
             indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, KW, d.dh, index_t(1), d.W);
@@ -296,13 +288,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int l = 0; l < 4; ++l) {
         T v[4];
         row4_window<T>(r[j], l, v);
-        if constexpr (VALUES) {
-          out.v[l] = static_cast<T>(max_values_window<2, 2, T, index_t>(v, index_t(0)));
-        } else {
-          acc_t<T> best;
-          index_t tap;
-          max_loaded_window<2, 2, T, index_t>(v, index_t(0), best, tap);
-          out.v[l] = static_cast<T>(best);
+        index_t tap;
+        out.v[l] = static_cast<T>(window_max<VALUES, 2, 2, T, index_t>(v, index_t(0), tap));
+        if constexpr (!VALUES) {
           out_tap.v[l] = static_cast<tap_t>(tap);
           if (indices != nullptr) {
             indices[o0[j] + l] = tap_index<index_t>(tap, hstart[j], wstart[j] + 2 * l, 2, 1, 1, d.W);
@@ -434,14 +422,11 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
               constexpr int K = decltype(kh_c)::value, LL = decltype(lanes_c)::value;
               const index_t items = n / LL;
               const PosDividers<index_t> div(d.C / LL, d.OH, d.OW);
-              const int nblocks = blocks(items, forward_items(K, K, LL, static_cast<int>(sizeof(scalar_t))));
-              if (values_only) {
-                forward_unrolled_kernel<K, K, LL, CL, true, scalar_t, index_t, tap_t>
-                    <<<nblocks, kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
-              } else {
-                forward_unrolled_kernel<K, K, LL, CL, false, scalar_t, index_t, tap_t>
-                    <<<nblocks, kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
-              }
+              with_flag(values_only, [&](auto values) {
+                forward_unrolled_kernel<K, K, LL, CL, decltype(values)::value, scalar_t, index_t, tap_t>
+                    <<<blocks(items, forward_items(K, K, LL, static_cast<int>(sizeof(scalar_t)))), kThreads, 0,
+                       stream>>>(xp, yp, ip, tp, d, div, items);
+              });
             };
             using two = std::integral_constant<int, 2>;
             using three = std::integral_constant<int, 3>;
@@ -478,13 +463,10 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
                   aligned_to(xp, 16) && aligned_to(yp, 4 * sizeof(scalar_t)) && row4_forward_enabled()) {
                 const index_t items = d.N * d.C * d.OH * (d.OW / 4);
                 const PosDividers<index_t> div(d.C, d.OH, d.OW / 4);
-                if (values_only) {
-                  forward_row4_kernel<kRow4Items, true, scalar_t, index_t, tap_t>
+                with_flag(values_only, [&](auto values) {
+                  forward_row4_kernel<kRow4Items, decltype(values)::value, scalar_t, index_t, tap_t>
                       <<<blocks(items, kRow4Items), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
-                } else {
-                  forward_row4_kernel<kRow4Items, false, scalar_t, index_t, tap_t>
-                      <<<blocks(items, kRow4Items), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
-                }
+                });
                 row4 = true;
               }
             }
@@ -493,13 +475,10 @@ std::tuple<Tensor, Tensor, Tensor> max_pool2d_cuda(const Tensor& input, at::IntA
             } else if (!CL && g.kh == 3 && g.kw == 3 && g.sw == 2 && g.dw == 1) {
               const index_t items = d.N * d.C * d.OH * ((d.OW + 1) / 2);
               const PosDividers<index_t> div(d.C, d.OH, (d.OW + 1) / 2);
-              if (values_only) {
-                forward_pair_kernel<3, 3, true, scalar_t, index_t, tap_t>
+              with_flag(values_only, [&](auto values) {
+                forward_pair_kernel<3, 3, decltype(values)::value, scalar_t, index_t, tap_t>
                     <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
-              } else {
-                forward_pair_kernel<3, 3, false, scalar_t, index_t, tap_t>
-                    <<<blocks(items, forward_pair_items(3)), kThreads, 0, stream>>>(xp, yp, ip, tp, d, div, items);
-              }
+              });
               done = true;
             } else if (square23) {
               const auto by_window = [&](auto lanes_c) {

@@ -352,6 +352,13 @@ CONVRNN_HD float nan_max(float a, float b) {
 #endif
 }
 
+// Whether a window's maximum m, taken by nan_max in any order, needs the scan to fix its bits: NaN
+// or a zero (torch keeps the last NaN and the first of tied zeros; every other maximum is unique).
+template <typename A>
+CONVRNN_HD bool scan_decides(A m) {
+  return !(m > A(0) || m < A(0));
+}
+
 // The values (not the taps) of the four outputs, as max_loaded_window would give them: the
 // columns' maxima over the KH rows first (each shared column computed once), then each
 // output's over its 3 columns: 2*9 + 4*2 = 26 nan_max for four 3x3 windows, against 36
@@ -377,7 +384,7 @@ CONVRNN_HD void max_values_quad(const T (&r)[KH][kQuadCols], acc_t<T> (&best)[4]
 #endif
   for (int l = 0; l < 4; ++l) {
     A m = nan_max(nan_max(cm[2 * l], cm[2 * l + 1]), cm[2 * l + 2]);
-    if (!(m > A(0) || m < A(0))) {  // NaN or a zero: the scan decides
+    if (scan_decides(m)) {
       T v[KH * 3];
       quad_window<KH, T>(r, l, v);
       int tap;
@@ -400,11 +407,24 @@ CONVRNN_HD acc_t<T> max_values_window(const T (&v)[KH * KW], index_t first_tap) 
 #pragma unroll
 #endif
   for (int k = 1; k < KH * KW; ++k) m = nan_max(m, static_cast<A>(v[k]));
-  if (!(m > A(0) || m < A(0))) {  // NaN or a zero: the scan decides
+  if (scan_decides(m)) {
     index_t tap;
     max_loaded_window<KH, KW, T, index_t>(v, first_tap, m, tap);
   }
   return m;
+}
+
+// A loaded window's maximum for the forward kernels' two forms: VALUES (nothing but values to
+// write) by max_values_window, tap untouched; else the scan, max_loaded_window, with its tap.
+template <bool VALUES, int KH, int KW, typename T, typename index_t>
+CONVRNN_HD acc_t<T> window_max(const T (&v)[KH * KW], index_t first_tap, index_t& tap) {
+  if constexpr (VALUES) {
+    return max_values_window<KH, KW, T, index_t>(v, first_tap);
+  } else {
+    acc_t<T> best;
+    max_loaded_window<KH, KW, T, index_t>(v, first_tap, best, tap);
+    return best;
+  }
 }
 
 // Tap number at which the window of output (oh, ow) sees input (ih, iw), or -1 if it

@@ -2,6 +2,8 @@
 // of a linear element index in NCHW or channels_last order.
 #pragma once
 
+#include <utility>
+
 #include "pooling.h"
 
 namespace convrnn {
@@ -83,14 +85,20 @@ CONVRNN_HD index_t output_index(const Pos<index_t>& p, index_t OH, index_t OW, i
   return CL ? ((p.n * OH + oh) * OW + ow) * C + p.c : ((p.n * C + p.c) * OH + oh) * OW + ow;
 }
 
-// Calls f with channels_last as a compile-time constant.
+// Calls f with a run-time flag as a compile-time constant (std::true_type or std::false_type).
 template <typename F>
-void with_layout(bool channels_last, F&& f) {
-  if (channels_last) {
+void with_flag(bool flag, F&& f) {
+  if (flag) {
     f(std::true_type());
   } else {
     f(std::false_type());
   }
+}
+
+// Calls f with channels_last as a compile-time constant.
+template <typename F>
+void with_layout(bool channels_last, F&& f) {
+  with_flag(channels_last, std::forward<F>(f));
 }
 
 }  // namespace convrnn

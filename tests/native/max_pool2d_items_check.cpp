@@ -62,15 +62,17 @@ static bool same_bits(double a, double b) { return (std::isnan(a) && std::isnan(
 template <typename T>
 static bool same_bits_strict(T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
 
-// Round 5's values-only form (the unrolled, pair and row4 kernels with VALUES = true) on a loaded
-// window against the scan's value `best`: the same bits.
+// Round 5's values-only form (window_max<true>, what the unrolled, pair and row4 kernels call with
+// VALUES = true) on a loaded window against the scan's value `best`: the same bits.
 template <int KH, int KW, typename T, typename index_t>
 static void check_values_only(const T (&v)[KH * KW], index_t first, acc_t<T> best, const char* kernel) {
-  const T values_only = T(max_values_window<KH, KW, T, index_t>(v, first));
+  index_t untouched = -5;
+  const T values_only = T(window_max<true, KH, KW, T, index_t>(v, first, untouched));
+  TCHECK(untouched == -5, "values-only %s wrote a tap", kernel);
   TCHECK(same_bits_strict(values_only, T(best)), "values-only %s %dx%d: %g vs %g", kernel, KH, KW,
          double(values_only), double(T(best)));
   ++values_checks;
-  if (!(best > 0 || best < 0)) ++values_fixups;
+  if (scan_decides(best)) ++values_fixups;
 }
 
 static Pool2d make_geom(int64_t N, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
