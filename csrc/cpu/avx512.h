@@ -1,5 +1,6 @@
-// The float32 AVX-512 pieces the CPU kernels share (conv2d, max_pool2d, panel_gemm): the runtime
-// CPU check, lane masks and a 16 x 16 register transpose.  Functions carrying CONVRNN_AVX512 are
+// The float32 AVX-512 pieces the CPU kernels share (conv2d, max_pool2d, panel_gemm, the batch-1
+// cell products): the runtime CPU check, lane masks, a 16 x 16 register transpose and 16
+// horizontal sums at once.  Functions carrying CONVRNN_AVX512 are
 // compiled for AVX-512 whatever the build's baseline and are called only after cpu_has_avx512f().
 #pragma once
 
@@ -64,6 +65,32 @@ CONVRNN_AVX512 inline void transpose16(const float* src, int64_t sstride, float*
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j)
     if (j < nc) _mm512_mask_storeu_ps(dst + j * dstride, rm, r[j]);
+}
+
+// Lane i of the result = the sum of v[i]'s 16 lanes, for 16 vectors at once: pairs of vectors
+// halve into one (unpack, 128-bit-lane shuffles) four times, 45 instructions for 16 sums where
+// each sum alone is a 16-deep chain of scalar adds.  The additions' order is fixed: ((l + l^2) +
+// (l^1 + l^3)) within each 128-bit lane, then lanes (0 + 2) + (1 + 3).
+CONVRNN_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    // (v0[0]+v0[2], v1[0]+v1[2], v0[1]+v0[3], v1[1]+v1[3]) in each 128-bit lane
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    // rows 4i .. 4i+3, each summed over its 128-bit lane, in lane order
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    // [b0: lanes 0+2, 1+3 | b1: lanes 0+2, 1+3]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xee));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
 }
 #pragma GCC diagnostic pop
 

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx512.h"
 #include "blas.h"
 #include "panel_gemm.h"
 #include "rnn_cells.h"
@@ -213,7 +214,7 @@ void batch1_part(const T* g, const Tensor& w, const T* x, T* gin, const Tensor& 
 }
 
 // Batch 1 forward: out[r] = dot(w[r], x) (+ out[r] with accumulate) for rows [0, N), four rows
-// a pass so that each x vector serves four rows.  The dot products are reductions the compiler
+// a pass so that each x vector serves four rows (float on AVX-512 takes batch1_dots16 instead).  The dot products are reductions the compiler
 // may reorder only under `omp simd`; the order is fixed by the clone's vector width.
 template <typename T>
 CONVRNN_CPU_CLONES void batch1_dots(int64_t N, int64_t K, const T* __restrict w, int64_t ldw, const T* __restrict x,
@@ -246,14 +247,66 @@ CONVRNN_CPU_CLONES void batch1_dots(int64_t N, int64_t K, const T* __restrict w,
   }
 }
 
+#if CONVRNN_HAVE_AVX512
+// batch1_dots for float on AVX-512, 16 rows a pass: each row's 16 lane sums (k in order, the
+// tail of K masked into the low lanes) in its own accumulator, then the 16 rows' lane sums at once
+// (sum16).  batch1_dots ends each row with its lanes added one by one (`omp simd` keeps the
+// order): 16 dependent scalar adds a row, about half of its time at K = 65 or 128 (perf
+// annotate, the character model's step).  A last pass of fewer rows repeats its last row in the
+// spare accumulators and stores only its own.
+CONVRNN_AVX512 void batch1_dots16(int64_t N, int64_t K, const float* __restrict w, int64_t ldw,
+                                  const float* __restrict x, float* __restrict out, bool accumulate) {
+  const int64_t full = K / 16 * 16;
+  const __mmask16 tail = lane_mask(K - full);
+  for (int64_t r = 0; r < N; r += 16) {
+    const int64_t nr = std::min<int64_t>(16, N - r);
+    const float* rows[16];
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      rows[i] = w + (r + std::min<int64_t>(i, nr - 1)) * ldw;
+      acc[i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < full; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[i] + k), xv, acc[i]);
+    }
+    if (tail != 0) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, rows[i] + full), xv, acc[i]);
+    }
+    const __mmask16 m = lane_mask(nr);
+    __m512 s = sum16(acc);
+    if (accumulate) s = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out + r), s);
+    _mm512_mask_storeu_ps(out + r, m, s);
+  }
+}
+#endif
+
+// out (N) = w (N x K) x, + out with accumulate: batch1_dots16 where it runs, else batch1_dots.
+template <typename T>
+void dots(int64_t N, int64_t K, const T* w, int64_t ldw, const T* x, T* out, bool accumulate) {
+#if CONVRNN_HAVE_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512f()) {
+      batch1_dots16(N, K, w, ldw, x, out, accumulate);
+      return;
+    }
+  }
+#endif
+  batch1_dots<T>(N, K, w, ldw, x, out, accumulate);
+}
+
 // gates (N) = w_ih x, then + w_hh h (or gates_h = w_hh h).
 template <typename T>
 void batch1_forward(const Tensor& w_ih, const T* x, const Tensor& w_hh, const T* h, T* gates, T* gates_h) {
   const int64_t N = w_ih.size(0), I = w_ih.size(1), H = w_hh.size(1);
   batch1_chunks(N, I + H, [&](int64_t r0, int64_t r1, int64_t) {
-    batch1_dots<T>(r1 - r0, I, cptr<T>(w_ih) + r0 * ld(w_ih), ld(w_ih), x, gates + r0, false);
+    dots<T>(r1 - r0, I, cptr<T>(w_ih) + r0 * ld(w_ih), ld(w_ih), x, gates + r0, false);
     T* oh = gates_h != nullptr ? gates_h : gates;
-    batch1_dots<T>(r1 - r0, H, cptr<T>(w_hh) + r0 * ld(w_hh), ld(w_hh), h, oh + r0, gates_h == nullptr);
+    dots<T>(r1 - r0, H, cptr<T>(w_hh) + r0 * ld(w_hh), ld(w_hh), h, oh + r0, gates_h == nullptr);
   });
 }
 
