@@ -2,6 +2,8 @@
 // dispatcher (the TORCH_LIBRARY blocks in the other files); it adds build_info() and the
 // recurrent cells' and the image ops' eager autograd entry points (rnn_cells_autograd.cpp,
 // image_ops_autograd.cpp).
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <string>
@@ -28,6 +30,31 @@ std::string cpu_kernel_level() {
 #endif
 }
 
+// The route of a plain eager call (ops/_common.py, call): 0 the dispatcher's (an argument is a
+// tensor subclass, or the JIT tracer, a functorch transform or autocast is on), 1 no gradient
+// needed, 2 a gradient needed (grad mode on and a tensor argument requiring grad).  The same
+// tests as the Python ones it replaced (type(a) in (Tensor, Parameter); torch._C._is_tracing,
+// _are_functorch_transforms_active, _is_any_autocast_enabled, is_grad_enabled) in one call:
+// ~0.2 us against ~1.1 us a call of a cell's six tensors.
+int eager_route(const pybind11::tuple& args) {
+  bool grad = false;
+  for (const pybind11::handle a : args) {
+    PyObject* o = a.ptr();
+    if (!THPVariable_Check(o)) continue;
+    if (!THPVariable_CheckExact(o)) return 0;  // a subclass (Parameter passes)
+    grad = grad || THPVariable_Unpack(o).requires_grad();
+  }
+  if (torch::jit::tracer::isTracing()) return 0;
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  if (tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
+    return 0;
+  }
+  // autocast is on for a device where its key is not excluded
+  if (!(c10::autocast_dispatch_keyset - tls.excluded_).empty()) return 0;
+  return grad && at::GradMode::is_enabled() ? 2 : 1;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -41,6 +68,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "A backward's gradients (computed without recording) as aliases whose grad_fn raises the op's "
       "double-backward error; the error node's edges: the node being evaluated's and the incoming "
       "gradients' (ops/_common.py's once_differentiable).");
+  m.def("eager_route", &eager_route,
+        "The route of a plain eager call of an op with these arguments: 0 the dispatcher, 1 no "
+        "gradient, 2 a gradient (ops/_common.py's call).");
   m.def("build_info", [] {
     pybind11::dict d;
 #ifdef CONVRNN_WITH_CUDA

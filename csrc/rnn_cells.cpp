@@ -185,8 +185,8 @@ Grads product_grads(const CellKernels& k, const Cell& c, const Tensor& grad_x, c
   Grads g{empty_if(want_input, {c.B, c.I}, input), grad_hx, empty_if(want_w_ih, w_ih.sizes(), input),
           empty_if(want_w_hh, w_hh.sizes(), input)};
   k.product_grads(grad_x, grad_h, rows(input), rows(hx), w_ih, w_hh, g.input, g.hx, accumulate, g.w_ih, g.w_hh);
-  g.input = want_input ? g.input.view(input.sizes()) : placeholder(input);
-  g.hx = want_hx ? g.hx.view(hx.sizes()) : placeholder(input);
+  g.input = !want_input ? placeholder(input) : c.batched ? g.input : g.input.view(input.sizes());
+  g.hx = !want_hx ? placeholder(input) : c.batched ? g.hx : g.hx.view(hx.sizes());
   g.w_ih = defined_or_empty(g.w_ih, input);
   g.w_hh = defined_or_empty(g.w_hh, input);
   return g;
@@ -272,8 +272,8 @@ Tensor rnn_cell(const CellKernels& k, const Tensor& input, const Tensor& hx, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
     const CellKernels& k, const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
     const Tensor& w_hh, const Tensor& hy, bool relu, std::array<bool, 6> mask) {
-  const std::string op = std::string(rnn_op(relu)) + "_backward";
-  const Cell c = check_cell_backward_args(op.c_str(), 1, input, hx, w_ih, w_hh, {{"grad_hy", &grad_hy}, {"hy", &hy}});
+  const char* op = relu ? "rnn_relu_cell_backward" : "rnn_tanh_cell_backward";
+  const Cell c = check_cell_backward_args(op, 1, input, hx, w_ih, w_hh, {{"grad_hy", &grad_hy}, {"hy", &hy}});
   Tensor gpre = at::empty({c.B, c.H}, input.options());
   Tensor gbi = empty_if(mask[4], {c.H}, input), gbh = empty_if(mask[5], {c.H}, input);
   k.rnn_backward(rows(grad_hy).contiguous(), rows(hy).contiguous(), gpre, gbi, gbh, relu);

@@ -49,27 +49,29 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _autocast_enabled = torch._C._is_any_autocast_enabled  # autocast's casts must be recorded by autograd
 
 _FUNCTIONS = {}  # op -> how eager calls apply its autograd: its OpFunction's apply, or OpFunction.eager
+_NO_GRAD = {}  # op -> its C++ eager Function where it has one: applied without a gradient, it records nothing
+_route = _C.eager_route
 
 
 def call(op, *args):
     """Runs op(*args) (an OpOverload of an OpFunction) as the dispatcher would, with
-    autograd through the op's OpFunction when a gradient is needed; see above.  One pass
-    over the arguments, no generators: at a batch-1 RNN step this wrapper costs more than
-    the cell's arithmetic."""
+    autograd through the op's OpFunction when a gradient is needed; see above.  Which route is
+    one C++ call (_C.eager_route: the argument types, the tracer, functorch, autocast and grad
+    mode; ~0.2 us where the same tests in Python took ~1.1 us at a cell's six tensors).  Without a
+    gradient an op with a C++ eager Function runs through it (its forward calls the op below the
+    autograd keys; no node is recorded), ~1 us cheaper than the OpOverload's boxed call."""
     if _is_compiling():
         return op(*args)
-    grad = False
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN:
-                return op(*args)
-            grad = grad or a.requires_grad
-    if _is_tracing() or _functorch_active() or _autocast_enabled():
-        return op(*args)
-    if grad and torch.is_grad_enabled():
+    route = _route(args)
+    if route == 2:
         return _FUNCTIONS[op](*args)
-    with _below_autograd():
-        return op(*args)
+    if route == 1:
+        fast = _NO_GRAD.get(op)
+        if fast is not None:
+            return fast(*args)
+        with _below_autograd():
+            return op(*args)
+    return op(*args)
 
 
 # ---- backward formulas are differentiable once ----
@@ -133,6 +135,8 @@ class OpFunction(torch.autograd.Function):
         super().__init_subclass__(**kwargs)
         cls.op = getattr(torch.ops.convrnn, cls.op_name).default
         _FUNCTIONS[cls.op] = cls.apply if cls.eager is None else cls.eager
+        if cls.eager is not None:
+            _NO_GRAD[cls.op] = cls.eager
         save = cls.save
 
         def forward(ctx, *args):

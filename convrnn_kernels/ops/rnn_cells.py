@@ -12,7 +12,7 @@ The fused pointwise ops (convrnn::*_cell_fused) are what the sequence layers cal
 import torch
 
 from .. import _C
-from ._common import OpFunction, call, once_differentiable
+from ._common import OpFunction, _is_compiling, _route, call, once_differentiable
 
 OPS = torch.ops.convrnn
 _LSTM, _GRU, _RNN = OPS.lstm_cell.default, OPS.gru_cell.default, OPS.rnn_cell.default
@@ -40,6 +40,11 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 
 def _needs_grad(*tensors):
+    """Whether autograd records the call: grad mode on and a tensor requiring grad (the eager
+    route says so in one C++ call; where it is the dispatcher's, the same test in Python)."""
+    route = 0 if _is_compiling() else _route(tensors)  # dynamo traces the Python test
+    if route:
+        return route == 2
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
