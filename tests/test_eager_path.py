@@ -95,3 +95,66 @@ def test_lstm_layers_take_the_eager_route_and_match_torch():
     g, = torch.autograd.grad(y.sum(), [x])
     g_ref, = torch.autograd.grad(y_ref.sum(), [x])
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def _python_route(args):
+    """The route as ops/_common.py's call() decided it in Python before _C.eager_route."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in plain:
+                return 0
+            grad = grad or a.requires_grad
+    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled():
+        return 0
+    return 2 if grad and torch.is_grad_enabled() else 1
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_eager_route_matches_the_python_tests():
+    """_C.eager_route (csrc/module.cpp) takes the decisions call() took in Python: argument
+    types, the JIT tracer, functorch transforms, autocast and grad mode."""
+    from convrnn_kernels import _C
+
+    x = torch.randn(2, 3)
+    p = torch.nn.Parameter(torch.randn(3))
+    cases = [(x,), (x, p), (x, p.detach(), None, 2, False), (x, x.as_subclass(_Sub)), (), (None, 1.5)]
+    seen = []
+    for args in cases:
+        for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode,
+                    lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+            with ctx():
+                got, want = _C.eager_route(args), _python_route(args)
+            assert got == want, (args, ctx, got, want)
+            seen.append(got)
+    assert set(seen) == {0, 1, 2}
+    # functorch: inside vmap both say "dispatcher"
+    routes = []
+
+    def f(a):
+        routes.append((_C.eager_route((a,)), _python_route((a,))))
+        return a * 2
+
+    torch.func.vmap(f)(torch.randn(3, 2))
+    assert routes == [(0, 0)]
+    # the JIT tracer
+    routes.clear()
+    torch.jit.trace(f, (torch.randn(2),), check_trace=False)
+    assert routes == [(0, 0)]
+
+
+def test_no_grad_route_matches_the_dispatcher(device):
+    """Without a gradient, ops with a C++ eager Function run through it (ops/_common.py, call):
+    the same values and strides as the op called below autograd, and no graph."""
+    for name, ours, dispatched, inputs in _cases(device):
+        req = [t.detach().clone().requires_grad_() for t in inputs]
+        with torch.no_grad():
+            ya, yb = ours(*req), dispatched(*req)
+        assert ya.grad_fn is None and not ya.requires_grad, name
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0, msg=name)
+        assert ya.stride() == yb.stride(), name
