@@ -35,7 +35,7 @@ std::string cpu_kernel_level() {
 // needed, 2 a gradient needed (grad mode on and a tensor argument requiring grad).  The same
 // tests as the Python ones it replaced (type(a) in (Tensor, Parameter); torch._C._is_tracing,
 // _are_functorch_transforms_active, _is_any_autocast_enabled, is_grad_enabled) in one call:
-// ~0.2 us against ~1.1 us a call of a cell's six tensors.
+// 0.09 us against 1.1-1.3 us for a cell's six tensors (timeit, this project's CPU machine).
 int eager_route(const pybind11::tuple& args) {
   bool grad = false;
   for (const pybind11::handle a : args) {

@@ -214,8 +214,9 @@ void batch1_part(const T* g, const Tensor& w, const T* x, T* gin, const Tensor& 
 }
 
 // Batch 1 forward: out[r] = dot(w[r], x) (+ out[r] with accumulate) for rows [0, N), four rows
-// a pass so that each x vector serves four rows (float on AVX-512 takes batch1_dots16 instead).  The dot products are reductions the compiler
-// may reorder only under `omp simd`; the order is fixed by the clone's vector width.
+// a pass so that each x vector serves four rows (float on AVX-512 takes batch1_dots16 instead).
+// The dot products are reductions the compiler may reorder only under `omp simd`; the order is
+// fixed by the clone's vector width.
 template <typename T>
 CONVRNN_CPU_CLONES void batch1_dots(int64_t N, int64_t K, const T* __restrict w, int64_t ldw, const T* __restrict x,
                                     T* __restrict out, bool accumulate) {
