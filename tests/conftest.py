@@ -34,3 +34,17 @@ def rng_state():
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+# Tests that take minutes on 2 cores (the native checks' builds and emulated kernels, the emulation
+# extension's build, the examples' training runs) are collected first: under pytest-xdist each
+# starts on a worker at once instead of leaving the run's tail to them.
+_FIRST = ("test_native.py", "test_rnn_persistent.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order

@@ -5,6 +5,7 @@
 Autocast is judged as helpers.py judges half precision: against a float64 reference, ours may
 be off by at most 2x torch's own autocast error plus one ulp of the autocast dtype, and every
 output has torch's dtype (ops/autocast.py follows torch's policy op by op)."""
+import contextlib
 import copy
 import os
 import socket
@@ -101,6 +102,21 @@ def _call(model, name, x):
     return model(x)
 
 
+@contextlib.contextmanager
+def _torch_twin():
+    """Around torch's side of an autocast comparison: torch's CPU autocast runs its LSTMs through
+    oneDNN's bfloat16 RNN, which some CPUs' oneDNN cannot build (AVX2 without AVX-512: "could not
+    create a primitive descriptor for the LSTM forward propagation primitive").  Then there is no
+    twin to judge ours by, and the case is skipped; ours still runs under autocast in the tests
+    that need no twin (test_autocast_backward_inside_region)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "could not create a primitive descriptor" not in str(e):
+            raise
+        pytest.skip(f"torch's own autocast run fails on this CPU: {str(e)[:80]}")
+
+
 def _autocast_run(model, name, x, device, dtype, *, enabled=True):
     """Outputs under autocast, and the gradients of x and of every parameter (backward outside
     the region, as torch recommends)."""
@@ -135,7 +151,8 @@ def test_autocast_layer(device, dtype, name, input_dtype):
     ref = copy.deepcopy(theirs).double()
     x = torch.randn(shape, device=device)
     x = x.to(dtype) if input_dtype == "autocast" else x
-    outs_t, grads_t = _autocast_run(theirs, name, x, device, dtype)
+    with _torch_twin():
+        outs_t, grads_t = _autocast_run(theirs, name, x, device, dtype)
     outs_o, grads_o = _autocast_run(ours, name, x, device, dtype)
     outs_r, grads_r = _autocast_run(ref, name, x.double(), device, dtype, enabled=False)
     # torch's cuDNN RNNs cast to float16 even in a bfloat16 region (ATen/cudnn/AutocastRNN.cpp
@@ -171,7 +188,8 @@ def test_autocast_model(device, dtype, cls, backward_inside):
                 return out, _grads(model, [], [out])
         return out, _grads(model, [], [out])
 
-    out_t, grads_t = run(theirs, inputs)
+    with _torch_twin():
+        out_t, grads_t = run(theirs, inputs)
     out_o, grads_o = run(ours, inputs)
     out_r, grads_r = run(copy.deepcopy(theirs).double(), [t.double() if t.is_floating_point() else t for t in inputs],
                          enabled=False)

@@ -158,8 +158,9 @@ def test_row_split_matches_unit_split(name, reverse, packed):
     against the split over the hidden units (mode 2) and one thread: every element is computed the
     same way whichever rows share its task (the backward's bias gradients summed per row over the
     steps, then over the rows in order, in both splits), so float32 (the panel kernel, where it runs) gives the same bits and
-    float64 (BLAS's products) agrees within rounding; a packed batch's tasks lose rows as the steps
-    do (and, in reverse, gain them: the rows entering from h0)."""
+    BLAS's products (float64; float32 on a CPU without AVX-512F) agree within their dtype's rounding:
+    BLAS's order of a product's sums depends on its sizes; a packed batch's tasks lose rows as the
+    steps do (and, in reverse, gain them: the rows entering from h0)."""
     g = {"lstm": 4, "gru": 3}.get(name, 1)
     t, b, h = 6, 7, 40
     bs = torch.tensor([7, 7, 5, 4, 4, 2]) if packed else None
@@ -181,6 +182,8 @@ def test_row_split_matches_unit_split(name, reverse, packed):
                 for got, want in zip(other, runs[0]):
                     if dtype == torch.float32 and kernel_serves():
                         assert torch.equal(got, want), f"{name} {direction}: the split changed the bits"
+                    elif dtype == torch.float32:
+                        torch.testing.assert_close(got, want, **TOL[torch.float32])
                     else:
                         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -188,7 +191,9 @@ def test_row_split_matches_unit_split(name, reverse, packed):
 @pytest.mark.parametrize("name", NAMES)
 def test_bias_gradient_independent_of_threads(name):
     """The bias gradients are summed per unit, steps and rows in a fixed order: the same bits
-    whatever the number of tasks, split over the units or the rows."""
+    whatever the number of tasks, split over the units or the rows, where the panel kernel computes
+    the gate gradients' products (BLAS's, on a CPU without AVX-512F, round by the split's sizes:
+    the sums then agree within float32's rounding)."""
     ours, _ = make_pair(name, dtype=torch.float32, input_size=5, hidden=48, scale=1.0)
     inputs = make_inputs(ours, "plain", torch.float32, t=7, b=6)
     got = []
@@ -197,7 +202,10 @@ def test_bias_gradient_independent_of_threads(name):
             _, grads, gouts = run(ours, inputs, None if not got else got[0][2])
         got.append((grads["bias_ih_l0"], grads["bias_hh_l0"], gouts))
     for gi, gh, _ in got[1:]:
-        assert torch.equal(gi, got[0][0]) and torch.equal(gh, got[0][1])
+        if kernel_serves():
+            assert torch.equal(gi, got[0][0]) and torch.equal(gh, got[0][1])
+        else:
+            torch.testing.assert_close((gi, gh), got[0][:2], **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "rnn_relu"])
