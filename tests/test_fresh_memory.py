@@ -74,8 +74,7 @@ def test_avg_pool2d_streamed(channels, opts):
     x = x.contiguous(memory_format=torch.channels_last)
     (out0, grad0, n0), (out1, grad1, n1) = _streamed_and_plain(lambda t: ck.avg_pool2d(t, **kw), x)
     assert out0.nbytes >= 16 << 20 and n0 == 0
-    streamable = channels % 16 == 0
-    streamable = streamable and STREAMS
+    streamable = channels % 16 == 0 and STREAMS
     assert n1 == (2 if streamable and opts == "2x2s2" else 1 if streamable else 0)  # forward, tiled backward
     assert torch.equal(out1, out0) and torch.equal(grad1, grad0)
     xt = x.detach().requires_grad_()

@@ -171,6 +171,7 @@ def test_row_split_matches_unit_split(name, reverse, packed):
         x = rnd(n, g * h) if packed else rnd(t, b, g * h)
         args = (x, rnd(b, h), rnd(b, h), rnd(g * h, h) * 0.3, rnd(g * h), rnd(g * h), bs, reverse)
         grads = (rnd(n, h) if packed else rnd(t, b, h), rnd(b, h), rnd(b, h))
+        bits = dtype == torch.float32 and kernel_serves()  # else BLAS's products: within rounding
         for direction in ("forward", "backward"):
             runs = []
             for mode, threads in ((2, 1), (2, 2), (3, 2), (3, 3), (1, 2)):
@@ -180,7 +181,7 @@ def test_row_split_matches_unit_split(name, reverse, packed):
                 assert m.runs == (1 if direction == "forward" else 2)
             for other in runs[1:]:
                 for got, want in zip(other, runs[0]):
-                    if dtype == torch.float32 and kernel_serves():
+                    if bits:
                         assert torch.equal(got, want), f"{name} {direction}: the split changed the bits"
                     elif dtype == torch.float32:
                         torch.testing.assert_close(got, want, **TOL[torch.float32])
@@ -201,8 +202,9 @@ def test_bias_gradient_independent_of_threads(name):
         with num_threads(threads), recurrence_mode(mode):
             _, grads, gouts = run(ours, inputs, None if not got else got[0][2])
         got.append((grads["bias_ih_l0"], grads["bias_hh_l0"], gouts))
+    bits = kernel_serves()
     for gi, gh, _ in got[1:]:
-        if kernel_serves():
+        if bits:
             assert torch.equal(gi, got[0][0]) and torch.equal(gh, got[0][1])
         else:
             torch.testing.assert_close((gi, gh), got[0][:2], **TOL[torch.float32])
