@@ -114,7 +114,11 @@ def _extensions():
 
     openmp = sys.platform.startswith("linux")
     cxx = ["-O0", "-g"] if debug else ["-O3", "-g0"]  # -g0: Python's own CFLAGS carry -g
-    cxx += ["-fno-math-errno", "--param", "vect-partial-vector-usage=1"]
+    # -fno-trapping-math: without it GCC will not if-convert a select around a division (tanh_of's
+    # x P / Q, rnn_cells.h) for AVX2, which has no masked division, and every float gate loop's
+    # x86-64-v3 clone stayed scalar ("control flow in loop"; the v4 clones were vectorised).  No
+    # result changes: the flag only lets the compiler ignore floating-point exception flags.
+    cxx += ["-fno-math-errno", "-fno-trapping-math", "--param", "vect-partial-vector-usage=1"]
     cxx += ["-fopenmp"] if openmp else ["-fopenmp-simd"]  # the latter: `omp simd` reductions only
     nvcc = ["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]
     nvcc += ["--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
