@@ -946,8 +946,8 @@ TORCH_LIBRARY_FRAGMENT(convrnn, m) {
   // The CPU recurrence (cpu/rnn_recurrence.h): mode -1 asks, 0 off, 1 on, 2 on with every step
   // split over the threads; returns the mode before the call and the layer calls it ran so far.
   m.def("_cpu_recurrence(int mode=-1) -> (int, int)", &convrnn::cpu_recurrence_op);
-  // The CPU recurrence's float products (cpu/panel_gemm.h): mode -1 asks, 0 MKL, 1 our AVX-512
-  // panel kernel (the default where the CPU has AVX-512F); returns the mode before the call and
+  // The CPU recurrence's float products (cpu/panel_gemm.h): mode -1 asks, 0 MKL, 1 our panel
+  // kernel (the default where the CPU has AVX-512F or AVX2 + FMA); returns the mode before the call and
   // the layer calls that used the kernel so far.
   m.def("_cpu_gemm(int mode=-1) -> (int, int)", &convrnn::cpu_gemm::switch_op);
   // Every step's input projection: input (..., I) times weight^T, weight (G, I) (F.linear without a

@@ -1,5 +1,5 @@
-"""Our float products on the CPU (csrc/cpu/panel_gemm.h): an AVX-512 kernel in place of MKL
-wherever the CPU has AVX-512F, for the sequence layers' recurrence, input projections and weight
+"""Our float products on the CPU (csrc/cpu/panel_gemm.h): our own kernel in place of MKL
+wherever the CPU has AVX-512F or AVX2 + FMA (one form each, the same bits), for the sequence layers' recurrence, input projections and weight
 gradients and for the cells' gate products; torch.ops.convrnn._cpu_gemm(0) switches back to MKL.
 
 The layers' input projection is an op of its own (convrnn::input_projection, F.linear without a
@@ -7,7 +7,7 @@ bias): against F.linear, forward and both gradients, over odd sizes, empty and s
 features and strided inputs; its bad inputs, opcheck and a float64 gradcheck.  The kernel against
 MKL on the cells, the layers and the projection; bits independent of the thread count (every output
 element is one sum over k in order).  Tests that mean the kernel to run check the switch's run
-counter, and skip on a CPU without AVX-512F, where the products stay MKL's."""
+counter, and skip on a CPU with neither, where the products stay MKL's."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ def kernel_serves():
     return s.launches > 0
 
 
-needs_kernel = pytest.mark.skipif(not kernel_serves(), reason="the CPU has no AVX-512F: the products stay MKL's")
+needs_kernel = pytest.mark.skipif(not kernel_serves(), reason="the CPU has neither AVX-512F nor AVX2 + FMA: the products stay MKL's")
 
 
 def both(x, w, seed=3):

@@ -158,7 +158,7 @@ def test_row_split_matches_unit_split(name, reverse, packed):
     against the split over the hidden units (mode 2) and one thread: every element is computed the
     same way whichever rows share its task (the backward's bias gradients summed per row over the
     steps, then over the rows in order, in both splits), so float32 (the panel kernel, where it runs) gives the same bits and
-    BLAS's products (float64; float32 on a CPU without AVX-512F) agree within their dtype's rounding:
+    BLAS's products (float64; float32 on a CPU with neither AVX-512F nor AVX2 + FMA) agree within their dtype's rounding:
     BLAS's order of a product's sums depends on its sizes; a packed batch's tasks lose rows as the
     steps do (and, in reverse, gain them: the rows entering from h0)."""
     g = {"lstm": 4, "gru": 3}.get(name, 1)
@@ -193,7 +193,7 @@ def test_row_split_matches_unit_split(name, reverse, packed):
 def test_bias_gradient_independent_of_threads(name):
     """The bias gradients are summed per unit, steps and rows in a fixed order: the same bits
     whatever the number of tasks, split over the units or the rows, where the panel kernel computes
-    the gate gradients' products (BLAS's, on a CPU without AVX-512F, round by the split's sizes:
+    the gate gradients' products (BLAS's, on a CPU with neither AVX-512F nor AVX2 + FMA, round by the split's sizes:
     the sums then agree within float32's rounding)."""
     ours, _ = make_pair(name, dtype=torch.float32, input_size=5, hidden=48, scale=1.0)
     inputs = make_inputs(ours, "plain", torch.float32, t=7, b=6)

@@ -1,4 +1,4 @@
-// The AVX-512 panel kernel of panel_gemm.h (float), and its switch.
+// The panel kernel of panel_gemm.h (float), in an AVX-512 and an AVX2 + FMA form, and its switch.
 #include "panel_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -14,6 +14,7 @@
 
 #ifdef CONVRNN_HAVE_AVX512  // cpu/avx512.h: CONVRNN_AVX512, cpu_has_avx512f, transpose16
 #define CONVRNN_PANEL_AVX512 1
+#define CONVRNN_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define CONVRNN_PANEL_AVX512 0
 #endif
@@ -30,12 +31,23 @@ std::atomic<int>& mode() {
 std::atomic<int64_t> runs{0};
 
 #if CONVRNN_PANEL_AVX512
+// Which form runs: AVX-512 where the CPU has AVX-512F, else AVX2 + FMA where it has both, else
+// none (MKL).
+enum class Isa { kNone, kAvx2, kAvx512 };
+Isa isa() {
+  static const Isa i = cpu_has_avx512f()                                                          ? Isa::kAvx512
+                       : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                          : Isa::kNone;
+  return i;
+}
+
 // Rows [0, R) of a block of A (element (r, k) at a[r * ars + k * aks]) times 64 columns of B
 // (row k at b + k * ldb: a panel, ldb = kPanel, or B's own rows) over K into c (R x 64, the
-// valid columns by the four masks), starting from c's values with accumulate.
+// first `cols` columns valid), starting from c's values with accumulate.
 template <int R, bool kFull>
 CONVRNN_AVX512 void block(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
-                                bool accumulate, float* c, int64_t ldc, const __mmask16* mask) {
+                          bool accumulate, float* c, int64_t ldc, int64_t cols) {
+  const __mmask16 mask[4] = {lane_mask(cols), lane_mask(cols - 16), lane_mask(cols - 32), lane_mask(cols - 48)};
   __m512 acc[R][4];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -73,11 +85,73 @@ CONVRNN_AVX512 void block(int64_t K, const float* a, int64_t ars, int64_t aks, c
   }
 }
 
+// The same product with AVX2's 8-lane registers (16 of them): the 64 columns as four strips of
+// 16, each strip R x 2 accumulators (12 of the 16 registers at R = 6), per k two strip loads and
+// R broadcasts for 2R FMAs; a strip's K-block of B (<= 256 lines of 64 bytes, one per k) stays in
+// L1 while its FMAs run.  Each element of C is the same sum over k in order as block()'s: the
+// same bits.  Lanes past `cols` by masked loads and stores (B's own rows are not read past
+// their end).
+template <int R, bool kFull>
+CONVRNN_AVX2 void block_avx2(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
+                             bool accumulate, float* c, int64_t ldc, int64_t cols) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 1
+  for (int s = 0; s < 4; ++s) {
+    const int64_t left = cols - 16 * s;
+    if (left <= 0) break;
+    const int n0 = left >= 16 ? 16 : static_cast<int>(left);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n0), lanes);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n0 - 8), lanes);
+    float* cs = c + 16 * s;
+    const float* bs = b + 16 * s;
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (!accumulate) {
+        acc[r][0] = _mm256_setzero_ps(), acc[r][1] = _mm256_setzero_ps();
+      } else if constexpr (kFull) {
+        acc[r][0] = _mm256_loadu_ps(cs + r * ldc), acc[r][1] = _mm256_loadu_ps(cs + r * ldc + 8);
+      } else {
+        acc[r][0] = _mm256_maskload_ps(cs + r * ldc, m0), acc[r][1] = _mm256_maskload_ps(cs + r * ldc + 8, m1);
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* w = bs + k * ldb;
+      __m256 w0, w1;
+      if constexpr (kFull) {
+        w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+      } else {
+        w0 = _mm256_maskload_ps(w, m0), w1 = _mm256_maskload_ps(w + 8, m1);
+      }
+      const float* ak = a + k * aks;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(ak + r * ars);
+        acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kFull) {
+        _mm256_storeu_ps(cs + r * ldc, acc[r][0]), _mm256_storeu_ps(cs + r * ldc + 8, acc[r][1]);
+      } else {
+        _mm256_maskstore_ps(cs + r * ldc, m0, acc[r][0]), _mm256_maskstore_ps(cs + r * ldc + 8, m1, acc[r][1]);
+      }
+    }
+  }
+}
+
 using Block = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, bool, float*, int64_t,
-                       const __mmask16*);
-constexpr Block kBlocks[2][7] = {
-    {nullptr, block<1, false>, block<2, false>, block<3, false>, block<4, false>, block<5, false>, block<6, false>},
-    {nullptr, block<1, true>, block<2, true>, block<3, true>, block<4, true>, block<5, true>, block<6, true>}};
+                       int64_t);
+// [AVX2][full panel][rows]
+constexpr Block kBlocks[2][2][7] = {
+    {{nullptr, block<1, false>, block<2, false>, block<3, false>, block<4, false>, block<5, false>, block<6, false>},
+     {nullptr, block<1, true>, block<2, true>, block<3, true>, block<4, true>, block<5, true>, block<6, true>}},
+    {{nullptr, block_avx2<1, false>, block_avx2<2, false>, block_avx2<3, false>, block_avx2<4, false>,
+      block_avx2<5, false>, block_avx2<6, false>},
+     {nullptr, block_avx2<1, true>, block_avx2<2, true>, block_avx2<3, true>, block_avx2<4, true>,
+      block_avx2<5, true>, block_avx2<6, true>}}};
 
 // Up to this many k per pass over a column panel (a K-block: 256 x 64 floats of B, 64 KB, stay
 // in L2 while every row block of A passes over them); c carries the sums between K-blocks, so the
@@ -124,6 +198,16 @@ CONVRNN_AVX512 void copy_group(const float* a, int64_t aks, int64_t rows, int64_
     for (int j = 0; j < kChunks; ++j) _mm512_store_ps(d + 16 * j, _mm512_maskz_loadu_ps(mask[j], src + 16 * j));
   }
 }
+// copy_group's copy, its rows past `rows` zeros, for AVX2 (the compiler's vectors).
+CONVRNN_AVX2 void copy_group_avx2(const float* __restrict a, int64_t aks, int64_t rows, int64_t kc,
+                                  float* __restrict dst) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* __restrict src = a + k * aks;
+    float* __restrict d = dst + k * kGroupRows;
+    for (int64_t j = 0; j < rows; ++j) d[j] = src[j];
+    for (int64_t j = rows; j < kGroupRows; ++j) d[j] = 0.0f;
+  }
+}
 
 // c (m x n) (+)= A B: A's element (r, k) at a[r * ars + k * aks], B's row k at b + k * ldb (a
 // packed operand: ldb = kPanel and panel q at b + q * kPanel * K, passed as panel_stride).
@@ -143,18 +227,12 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
   const int64_t blocks = (m + 5) / 6;  // row blocks as even as possible, at most 6 rows each (32: 6 6 5 5 5 5)
   const auto rows_of = [&](int64_t i, int64_t r0) { return (m - r0) / (blocks - i) + ((m - r0) % (blocks - i) != 0); };
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  // the lanes of every panel but the last are all valid
-  const __mmask16 full[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
-  __mmask16 last[4];
-  for (int v = 0; v < 4; ++v) {
-    const int64_t left = n - (panels - 1) * kPanel - 16 * v;
-    last[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-  }
+  const bool avx2 = isa() == Isa::kAvx2;
   const auto run = [&](int64_t q, int64_t r0, int64_t rows, int64_t k0, int64_t kc, const float* ab, int64_t rs,
                        int64_t ks) {
-    const int64_t j0 = q * kPanel;
-    kBlocks[n - j0 >= kPanel][rows](kc, ab, rs, ks, b + q * panel_stride + k0 * ldb, ldb, accumulate || k0 > 0,
-                                    c + r0 * ldc + j0, ldc, q + 1 < panels ? full : last);
+    const int64_t j0 = q * kPanel, cols = std::min(kPanel, n - j0);
+    kBlocks[avx2][cols == kPanel][rows](kc, ab, rs, ks, b + q * panel_stride + k0 * ldb, ldb, accumulate || k0 > 0,
+                                        c + r0 * ldc + j0, ldc, cols);
   };
   if (aks == 1) {
     for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
@@ -180,15 +258,28 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
       if (r0 + rows > g1) {
         g0 = r0;
         g1 = std::min(m, r0 + kGroupRows);
-        copy_group(a + r0 + k0 * aks, aks, g1 - g0, kc, group_a);
+        (avx2 ? copy_group_avx2 : copy_group)(a + r0 + k0 * aks, aks, g1 - g0, kc, group_a);
       }
       for (int64_t q = 0; q < panels; ++q) run(q, r0, rows, k0, kc, group_a + (r0 - g0), 1, kGroupRows);
     }
   }
 }
 
-// dst (cols x rows, ldd) = src (rows x cols, lds) transposed, in 16 x 16 register tiles.
-CONVRNN_AVX512 void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+// dst (cols x rows, ldd) = src (rows x cols, lds) transposed, in 16 x 16 tiles: AVX2's by the
+// compiler's loops, AVX-512's in registers.
+CONVRNN_AVX2 void transpose_avx2(int64_t rows, int64_t cols, const float* __restrict src, int64_t lds,
+                                 float* __restrict dst, int64_t ldd) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int64_t i1 = std::min(rows, i0 + 16), j1 = std::min(cols, j0 + 16);
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+      }
+    }
+  }
+}
+CONVRNN_AVX512 void transpose_avx512(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                                     int64_t ldd) {
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     for (int64_t j0 = 0; j0 < cols; j0 += 16) {
       transpose16(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, static_cast<int>(std::min<int64_t>(16, rows - i0)),
@@ -197,13 +288,17 @@ CONVRNN_AVX512 void transpose(int64_t rows, int64_t cols, const float* src, int6
   }
 }
 
+void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd) {
+  (isa() == Isa::kAvx2 ? transpose_avx2 : transpose_avx512)(rows, cols, src, lds, dst, ldd);
+}
+
 #endif
 
 }  // namespace
 
 bool enabled() {
 #if CONVRNN_PANEL_AVX512
-  return mode().load(std::memory_order_relaxed) != 0 && cpu_has_avx512f();
+  return mode().load(std::memory_order_relaxed) != 0 && isa() != Isa::kNone;
 #else
   return false;
 #endif

@@ -1,5 +1,5 @@
 // float products of the CPU layer recurrence (rnn_recurrence.cpp) with a right operand packed
-// once per layer call: our own AVX-512 kernel, in place of MKL where the CPU has AVX-512F.
+// once per layer call: our own kernel, in place of MKL where the CPU has AVX-512F or AVX2 + FMA.
 //
 // Why: a step's product is small (B=32: 32 x 256 by 256 x 1024; B=1: a 1 x 128 by 128 x 512
 // gemv) and repeats for every step with the same right operand.  MKL's packed sgemm ran these at
@@ -8,10 +8,12 @@
 //
 // Layout: the right operand B (K x N) in panels of kPanel = 64 columns, panel after panel; in a
 // panel row k's 64 columns are contiguous (k * 64 + c), columns past N are zeros.  A product
-// walks panel by panel; per panel, blocks of up to 6 rows of A: 6 x 4 vector accumulators
-// (24 of the 32 registers), per k four panel loads and six broadcasts for 24 FMAs.  Every
-// element of C is one sum over k in order: the bits depend on neither the thread count nor the
-// blocking of rows.
+// walks panel by panel; per panel, blocks of up to 6 rows of A.  AVX-512: 6 x 4 vector
+// accumulators (24 of the 32 registers), per k four panel loads and six broadcasts for 24 FMAs.
+// AVX2 + FMA (16 registers of 8 lanes): the panel as four strips of 16 columns, 6 x 2
+// accumulators a strip, per k two loads and six broadcasts for 12 FMAs.  Every element of C is
+// one sum over k in order: the bits depend on neither the thread count, nor the blocking of rows,
+// nor which of the two forms ran.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,8 +26,8 @@ namespace cpu_gemm {
 
 constexpr int64_t kPanel = 64;
 
-// The kernel runs here (an x86-64 CPU with AVX-512F) and is switched on (convrnn::_cpu_gemm,
-// CONVRNN_CPU_GEMM; rnn_layers.cpp keeps the switch).
+// The kernel runs here (an x86-64 CPU with AVX-512F, or AVX2 and FMA) and is switched on
+// (convrnn::_cpu_gemm, CONVRNN_CPU_GEMM; rnn_layers.cpp keeps the switch).
 bool enabled();
 // The switch: mode -1 asks, 0 off (MKL), 1 on; returns the mode before the call and the layer
 // calls that used the kernel so far (convrnn::_cpu_gemm).

@@ -1,7 +1,7 @@
 // CPU gate products of the whole-cell ops (CellKernels::products and product_grads).
 //
 // float and double call BLAS (cpu/blas.h) on the tensors' memory directly, float above batch 1
-// our AVX-512 kernel instead where it runs (cpu/panel_gemm.h: MKL's generic path on AMD CPUs
+// our panel kernel instead where it runs (cpu/panel_gemm.h: MKL's generic path on AMD CPUs
 // was the slower; B=64 LSTM forward+backward 1.21x -> 1.44x torch).  At a batch-1 step
 // at::mm's own work (dispatch, transposed views, output checks and allocation) took ~4 of its
 // ~6 us a call; six calls a step.

@@ -6,7 +6,7 @@
 // halves), a fused cell call (checks, three allocations), and copies into the gathered outputs.
 // Here the H hidden units are split once into tasks (one per intra-op thread, multiples of 16
 // units), and each task keeps, for the whole sequence, its units' rows of W_hh (gate-major) as
-// one right operand, packed for float: into cpu_gemm's panels where that AVX-512 kernel runs
+// one right operand, packed for float: into cpu_gemm's panels where that kernel runs
 // (cpu/panel_gemm.h), else by MKL (a batch-1 product: 1.9 us packed against 3.6 us for sgemm_;
 // B=32, H=256: 41 against 53 us, on the Xeon).  A step is one parallel region; each task:
 //   forward:  multiplies the state entering the step by its slice into its own (B, G n) block,
