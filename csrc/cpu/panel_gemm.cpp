@@ -235,12 +235,23 @@ void run_blocks(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, in
                                         c + r0 * ldc + j0, ldc, cols);
   };
   if (aks == 1) {
+    // row blocks in groups of kGroupBlocks (<= 96 rows): a group's K-block of A (<= 96 KB) stays
+    // in L2 while every panel passes over it, where all of A's rows per panel re-read A from
+    // memory once per panel (256 x 1024 by 1024 x 2048 a thread: A's K-block 1 MB)
+    constexpr int64_t kGroupBlocks = 16;
     for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
       const int64_t kc = std::min(kBlockK, K - k0);
-      for (int64_t q = 0; q < panels; ++q) {
-        for (int64_t i = 0, r0 = 0; i < blocks; r0 += rows_of(i, r0), ++i) {
-          run(q, r0, rows_of(i, r0), k0, kc, a + r0 * ars + k0, ars, 1);
+      for (int64_t i0 = 0, g0 = 0; i0 < blocks;) {
+        const int64_t i1 = std::min(blocks, i0 + kGroupBlocks);
+        int64_t g1 = g0;
+        for (int64_t q = 0; q < panels; ++q) {
+          int64_t r0 = g0;
+          for (int64_t i = i0; i < i1; r0 += rows_of(i, r0), ++i) {
+            run(q, r0, rows_of(i, r0), k0, kc, a + r0 * ars + k0, ars, 1);
+          }
+          g1 = r0;
         }
+        i0 = i1, g0 = g1;
       }
     }
     return;
@@ -338,6 +349,15 @@ bool serves(bool tb, int64_t m, int64_t n) {
   return enabled() && !(tb && m <= n && m < kMinTransposedRows);
 }
 
+bool serves_size(int64_t m, int64_t n, int64_t k) {
+#if CONVRNN_PANEL_AVX512
+  return isa() != Isa::kAvx2 || m * n * k <= kAvx2MaxMacs;
+#else
+  (void)m, (void)n, (void)k;
+  return false;
+#endif
+}
+
 bool gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
           bool accumulate, float* c, int64_t ldc) {
 #if CONVRNN_PANEL_AVX512
@@ -409,7 +429,10 @@ bool mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out, bool ac
   int64_t lda = 0, ldb = 0;
   if (!operand(a, ta, lda) || !operand(b, tb, ldb)) return false;
   const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
-  if (!serves(tb, m, n) || !cpu_blas::available(at::kFloat) || std::max({m, n, k, lda, ldb}) >= INT_MAX) return false;
+  if (!serves(tb, m, n) || !serves_size(m, n, k) || !cpu_blas::available(at::kFloat) ||
+      std::max({m, n, k, lda, ldb}) >= INT_MAX) {
+    return false;
+  }
   if (m == 0 || n == 0) return true;
   float* c = out.data_ptr<float>();
   if (k == 0) {

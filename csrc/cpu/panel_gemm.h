@@ -75,6 +75,16 @@ constexpr int64_t kMinTransposedRows = 48;
 // product with B transposed).
 bool serves(bool tb, int64_t m, int64_t n);
 
+// Above this many multiply-adds a whole product (before any split over threads) goes to MKL where
+// the AVX2 form would run: MKL's cache blocking wins there (2 threads of the Zen 3, ms: 1600 x 128
+// by 128 x 1024 3.9 against 3.4, 256 x 1024 by 1024 x 3072 16.5 against 13.4), ours below (64 x
+// 512 by 512 x 2048, 67M: 1.4 against 2.1).  The layers' recurrence (multiply) is not capped.
+constexpr int64_t kAvx2MaxMacs = int64_t(1) << 27;
+// Whether a whole product of m x n x k multiply-adds may go to gemm(): not past kAvx2MaxMacs with
+// the AVX2 form.  Callers that split a product ask this once, for the whole of it, so that the
+// bits do not depend on the thread count.
+bool serves_size(int64_t m, int64_t n, int64_t k);
+
 // c (m x n, ldc) = op(a) op(b) (+ c with accumulate), row-major, single-threaded (callers split
 // the work over their threads): op(a) (m x k) is a (k x m) transposed with ta, op(b) (k x n) b
 // (n x k) transposed with tb.  B row-major is read in place as the panels' rows; B transposed is

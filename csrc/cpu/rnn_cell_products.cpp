@@ -44,6 +44,7 @@ struct Gemm {
   T* c;
   int64_t ldc;
   bool split_rows;  // slices are blocks of c's rows (else of its columns)
+  bool panel = true;  // the whole product may go to cpu_gemm::gemm (cpu_gemm::serves_size)
 };
 
 template <typename T>
@@ -56,7 +57,7 @@ void run(const Gemm<T>& g) {
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_gemm::gemm(g.ta, g.tb, g.m, g.n, g.k, g.a, g.lda, g.b, g.ldb, g.accumulate, g.c, g.ldc)) return;
+    if (g.panel && cpu_gemm::gemm(g.ta, g.tb, g.m, g.n, g.k, g.a, g.lda, g.b, g.ldb, g.accumulate, g.c, g.ldc)) return;
   }
   cpu_blas::gemm(g.ta, g.tb, int(g.m), int(g.n), int(g.k), g.a, int(g.lda), g.b, int(g.ldb),
                  g.accumulate ? T(1) : T(0), g.c, int(g.ldc));
@@ -104,9 +105,12 @@ std::vector<int64_t> whole_assignment(const std::vector<Gemm<T>>& gemms, int64_t
 // else a slice of every product per thread.  Products that write the same output slice it alike
 // (then each thread keeps their order).
 template <typename T>
-void run_all(const std::vector<Gemm<T>>& gemms, bool independent) {
+void run_all(std::vector<Gemm<T>> gemms, bool independent) {
   int64_t macs = 0;
-  for (const auto& g : gemms) macs += g.m * g.n * g.k;
+  for (auto& g : gemms) {
+    macs += g.m * g.n * g.k;
+    g.panel = cpu_gemm::serves_size(g.m, g.n, g.k);  // asked of the whole product, before any slice
+  }
   const int64_t P = at::get_num_threads();
   if (P == 1 || macs < cpu_blas::kParallelMacs) {  // MKL's own threads, or none below kSequentialMacs
     std::optional<cpu_blas::Sequential> sequential;
