@@ -121,6 +121,23 @@ void max_row(const T* plane, const Pool2d& g, int64_t oh, acc_t<T>* best, int32_
   for (int64_t ow = in.hi; ow < g.OW; ++ow) border(ow);
 }
 
+// out[i] = tap[i] as a tap_t, or no_tap() where the window has no tap (!ok, or !col_ok[i] where
+// given).  A loop of its own, with its pointers __restrict: written inline, the uint8 stores
+// (which may alias anything) made GCC reload the geometry and the pointers for every element and
+// left the loop scalar, 55% of a channels_last forward's samples (the ResNet stem, AVX2).
+template <typename tap_t>
+CONVRNN_CPU_CLONES void store_taps(const int32_t* __restrict tap, bool ok, const char* __restrict col_ok,
+                                   tap_t* __restrict out, int64_t n) {
+  const tap_t none = no_tap<tap_t>();
+  if (!ok) {
+    for (int64_t i = 0; i < n; ++i) out[i] = none;
+  } else if (col_ok == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<tap_t>(tap[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = col_ok[i] ? static_cast<tap_t>(tap[i]) : none;
+  }
+}
+
 // Which output columns have at least one in-image tap (the same for every row).
 std::vector<char> columns_with_taps(const Pool2d& g) {
   std::vector<char> has(g.OW);
@@ -153,10 +170,7 @@ void forward_nchw(const T* x, T* y, int64_t* idx, tap_t* taps, const Pool2d& g) 
         for (int64_t i = 0; i < g.OW; ++i) y[r * g.OW + i] = static_cast<T>(best[i]);
         if (taps != nullptr) {
           const Taps th = window_taps<int64_t>(hstart, g.H, g.kh, g.dh);
-          const bool row_ok = th.hi > th.lo;
-          for (int64_t i = 0; i < g.OW; ++i) {
-            taps[r * g.OW + i] = row_ok && col_ok[i] ? static_cast<tap_t>(tap[i]) : no_tap<tap_t>();
-          }
+          store_taps<tap_t>(tap.data(), th.hi > th.lo, col_ok.data(), taps + r * g.OW, g.OW);
         }
         if (idx != nullptr) {
           for (int64_t i = 0; i < g.OW; ++i) {
@@ -321,10 +335,7 @@ void forward_channels_last(const T* x, T* y, int64_t* idx, tap_t* taps, const Po
                                      nullptr);
       }
       for (int64_t c = 0; c < g.C; ++c) y[q * g.C + c] = static_cast<T>(best[c]);
-      if (taps != nullptr) {
-        const bool ok = has_taps(th, tw);
-        for (int64_t c = 0; c < g.C; ++c) taps[q * g.C + c] = ok ? static_cast<tap_t>(tap[c]) : no_tap<tap_t>();
-      }
+      if (taps != nullptr) store_taps<tap_t>(tap.data(), has_taps(th, tw), nullptr, taps + q * g.C, g.C);
       if (idx != nullptr) {
         for (int64_t c = 0; c < g.C; ++c) {
           idx[q * g.C + c] = tap_index<int64_t>(tap[c], hstart, wstart, g.kw, g.dh, g.dw, g.W);
@@ -397,7 +408,10 @@ void backward_channels_last(const T* go, const tap_t* taps, T* gi, const Pool2d&
     return;
   }
   const std::vector<int64_t> off = tap_offsets(g);
-  const int64_t block = std::min<int64_t>(g.C, kChannelBlock), blocks = (g.C + block - 1) / block;
+  // whole pixels (all channels) a task where the images alone give every thread several tasks:
+  // two tasks writing 64 and 32 of a pixel's 96 channels (AlexNet) share its cache lines
+  const bool whole = g.N >= 4 * at::get_num_threads();
+  const int64_t block = whole ? g.C : std::min<int64_t>(g.C, kChannelBlock), blocks = (g.C + block - 1) / block;
   at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> local(direct ? 0 : HW * block);
     for (int64_t task = begin; task < end; ++task) {
