@@ -19,6 +19,12 @@ inline bool cpu_has_avx512f() {
   return has;
 }
 
+// AVX2 and FMA, for the kernels that have an AVX2 form beside their AVX-512 one (cpu/panel_gemm.cpp).
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
 // The first n lanes (n clamped to [0, 16]).
 CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);

@@ -49,7 +49,7 @@ inline bool huge_pages_on_advice() {
   static const bool on = [] {
     std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
     std::string line;
-    return std::getline(f, line) && line.find("[never]") == std::string::npos &&
+    return std::getline(f, line) &&
            (line.find("[always]") != std::string::npos || line.find("[madvise]") != std::string::npos);
   }();
   return on;

@@ -35,10 +35,7 @@ std::atomic<int64_t> runs{0};
 // none (MKL).
 enum class Isa { kNone, kAvx2, kAvx512 };
 Isa isa() {
-  static const Isa i = cpu_has_avx512f()                                                          ? Isa::kAvx512
-                       : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
-                                                                                          : Isa::kNone;
-  return i;
+  return cpu_has_avx512f() ? Isa::kAvx512 : cpu_has_avx2_fma() ? Isa::kAvx2 : Isa::kNone;
 }
 
 // Rows [0, R) of a block of A (element (r, k) at a[r * ars + k * aks]) times 64 columns of B

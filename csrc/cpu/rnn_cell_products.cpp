@@ -19,6 +19,7 @@
 #include <climits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "avx512.h"
@@ -404,7 +405,7 @@ void cpu_gate_product_grads(const Tensor& grad_x, const Tensor& grad_h, const Te
       gemms.push_back({true, false, N, H, B, cptr<T>(grad_h), N, cptr<T>(h), ld(h), false, grad_w_hh.data_ptr<T>(),
                        H, true});
     }
-    run_all<T>(gemms, true);
+    run_all<T>(std::move(gemms), true);
   });
 }
 
