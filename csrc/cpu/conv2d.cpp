@@ -546,6 +546,95 @@ CONVRNN_AVX512 void nchw1x1_block(const float* __restrict a, const float* __rest
 }
 #endif  // AVX-512
 
+#ifdef CONVRNN_HAVE_AVX512
+// ----------------------------------------------------------------------------------------
+// The forward engine's micro-kernel in AVX2 + FMA (16 registers of 8 lanes), for x86-64 CPUs
+// without AVX-512 (the Zen 3 of sessions 18-20: there the portable loop kept its accumulators
+// in memory, a load and a store per FMA).  A block's width as strips of 16 channels; per
+// strip, PB pixels x 2 vectors of accumulators (12 of the 16 registers at PB = 6), per (t, l)
+// two weight loads and PB broadcasts for 2 PB FMAs, as cpu/panel_gemm.cpp's block_avx2.
+// Every output element is the same sum as fwd_block_avx512's (its start, then t and l in
+// order, one FMA each; kScatterAdd adds pixel by pixel in order): the same bits.
+#define CONVRNN_CONV_AVX2 1
+#define CONVRNN_AVX2_FMA __attribute__((target("avx2,fma")))
+
+template <int PB, int MODE>
+CONVRNN_AVX2_FMA void fwd_strip_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                     int nt, int64_t L, int64_t wstep, int64_t width, const float* __restrict w,
+                                     float* const* op, int64_t ooff, const float* __restrict bias, bool full,
+                                     __m256i m0, __m256i m1) {
+  __m256 acc[PB][2];
+#pragma GCC unroll 8
+  for (int p = 0; p < PB; ++p) {
+    const float* src = MODE == kAccumulate ? op[p] + ooff : bias;
+    if ((MODE == kAccumulate || bias != nullptr) && MODE != kScatterAdd) {
+      acc[p][0] = full ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, m0);
+      acc[p][1] = full ? _mm256_loadu_ps(src + 8) : _mm256_maskload_ps(src + 8, m1);
+    } else {
+      acc[p][0] = _mm256_setzero_ps(), acc[p][1] = _mm256_setzero_ps();
+    }
+  }
+  for (int t = 0; t < nt; ++t) {
+    const float* x[PB];
+#pragma GCC unroll 8
+    for (int p = 0; p < PB; ++p) x[p] = xp[p] + xoff + tin[t];
+    const float* wt = w + tw[t] * wstep;
+    for (int64_t l = 0; l < L; ++l) {
+      const __m256 w0 = _mm256_loadu_ps(wt + l * width), w1 = _mm256_loadu_ps(wt + l * width + 8);
+#pragma GCC unroll 8
+      for (int p = 0; p < PB; ++p) {
+        const __m256 xb = _mm256_broadcast_ss(x[p] + l);
+        acc[p][0] = _mm256_fmadd_ps(xb, w0, acc[p][0]);
+        acc[p][1] = _mm256_fmadd_ps(xb, w1, acc[p][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int p = 0; p < PB; ++p) {
+    float* dst = op[p] + ooff;
+    __m256 v0 = acc[p][0], v1 = acc[p][1];
+    if (MODE == kScatterAdd) {
+      v0 = _mm256_add_ps(full ? _mm256_loadu_ps(dst) : _mm256_maskload_ps(dst, m0), v0);
+      v1 = _mm256_add_ps(full ? _mm256_loadu_ps(dst + 8) : _mm256_maskload_ps(dst + 8, m1), v1);
+    }
+    if (full) {
+      _mm256_storeu_ps(dst, v0), _mm256_storeu_ps(dst + 8, v1);
+    } else {
+      _mm256_maskstore_ps(dst, m0, v0), _mm256_maskstore_ps(dst + 8, m1, v1);
+    }
+  }
+}
+
+// fwd_pixels_avx512's work, strip by strip: blocks of 6 pixels, then 4, 2, 1.
+template <int MODE>
+CONVRNN_AVX2_FMA void fwd_pixels_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+                                      int nt, int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid,
+                                      float* const* op, int64_t ooff, int64_t npix, const float* bias) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int64_t wstep = Lw * width;
+  for (int64_t s = 0; 16 * s < valid; ++s) {
+    const int64_t n = std::min<int64_t>(16, valid - 16 * s);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8), lanes);
+    const float* ws = w + 16 * s;
+    const float* bs = bias != nullptr ? bias + 16 * s : nullptr;
+    const int64_t os = ooff + 16 * s;
+    const bool full = n == 16;
+    int64_t q = 0;
+    for (; q + 6 <= npix; q += 6) fwd_strip_avx2<6, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+    if (npix - q >= 4) {
+      fwd_strip_avx2<4, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+      q += 4;
+    }
+    if (npix - q >= 2) {
+      fwd_strip_avx2<2, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+      q += 2;
+    }
+    if (npix - q >= 1) fwd_strip_avx2<1, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+  }
+}
+#endif  // AVX2
+
 // ----------------------------------------------------------------------------------------
 // Dispatch between the AVX-512 and portable micro-kernels.
 
@@ -586,6 +675,17 @@ void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RCh
     auto f = mode == kAccumulate ? fwd_pixels_avx512<kAccumulate>
              : mode == kScatterAdd ? fwd_pixels_avx512<kScatterAdd>
                                    : fwd_pixels_avx512<kStore>;
+    f(reinterpret_cast<const float* const*>(xp), xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L,
+      taps.L, reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float* const*>(op), ooff, npix,
+      reinterpret_cast<const float*>(bias));
+    return;
+  }
+#endif
+#ifdef CONVRNN_CONV_AVX2
+  if (std::is_same<T, float>::value && cpu_has_avx2_fma()) {
+    auto f = mode == kAccumulate ? fwd_pixels_avx2<kAccumulate>
+             : mode == kScatterAdd ? fwd_pixels_avx2<kScatterAdd>
+                                   : fwd_pixels_avx2<kStore>;
     f(reinterpret_cast<const float* const*>(xp), xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L,
       taps.L, reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float* const*>(op), ooff, npix,
       reinterpret_cast<const float*>(bias));
