@@ -633,6 +633,62 @@ CONVRNN_AVX2_FMA void fwd_pixels_avx2(const float* const* xp, int64_t xoff, cons
     if (npix - q >= 1) fwd_strip_avx2<1, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
   }
 }
+
+// The weight gradient's micro-kernel in AVX2 + FMA (wgt_block_avx512's sums, strip by strip):
+// CB reduction values x 2 vectors of a 16-channel strip (12 registers at CB = 6), per pixel two
+// gradient loads (masked past `valid`) and CB broadcasts for 2 CB FMAs; part's rows are padded
+// to the block's width, so its loads and stores are whole.
+template <int CB>
+CONVRNN_AVX2_FMA void wgt_strip_avx2(const float* __restrict x, int64_t x_ps, int64_t x_rs, const float* __restrict go,
+                                     int64_t go_ps, int64_t go_rs, int64_t nrows, int64_t npix, float* __restrict part,
+                                     int64_t width, bool full, __m256i m0, __m256i m1) {
+  __m256 acc[CB][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < CB; ++i) acc[i][0] = _mm256_loadu_ps(part + i * width), acc[i][1] = _mm256_loadu_ps(part + i * width + 8);
+  for (int64_t row = 0; row < nrows; ++row) {
+    const float* xr = x + row * x_rs;
+    const float* gr = go + row * go_rs;
+    for (int64_t q = 0; q < npix; ++q) {
+      const float* gq = gr + q * go_ps;
+      const __m256 g0 = full ? _mm256_loadu_ps(gq) : _mm256_maskload_ps(gq, m0);
+      const __m256 g1 = full ? _mm256_loadu_ps(gq + 8) : _mm256_maskload_ps(gq + 8, m1);
+      const float* xq = xr + q * x_ps;
+#pragma GCC unroll 8
+      for (int i = 0; i < CB; ++i) {
+        const __m256 xb = _mm256_broadcast_ss(xq + i);
+        acc[i][0] = _mm256_fmadd_ps(xb, g0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(xb, g1, acc[i][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < CB; ++i) _mm256_storeu_ps(part + i * width, acc[i][0]), _mm256_storeu_ps(part + i * width + 8, acc[i][1]);
+}
+
+CONVRNN_AVX2_FMA void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go,
+                                    int64_t go_ps, int64_t go_rs, int64_t width, int64_t valid, int64_t nrows,
+                                    int64_t npix, float* part) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t s = 0; 16 * s < valid; ++s) {
+    const int64_t n = std::min<int64_t>(16, valid - 16 * s);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8), lanes);
+    const bool full = n == 16;
+    const float* gs = go + 16 * s;
+    float* ps = part + 16 * s;
+    int64_t l = 0;
+    for (; l + 6 <= L; l += 6) wgt_strip_avx2<6>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+    if (L - l >= 4) {
+      wgt_strip_avx2<4>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+      l += 4;
+    }
+    if (L - l >= 2) {
+      wgt_strip_avx2<2>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+      l += 2;
+    }
+    if (L - l >= 1) wgt_strip_avx2<1>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+  }
+}
 #endif  // AVX2
 
 // ----------------------------------------------------------------------------------------
@@ -707,6 +763,13 @@ void wgt_rows(const T* x, int64_t x_ps, int64_t x_rs, int64_t L, const T* go, in
   if (std::is_same<T, float>::value && cpu_has_avx512f()) {
     wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs,
                     b.width, b.valid, nrows, npix, reinterpret_cast<float*>(part));
+    return;
+  }
+#endif
+#ifdef CONVRNN_CONV_AVX2
+  if (std::is_same<T, float>::value && cpu_has_avx2_fma()) {
+    wgt_rows_avx2(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs,
+                  b.width, b.valid, nrows, npix, reinterpret_cast<float*>(part));
     return;
   }
 #endif
