@@ -605,8 +605,8 @@ def test_stride_far_past_the_input(device, stride, channels_last, groups):
     """A stride larger than the input gives one output along that dimension, which torch accepts;
     no memory or time grows with the stride (it stood in the size of row buffers and of the
     backward's phase table), and values and gradients match torch's.  torch's CUDA convolutions
-    do not take a stride past 32 bits (torch 2.11 on an H200: cuDNN answers NOT_SUPPORTED and the
-    depthwise kernel kills the process), so there torch's side runs on the CPU."""
+    do not take a stride past 32 bits (torch 2.11 on an H200: cuDNN answers NOT_SUPPORTED, and the
+    depthwise path kills the process with SIGFPE), so there torch's side runs on the CPU."""
     x = torch.randn(2, 2, 5, 7, dtype=torch.float64, device=device)
     w = torch.randn(4, 2 // groups, 3, 2, dtype=torch.float64, device=device)
     if channels_last:

@@ -342,7 +342,8 @@ def test_one_bias(device, cell, missing):
     """torch's cell functions take either bias alone: the same values and gradients (float64),
     and no gradient invented for the missing bias.  torch's side runs on the CPU: its CUDA LSTM
     and GRU cells (the fused _thnn kernels, torch 2.11 on an H200) fail on a lone b_ih and leave a
-    lone b_hh out of the graph."""
+    lone b_hh out of the graph
+    (its values are then those without b_hh)."""
     t = make_cell_inputs(cell, 3, 5, 7, torch.float64, device)
     t[missing] = None
     results = []
