@@ -598,6 +598,19 @@ def test_cuda_small_c_backward_data(cfg, dtype):
     assert on.launches >= 1
 
 
+@pytest.mark.parametrize("stride", [(1, 3), (3, 1), (5, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_one_by_one_stride_past_the_input(device, stride, dtype):
+    """A 1x1 kernel whose stride passes the input in a dimension (W = 2, stride 3: one output
+    column) runs with stride 1 there, yet its output is smaller than its input: the CPU's NCHW
+    1x1 kernel once took it and wrote W pixels a row into an output of one (a heap overrun
+    that glibc reported a few calls later)."""
+    x = torch.randn(2, 3, 8, 2, dtype=dtype, device=device)
+    w = torch.randn(16, 3, 1, 1, dtype=dtype, device=device)
+    for _ in range(3):  # the overrun corrupted the heap silently; repeated calls let glibc notice
+        check_against_torch(x, w, torch.randn(16, dtype=dtype, device=device), dict(stride=stride), f"stride {stride}")
+
+
 @pytest.mark.parametrize("stride", [(1, 10**8), (10**8, 1), (10**9, 10**9), (2**40, 3)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("groups", [1, 2], ids=["dense", "depthwise"])

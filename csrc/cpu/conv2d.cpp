@@ -689,6 +689,58 @@ CONVRNN_AVX2_FMA void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, 
     if (L - l >= 1) wgt_strip_avx2<1>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
   }
 }
+
+// nchw1x1_block's sums on one strip of 16 columns (pixels): 6 rows x 2 vectors of accumulators,
+// per l two loads of b (masked past the tile's pixels) and 6 broadcasts of the packed a.
+template <bool ACC>
+CONVRNN_AVX2_FMA void nchw1x1_strip_avx2(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t L,
+                                         float* __restrict c, int64_t ldc, const float* bias, int mvalid, bool full,
+                                         __m256i m0, __m256i m1) {
+  constexpr int MB = 6;
+  __m256 acc[MB][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < MB; ++i) {
+    if (ACC && i < mvalid) {
+      acc[i][0] = full ? _mm256_loadu_ps(c + i * ldc) : _mm256_maskload_ps(c + i * ldc, m0);
+      acc[i][1] = full ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_maskload_ps(c + i * ldc + 8, m1);
+    } else {
+      acc[i][0] = acc[i][1] = !ACC && bias != nullptr && i < mvalid ? _mm256_set1_ps(bias[i]) : _mm256_setzero_ps();
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const float* bl = b + l * ldb;
+    const __m256 b0 = full ? _mm256_loadu_ps(bl) : _mm256_maskload_ps(bl, m0);
+    const __m256 b1 = full ? _mm256_loadu_ps(bl + 8) : _mm256_maskload_ps(bl + 8, m1);
+#pragma GCC unroll 6
+    for (int i = 0; i < MB; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + l * MB + i);
+      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < MB; ++i) {
+    if (i >= mvalid) continue;
+    if (full) {
+      _mm256_storeu_ps(c + i * ldc, acc[i][0]), _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
+    } else {
+      _mm256_maskstore_ps(c + i * ldc, m0, acc[i][0]), _mm256_maskstore_ps(c + i * ldc + 8, m1, acc[i][1]);
+    }
+  }
+}
+
+// nchw1x1_block's work on nm (<= 64) columns as strips of 16.
+template <bool ACC>
+CONVRNN_AVX2_FMA void nchw1x1_block_avx2(const float* a, const float* b, int64_t ldb, int64_t L, float* c, int64_t ldc,
+                                         const float* bias, int mvalid, int64_t nm) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t s = 0; 16 * s < nm; ++s) {
+    const int n = static_cast<int>(std::min<int64_t>(16, nm - 16 * s));
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lanes);
+    nchw1x1_strip_avx2<ACC>(a, b + 16 * s, ldb, L, c + 16 * s, ldc, bias, mvalid, n == 16, m0, m1);
+  }
+}
 #endif  // AVX2
 
 // ----------------------------------------------------------------------------------------
@@ -1667,12 +1719,18 @@ void backward_weight_depthwise_nchw(const T* x, const T* go, T* gw, T* gb, const
 // per image Y (K x HW) = W (K x C) X (C x HW), and grad_input (C x HW) = W^T (C x K) GO (K x HW).
 // Register block: 6 output channels x 64 pixels; the reduction in chunks of 128 so that the
 // X tile (128 x 64) stays in L1 while the blocks of output channels run over it.  Tasks are
-// (image, 64-pixel tile).
+// (image, 64-pixel tile).  The output must be the input's size (P = H, Q = W): stride 1 alone
+// does not say so, since conv2d_geometry sets the stride of a dimension with one output to 1
+// (a 1x1 kernel with stride 3 over W = 2 has Q = 1: the kernel would have written W pixels a
+// row into an output of Q, past its end).
 bool nchw_1x1_path(const Conv2d& g) {
-  return g.one_by_one() && g.sh == 1 && g.sw == 1 && g.groups == 1 && !g.channels_last();
+  return g.one_by_one() && g.sh == 1 && g.sw == 1 && g.P == g.H && g.Q == g.W && g.groups == 1 && !g.channels_last();
 }
 
-#ifdef CONVRNN_CONV_AVX512
+#ifdef CONVRNN_CONV_AVX2
+// Whether nchw_1x1 runs here (its AVX-512 or AVX2 + FMA blocks).
+bool nchw_1x1_runs() { return cpu_has_avx512f() || cpu_has_avx2_fma(); }
+
 // a: (O x L) row-major (transposed when `transpose_a`: (L x O)); b: N images of (L x M);
 // c: N images of (O x M).
 void nchw_1x1(const float* a, bool transpose_a, const float* b, float* c, const float* bias, int64_t N, int64_t O,
@@ -1686,8 +1744,6 @@ void nchw_1x1(const float* a, bool transpose_a, const float* b, float* c, const 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, m0 = (task % tiles) * TP, nm = std::min(TP, M - m0);
-      const int nvec = static_cast<int>(ceil_div(nm, 16));
-      const __mmask16 last = lane_mask(nm - 16 * (nvec - 1));
       const float* bn = b + n * L * M + m0;
       float* cn = c + n * O * M + m0;
       for (int64_t l0 = 0; l0 < L; l0 += LC) {
@@ -1696,10 +1752,22 @@ void nchw_1x1(const float* a, bool transpose_a, const float* b, float* c, const 
           const int mvalid = static_cast<int>(std::min(MB, O - k * MB));
           const float* ak = pk.data() + (k * L + l0) * MB;
           const float* bk = bias != nullptr ? bias + k * MB : nullptr;
+#ifdef CONVRNN_CONV_AVX512
+          if (cpu_has_avx512f()) {
+            const int nvec = static_cast<int>(ceil_div(nm, 16));
+            const __mmask16 last = lane_mask(nm - 16 * (nvec - 1));
+            if (l0 == 0) {
+              nchw1x1_block<false>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, bk, mvalid, nvec, last);
+            } else {
+              nchw1x1_block<true>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, nullptr, mvalid, nvec, last);
+            }
+            continue;
+          }
+#endif
           if (l0 == 0) {
-            nchw1x1_block<false>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, bk, mvalid, nvec, last);
+            nchw1x1_block_avx2<false>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, bk, mvalid, nm);
           } else {
-            nchw1x1_block<true>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, nullptr, mvalid, nvec, last);
+            nchw1x1_block_avx2<true>(ak, bn + l0 * M, M, nl, cn + k * MB * M, M, nullptr, mvalid, nm);
           }
         }
       }
@@ -1719,8 +1787,8 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const at::ScalarType dt = input.scalar_type(), ct = compute_type(dt);
   const auto opts = input.options().dtype(ct);
   if (g.N == 0) return conv2d_empty(g, g.output_sizes(), input.options());
-#ifdef CONVRNN_CONV_AVX512
-  if (nchw_1x1_path(g) && ct == at::kFloat && cpu_has_avx512f()) {
+#ifdef CONVRNN_CONV_AVX2
+  if (nchw_1x1_path(g) && ct == at::kFloat && nchw_1x1_runs()) {
     const Tensor x = input.to(ct).contiguous();
     const Tensor w = weight.to(ct).contiguous();
     const bool has_bias = bias.has_value() && bias->defined();
@@ -1813,8 +1881,8 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                ? at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct).memory_format(at::MemoryFormat::ChannelsLast))
                : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
   };
-#ifdef CONVRNN_CONV_AVX512
-  if (output_mask[0] && nchw_1x1_path(g) && ct == at::kFloat && cpu_has_avx512f()) {
+#ifdef CONVRNN_CONV_AVX2
+  if (output_mask[0] && nchw_1x1_path(g) && ct == at::kFloat && nchw_1x1_runs()) {
     const Tensor go = grad_output.to(ct).contiguous();
     Tensor gx = at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct));
     nchw_1x1(w.const_data_ptr<float>(), true, go.const_data_ptr<float>(), gx.data_ptr<float>(), nullptr, g.N, g.C, g.K,
