@@ -25,6 +25,13 @@ inline bool cpu_has_avx2_fma() {
   return has;
 }
 
+// The first n of AVX2's 8 lanes as a maskload / maskstore mask (n clamped to [0, 8]), for the
+// AVX2 + FMA kernels' partial vectors.
+__attribute__((target("avx2"))) inline __m256i lane_mask8(int64_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 0 ? 0 : n > 8 ? 8 : n)), lanes);
+}
+
 // The first n lanes (n clamped to [0, 16]).
 CONVRNN_AVX512 inline __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);

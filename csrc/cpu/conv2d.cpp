@@ -610,18 +610,18 @@ template <int MODE>
 CONVRNN_AVX2_FMA void fwd_pixels_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
                                       int nt, int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid,
                                       float* const* op, int64_t ooff, int64_t npix, const float* bias) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const int64_t wstep = Lw * width;
   for (int64_t s = 0; 16 * s < valid; ++s) {
     const int64_t n = std::min<int64_t>(16, valid - 16 * s);
-    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
-    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8), lanes);
+    const __m256i m0 = lane_mask8(n), m1 = lane_mask8(n - 8);
     const float* ws = w + 16 * s;
     const float* bs = bias != nullptr ? bias + 16 * s : nullptr;
     const int64_t os = ooff + 16 * s;
     const bool full = n == 16;
     int64_t q = 0;
-    for (; q + 6 <= npix; q += 6) fwd_strip_avx2<6, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+    for (; q + 6 <= npix; q += 6) {
+      fwd_strip_avx2<6, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+    }
     if (npix - q >= 4) {
       fwd_strip_avx2<4, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
       q += 4;
@@ -630,7 +630,9 @@ CONVRNN_AVX2_FMA void fwd_pixels_avx2(const float* const* xp, int64_t xoff, cons
       fwd_strip_avx2<2, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
       q += 2;
     }
-    if (npix - q >= 1) fwd_strip_avx2<1, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+    if (npix - q >= 1) {
+      fwd_strip_avx2<1, MODE>(xp + q, xoff, tin, tw, nt, L, wstep, width, ws, op + q, os, bs, full, m0, m1);
+    }
   }
 }
 
@@ -644,7 +646,9 @@ CONVRNN_AVX2_FMA void wgt_strip_avx2(const float* __restrict x, int64_t x_ps, in
                                      int64_t width, bool full, __m256i m0, __m256i m1) {
   __m256 acc[CB][2];
 #pragma GCC unroll 8
-  for (int i = 0; i < CB; ++i) acc[i][0] = _mm256_loadu_ps(part + i * width), acc[i][1] = _mm256_loadu_ps(part + i * width + 8);
+  for (int i = 0; i < CB; ++i) {
+    acc[i][0] = _mm256_loadu_ps(part + i * width), acc[i][1] = _mm256_loadu_ps(part + i * width + 8);
+  }
   for (int64_t row = 0; row < nrows; ++row) {
     const float* xr = x + row * x_rs;
     const float* gr = go + row * go_rs;
@@ -662,22 +666,24 @@ CONVRNN_AVX2_FMA void wgt_strip_avx2(const float* __restrict x, int64_t x_ps, in
     }
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < CB; ++i) _mm256_storeu_ps(part + i * width, acc[i][0]), _mm256_storeu_ps(part + i * width + 8, acc[i][1]);
+  for (int i = 0; i < CB; ++i) {
+    _mm256_storeu_ps(part + i * width, acc[i][0]), _mm256_storeu_ps(part + i * width + 8, acc[i][1]);
+  }
 }
 
 CONVRNN_AVX2_FMA void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go,
                                     int64_t go_ps, int64_t go_rs, int64_t width, int64_t valid, int64_t nrows,
                                     int64_t npix, float* part) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t s = 0; 16 * s < valid; ++s) {
     const int64_t n = std::min<int64_t>(16, valid - 16 * s);
-    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
-    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8), lanes);
+    const __m256i m0 = lane_mask8(n), m1 = lane_mask8(n - 8);
     const bool full = n == 16;
     const float* gs = go + 16 * s;
     float* ps = part + 16 * s;
     int64_t l = 0;
-    for (; l + 6 <= L; l += 6) wgt_strip_avx2<6>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+    for (; l + 6 <= L; l += 6) {
+      wgt_strip_avx2<6>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+    }
     if (L - l >= 4) {
       wgt_strip_avx2<4>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
       l += 4;
@@ -686,7 +692,9 @@ CONVRNN_AVX2_FMA void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, 
       wgt_strip_avx2<2>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
       l += 2;
     }
-    if (L - l >= 1) wgt_strip_avx2<1>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+    if (L - l >= 1) {
+      wgt_strip_avx2<1>(x + l, x_ps, x_rs, gs, go_ps, go_rs, nrows, npix, ps + l * width, width, full, m0, m1);
+    }
   }
 }
 
@@ -733,11 +741,9 @@ CONVRNN_AVX2_FMA void nchw1x1_strip_avx2(const float* __restrict a, const float*
 template <bool ACC>
 CONVRNN_AVX2_FMA void nchw1x1_block_avx2(const float* a, const float* b, int64_t ldb, int64_t L, float* c, int64_t ldc,
                                          const float* bias, int mvalid, int64_t nm) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t s = 0; 16 * s < nm; ++s) {
     const int n = static_cast<int>(std::min<int64_t>(16, nm - 16 * s));
-    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes);
-    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8), lanes);
+    const __m256i m0 = lane_mask8(n), m1 = lane_mask8(n - 8);
     nchw1x1_strip_avx2<ACC>(a, b + 16 * s, ldb, L, c + 16 * s, ldc, bias, mvalid, n == 16, m0, m1);
   }
 }

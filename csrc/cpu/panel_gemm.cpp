@@ -91,14 +91,12 @@ CONVRNN_AVX512 void block(int64_t K, const float* a, int64_t ars, int64_t aks, c
 template <int R, bool kFull>
 CONVRNN_AVX2 void block_avx2(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
                              bool accumulate, float* c, int64_t ldc, int64_t cols) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 1
   for (int s = 0; s < 4; ++s) {
     const int64_t left = cols - 16 * s;
     if (left <= 0) break;
     const int n0 = left >= 16 ? 16 : static_cast<int>(left);
-    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n0), lanes);
-    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(n0 - 8), lanes);
+    const __m256i m0 = lane_mask8(n0), m1 = lane_mask8(n0 - 8);
     float* cs = c + 16 * s;
     const float* bs = b + 16 * s;
     __m256 acc[R][2];

@@ -298,8 +298,7 @@ __attribute__((target("avx2,fma"))) void batch1_dots8(int64_t N, int64_t K, cons
                                                       const float* __restrict x, float* __restrict out,
                                                       bool accumulate) {
   const int64_t full = K / 8 * 8;
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(K - full)), lanes);
+  const __m256i tail = lane_mask8(K - full);
   for (int64_t r = 0; r < N; r += 8) {
     const int64_t nr = std::min<int64_t>(8, N - r);
     const float* rows[8];
@@ -322,7 +321,7 @@ __attribute__((target("avx2,fma"))) void batch1_dots8(int64_t N, int64_t K, cons
     const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
     __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nr)), lanes);
+    const __m256i m = lane_mask8(nr);
     if (accumulate) sums = _mm256_add_ps(_mm256_maskload_ps(out + r, m), sums);
     _mm256_maskstore_ps(out + r, m, sums);
   }
