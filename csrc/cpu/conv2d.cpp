@@ -784,22 +784,18 @@ void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RCh
   const int nt = c.t1 - c.t0;
   const int64_t L = c.l1 - c.l0;
   const T* wc = w + c.l0 * b.width;
-#ifdef CONVRNN_CONV_AVX512
-  if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    auto f = mode == kAccumulate ? fwd_pixels_avx512<kAccumulate>
-             : mode == kScatterAdd ? fwd_pixels_avx512<kScatterAdd>
-                                   : fwd_pixels_avx512<kStore>;
-    f(reinterpret_cast<const float* const*>(xp), xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L,
-      taps.L, reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float* const*>(op), ooff, npix,
-      reinterpret_cast<const float*>(bias));
-    return;
-  }
-#endif
-#ifdef CONVRNN_CONV_AVX2
-  if (std::is_same<T, float>::value && cpu_has_avx2_fma()) {
+#ifdef CONVRNN_CONV_AVX2  // AVX-512 where the CPU has it, else AVX2 + FMA (both forms have one signature)
+  if (std::is_same<T, float>::value && (cpu_has_avx512f() || cpu_has_avx2_fma())) {
     auto f = mode == kAccumulate ? fwd_pixels_avx2<kAccumulate>
              : mode == kScatterAdd ? fwd_pixels_avx2<kScatterAdd>
                                    : fwd_pixels_avx2<kStore>;
+#ifdef CONVRNN_CONV_AVX512
+    if (cpu_has_avx512f()) {
+      f = mode == kAccumulate ? fwd_pixels_avx512<kAccumulate>
+          : mode == kScatterAdd ? fwd_pixels_avx512<kScatterAdd>
+                                : fwd_pixels_avx512<kStore>;
+    }
+#endif
     f(reinterpret_cast<const float* const*>(xp), xoff + c.l0, taps.in.data() + c.t0, taps.w.data() + c.t0, nt, L,
       taps.L, reinterpret_cast<const float*>(wc), b.width, b.valid, reinterpret_cast<float* const*>(op), ooff, npix,
       reinterpret_cast<const float*>(bias));
@@ -817,17 +813,11 @@ constexpr int64_t kTaskPixels = 144;
 template <typename T>
 void wgt_rows(const T* x, int64_t x_ps, int64_t x_rs, int64_t L, const T* go, int64_t go_ps, int64_t go_rs,
               const Block& b, int64_t nrows, int64_t npix, T* part) {
-#ifdef CONVRNN_CONV_AVX512
-  if (std::is_same<T, float>::value && cpu_has_avx512f()) {
-    wgt_rows_avx512(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs,
-                    b.width, b.valid, nrows, npix, reinterpret_cast<float*>(part));
-    return;
-  }
-#endif
-#ifdef CONVRNN_CONV_AVX2
-  if (std::is_same<T, float>::value && cpu_has_avx2_fma()) {
-    wgt_rows_avx2(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs,
-                  b.width, b.valid, nrows, npix, reinterpret_cast<float*>(part));
+#ifdef CONVRNN_CONV_AVX2  // AVX-512 where the CPU has it, else AVX2 + FMA
+  if (std::is_same<T, float>::value && (cpu_has_avx512f() || cpu_has_avx2_fma())) {
+    auto f = cpu_has_avx512f() ? wgt_rows_avx512 : wgt_rows_avx2;
+    f(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs, b.width,
+      b.valid, nrows, npix, reinterpret_cast<float*>(part));
     return;
   }
 #endif
