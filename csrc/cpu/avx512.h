@@ -11,6 +11,9 @@
 #include <cstdint>
 
 #define CONVRNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+// The AVX2 + FMA forms beside the AVX-512 ones (panel GEMM, conv2d, the batch-1 cell dots), called
+// only after cpu_has_avx2_fma().
+#define CONVRNN_AVX2 __attribute__((target("avx2,fma")))
 
 namespace convrnn {
 
@@ -19,7 +22,7 @@ inline bool cpu_has_avx512f() {
   return has;
 }
 
-// AVX2 and FMA, for the kernels that have an AVX2 form beside their AVX-512 one (cpu/panel_gemm.cpp).
+// AVX2 and FMA, for the kernels that have an AVX2 form (CONVRNN_AVX2) beside their AVX-512 one.
 inline bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -27,7 +30,7 @@ inline bool cpu_has_avx2_fma() {
 
 // The first n of AVX2's 8 lanes as a maskload / maskstore mask (n clamped to [0, 8]), for the
 // AVX2 + FMA kernels' partial vectors.
-__attribute__((target("avx2"))) inline __m256i lane_mask8(int64_t n) {
+CONVRNN_AVX2 inline __m256i lane_mask8(int64_t n) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n < 0 ? 0 : n > 8 ? 8 : n)), lanes);
 }

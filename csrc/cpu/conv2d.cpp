@@ -556,10 +556,12 @@ CONVRNN_AVX512 void nchw1x1_block(const float* __restrict a, const float* __rest
 // Every output element is the same sum as fwd_block_avx512's (its start, then t and l in
 // order, one FMA each; kScatterAdd adds pixel by pixel in order): the same bits.
 #define CONVRNN_CONV_AVX2 1
-#define CONVRNN_AVX2_FMA __attribute__((target("avx2,fma")))
+
+// Whether the float kernels with an AVX-512 and an AVX2 + FMA form run one of them here.
+bool vector_forms_run() { return cpu_has_avx512f() || cpu_has_avx2_fma(); }
 
 template <int PB, int MODE>
-CONVRNN_AVX2_FMA void fwd_strip_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+CONVRNN_AVX2 void fwd_strip_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
                                      int nt, int64_t L, int64_t wstep, int64_t width, const float* __restrict w,
                                      float* const* op, int64_t ooff, const float* __restrict bias, bool full,
                                      __m256i m0, __m256i m1) {
@@ -607,7 +609,7 @@ CONVRNN_AVX2_FMA void fwd_strip_avx2(const float* const* xp, int64_t xoff, const
 
 // fwd_pixels_avx512's work, strip by strip: blocks of 6 pixels, then 4, 2, 1.
 template <int MODE>
-CONVRNN_AVX2_FMA void fwd_pixels_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
+CONVRNN_AVX2 void fwd_pixels_avx2(const float* const* xp, int64_t xoff, const int64_t* tin, const int64_t* tw,
                                       int nt, int64_t L, int64_t Lw, const float* w, int64_t width, int64_t valid,
                                       float* const* op, int64_t ooff, int64_t npix, const float* bias) {
   const int64_t wstep = Lw * width;
@@ -641,7 +643,7 @@ CONVRNN_AVX2_FMA void fwd_pixels_avx2(const float* const* xp, int64_t xoff, cons
 // gradient loads (masked past `valid`) and CB broadcasts for 2 CB FMAs; part's rows are padded
 // to the block's width, so its loads and stores are whole.
 template <int CB>
-CONVRNN_AVX2_FMA void wgt_strip_avx2(const float* __restrict x, int64_t x_ps, int64_t x_rs, const float* __restrict go,
+CONVRNN_AVX2 void wgt_strip_avx2(const float* __restrict x, int64_t x_ps, int64_t x_rs, const float* __restrict go,
                                      int64_t go_ps, int64_t go_rs, int64_t nrows, int64_t npix, float* __restrict part,
                                      int64_t width, bool full, __m256i m0, __m256i m1) {
   __m256 acc[CB][2];
@@ -671,7 +673,7 @@ CONVRNN_AVX2_FMA void wgt_strip_avx2(const float* __restrict x, int64_t x_ps, in
   }
 }
 
-CONVRNN_AVX2_FMA void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go,
+CONVRNN_AVX2 void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, int64_t L, const float* go,
                                     int64_t go_ps, int64_t go_rs, int64_t width, int64_t valid, int64_t nrows,
                                     int64_t npix, float* part) {
   for (int64_t s = 0; 16 * s < valid; ++s) {
@@ -701,7 +703,7 @@ CONVRNN_AVX2_FMA void wgt_rows_avx2(const float* x, int64_t x_ps, int64_t x_rs, 
 // nchw1x1_block's sums on one strip of 16 columns (pixels): 6 rows x 2 vectors of accumulators,
 // per l two loads of b (masked past the tile's pixels) and 6 broadcasts of the packed a.
 template <bool ACC>
-CONVRNN_AVX2_FMA void nchw1x1_strip_avx2(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t L,
+CONVRNN_AVX2 void nchw1x1_strip_avx2(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t L,
                                          float* __restrict c, int64_t ldc, const float* bias, int mvalid, bool full,
                                          __m256i m0, __m256i m1) {
   constexpr int MB = 6;
@@ -739,7 +741,7 @@ CONVRNN_AVX2_FMA void nchw1x1_strip_avx2(const float* __restrict a, const float*
 
 // nchw1x1_block's work on nm (<= 64) columns as strips of 16.
 template <bool ACC>
-CONVRNN_AVX2_FMA void nchw1x1_block_avx2(const float* a, const float* b, int64_t ldb, int64_t L, float* c, int64_t ldc,
+CONVRNN_AVX2 void nchw1x1_block_avx2(const float* a, const float* b, int64_t ldb, int64_t L, float* c, int64_t ldc,
                                          const float* bias, int mvalid, int64_t nm) {
   for (int64_t s = 0; 16 * s < nm; ++s) {
     const int n = static_cast<int>(std::min<int64_t>(16, nm - 16 * s));
@@ -785,7 +787,7 @@ void fwd_pixels(const T* const* xp, int64_t xoff, const TapList& taps, const RCh
   const int64_t L = c.l1 - c.l0;
   const T* wc = w + c.l0 * b.width;
 #ifdef CONVRNN_CONV_AVX2  // AVX-512 where the CPU has it, else AVX2 + FMA (both forms have one signature)
-  if (std::is_same<T, float>::value && (cpu_has_avx512f() || cpu_has_avx2_fma())) {
+  if (std::is_same<T, float>::value && vector_forms_run()) {
     auto f = mode == kAccumulate ? fwd_pixels_avx2<kAccumulate>
              : mode == kScatterAdd ? fwd_pixels_avx2<kScatterAdd>
                                    : fwd_pixels_avx2<kStore>;
@@ -814,7 +816,7 @@ template <typename T>
 void wgt_rows(const T* x, int64_t x_ps, int64_t x_rs, int64_t L, const T* go, int64_t go_ps, int64_t go_rs,
               const Block& b, int64_t nrows, int64_t npix, T* part) {
 #ifdef CONVRNN_CONV_AVX2  // AVX-512 where the CPU has it, else AVX2 + FMA
-  if (std::is_same<T, float>::value && (cpu_has_avx512f() || cpu_has_avx2_fma())) {
+  if (std::is_same<T, float>::value && vector_forms_run()) {
     auto f = cpu_has_avx512f() ? wgt_rows_avx512 : wgt_rows_avx2;
     f(reinterpret_cast<const float*>(x), x_ps, x_rs, L, reinterpret_cast<const float*>(go), go_ps, go_rs, b.width,
       b.valid, nrows, npix, reinterpret_cast<float*>(part));
@@ -1724,9 +1726,6 @@ bool nchw_1x1_path(const Conv2d& g) {
 }
 
 #ifdef CONVRNN_CONV_AVX2
-// Whether nchw_1x1 runs here (its AVX-512 or AVX2 + FMA blocks).
-bool nchw_1x1_runs() { return cpu_has_avx512f() || cpu_has_avx2_fma(); }
-
 // a: (O x L) row-major (transposed when `transpose_a`: (L x O)); b: N images of (L x M);
 // c: N images of (O x M).
 void nchw_1x1(const float* a, bool transpose_a, const float* b, float* c, const float* bias, int64_t N, int64_t O,
@@ -1784,7 +1783,7 @@ Tensor conv2d_cpu(const Tensor& input, const Tensor& weight, const std::optional
   const auto opts = input.options().dtype(ct);
   if (g.N == 0) return conv2d_empty(g, g.output_sizes(), input.options());
 #ifdef CONVRNN_CONV_AVX2
-  if (nchw_1x1_path(g) && ct == at::kFloat && nchw_1x1_runs()) {
+  if (nchw_1x1_path(g) && ct == at::kFloat && vector_forms_run()) {
     const Tensor x = input.to(ct).contiguous();
     const Tensor w = weight.to(ct).contiguous();
     const bool has_bias = bias.has_value() && bias->defined();
@@ -1878,7 +1877,7 @@ std::tuple<Tensor, Tensor, Tensor> conv2d_backward_cpu(const Tensor& grad_output
                : scratch(kScratchOutput, {g.N, g.H, g.W, g.C}, opts.dtype(ct)).permute({0, 3, 1, 2});
   };
 #ifdef CONVRNN_CONV_AVX2
-  if (output_mask[0] && nchw_1x1_path(g) && ct == at::kFloat && nchw_1x1_runs()) {
+  if (output_mask[0] && nchw_1x1_path(g) && ct == at::kFloat && vector_forms_run()) {
     const Tensor go = grad_output.to(ct).contiguous();
     Tensor gx = at::empty({g.N, g.C, g.H, g.W}, opts.dtype(ct));
     nchw_1x1(w.const_data_ptr<float>(), true, go.const_data_ptr<float>(), gx.data_ptr<float>(), nullptr, g.N, g.C, g.K,

@@ -12,9 +12,8 @@
 #include "avx512.h"
 #include "blas.h"
 
-#ifdef CONVRNN_HAVE_AVX512  // cpu/avx512.h: CONVRNN_AVX512, cpu_has_avx512f, transpose16
+#ifdef CONVRNN_HAVE_AVX512  // cpu/avx512.h: CONVRNN_AVX512, CONVRNN_AVX2, cpu_has_avx512f, transpose16
 #define CONVRNN_PANEL_AVX512 1
-#define CONVRNN_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define CONVRNN_PANEL_AVX512 0
 #endif

@@ -294,9 +294,8 @@ CONVRNN_AVX512 void batch1_dots16(int64_t N, int64_t K, const float* __restrict 
 // sums (k in order, K's tail masked into the low lanes) in its own register, then the 8 rows'
 // sums from one tree of horizontal adds and a 128-bit-lane add, in place of batch1_dots' 8
 // dependent scalar adds per row.
-__attribute__((target("avx2,fma"))) void batch1_dots8(int64_t N, int64_t K, const float* __restrict w, int64_t ldw,
-                                                      const float* __restrict x, float* __restrict out,
-                                                      bool accumulate) {
+CONVRNN_AVX2 void batch1_dots8(int64_t N, int64_t K, const float* __restrict w, int64_t ldw, const float* __restrict x,
+                               float* __restrict out, bool accumulate) {
   const int64_t full = K / 8 * 8;
   const __m256i tail = lane_mask8(K - full);
   for (int64_t r = 0; r < N; r += 8) {
