@@ -209,6 +209,36 @@ def test_layers_kernel_matches_mkl_and_threads(name, variant):
         assert all(torch.equal(g[k], grads[k]) for k in grads), "the thread count changed the bits"
 
 
+def in_order_sums(x, w):
+    """x @ w.T in float32 as one fused multiply-add a k, in order of k from zero: the product is
+    exact in float64 and the sum rounds there, then to float32; that double rounding differs from
+    an FMA's single one only where the float64 sum falls exactly halfway between two floats
+    (about 2^-29 a step)."""
+    acc = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float32)
+    for k in range(x.shape[1]):
+        acc = (acc.double() + x[:, k, None].double() * w[None, :, k].double()).float()
+    return acc
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 100), (1, 512), (2, 200), (3, 37), (5, 130), (7, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_step_product_sums_in_order(shape):
+    """A recurrence step's product (the state times W_hh^T, packed panels) is one sum over k in
+    order for every element, bit for bit, whatever the row count: below 3 rows block_avx2 runs
+    several 16-column strips at once (its S), partial panels and strips included.  A ReLU layer
+    of one step from a zero input projection and no bias returns relu(h0 W_hh^T) itself."""
+    b, h = shape
+    gen = torch.Generator().manual_seed(5)
+    h0 = torch.randn(b, h, generator=gen)
+    w_hh = torch.randn(h, h, generator=gen) * h ** -0.5
+    for n in (1, 2):
+        with num_threads(n), switched(OPS._cpu_gemm, True) as s:
+            out, _ = OPS.rnn_layer(torch.zeros(1, b, h), h0, w_hh, None, None, None, False, True)
+        assert s.launches == 1
+        assert torch.equal(out[0], in_order_sums(h0, w_hh).clamp_min(0)), f"{n} threads"
+
+
 @needs_kernel
 def test_projection_threads():
     x, w = torch.randn(300, 70), torch.randn(200, 70)

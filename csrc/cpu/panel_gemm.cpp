@@ -84,53 +84,73 @@ CONVRNN_AVX512 void block(int64_t K, const float* a, int64_t ars, int64_t aks, c
 // The same product with AVX2's 8-lane registers (16 of them): the 64 columns as four strips of
 // 16, each strip R x 2 accumulators (12 of the 16 registers at R = 6), per k two strip loads and
 // R broadcasts for 2R FMAs; a strip's K-block of B (<= 256 lines of 64 bytes, one per k) stays in
-// L1 while its FMAs run.  Each element of C is the same sum over k in order as block()'s: the
-// same bits.  Lanes past `cols` by masked loads and stores (B's own rows are not read past
-// their end).
+// L1 while its FMAs run.  Below 3 rows a strip's 2R accumulators are too few chains to hide the
+// FMA's latency (4 cycles, 2 FMAs a cycle: 8 chains), so S = 4 / R strips run at once (2R x S = 8
+// accumulators): a batch-1 step's gemv was latency-bound at 2 chains.  Each element of C is the
+// same sum over k in order as block()'s: the same bits.  Lanes past `cols` by masked loads and
+// stores (B's own rows are not read past their end).
 template <int R, bool kFull>
 CONVRNN_AVX2 void block_avx2(int64_t K, const float* a, int64_t ars, int64_t aks, const float* b, int64_t ldb,
                              bool accumulate, float* c, int64_t ldc, int64_t cols) {
+  constexpr int S = R == 1 ? 4 : R == 2 ? 2 : 1;  // strips at once
 #pragma GCC unroll 1
-  for (int s = 0; s < 4; ++s) {
-    const int64_t left = cols - 16 * s;
-    if (left <= 0) break;
-    const int n0 = left >= 16 ? 16 : static_cast<int>(left);
-    const __m256i m0 = lane_mask8(n0), m1 = lane_mask8(n0 - 8);
-    float* cs = c + 16 * s;
-    const float* bs = b + 16 * s;
-    __m256 acc[R][2];
+  for (int s0 = 0; s0 < 4; s0 += S) {
+    if (cols - 16 * s0 <= 0) break;
+    __m256i mask[S][2];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; ++s) {
+      const int64_t left = cols - 16 * (s0 + s);
+      mask[s][0] = lane_mask8(left), mask[s][1] = lane_mask8(left - 8);
+    }
+    float* cs = c + 16 * s0;
+    const float* bs = b + 16 * s0;
+    __m256 acc[R][S][2];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      if (!accumulate) {
-        acc[r][0] = _mm256_setzero_ps(), acc[r][1] = _mm256_setzero_ps();
-      } else if constexpr (kFull) {
-        acc[r][0] = _mm256_loadu_ps(cs + r * ldc), acc[r][1] = _mm256_loadu_ps(cs + r * ldc + 8);
-      } else {
-        acc[r][0] = _mm256_maskload_ps(cs + r * ldc, m0), acc[r][1] = _mm256_maskload_ps(cs + r * ldc + 8, m1);
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        float* cr = cs + r * ldc + 16 * s;
+        if (!accumulate) {
+          acc[r][s][0] = _mm256_setzero_ps(), acc[r][s][1] = _mm256_setzero_ps();
+        } else if constexpr (kFull) {
+          acc[r][s][0] = _mm256_loadu_ps(cr), acc[r][s][1] = _mm256_loadu_ps(cr + 8);
+        } else {
+          acc[r][s][0] = _mm256_maskload_ps(cr, mask[s][0]), acc[r][s][1] = _mm256_maskload_ps(cr + 8, mask[s][1]);
+        }
       }
     }
     for (int64_t k = 0; k < K; ++k) {
       const float* w = bs + k * ldb;
-      __m256 w0, w1;
-      if constexpr (kFull) {
-        w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-      } else {
-        w0 = _mm256_maskload_ps(w, m0), w1 = _mm256_maskload_ps(w + 8, m1);
+      __m256 wv[S][2];
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        if constexpr (kFull) {
+          wv[s][0] = _mm256_loadu_ps(w + 16 * s), wv[s][1] = _mm256_loadu_ps(w + 16 * s + 8);
+        } else {
+          wv[s][0] = _mm256_maskload_ps(w + 16 * s, mask[s][0]), wv[s][1] = _mm256_maskload_ps(w + 16 * s + 8, mask[s][1]);
+        }
       }
       const float* ak = a + k * aks;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 x = _mm256_broadcast_ss(ak + r * ars);
-        acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
+#pragma GCC unroll 4
+        for (int s = 0; s < S; ++s) {
+          acc[r][s][0] = _mm256_fmadd_ps(x, wv[s][0], acc[r][s][0]);
+          acc[r][s][1] = _mm256_fmadd_ps(x, wv[s][1], acc[r][s][1]);
+        }
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      if constexpr (kFull) {
-        _mm256_storeu_ps(cs + r * ldc, acc[r][0]), _mm256_storeu_ps(cs + r * ldc + 8, acc[r][1]);
-      } else {
-        _mm256_maskstore_ps(cs + r * ldc, m0, acc[r][0]), _mm256_maskstore_ps(cs + r * ldc + 8, m1, acc[r][1]);
+#pragma GCC unroll 4
+      for (int s = 0; s < S; ++s) {
+        float* cr = cs + r * ldc + 16 * s;
+        if constexpr (kFull) {
+          _mm256_storeu_ps(cr, acc[r][s][0]), _mm256_storeu_ps(cr + 8, acc[r][s][1]);
+        } else {
+          _mm256_maskstore_ps(cr, mask[s][0], acc[r][s][0]), _mm256_maskstore_ps(cr + 8, mask[s][1], acc[r][s][1]);
+        }
       }
     }
   }
