@@ -39,7 +39,7 @@ def rng_state():
 # Tests that take minutes on 2 cores (the native checks' builds and emulated kernels, the emulation
 # extension's build, the examples' training runs) are collected first: under pytest-xdist each
 # starts on a worker at once instead of leaving the run's tail to them.
-_FIRST = ("test_native.py", "test_native_conv.py", "test_rnn_persistent.py", "test_examples.py")
+_FIRST = ("test_native.py", "test_rnn_persistent.py", "test_examples.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,12 +4,7 @@ with brute-force definitions, so that CPU-only machines (CI) exercise the arithm
 kernels run; the persistent RNN kernels run under a CPU emulation of CUDA with
 ThreadSanitizer (barrier placement); the conv2d GEMM and depthwise tile kernels run under
 the same emulation against a float64 convolution, and the NCHW -> NHWC copy kernels against
-the permutation.  Skipped where no C++ compiler is found.
-
-The conv2d emulation checks run from tests/test_native_conv.py with this file's machinery: the
-suite runs by file on two pytest-xdist workers (README command 2), and in one file the five
-checks (~5.5 min alone, ~13 min beside the other worker) were the run's tail, one worker idle.
-The race check, the longest, runs first."""
+the permutation.  Skipped where no C++ compiler is found."""
 import os
 import shutil
 import subprocess
@@ -23,10 +18,9 @@ from helpers import ROOT
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 # source: extra compiler flags.  The race check runs the persistent RNN kernels under the CPU
 # emulation with ThreadSanitizer: a missing barrier is a data race it reports (exit status 66).
-CHECKS = {"rnn_persistent_race_check.cpp": ["-g", "-fsanitize=thread"], "max_pool2d_items_check.cpp": [],
+CHECKS = {"max_pool2d_items_check.cpp": [], "rnn_persistent_race_check.cpp": ["-g", "-fsanitize=thread"],
           "conv2d_gemm_check.cpp": ["-pthread"], "conv2d_depthwise_check.cpp": ["-pthread"],
           "layout_check.cpp": ["-pthread"]}
-CONV_CHECKS = ["conv2d_gemm_check.cpp", "conv2d_depthwise_check.cpp"]  # tests/test_native_conv.py
 # Checks that include the CUDA toolkit's host-usable headers (cuda_fp16.h and friends).
 NEEDS_CUDA_HEADERS = {"conv2d_gemm_check.cpp"}
 
@@ -44,10 +38,9 @@ def cuda_include_dir():
     return None
 
 
-def run_check(source, tmp_path):
-    """Builds tests/native/<source> with its flags and runs it: it must report 0 fails."""
-    if CXX is None:
-        pytest.skip("no C++ compiler")
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+@pytest.mark.parametrize("source", list(CHECKS))
+def test_native_check(source, tmp_path):
     lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     exe = tmp_path / "check"
     cmd = [CXX, "-std=c++20", "-O1", "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "tests", "native")]
@@ -66,8 +59,3 @@ def run_check(source, tmp_path):
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1")
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0 and " 0 fails" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
-
-
-@pytest.mark.parametrize("source", [c for c in CHECKS if c not in CONV_CHECKS])
-def test_native_check(source, tmp_path):
-    run_check(source, tmp_path)
