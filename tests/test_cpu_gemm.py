@@ -240,6 +240,29 @@ def test_step_product_sums_in_order(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(50, 70, 300), (64, 300, 260), (130, 300, 40), (97, 33, 520), (60, 17, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_products_sum_in_order(shape):
+    """Every form of the product sums over k in order, bit for bit: the projection's forward (B
+    transposed: C^T from the weight's rows against packed panels, or the input's rows against the
+    weight packed), its grad_input (B = the weight's own rows, which the AVX2 form packs into
+    strips a K-block at a time, all panels at once or panel by panel) and its grad_weight (A
+    transposed, copied in groups of rows); widths that end inside a strip, depths across K-blocks
+    (256)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    g = torch.randn(m, n, generator=gen)
+    with num_threads(1), switched(OPS._cpu_gemm, True):
+        out = OPS.input_projection(x, w)
+        gx, gw = OPS.input_projection_backward(g, x, w, [True, True])
+    assert torch.equal(out, in_order_sums(x, w)), "forward"
+    assert torch.equal(gx, in_order_sums(g, w.t())), "grad_input"
+    assert torch.equal(gw, in_order_sums(g.t(), x.t())), "grad_weight"
+
+
+@needs_kernel
 def test_projection_threads():
     x, w = torch.randn(300, 70), torch.randn(200, 70)
     runs = []

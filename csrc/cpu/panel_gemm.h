@@ -6,14 +6,16 @@
 // 60-70% of an AMD EPYC's peak (its "def" code path there: the gemv in mkl_blas_def_xsgemv, the
 // product with a copy of the left operand and a beta-scaling pass), below oneDNN's fused LSTM.
 //
-// Layout: the right operand B (K x N) in panels of kPanel = 64 columns, panel after panel; in a
-// panel row k's 64 columns are contiguous (k * 64 + c), columns past N are zeros.  A product
-// walks panel by panel; per panel, blocks of up to 6 rows of A.  AVX-512: 6 x 4 vector
+// Layout: the right operand B (K x N) in panels of kPanel = 64 columns, panel after panel, each
+// panel in strips of strip_width() columns, strip after strip (AVX-512: one strip of 64; AVX2:
+// four of 16); in a strip row k's columns are contiguous (panel q's column c, row k at
+// q * 64 * K + (c / W) * W * K + k * W + c % W, W the strip width), columns past N are zeros.
+// A product walks panel by panel; per panel, blocks of up to 6 rows of A.  AVX-512: 6 x 4 vector
 // accumulators (24 of the 32 registers), per k four panel loads and six broadcasts for 24 FMAs.
-// AVX2 + FMA (16 registers of 8 lanes): the panel as four strips of 16 columns, 6 x 2
-// accumulators a strip, per k two loads and six broadcasts for 12 FMAs.  Every element of C is
-// one sum over k in order: the bits depend on neither the thread count, nor the blocking of rows,
-// nor which of the two forms ran.
+// AVX2 + FMA (16 registers of 8 lanes): strip by strip, 6 x 2 accumulators, per k two loads and
+// six broadcasts for 12 FMAs; a strip's K-block (16 KB) stays in L1 while the row blocks pass.
+// Every element of C is one sum over k in order: the bits depend on neither the thread count, nor
+// the blocking of rows, nor which of the two forms ran.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +27,8 @@ namespace convrnn {
 namespace cpu_gemm {
 
 constexpr int64_t kPanel = 64;
+// The AVX2 form's strip width.
+constexpr int64_t kStrip = 16;
 
 // The kernel runs here (an x86-64 CPU with AVX-512F, or AVX2 and FMA) and is switched on
 // (convrnn::_cpu_gemm, CONVRNN_CPU_GEMM; rnn_layers.cpp keeps the switch).
@@ -35,6 +39,9 @@ std::tuple<int64_t, int64_t> switch_op(int64_t mode);
 // Counts a layer call that used the kernel.
 void note_run();
 
+// The columns of a strip of the packed form where the kernel runs: kPanel (AVX-512) or kStrip (AVX2).
+int64_t strip_width();
+
 // Floats of the packed form of a K x N right operand.
 inline int64_t packed_floats(int64_t K, int64_t N) {
   return (N + kPanel - 1) / kPanel * kPanel * K;
@@ -44,15 +51,17 @@ inline int64_t packed_floats(int64_t K, int64_t N) {
 // (packed_floats(K, N)).
 template <typename ColumnPtr>
 void pack_columns(int64_t K, int64_t N, const ColumnPtr& col, float* dst) {
+  const int64_t W = strip_width();
   for (int64_t q = 0; q * kPanel < N; ++q) {
     float* panel = dst + q * kPanel * K;
     for (int64_t c = 0; c < kPanel; ++c) {
       const int64_t j = q * kPanel + c;
+      float* d = panel + c / W * W * K + c % W;
       if (j < N) {
         const float* s = col(j);
-        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = s[k];
+        for (int64_t k = 0; k < K; ++k) d[k * W] = s[k];
       } else {
-        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = 0.0f;
+        for (int64_t k = 0; k < K; ++k) d[k * W] = 0.0f;
       }
     }
   }
