@@ -360,11 +360,7 @@ void run_blocks_avx2(int64_t m, int64_t n, int64_t K, const float* a, int64_t ar
     }
   };
   const auto pack_k_block = [&](int64_t k0, int64_t kc) {
-    const float* sb;
-    int64_t sld, sst;
-    if (pack_all) {
-      for (int64_t q = 0; q < panels; ++q) panel(q, k0, kc, true, sb, sld, sst);
-    }
+    if (pack_all) pack_rows(b + k0 * ldb, ldb, kc, n, strips.data());
   };
   if (aks == 1) {  // groups of kGroupBlocks row blocks, as run_blocks_avx512's
     constexpr int64_t kGroupBlocks = 16;
@@ -495,19 +491,20 @@ int64_t strip_width() {
 }
 
 void pack_rows(const float* b, int64_t ld, int64_t K, int64_t N, float* dst) {
-  const int64_t W = strip_width();
+#if CONVRNN_PANEL_AVX512
+  if (isa() == Isa::kAvx2) {  // strips of kStrip: run_blocks_avx2's own K-block packing, a panel at a time
+    for (int64_t j0 = 0; j0 < N; j0 += kPanel) pack_block_avx2(b + j0, ld, K, std::min(kPanel, N - j0), dst + j0 * K);
+    return;
+  }
+#endif
   for (int64_t q = 0; q * kPanel < N; ++q) {
     const int64_t j0 = q * kPanel, cols = N - j0 < kPanel ? N - j0 : kPanel;
     float* panel = dst + j0 * K;
-    for (int64_t s0 = 0; s0 < kPanel; s0 += W) {
-      float* strip = panel + s0 * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const float* s = b + k * ld + j0 + s0;
-        float* d = strip + k * W;
-        const int64_t valid = std::min(W, std::max<int64_t>(0, cols - s0));
-        for (int64_t c = 0; c < valid; ++c) d[c] = s[c];
-        for (int64_t c = valid; c < W; ++c) d[c] = 0.0f;
-      }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* s = b + k * ld + j0;
+      float* d = panel + k * kPanel;
+      for (int64_t c = 0; c < cols; ++c) d[c] = s[c];
+      for (int64_t c = cols; c < kPanel; ++c) d[c] = 0.0f;
     }
   }
 }
